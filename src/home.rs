@@ -1,0 +1,43 @@
+//! The data directory: `$MASA_HOME`, default `~/.cache/masa`. Everything fetched or derived from
+//! public assets lives here, so several checkouts and CI runs share one cache.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+
+/// `$MASA_HOME` if set, else `$XDG_CACHE_HOME/masa`, else `~/.cache/masa`.
+pub fn masa_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("MASA_HOME") {
+        return PathBuf::from(h);
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("masa");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("masa")
+}
+
+/// `masa_home()/sub`, created if missing.
+pub fn subdir(sub: &str) -> Result<PathBuf> {
+    let d = masa_home().join(sub);
+    std::fs::create_dir_all(&d).at(&d)?;
+    Ok(d)
+}
+
+/// Write `bytes` to `path` atomically: a temp file in the same directory, then rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).at(parent)?;
+        }
+    }
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)
+}
+
+/// The temp-file name used for an atomic write of `path` (same directory, so rename is atomic).
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
