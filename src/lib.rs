@@ -7,3 +7,5 @@ pub mod error;
 pub mod home;
 
 pub use error::{MasaError, Result};
+pub mod source;
+pub mod model;

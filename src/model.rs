@@ -1,0 +1,480 @@
+//! The forward pass of every source architecture, f32, inference only (no gradients: the
+//! fused candle ops used here are fine without a backward pass; students train through
+//! `crate::train`).
+//!
+//! One decoder, parametrised by [`ModelConfig`]: each architecture differs only in its norms,
+//! q/k treatment, post-norms, activation and FFN kind (dense, routed experts, shared experts).
+//! Hooks expose, per layer, the input of every FFN weight matrix (gate/up read `ffn_in`, down
+//! reads `ffn_mid`) and, for MoE layers, the routing decisions. Calibration (`crate::calibrate`)
+//! accumulates its statistics through these hooks.
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+
+use crate::error::{MasaError, Result};
+use crate::source::{Activation, ModelConfig, NormKind, QkNorm, SourceWeights};
+
+/// Which FFN of a layer a hook call refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MlpId {
+    Dense,
+    Expert(usize),
+    Shared,
+}
+
+/// The input site of an FFN weight matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// Input of gate_proj and up_proj (the post-norm hidden state).
+    FfnIn,
+    /// Input of down_proj: `act(gate x) ⊙ up x`.
+    FfnMid,
+}
+
+impl Site {
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::FfnIn => "ffn_in",
+            Site::FfnMid => "ffn_mid",
+        }
+    }
+}
+
+/// Observers of the forward pass. `x` is `(tokens, d)`: the rows that reach this FFN.
+pub trait Hooks {
+    fn ffn_input(&mut self, _layer: usize, _mlp: MlpId, _site: Site, _x: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// `experts[t * top_k + j]` is the j-th expert chosen for token t.
+    fn routing(&mut self, _layer: usize, _experts: &[u32], _top_k: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Whether FFN inputs are wanted at all (skips computing/copying them when not).
+    fn wants_ffn_inputs(&self) -> bool {
+        true
+    }
+}
+
+/// Hooks that observe nothing.
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn wants_ffn_inputs(&self) -> bool {
+        false
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x (n, in) -> (n, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Norm {
+    kind: NormKind,
+    /// Effective scale (`1 + w` for Gemma); `None` for parameter-free LayerNorm.
+    alpha: Option<Tensor>,
+    eps: f32,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match (&self.kind, &self.alpha) {
+            (NormKind::LayerNormNoParams, _) => {
+                let d = x.dim(D::Minus1)?;
+                let ones = Tensor::ones(d, DType::F32, x.device())?;
+                let zeros = Tensor::zeros(d, DType::F32, x.device())?;
+                candle_nn::ops::layer_norm(x, &ones, &zeros, self.eps)?
+            }
+            (_, Some(a)) => candle_nn::ops::rms_norm(x, a, self.eps)?, // inference only: no backward needed
+            (_, None) => return Err(MasaError::Shape("RMSNorm without weight".into())),
+        })
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, layer: usize, id: MlpId, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        if hooks.wants_ffn_inputs() {
+            hooks.ffn_input(layer, id, Site::FfnIn, x)?;
+        }
+        let g = self.gate.forward(x)?;
+        let g = match self.act {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let mid = (g * self.up.forward(x)?)?;
+        if hooks.wants_ffn_inputs() {
+            hooks.ffn_input(layer, id, Site::FfnMid, &mid)?;
+        }
+        self.down.forward(&mid)
+    }
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Moe { router: Tensor, experts: Vec<Mlp>, shared: Option<Mlp>, top_k: usize, norm_topk_prob: bool },
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor, layer: usize, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(x, layer, MlpId::Dense, hooks),
+            Ffn::Moe { router, experts, shared, top_k, norm_topk_prob } => {
+                let (n, d) = x.dims2()?;
+                let probs = candle_nn::ops::softmax_last_dim(&x.matmul(&router.t()?)?)?; // inference only
+                let probs = probs.to_vec2::<f32>()?;
+                let (chosen, weights) = route_top_k(&probs, *top_k, *norm_topk_prob);
+                hooks.routing(layer, &chosen, *top_k)?;
+                let mut out = Tensor::zeros((n, d), DType::F32, x.device())?;
+                for (e, expert) in experts.iter().enumerate() {
+                    let (rows, w): (Vec<u32>, Vec<f32>) = chosen
+                        .iter()
+                        .zip(&weights)
+                        .enumerate()
+                        .filter(|(_, (c, _))| **c as usize == e)
+                        .map(|(i, (_, w))| ((i / top_k) as u32, *w))
+                        .unzip();
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let idx = Tensor::new(rows.as_slice(), x.device())?;
+                    let xe = x.index_select(&idx, 0)?;
+                    let ye = expert.forward(&xe, layer, MlpId::Expert(e), hooks)?;
+                    let we = Tensor::new(w.as_slice(), x.device())?.unsqueeze(1)?;
+                    out = out.index_add(&idx, &ye.broadcast_mul(&we)?, 0)?;
+                }
+                if let Some(s) = shared {
+                    out = (out + s.forward(x, layer, MlpId::Shared, hooks)?)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Top-k experts per token by router probability (ties to the lower index, like `torch.topk`
+/// on CPU for distinct values), optionally renormalised to sum to one (`norm_topk_prob`).
+pub fn route_top_k(probs: &[Vec<f32>], top_k: usize, normalize: bool) -> (Vec<u32>, Vec<f32>) {
+    let mut chosen = Vec::with_capacity(probs.len() * top_k);
+    let mut weights = Vec::with_capacity(probs.len() * top_k);
+    for p in probs {
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        let top = &order[..top_k];
+        let sum: f32 = top.iter().map(|&e| p[e]).sum();
+        for &e in top {
+            chosen.push(e as u32);
+            weights.push(if normalize { p[e] / (sum + 1e-20) } else { p[e] });
+        }
+    }
+    (chosen, weights)
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+}
+
+struct Layer {
+    attn_norm: Norm,
+    post_attn_norm: Option<Norm>,
+    ffn_norm: Norm,
+    post_ffn_norm: Option<Norm>,
+    attn: Attention,
+    ffn: Ffn,
+}
+
+/// A decoder-only transformer in f32 on the CPU.
+pub struct Transformer {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Norm,
+    lm_head: Option<Tensor>,
+}
+
+impl Transformer {
+    /// Build from source weights, dequantizing each tensor once.
+    pub fn load(w: &SourceWeights) -> Result<Self> {
+        let c = w.config.clone();
+        let h = c.hidden_size;
+        let embed = w.tensor_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            layers.push(load_layer(w, &c, l)?);
+        }
+        let norm = load_norm(w, &c, "model.norm", h)?;
+        let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(w.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        Ok(Transformer { config: c, embed, layers, norm, lm_head })
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
+    pub fn forward(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.hidden_states(ids, hooks)?;
+        let logits = h.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Final-norm hidden states `(batch * seq, hidden)`.
+    pub fn hidden_states(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        if c.scale_embeddings {
+            x = (x * (c.hidden_size as f64).sqrt())?;
+        }
+        let masks = AttnMasks::new(c, t, x.device())?;
+        let mut ropes: Vec<(f64, Rope)> = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let theta = c.rope_theta_for(l);
+            if !ropes.iter().any(|(th, _)| *th == theta) {
+                ropes.push((theta, Rope::new(c.head_dim, t, theta, x.device())?));
+            }
+            let rope = &ropes.iter().find(|(th, _)| *th == theta).map(|(_, r)| r).ok_or_else(|| MasaError::Shape("rope".into()))?;
+            let mask = if c.is_sliding_layer(l) { &masks.sliding } else { &masks.causal };
+            x = self.layer_forward(layer, l, &x, b, t, rope, mask, hooks)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        l: usize,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        mask: &Tensor,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let mut a = self.attention(&layer.attn, &layer.attn_norm.forward(x)?, b, t, rope, mask)?;
+        if let Some(n) = &layer.post_attn_norm {
+            a = n.forward(&a)?;
+        }
+        let x = (x + a)?;
+        let mut f = layer.ffn.forward(&layer.ffn_norm.forward(&x)?, l, hooks)?;
+        if let Some(n) = &layer.post_ffn_norm {
+            f = n.forward(&f)?;
+        }
+        Ok((x + f)?)
+    }
+
+    /// Causal self-attention. Grouped-query heads share K/V without copying them: the query
+    /// heads of one KV group are stacked along the sequence axis, `(b, kv, group*t, d)`.
+    fn attention(&self, a: &Attention, x: &Tensor, b: usize, t: usize, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let g = nh / nkv;
+        let (mut q, mut k, mut v) = (a.q.forward(x)?, a.k.forward(x)?, a.v.forward(x)?);
+        if c.qk_norm == QkNorm::Full {
+            q = a.q_norm.as_ref().map_or(Ok(q.clone()), |n| n.forward(&q))?;
+            k = a.k_norm.as_ref().map_or(Ok(k.clone()), |n| n.forward(&k))?;
+        }
+        if let Some(clip) = c.clip_qkv {
+            q = q.clamp(-clip, clip)?;
+            k = k.clamp(-clip, clip)?;
+            v = v.clamp(-clip, clip)?;
+        }
+        let heads = |z: Tensor, n: usize| -> Result<Tensor> { Ok(z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if c.qk_norm == QkNorm::PerHead {
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+        }
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        // (b, nh, t, d) -> (b, nkv, g*t, d): head h = kv*g + j, as HF's repeat_kv.
+        let q = q.reshape((b, nkv, g * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * c.attn_scale)?;
+        let scores = scores.broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?; // inference only
+        let o = p.matmul(&v)?; // (b, nkv, g*t, d)
+        let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        a.o.forward(&o)
+    }
+}
+
+/// Additive masks `(g*t, t)` (0 or −inf) for full-causal and sliding-window layers.
+struct AttnMasks {
+    causal: Tensor,
+    sliding: Tensor,
+}
+
+impl AttnMasks {
+    fn new(c: &ModelConfig, t: usize, dev: &Device) -> Result<Self> {
+        let g = c.num_attention_heads / c.num_key_value_heads;
+        let build = |window: Option<usize>| -> Result<Tensor> {
+            let mut m = vec![0f32; g * t * t];
+            for r in 0..g * t {
+                let i = r % t;
+                for j in 0..t {
+                    let visible = j <= i && window.is_none_or(|w| i - j < w);
+                    if !visible {
+                        m[r * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(m, (g * t, t), dev)?)
+        };
+        let causal = build(None)?;
+        let sliding = match c.sliding_window {
+            Some(w) if w < t => build(Some(w))?,
+            _ => causal.clone(),
+        };
+        Ok(AttnMasks { causal, sliding })
+    }
+}
+
+/// Rotate-half RoPE tables (HF convention) for positions `0..t`.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(head_dim: usize, t: usize, theta: f64, dev: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Rope { cos: Tensor::from_vec(cos, (t, half), dev)?, sin: Tensor::from_vec(sin, (t, half), dev)? })
+    }
+
+    /// `x`: `(b, heads, t, d)`, contiguous.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)?) // inference only: no backward needed
+    }
+}
+
+fn linear(w: &SourceWeights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let weight = w.tensor_shaped(&format!("{name}.weight"), &[out, inp])?;
+    let b = if bias { Some(w.tensor_shaped(&format!("{name}.bias"), &[out])?) } else { None };
+    Ok(Linear { w: weight, b })
+}
+
+fn load_norm(w: &SourceWeights, c: &ModelConfig, name: &str, dim: usize) -> Result<Norm> {
+    let eps = c.norm_eps as f32;
+    let alpha = match c.norm {
+        NormKind::LayerNormNoParams => None,
+        NormKind::Rms => Some(w.tensor_shaped(&format!("{name}.weight"), &[dim])?),
+        NormKind::RmsOnePlus => Some((w.tensor_shaped(&format!("{name}.weight"), &[dim])? + 1.0)?),
+    };
+    Ok(Norm { kind: c.norm, alpha, eps })
+}
+
+fn load_mlp(w: &SourceWeights, c: &ModelConfig, prefix: &str, ffn: usize) -> Result<Mlp> {
+    let h = c.hidden_size;
+    Ok(Mlp {
+        gate: linear(w, &format!("{prefix}.gate_proj"), ffn, h, false)?,
+        up: linear(w, &format!("{prefix}.up_proj"), ffn, h, false)?,
+        down: linear(w, &format!("{prefix}.down_proj"), h, ffn, false)?,
+        act: c.activation,
+    })
+}
+
+fn load_layer(w: &SourceWeights, c: &ModelConfig, l: usize) -> Result<Layer> {
+    let p = format!("model.layers.{l}");
+    let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+    let bias = c.attention_bias;
+    let (q_norm, k_norm) = match c.qk_norm {
+        QkNorm::None => (None, None),
+        QkNorm::PerHead => (
+            Some(load_norm(w, c, &format!("{p}.self_attn.q_norm"), hd)?),
+            Some(load_norm(w, c, &format!("{p}.self_attn.k_norm"), hd)?),
+        ),
+        QkNorm::Full => (
+            Some(load_norm(w, c, &format!("{p}.self_attn.q_norm"), nh * hd)?),
+            Some(load_norm(w, c, &format!("{p}.self_attn.k_norm"), nkv * hd)?),
+        ),
+    };
+    let attn = Attention {
+        q: linear(w, &format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
+        k: linear(w, &format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
+        v: linear(w, &format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
+        o: linear(w, &format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+        q_norm,
+        k_norm,
+    };
+    let ffn = match &c.moe {
+        Some(m) if c.is_moe_layer(l) => Ffn::Moe {
+            router: w.tensor_shaped(&format!("{p}.mlp.gate.weight"), &[m.n_routed_experts, h])?,
+            experts: (0..m.n_routed_experts)
+                .map(|e| load_mlp(w, c, &format!("{p}.mlp.experts.{e}"), m.moe_intermediate_size))
+                .collect::<Result<_>>()?,
+            shared: if m.n_shared_experts > 0 {
+                Some(load_mlp(w, c, &format!("{p}.mlp.shared_experts"), m.moe_intermediate_size * m.n_shared_experts)?)
+            } else {
+                None
+            },
+            top_k: m.top_k,
+            norm_topk_prob: m.norm_topk_prob,
+        },
+        _ => Ffn::Dense(load_mlp(w, c, &format!("{p}.mlp"), c.intermediate_size)?),
+    };
+    let (ffn_norm_name, post_attn, post_ffn) = if c.post_norms {
+        (
+            format!("{p}.pre_feedforward_layernorm"),
+            Some(load_norm(w, c, &format!("{p}.post_attention_layernorm"), h)?),
+            Some(load_norm(w, c, &format!("{p}.post_feedforward_layernorm"), h)?),
+        )
+    } else {
+        (format!("{p}.post_attention_layernorm"), None, None)
+    };
+    Ok(Layer {
+        attn_norm: load_norm(w, c, &format!("{p}.input_layernorm"), h)?,
+        post_attn_norm: post_attn,
+        ffn_norm: load_norm(w, c, &ffn_norm_name, h)?,
+        post_ffn_norm: post_ffn,
+        attn,
+        ffn,
+    })
+}
+
+/// Natural-log NLL of each next token: `nll[i] = −log p(ids[i+1] | ids[..=i])`, from logits
+/// `(t, vocab)`.
+pub fn next_token_nll(logits: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
+    let t = ids.len();
+    if t < 2 {
+        return Ok(Vec::new());
+    }
+    let lp = candle_nn::ops::log_softmax(&logits.i(..t - 1)?, D::Minus1)?;
+    let targets = Tensor::new(&ids[1..], logits.device())?.unsqueeze(1)?;
+    let picked = lp.gather(&targets, 1)?.squeeze(1)?;
+    Ok(picked.neg()?.to_vec1::<f32>()?)
+}

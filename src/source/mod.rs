@@ -1,0 +1,178 @@
+//! Source models behind one abstraction: a normalised [`ModelConfig`] plus named f32 tensors in
+//! HF layout and naming, read lazily from a GGUF file or an HF safetensors directory.
+
+pub mod config;
+pub mod gguf;
+pub mod hf;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+pub use config::{Activation, Arch, ModelConfig, MoeConfig, NormKind, QkNorm};
+use gguf::GgufFile;
+use hf::HfTensors;
+
+use crate::error::{IoContext, MasaError, Result};
+
+enum Backing {
+    Gguf { file: GgufFile, hf_to_gguf: BTreeMap<String, String> },
+    Hf(HfTensors),
+}
+
+/// Weights of a source model. Tensors are read (and dequantized) one at a time on request, so
+/// the f32 model is held once, by whoever builds from it.
+pub struct SourceWeights {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    backing: Backing,
+}
+
+/// One entry of the tensor directory, for `masa inspect`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+impl SourceWeights {
+    /// Open a GGUF file or an HF directory (a directory with `config.json`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_hf(path)
+        } else if path.exists() {
+            Self::open_gguf(path)
+        } else {
+            Err(MasaError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+        }
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let arch = file.architecture()?;
+        let hf_to_gguf = file
+            .content
+            .tensor_infos
+            .keys()
+            .filter_map(|g| gguf::hf_name(&arch, g).map(|h| (h, g.clone())))
+            .collect();
+        Ok(SourceWeights { path: path.to_path_buf(), config, backing: Backing::Gguf { file, hf_to_gguf } })
+    }
+
+    fn open_hf(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| MasaError::bad_file(&cfg_path, format!("invalid JSON: {e}")))?;
+        let config = ModelConfig::from_hf_config(&cfg_path, &json)?;
+        let tensors = HfTensors::open(dir)?;
+        Ok(SourceWeights { path: dir.to_path_buf(), config, backing: Backing::Hf(tensors) })
+    }
+
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.backing {
+            Backing::Gguf { file, .. } => Some(file),
+            Backing::Hf(_) => None,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.backing {
+            Backing::Gguf { hf_to_gguf, .. } => hf_to_gguf.contains_key(name),
+            Backing::Hf(t) => t.info(name).is_some(),
+        }
+    }
+
+    /// All tensors with HF names, shapes and stored types.
+    pub fn entries(&self) -> Vec<TensorEntry> {
+        match &self.backing {
+            Backing::Gguf { file, hf_to_gguf } => hf_to_gguf
+                .iter()
+                .filter_map(|(h, g)| {
+                    file.tensor_info(g).map(|(shape, dt)| TensorEntry { name: h.clone(), shape, dtype: gguf::ggml_type_name(dt).into() })
+                })
+                .collect(),
+            Backing::Hf(t) => t
+                .names()
+                .filter_map(|n| t.info(n).map(|(shape, dtype)| TensorEntry { name: n.clone(), shape, dtype }))
+                .collect(),
+        }
+    }
+
+    /// One tensor as f32 in HF layout and semantics. GGUF tensors are converted back from
+    /// llama.cpp's conventions: llama q/k rows un-permuted (the converter interleaves RoPE
+    /// halves), Gemma norm weights shifted back by −1 (the converter stores `1 + w`).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        match &self.backing {
+            Backing::Hf(t) => t.tensor_f32(name),
+            Backing::Gguf { file, hf_to_gguf } => {
+                let g = hf_to_gguf
+                    .get(name)
+                    .ok_or_else(|| MasaError::bad_file(&self.path, format!("tensor `{name}` not found")))?;
+                let t = file.tensor_f32(g)?;
+                let cfg = &self.config;
+                match cfg.arch {
+                    Arch::Llama if name.ends_with("q_proj.weight") => unpermute_rope_rows(&t, cfg.num_attention_heads),
+                    Arch::Llama if name.ends_with("k_proj.weight") => unpermute_rope_rows(&t, cfg.num_key_value_heads),
+                    Arch::Gemma3 if name.ends_with("norm.weight") => Ok((t - 1.0)?),
+                    _ => Ok(t),
+                }
+            }
+        }
+    }
+
+    /// Like [`tensor`](Self::tensor) but checks the shape, naming the tensor on mismatch.
+    pub fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        if t.dims() != shape {
+            return Err(MasaError::bad_file(
+                &self.path,
+                format!("tensor `{name}` has shape {:?}, the config implies {:?}", t.dims(), shape),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`: GGUF stores each head's rows as interleaved
+/// (x0, x_{d/2}, x1, ...) pairs; HF's rotate-half RoPE wants the two halves contiguous.
+fn unpermute_rope_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let hd = rows / n_head;
+    Ok(w.reshape((n_head, hd / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// llama.cpp's forward permutation, written independently, to check the inverse.
+    fn permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+        let hd = rows / n_head;
+        let mut out = vec![0.0; rows * cols];
+        for h in 0..n_head {
+            for i in 0..hd / 2 {
+                for two in 0..2 {
+                    let src = h * hd + two * (hd / 2) + i;
+                    let dst = h * hd + i * 2 + two;
+                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (rows, cols, heads) = (12, 3, 2);
+        let w: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let p = permute(&w, rows, cols, heads);
+        let t = Tensor::from_vec(p, (rows, cols), &Device::Cpu).unwrap();
+        let back = unpermute_rope_rows(&t, heads).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(back, w);
+    }
+}
