@@ -9,3 +9,7 @@ pub mod home;
 pub use error::{MasaError, Result};
 pub mod source;
 pub mod model;
+pub mod fetch;
+pub mod progress;
+pub mod inspect;
+pub mod bench;

