@@ -13,3 +13,4 @@ pub mod fetch;
 pub mod progress;
 pub mod inspect;
 pub mod bench;
+pub mod stats;

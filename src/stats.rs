@@ -1,0 +1,193 @@
+//! Calibration statistics: per FFN input site, the second-moment sum `Σ_t x_t x_tᵀ` (f64) and
+//! the token count; per MoE layer, routing counts per expert per dataset. Statistics are sums,
+//! so shards computed anywhere merge by addition (`masa stats merge`).
+//!
+//! File format: safetensors with tensors `layers.{l}.{site}.xxt` (F64, d×d),
+//! `layers.{l}.{site}.count` (F64, [1]), `layers.{l}.routing.{dataset}` (F64, [experts]), where
+//! site is `ffn_in`, `ffn_mid`, `experts.{e}.ffn_in`, `shared.ffn_mid`, ...; and a JSON
+//! [`StatsMeta`] under the `masa` key of the safetensors metadata.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{IoContext, MasaError, Result};
+
+pub const FORMAT: &str = "masa-stats/1";
+
+/// What produced a statistics file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsMeta {
+    pub format: String,
+    /// Fingerprint of the source model (see `SourceWeights::fingerprint`).
+    pub source_hash: String,
+    pub source: String,
+    pub arch: String,
+    /// Corpus description(s); one per merged shard.
+    pub corpus: Vec<String>,
+    pub tokens: u64,
+    pub seq_len: usize,
+    pub seeds: Vec<u64>,
+    /// Tokens per dataset (corpus domain or task file).
+    pub dataset_tokens: BTreeMap<String, u64>,
+    pub masa_version: String,
+}
+
+/// The second-moment sum of one input site.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moment {
+    pub dim: usize,
+    /// Row-major `dim × dim`, symmetric.
+    pub xxt: Vec<f64>,
+    pub count: f64,
+}
+
+impl Moment {
+    pub fn new(dim: usize) -> Self {
+        Moment { dim, xxt: vec![0.0; dim * dim], count: 0.0 }
+    }
+
+    /// `S = Σ x xᵀ / N`, the mean second moment used by output alignment.
+    pub fn mean(&self) -> Vec<f64> {
+        let n = self.count.max(1.0);
+        self.xxt.iter().map(|v| v / n).collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub meta: StatsMeta,
+    /// Key: `layers.{l}.{site}`.
+    pub moments: BTreeMap<String, Moment>,
+    /// Key: `layers.{l}.routing.{dataset}`.
+    pub routing: BTreeMap<String, Vec<f64>>,
+}
+
+pub fn moment_key(layer: usize, site: &str) -> String {
+    format!("layers.{layer}.{site}")
+}
+
+pub fn routing_key(layer: usize, dataset: &str) -> String {
+    format!("layers.{layer}.routing.{dataset}")
+}
+
+impl Stats {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (k, m) in &self.moments {
+            bufs.push((format!("{k}.xxt"), vec![m.dim, m.dim], f64_bytes(&m.xxt)));
+            bufs.push((format!("{k}.count"), vec![1], f64_bytes(&[m.count])));
+        }
+        for (k, v) in &self.routing {
+            bufs.push((k.clone(), vec![v.len()], f64_bytes(v)));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
+            .iter()
+            .map(|(n, shape, data)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F64, shape.clone(), data)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| MasaError::bad_file(path, e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let meta_json = serde_json::to_string(&self.meta).map_err(|e| MasaError::Invalid(e.to_string()))?;
+        let md: HashMap<String, String> = [("masa".to_string(), meta_json)].into();
+        let bytes = safetensors::serialize(views, Some(md)).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+        crate::home::write_atomic(path, &bytes)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at(path)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| MasaError::bad_file(path, format!("not a safetensors statistics file: {e}")))?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("masa"))
+            .ok_or_else(|| MasaError::bad_file(path, "no `masa` metadata: not a statistics file written by `masa calibrate`"))?;
+        let meta: StatsMeta =
+            serde_json::from_str(meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid statistics metadata: {e}")))?;
+        if meta.format != FORMAT {
+            return Err(MasaError::bad_file(path, format!("statistics format `{}`, this masa reads `{FORMAT}`", meta.format)));
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+        let mut moments: BTreeMap<String, Moment> = BTreeMap::new();
+        let mut routing = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F64 {
+                return Err(MasaError::bad_file(path, format!("tensor `{name}` is {:?}, expected F64", view.dtype())));
+            }
+            let data = f64_from_bytes(view.data());
+            if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
+                return Err(MasaError::bad_file(path, format!("tensor `{name}` holds a non-finite value at index {bad}; recompute the statistics")));
+            }
+            if let Some(k) = name.strip_suffix(".xxt") {
+                let d = view.shape()[0];
+                let m = moments.entry(k.to_string()).or_insert_with(|| Moment::new(d));
+                m.dim = d;
+                m.xxt = data;
+            } else if let Some(k) = name.strip_suffix(".count") {
+                moments.entry(k.to_string()).or_insert_with(|| Moment::new(0)).count = data[0];
+            } else if name.contains(".routing.") {
+                routing.insert(name.clone(), data);
+            } else {
+                return Err(MasaError::bad_file(path, format!("unexpected tensor `{name}`")));
+            }
+        }
+        for (k, m) in &moments {
+            if m.xxt.len() != m.dim * m.dim {
+                return Err(MasaError::bad_file(path, format!("`{k}` has a count but no xxt")));
+            }
+        }
+        Ok(Stats { meta, moments, routing })
+    }
+
+    /// Add another shard of statistics of the same source model.
+    pub fn merge(&mut self, other: &Stats, other_name: &str) -> Result<()> {
+        if other.meta.source_hash != self.meta.source_hash {
+            return Err(MasaError::Invalid(format!(
+                "{other_name}: statistics of a different source model ({} vs {}); shards must come from the same model",
+                other.meta.source, self.meta.source
+            )));
+        }
+        for (k, m) in &other.moments {
+            match self.moments.get_mut(k) {
+                Some(mine) if mine.dim == m.dim => {
+                    mine.xxt.iter_mut().zip(&m.xxt).for_each(|(a, b)| *a += b);
+                    mine.count += m.count;
+                }
+                Some(mine) => {
+                    return Err(MasaError::Shape(format!("{other_name}: `{k}` is {}x{}, expected {}x{}", m.dim, m.dim, mine.dim, mine.dim)))
+                }
+                None => {
+                    self.moments.insert(k.clone(), m.clone());
+                }
+            }
+        }
+        for (k, v) in &other.routing {
+            let mine = self.routing.entry(k.clone()).or_insert_with(|| vec![0.0; v.len()]);
+            mine.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+        }
+        self.meta.tokens += other.meta.tokens;
+        self.meta.corpus.extend(other.meta.corpus.iter().cloned());
+        self.meta.seeds.extend(other.meta.seeds.iter().cloned());
+        for (d, n) in &other.meta.dataset_tokens {
+            *self.meta.dataset_tokens.entry(d.clone()).or_insert(0) += n;
+        }
+        Ok(())
+    }
+
+    pub fn moment(&self, layer: usize, site: &str) -> Result<&Moment> {
+        self.moments.get(&moment_key(layer, site)).ok_or_else(|| {
+            MasaError::Invalid(format!("statistics have no `{}`; were they computed for this model and site?", moment_key(layer, site)))
+        })
+    }
+}
+
+fn f64_bytes(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f64_from_bytes(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+}
