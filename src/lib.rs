@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod home;
+pub mod rouge;
 
 pub use error::{MasaError, Result};
 pub mod source;
