@@ -15,3 +15,5 @@ pub mod progress;
 pub mod inspect;
 pub mod bench;
 pub mod stats;
+pub mod calibrate;
+pub mod align;

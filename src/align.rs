@@ -1,0 +1,350 @@
+//! Gene matrices and their alignment to a source FFN matrix (Sec. 3.1; design.md).
+//!
+//! A gene `M ∈ R^{r×r}` stands in for `W ∈ R^{d_out×d_in}` through compression `f_c` (split
+//! the tail-padded input into `n` chunks of `r`) and decompression `f_d` (concatenate
+//! `M x^(i)`, truncate or tile to `d_out`). Output alignment is quadratic in `M` and depends
+//! on the data only through `S = Σ x xᵀ / N`, so it is solved exactly from calibration
+//! statistics; spectral alignment matches the log singular values of `M` to the top-r of `W`.
+
+use faer::linalg::solvers::Solve;
+use faer::{Mat, Side};
+
+use crate::error::{MasaError, Result};
+
+/// Shapes of f_c / f_d for one (W, r) pair. Eq. (1)-(3), (10)-(14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub r: usize,
+    /// Number of chunks, `ceil(d_in / r)`.
+    pub n: usize,
+    /// Entries duplicated from the tail, `n·r − d_in`.
+    pub pad: usize,
+}
+
+impl Layout {
+    pub fn new(d_out: usize, d_in: usize, r: usize) -> Result<Self> {
+        if r == 0 || r > d_in.min(d_out) {
+            return Err(MasaError::Invalid(format!(
+                "gene rank r = {r} must be in 1..={} for a {d_out}x{d_in} matrix (W has only min(d_out, d_in) singular values)",
+                d_in.min(d_out)
+            )));
+        }
+        let n = d_in.div_ceil(r);
+        Ok(Layout { d_in, d_out, r, n, pad: n * r - d_in })
+    }
+
+    /// Source index of padded coordinate `j` of `x̄ = [x ; x[d_in−pad..d_in]]`.
+    pub fn padded_index(&self, j: usize) -> usize {
+        if j < self.d_in {
+            j
+        } else {
+            j - self.pad
+        }
+    }
+
+    /// Output coordinate `p` reads chunk `i(p)` through row `a(p)` of M: `s = p mod nr`,
+    /// `i = s div r`, `a = s mod r`.
+    pub fn chunk_row(&self, p: usize) -> (usize, usize) {
+        let s = p % (self.n * self.r);
+        (s / self.r, s % self.r)
+    }
+}
+
+/// `r = round(sqrt(ρ · d_in · d_out))`: the M/W ratio of Table 5 read as parameter share.
+pub fn rank_for_ratio(ratio: f64, d_out: usize, d_in: usize) -> usize {
+    (ratio * d_in as f64 * d_out as f64).sqrt().round() as usize
+}
+
+/// f_c: the `n` chunks of the tail-padded input. Eq. (1)-(2).
+pub fn compress(x: &[f64], l: &Layout) -> Vec<Vec<f64>> {
+    (0..l.n).map(|i| (0..l.r).map(|c| x[l.padded_index(i * l.r + c)]).collect()).collect()
+}
+
+/// f_d: concatenate `z_i = M x^(i)` and truncate (`nr ≥ d_out`) or tile (`nr < d_out`). Eq. (3).
+pub fn decompress(z: &[Vec<f64>], l: &Layout) -> Vec<f64> {
+    (0..l.d_out)
+        .map(|p| {
+            let (i, a) = l.chunk_row(p);
+            z[i][a]
+        })
+        .collect()
+}
+
+/// `x̃ = f_d(M f_c(x))` for one input vector; `m` row-major `r×r`.
+pub fn gene_apply(m: &[f64], x: &[f64], l: &Layout) -> Vec<f64> {
+    let z: Vec<Vec<f64>> = compress(x, l)
+        .iter()
+        .map(|chunk| (0..l.r).map(|a| (0..l.r).map(|c| m[a * l.r + c] * chunk[c]).sum()).collect())
+        .collect();
+    decompress(&z, l)
+}
+
+/// The exact output-alignment objective for one W (design.md "Output alignment, exactly"):
+/// `L_out(M) = (tr(W S Wᵀ) − 2 Σ_a m_aᵀ b_a + Σ_a m_aᵀ A_a m_a) / d_out` with
+/// `A_a = Σ_i c_{a,i} S_ii` (S_ii the i-th diagonal r×r block of the padded moment, c_{a,i} how
+/// many output coordinates read chunk i through row a) and `b_a = Σ_{p: a(p)=a} S̄_{i(p)} w_p`.
+pub struct OutputAlignment {
+    pub layout: Layout,
+    blocks: Vec<Mat<f64>>,
+    /// `counts[a][i] = c_{a,i}`.
+    counts: Vec<Vec<f64>>,
+    /// Row a is `b_a`.
+    b: Mat<f64>,
+    /// `tr(W S Wᵀ)`.
+    pub trace_wsw: f64,
+}
+
+impl OutputAlignment {
+    /// `w`: row-major `d_out×d_in`; `s`: row-major `d_in×d_in` mean second moment.
+    pub fn new(w: &[f32], s: &[f64], layout: Layout) -> Self {
+        let l = layout;
+        let (d_in, r, n) = (l.d_in, l.r, l.n);
+        let s_at = |i: usize, j: usize| s[i * d_in + j];
+        let blocks: Vec<Mat<f64>> = (0..n)
+            .map(|i| Mat::from_fn(r, r, |u, v| s_at(l.padded_index(i * r + u), l.padded_index(i * r + v))))
+            .collect();
+        let mut counts = vec![vec![0.0; n]; r];
+        for p in 0..l.d_out {
+            let (i, a) = l.chunk_row(p);
+            counts[a][i] += 1.0;
+        }
+        // b_a: for each chunk i, S̄_i = S[idx_i, :] (r×d_in) times the rows of W read through it.
+        let mut b = Mat::<f64>::zeros(r, r);
+        let wmat = Mat::from_fn(l.d_out, d_in, |p, j| w[p * d_in + j] as f64);
+        for i in 0..n {
+            let rows: Vec<usize> = (0..l.d_out).filter(|&p| l.chunk_row(p).0 == i).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let s_i = Mat::from_fn(r, d_in, |u, j| s_at(l.padded_index(i * r + u), j));
+            let w_i = Mat::from_fn(d_in, rows.len(), |j, k| wmat[(rows[k], j)]);
+            let sw = &s_i * &w_i;
+            for (k, &p) in rows.iter().enumerate() {
+                let a = l.chunk_row(p).1;
+                for u in 0..r {
+                    b[(a, u)] += sw[(u, k)];
+                }
+            }
+        }
+        let smat = Mat::from_fn(d_in, d_in, s_at);
+        let ws = &wmat * &smat;
+        let mut trace_wsw = 0.0;
+        for p in 0..l.d_out {
+            for j in 0..d_in {
+                trace_wsw += ws[(p, j)] * wmat[(p, j)];
+            }
+        }
+        OutputAlignment { layout, blocks, counts, b, trace_wsw }
+    }
+
+    /// Row a of the result is `A_a m_a`.
+    fn a_times(&self, m: &Mat<f64>) -> Mat<f64> {
+        let r = self.layout.r;
+        let mut out = Mat::<f64>::zeros(r, r);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let ms = m * block; // row a = m_aᵀ S_ii (S_ii symmetric)
+            for a in 0..r {
+                let c = self.counts[a][i];
+                if c != 0.0 {
+                    for u in 0..r {
+                        out[(a, u)] += c * ms[(a, u)];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `L_out(M)` and its gradient `2 (A_a m_a − b_a) / d_out` (row a).
+    pub fn loss_grad(&self, m: &Mat<f64>) -> (f64, Mat<f64>) {
+        let am = self.a_times(m);
+        let r = self.layout.r;
+        let d_out = self.layout.d_out as f64;
+        let (mut quad, mut lin) = (0.0, 0.0);
+        let mut g = Mat::<f64>::zeros(r, r);
+        for a in 0..r {
+            for u in 0..r {
+                quad += m[(a, u)] * am[(a, u)];
+                lin += m[(a, u)] * self.b[(a, u)];
+                g[(a, u)] = 2.0 * (am[(a, u)] - self.b[(a, u)]) / d_out;
+            }
+        }
+        ((self.trace_wsw - 2.0 * lin + quad) / d_out, g)
+    }
+
+    /// The output-only optimum `m_a = (A_a + εI)⁻¹ b_a`, `ε = ridge · tr(A_a)/r`. Rows whose
+    /// `A_a` coincide (same chunk counts) share one Cholesky factorisation.
+    pub fn closed_form(&self, ridge: f64) -> Result<Mat<f64>> {
+        let r = self.layout.r;
+        let mut m = Mat::<f64>::zeros(r, r);
+        let mut groups: Vec<(Vec<f64>, Vec<usize>)> = Vec::new();
+        for a in 0..r {
+            match groups.iter_mut().find(|(c, _)| *c == self.counts[a]) {
+                Some((_, rows)) => rows.push(a),
+                None => groups.push((self.counts[a].clone(), vec![a])),
+            }
+        }
+        for (counts, rows) in groups {
+            let mut a_mat = Mat::<f64>::zeros(r, r);
+            for (i, &c) in counts.iter().enumerate() {
+                if c != 0.0 {
+                    a_mat += &self.blocks[i] * faer::Scale(c);
+                }
+            }
+            let tr: f64 = (0..r).map(|u| a_mat[(u, u)]).sum();
+            let eps = ridge * (tr / r as f64).max(f64::MIN_POSITIVE);
+            for u in 0..r {
+                a_mat[(u, u)] += eps;
+            }
+            let llt = a_mat
+                .llt(Side::Lower)
+                .map_err(|e| MasaError::Invalid(format!("output alignment system is not positive definite ({e:?}); are the statistics empty?")))?;
+            let rhs = Mat::from_fn(r, rows.len(), |u, k| self.b[(rows[k], u)]);
+            let sol = llt.solve(&rhs);
+            for (k, &a) in rows.iter().enumerate() {
+                for u in 0..r {
+                    m[(a, u)] = sol[(u, k)];
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Spectral alignment: `L_spec = Σ_i (log σ_i − log σ'_i)²` between the top-r singular values
+/// of W and those of M, gradient `Σ_i 2 (log σ'_i − log σ_i)/σ'_i · u'_i v'_iᵀ`.
+pub struct SpectralAlignment {
+    pub log_sigma: Vec<f64>,
+}
+
+/// Smallest singular value of M used in logs and divisions.
+const SIGMA_FLOOR: f64 = 1e-12;
+
+impl SpectralAlignment {
+    pub fn new(w_singular_values: &[f64], r: usize) -> Self {
+        SpectralAlignment { log_sigma: w_singular_values[..r].iter().map(|s| s.max(SIGMA_FLOOR).ln()).collect() }
+    }
+
+    pub fn loss(&self, m: &Mat<f64>) -> Result<f64> {
+        let s = singular_values(m)?;
+        Ok(s.iter().zip(&self.log_sigma).map(|(sp, ls)| (ls - sp.max(SIGMA_FLOOR).ln()).powi(2)).sum())
+    }
+
+    pub fn loss_grad(&self, m: &Mat<f64>) -> Result<(f64, Mat<f64>)> {
+        let svd = m.thin_svd().map_err(|e| MasaError::Invalid(format!("SVD of a gene matrix failed: {e:?}")))?;
+        let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
+        let r = m.nrows();
+        let mut loss = 0.0;
+        let mut coef = vec![0.0; r];
+        for i in 0..r {
+            let sp = s[i].max(SIGMA_FLOOR);
+            let diff = sp.ln() - self.log_sigma[i];
+            loss += diff * diff;
+            coef[i] = 2.0 * diff / sp;
+        }
+        let us = Mat::from_fn(r, r, |a, i| u[(a, i)] * coef[i]);
+        Ok((loss, &us * v.transpose()))
+    }
+}
+
+pub fn singular_values(m: &Mat<f64>) -> Result<Vec<f64>> {
+    m.singular_values().map_err(|e| MasaError::Invalid(format!("SVD failed: {e:?}")))
+}
+
+/// Minimise a smooth function with L-BFGS (memory `hist`) and a backtracking Armijo line
+/// search, until the relative decrease over `patience` iterations is below `tol` or
+/// `max_iter` is reached. Returns the minimiser and the iteration count.
+pub fn lbfgs(
+    x0: Vec<f64>,
+    mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
+    max_iter: usize,
+    tol: f64,
+) -> Result<(Vec<f64>, usize)> {
+    const HIST: usize = 8;
+    const PATIENCE: usize = 5;
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut x = x0;
+    let (mut fx, mut g) = f(&x)?;
+    let mut s_hist: Vec<Vec<f64>> = Vec::new();
+    let mut y_hist: Vec<Vec<f64>> = Vec::new();
+    let mut recent = vec![fx];
+    let mut iters = 0;
+    while iters < max_iter {
+        iters += 1;
+        // Two-loop recursion for the search direction d = −H g.
+        let mut q = g.clone();
+        let mut alphas = Vec::with_capacity(s_hist.len());
+        for (s, y) in s_hist.iter().zip(&y_hist).rev() {
+            let rho = 1.0 / dot(y, s);
+            let alpha = rho * dot(s, &q);
+            q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= alpha * yi);
+            alphas.push((alpha, rho));
+        }
+        if let (Some(s), Some(y)) = (s_hist.last(), y_hist.last()) {
+            let gamma = dot(s, y) / dot(y, y);
+            q.iter_mut().for_each(|v| *v *= gamma);
+        } else {
+            let gn = dot(&g, &g).sqrt().max(1e-300);
+            let xn = dot(&x, &x).sqrt().max(1.0);
+            q.iter_mut().for_each(|v| *v *= 1e-3 * xn / gn);
+        }
+        for ((s, y), (alpha, rho)) in s_hist.iter().zip(&y_hist).zip(alphas.into_iter().rev()) {
+            let beta = rho * dot(y, &q);
+            q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (alpha - beta) * si);
+        }
+        let mut d: Vec<f64> = q.iter().map(|v| -v).collect();
+        let mut slope = dot(&g, &d);
+        if slope >= 0.0 {
+            // Not a descent direction: restart from steepest descent.
+            s_hist.clear();
+            y_hist.clear();
+            d = g.iter().map(|v| -v).collect();
+            slope = -dot(&g, &g);
+        }
+        let mut step = 1.0;
+        let mut accepted = None;
+        for _ in 0..40 {
+            let xn: Vec<f64> = x.iter().zip(&d).map(|(xi, di)| xi + step * di).collect();
+            let (fn_, gn) = f(&xn)?;
+            if fn_.is_finite() && fn_ <= fx + 1e-4 * step * slope {
+                accepted = Some((xn, fn_, gn));
+                break;
+            }
+            step *= 0.5;
+        }
+        let Some((xn, fn_, gn)) = accepted else { break };
+        let s: Vec<f64> = xn.iter().zip(&x).map(|(a, b)| a - b).collect();
+        let y: Vec<f64> = gn.iter().zip(&g).map(|(a, b)| a - b).collect();
+        if dot(&s, &y) > 1e-12 * dot(&y, &y).sqrt() * dot(&s, &s).sqrt() {
+            s_hist.push(s);
+            y_hist.push(y);
+            if s_hist.len() > HIST {
+                s_hist.remove(0);
+                y_hist.remove(0);
+            }
+        }
+        x = xn;
+        fx = fn_;
+        g = gn;
+        recent.push(fx);
+        if recent.len() > PATIENCE {
+            let old = recent[recent.len() - 1 - PATIENCE];
+            if (old - fx) <= tol * old.abs().max(1e-300) {
+                break;
+            }
+        }
+    }
+    Ok((x, iters))
+}
+
+/// Row-major `Vec` <-> faer matrix.
+pub fn to_mat(v: &[f64], r: usize) -> Mat<f64> {
+    Mat::from_fn(r, r, |a, b| v[a * r + b])
+}
+
+pub fn from_mat(m: &Mat<f64>) -> Vec<f64> {
+    let (rows, cols) = (m.nrows(), m.ncols());
+    (0..rows * cols).map(|k| m[(k / cols, k % cols)]).collect()
+}

@@ -1,0 +1,99 @@
+//! `masa calibrate`: one streaming forward pass over a corpus that accumulates, per layer and
+//! FFN input site, `Σ x xᵀ` and token counts (Sec. 3.1's output alignment needs nothing else),
+//! tokens per dataset, and for MoE layers routing counts per expert per dataset. Expert sites
+//! see only the tokens routed to them.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{MasaError, Result};
+use crate::model::{Hooks, MlpId, Site, Transformer};
+use crate::stats::{moment_key, routing_key, Moment, Stats, StatsMeta, FORMAT};
+
+/// A batch of equal-length sequences, each labelled with its dataset (index into `datasets`).
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub dataset: Vec<usize>,
+}
+
+/// The site name of one FFN input in a statistics file.
+pub fn site_name(mlp: MlpId, site: Site) -> String {
+    match mlp {
+        MlpId::Dense => site.name().to_string(),
+        MlpId::Expert(e) => format!("experts.{e}.{}", site.name()),
+        MlpId::Shared => format!("shared.{}", site.name()),
+    }
+}
+
+/// Hooks that add each FFN input's `xᵀx` (computed in f32 per batch, summed in f64).
+struct Accumulator<'a> {
+    moments: BTreeMap<String, Moment>,
+    routing: BTreeMap<String, Vec<f64>>,
+    datasets: &'a [String],
+    /// Dataset of each token of the current batch.
+    token_dataset: Vec<usize>,
+    n_experts: usize,
+}
+
+impl Hooks for Accumulator<'_> {
+    fn ffn_input(&mut self, layer: usize, mlp: MlpId, site: Site, x: &Tensor) -> Result<()> {
+        let (n, d) = x.dims2()?;
+        let gram = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let m = self.moments.entry(moment_key(layer, &site_name(mlp, site))).or_insert_with(|| Moment::new(d));
+        m.xxt.iter_mut().zip(&gram).for_each(|(acc, g)| *acc += *g as f64);
+        m.count += n as f64;
+        Ok(())
+    }
+
+    fn routing(&mut self, layer: usize, experts: &[u32], top_k: usize) -> Result<()> {
+        for (i, &e) in experts.iter().enumerate() {
+            let ds = &self.datasets[self.token_dataset[i / top_k]];
+            let counts = self.routing.entry(routing_key(layer, ds)).or_insert_with(|| vec![0.0; self.n_experts]);
+            counts[e as usize] += 1.0;
+        }
+        Ok(())
+    }
+}
+
+/// Run the model over `batches` and return the accumulated statistics. `meta` supplies the
+/// provenance fields; tokens and per-dataset counts are filled in here.
+pub fn calibrate(
+    model: &Transformer,
+    batches: impl Iterator<Item = Result<Batch>>,
+    datasets: &[String],
+    mut meta: StatsMeta,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<Stats> {
+    let mut acc = Accumulator {
+        moments: BTreeMap::new(),
+        routing: BTreeMap::new(),
+        datasets,
+        token_dataset: Vec::new(),
+        n_experts: model.config.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+    };
+    let mut tokens = 0u64;
+    for b in batches {
+        let b = b?;
+        if b.ids.len() != b.batch * b.seq_len || b.dataset.len() != b.batch {
+            return Err(MasaError::Shape(format!("calibration batch of {} ids is not {}x{}", b.ids.len(), b.batch, b.seq_len)));
+        }
+        acc.token_dataset = b.dataset.iter().flat_map(|&d| std::iter::repeat_n(d, b.seq_len)).collect();
+        let x = Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &Device::Cpu)?;
+        model.hidden_states(&x, &mut acc)?;
+        for &d in &b.dataset {
+            *meta.dataset_tokens.entry(datasets[d].clone()).or_insert(0) += b.seq_len as u64;
+        }
+        tokens += (b.batch * b.seq_len) as u64;
+        meta.seq_len = b.seq_len;
+        on_batch(b.batch * b.seq_len);
+    }
+    if tokens == 0 {
+        return Err(MasaError::Invalid("calibration saw no tokens: the corpus is empty or shorter than one sequence".into()));
+    }
+    meta.tokens = tokens;
+    meta.format = FORMAT.to_string();
+    Ok(Stats { meta, moments: acc.moments, routing: acc.routing })
+}
