@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
+use rayon::prelude::*;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
@@ -298,7 +299,10 @@ fn byte_level_tokenizer(md: &Metadata, tokens: &[&str], path: &Path) -> Result<t
 /// The pre-tokenizer for a byte-level vocabulary, by `tokenizer.ggml.pre` (absent = `default`):
 ///
 /// * `default`, `gpt-2`: GPT-2's own regex inside `ByteLevel`.
-/// * `smollm`: SmolLM's `tokenizer.json`: every digit on its own, then GPT-2's `ByteLevel`.
+/// * `smollm`: SmolLM's `tokenizer.json` (and llama.cpp): every digit on its own, then GPT-2's
+///   `ByteLevel`. transformers' GGUF loader leaves the digit split out; the two agree except where
+///   a digit follows a run of whitespace (`"\n   1"`: here `"\n   "`, `"1"`; there `"\n  "`, `" "`,
+///   `"1"`).
 /// * `qwen2`: Qwen2's regex split, then `ByteLevel` without its own regex. Like transformers' GGUF
 ///   loader (and unlike Qwen2's `tokenizer.json`) there is no NFC normalizer; this only matters
 ///   for text that is not already NFC.
@@ -346,7 +350,8 @@ enum SpmRecipe {
     /// transformers' `gemma_tokenizer` + `GemmaTokenizer`: runs of spaces are respelled as runs of
     /// `▁` (the file spells them with real spaces, HF's vocabulary with `▁`), merges are ranked by
     /// token id (Gemma's scores do not follow its merge order), and a normalizer turns spaces into
-    /// `▁`, with a leading `▁` only when the file asks for one.
+    /// `▁`, with a leading `▁` only when the file asks for one. (`GemmaTokenizer` also sets a
+    /// pre-tokenizer splitting on `" "`; after that normalizer no space is left, so it is omitted.)
     Gemma,
     /// transformers' `sentencepiece_tokenizer` + `LlamaTokenizer`: merges ranked by the file's
     /// scores, and a `Metaspace` pre-tokenizer (`▁` for spaces, one in front of the first piece
@@ -463,31 +468,21 @@ struct MergeCandidate {
 /// the left piece's length, then the right one's (in characters), all descending.
 ///
 /// A token listed twice counts once, at its first position, with the id (and rank) of its last
-/// listing, as Python's dicts do. Each token is cut at each character boundary and both halves are
-/// hash lookups, so the cost is linear in the total length of the vocabulary.
-fn derive_merges(tokens: &[String], rank: impl Fn(u32) -> f64) -> Merges {
+/// listing, as Python's dicts do. Each token is cut at each character boundary and the halves are
+/// hash lookups (the right one only when the left one is a token), so the cost is linear in the
+/// total length of the vocabulary; tokens are scanned in parallel and the sort is a parallel
+/// stable sort, which keeps the order exactly as the sequential definition gives it.
+fn derive_merges(tokens: &[String], rank: impl Fn(u32) -> f64 + Sync) -> Merges {
     let index: HashMap<&str, u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
     let mut seen: HashSet<&str> = HashSet::with_capacity(index.len());
-    let mut candidates = Vec::new();
-    for token in tokens {
-        if !seen.insert(token.as_str()) {
-            continue;
-        }
-        let merged_rank = rank(index[token.as_str()]);
-        let total_chars = token.chars().count();
-        let start = candidates.len();
-        for (left_chars, (cut, _)) in token.char_indices().enumerate().skip(1) {
-            let (l, r) = token.split_at(cut);
-            if let (Some(&left), Some(&right)) = (index.get(l), index.get(r)) {
-                let right_chars = total_chars - left_chars;
-                candidates.push(MergeCandidate { rank: merged_rank, left_chars, right_chars, left, right });
-            }
-        }
-        candidates[start..].sort_by_key(|c| (c.left, c.right));
-    }
+    let first_listings: Vec<&str> = tokens.iter().map(String::as_str).filter(|t| seen.insert(t)).collect();
+    let mut candidates: Vec<MergeCandidate> = first_listings
+        .par_iter()
+        .flat_map_iter(|token| token_splits(token, &index, &rank))
+        .collect();
     // -0.0 and 0.0 compare equal in Python; NaN ranks last. After that `total_cmp` is exact.
     let key = |r: f64| if r.is_nan() { f64::NEG_INFINITY } else { r + 0.0 };
-    candidates.sort_by(|a, b| {
+    candidates.par_sort_by(|a, b| {
         key(b.rank)
             .total_cmp(&key(a.rank))
             .then(b.left_chars.cmp(&a.left_chars))
@@ -497,6 +492,22 @@ fn derive_merges(tokens: &[String], rank: impl Fn(u32) -> f64) -> Merges {
         .into_iter()
         .map(|c| (tokens[c.left as usize].clone(), tokens[c.right as usize].clone()))
         .collect()
+}
+
+/// The ways to cut `token` into two vocabulary tokens, ordered by (left id, right id).
+fn token_splits(token: &str, index: &HashMap<&str, u32>, rank: &impl Fn(u32) -> f64) -> Vec<MergeCandidate> {
+    let merged_rank = rank(index[token]);
+    let total_chars = token.chars().count();
+    let mut splits = Vec::new();
+    for (left_chars, (cut, _)) in token.char_indices().enumerate().skip(1) {
+        let (l, r) = token.split_at(cut);
+        let Some(&left) = index.get(l) else { continue };
+        let Some(&right) = index.get(r) else { continue };
+        let right_chars = total_chars - left_chars;
+        splits.push(MergeCandidate { rank: merged_rank, left_chars, right_chars, left, right });
+    }
+    splits.sort_by_key(|c| (c.left, c.right));
+    splits
 }
 
 // ---------------------------------------------------------------------------------------------
