@@ -1,19 +1,22 @@
 //! masa: Matrix-level Alignment and Scalable Adaptation.
 //!
 //! Extract the FFN knowledge of a pretrained LLM into small *gene matrices* and use them to
-//! initialize small Llama-style students. See `docs/design.md` for the spec.
+//! initialize small Llama-style students. See `docs/design.md` for the spec. Modules follow
+//! the pipeline: `fetch` → `source`/`model` → `calibrate` (`stats`) → `align`/`extract` →
+//! init → train → eval → report.
 
+pub mod align;
+pub mod bench;
+pub mod calibrate;
 pub mod error;
+pub mod fetch;
 pub mod home;
+pub mod inspect;
+pub mod model;
+pub mod progress;
 pub mod rouge;
+pub mod source;
+pub mod stats;
+pub mod tokenizer;
 
 pub use error::{MasaError, Result};
-pub mod source;
-pub mod model;
-pub mod fetch;
-pub mod progress;
-pub mod inspect;
-pub mod bench;
-pub mod stats;
-pub mod calibrate;
-pub mod align;
