@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod model;
 pub mod progress;
 pub mod rouge;
+pub mod score;
 pub mod source;
 pub mod stats;
 pub mod tokenizer;

@@ -221,3 +221,59 @@ impl ModelConfig {
         out
     }
 }
+
+/// A source model as a user names it: weights plus the tokenizer its authors use.
+pub struct SourceModel {
+    pub weights: SourceWeights,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+}
+
+impl SourceModel {
+    /// Open a GGUF file (tokenizer from its metadata) or an HF directory (`tokenizer.json`).
+    pub fn open(path: &Path) -> Result<Self> {
+        let weights = SourceWeights::open(path)?;
+        let tokenizer = match weights.gguf() {
+            Some(g) => crate::tokenizer::Tokenizer::from_gguf_metadata(g.metadata(), path)?,
+            None => crate::tokenizer::Tokenizer::from_hf_dir(path)?,
+        };
+        if tokenizer.vocab_size() > weights.config.vocab_size {
+            return Err(MasaError::bad_file(
+                path,
+                format!(
+                    "the tokenizer has {} tokens but the model's embedding has only {} rows: tokenizer and weights do not belong together",
+                    tokenizer.vocab_size(),
+                    weights.config.vocab_size
+                ),
+            ));
+        }
+        Ok(SourceModel { weights, tokenizer })
+    }
+
+    /// A content fingerprint that identifies the model in downstream artifacts: sha256 of the
+    /// GGUF file, or of `config.json` plus every safetensors header for HF directories.
+    pub fn fingerprint(&self) -> Result<String> {
+        self.weights.fingerprint()
+    }
+}
+
+impl SourceWeights {
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        if self.gguf().is_some() {
+            return crate::fetch::sha256_file(&self.path);
+        }
+        let mut h = Sha256::new();
+        let cfg = self.path.join("config.json");
+        h.update(std::fs::read(&cfg).at(&cfg)?);
+        for e in self.entries() {
+            h.update(format!("{} {:?} {}\n", e.name, e.shape, e.dtype).as_bytes());
+        }
+        for f in ["model.safetensors", "model.safetensors.index.json"] {
+            let p = self.path.join(f);
+            if let Ok(m) = std::fs::metadata(&p) {
+                h.update(format!("{f} {}\n", m.len()).as_bytes());
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
