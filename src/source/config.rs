@@ -276,7 +276,8 @@ impl ModelConfig {
             Arch::Deepseek => Some(MoeConfig {
                 n_routed_experts: f.usize("n_routed_experts")?,
                 top_k: f.usize("num_experts_per_tok")?,
-                norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false),
+                // `MoEGate` renormalises only when top_k > 1 (OLMoE does so for any k).
+                norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false) && f.usize("num_experts_per_tok")? > 1,
                 moe_intermediate_size: f.usize("moe_intermediate_size")?,
                 n_shared_experts: f.opt_usize("n_shared_experts")?.unwrap_or(0),
                 first_k_dense_replace: f.opt_usize("first_k_dense_replace")?.unwrap_or(0),
