@@ -560,3 +560,26 @@ fn deepseek_top1_ignores_norm_topk_prob() {
     let spec = Spec { top_k: 1, norm_topk_prob: true, ..Spec::deepseek() };
     check(&spec, Dtype::F32, 1, 7);
 }
+
+#[test]
+fn norm_eps_follows_hf() {
+    // OLMo's LayerNorm has eps = 1e-5 whatever the config says; OlmoeConfig defaults
+    // rms_norm_eps to 1e-5 (DeepseekConfig to 1e-6) when the field is absent.
+    let cases = [
+        (Spec::olmo(), Some(("layer_norm_eps", 1e-3)), 1e-5),
+        (Spec::olmoe(), None, 1e-5),
+        (Spec::deepseek(), None, 1e-6),
+    ];
+    for (spec, extra, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = spec.config_json();
+        cfg.as_object_mut().unwrap().remove("rms_norm_eps");
+        if let Some((k, v)) = extra {
+            cfg[k] = json!(v);
+        }
+        write_config(dir.path(), &cfg);
+        spec.weights(9).write(dir.path(), Dtype::F32, 1);
+        let w = SourceWeights::open(dir.path()).unwrap();
+        assert_eq!(w.config.norm_eps, want, "{:?}", spec.family);
+    }
+}

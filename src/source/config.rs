@@ -303,10 +303,12 @@ impl ModelConfig {
             head_dim,
             rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
             rope_local_theta: if gemma { Some(f.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
-            norm_eps: f
-                .opt_f64("rms_norm_eps")?
-                .or(f.opt_f64("layer_norm_eps")?)
-                .unwrap_or(if arch == Arch::Olmo { 1e-5 } else { 1e-6 }),
+            norm_eps: match arch {
+                // `OlmoLayerNorm` hard-codes eps = 1e-5 and reads no config field.
+                Arch::Olmo => 1e-5,
+                // Defaults of each HF config class when the field is absent.
+                _ => f.opt_f64("rms_norm_eps")?.unwrap_or(if arch == Arch::Olmoe { 1e-5 } else { 1e-6 }),
+            },
             norm: match arch {
                 Arch::Gemma3 => NormKind::RmsOnePlus,
                 Arch::Olmo => NormKind::LayerNormNoParams,
