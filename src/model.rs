@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 
 use crate::error::{MasaError, Result};
-use crate::source::{Activation, ModelConfig, NormKind, QkNorm, SourceWeights};
+use crate::source::{Activation, Arch, ModelConfig, NormKind, QkNorm, SourceWeights};
 
 /// Which FFN of a layer a hook call refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -224,7 +224,9 @@ impl Transformer {
             layers.push(load_layer(w, &c, l)?);
         }
         let norm = load_norm(w, &c, "model.norm", h)?;
-        let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+        // Untied models must carry their own head: falling back to the embedding would
+        // silently compute different logits.
+        let lm_head = if c.tie_word_embeddings {
             None
         } else {
             Some(w.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?)
@@ -427,7 +429,8 @@ fn load_layer(w: &SourceWeights, c: &ModelConfig, l: usize) -> Result<Layer> {
         q: linear(w, &format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
         k: linear(w, &format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
         v: linear(w, &format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
-        o: linear(w, &format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+        // HF gives o_proj a bias with `attention_bias` in every family but Qwen2.
+        o: linear(w, &format!("{p}.self_attn.o_proj"), h, nh * hd, bias && c.arch != Arch::Qwen2)?,
         q_norm,
         k_norm,
     };

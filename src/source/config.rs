@@ -276,7 +276,8 @@ impl ModelConfig {
             Arch::Deepseek => Some(MoeConfig {
                 n_routed_experts: f.usize("n_routed_experts")?,
                 top_k: f.usize("num_experts_per_tok")?,
-                norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false),
+                // `MoEGate` renormalises only when top_k > 1 (OLMoE does so for any k).
+                norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false) && f.usize("num_experts_per_tok")? > 1,
                 moe_intermediate_size: f.usize("moe_intermediate_size")?,
                 n_shared_experts: f.opt_usize("n_shared_experts")?.unwrap_or(0),
                 first_k_dense_replace: f.opt_usize("first_k_dense_replace")?.unwrap_or(0),
@@ -302,10 +303,12 @@ impl ModelConfig {
             head_dim,
             rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
             rope_local_theta: if gemma { Some(f.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
-            norm_eps: f
-                .opt_f64("rms_norm_eps")?
-                .or(f.opt_f64("layer_norm_eps")?)
-                .unwrap_or(if arch == Arch::Olmo { 1e-5 } else { 1e-6 }),
+            norm_eps: match arch {
+                // `OlmoLayerNorm` hard-codes eps = 1e-5 and reads no config field.
+                Arch::Olmo => 1e-5,
+                // Defaults of each HF config class when the field is absent.
+                _ => f.opt_f64("rms_norm_eps")?.unwrap_or(if arch == Arch::Olmoe { 1e-5 } else { 1e-6 }),
+            },
             norm: match arch {
                 Arch::Gemma3 => NormKind::RmsOnePlus,
                 Arch::Olmo => NormKind::LayerNormNoParams,

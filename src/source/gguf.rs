@@ -104,7 +104,7 @@ impl GgufFile {
         let mut file = self.file.lock().map_err(|_| MasaError::bad_file(&self.path, "file handle poisoned"))?;
         let q = info
             .read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| MasaError::bad_file(&self.path, format!("reading tensor `{gguf_name}`: {e}")))?;
+            .map_err(|e| MasaError::bad_file(&self.path, format!("reading tensor `{gguf_name}`: {}", candle_message(&e))))?;
         Ok(q.dequantize(&Device::Cpu)?)
     }
 }
@@ -130,8 +130,17 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
     }
 }
 
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is
+/// set: the message is shown to users, the stack trace of candle's parser means nothing to them.
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}
+
 fn classify_read_error(path: &Path, e: candle_core::Error) -> MasaError {
-    let msg = e.to_string();
+    let msg = candle_message(&e);
     if msg.contains("unknown dtype") {
         MasaError::unsupported(
             path,

@@ -1,0 +1,585 @@
+//! OLMo, OLMoE and DeepSeekMoE v1 from HF directories, checked against an independent reference.
+//!
+//! Each test writes a tiny random checkpoint in exactly the HF layout (`config.json` with the
+//! field names of `OlmoForCausalLM` / `OlmoeForCausalLM` / `DeepseekForCausalLM`, tensor names
+//! as `modeling_olmo.py`, `modeling_olmoe.py` and deepseek-ai's `modeling_deepseek.py` name
+//! them), loads it with masa, and compares logits, routing and FFN hook inputs with a reference
+//! forward written with plain per-token loops in f64 (no candle).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use common::{write_config, Ckpt, Rng};
+use masa::model::{Hooks, MlpId, Site, Transformer};
+use masa::source::{Arch, SourceWeights};
+use safetensors::Dtype;
+use serde_json::json;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Family {
+    Olmo,
+    Olmoe,
+    Deepseek,
+}
+
+/// The architecture of one test model, in HF terms.
+#[derive(Clone, Debug)]
+struct Spec {
+    family: Family,
+    vocab: usize,
+    hidden: usize,
+    /// Dense FFN width (OLMo, DeepSeek leading layers); OLMoE's `intermediate_size` is `moe_inter`.
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    rope_theta: f64,
+    rms_eps: f64,
+    clip_qkv: Option<f64>,
+    /// q/k/v/o biases (`attention_bias`; off in the released checkpoints).
+    attention_bias: bool,
+    experts: usize,
+    top_k: usize,
+    norm_topk_prob: bool,
+    moe_inter: usize,
+    n_shared: usize,
+    first_k_dense_replace: usize,
+    moe_layer_freq: usize,
+}
+
+impl Spec {
+    fn olmo() -> Self {
+        Spec {
+            family: Family::Olmo,
+            vocab: 50,
+            hidden: 32,
+            inter: 48,
+            layers: 2,
+            heads: 4,
+            kv_heads: 4,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            clip_qkv: Some(0.5),
+            attention_bias: false,
+            experts: 0,
+            top_k: 0,
+            norm_topk_prob: false,
+            moe_inter: 0,
+            n_shared: 0,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+        }
+    }
+
+    fn olmoe() -> Self {
+        Spec {
+            family: Family::Olmoe,
+            kv_heads: 2,
+            rope_theta: 1_000.0,
+            clip_qkv: Some(1.5),
+            experts: 8,
+            top_k: 2,
+            norm_topk_prob: true,
+            moe_inter: 16,
+            ..Spec::olmo()
+        }
+    }
+
+    fn deepseek() -> Self {
+        Spec {
+            family: Family::Deepseek,
+            layers: 3,
+            kv_heads: 4,
+            rms_eps: 1e-6,
+            clip_qkv: None,
+            experts: 8,
+            top_k: 2,
+            norm_topk_prob: false,
+            moe_inter: 12,
+            n_shared: 2,
+            first_k_dense_replace: 1,
+            moe_layer_freq: 1,
+            ..Spec::olmo()
+        }
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// As `DeepseekDecoderLayer` / `OlmoeDecoderLayer` decide it.
+    fn is_moe(&self, l: usize) -> bool {
+        match self.family {
+            Family::Olmo => false,
+            Family::Olmoe => true,
+            Family::Deepseek => l >= self.first_k_dense_replace && l % self.moe_layer_freq == 0,
+        }
+    }
+
+    /// `config.json` as `save_pretrained` writes it for each architecture (the fields masa
+    /// does not read are kept, as in the released checkpoints).
+    fn config_json(&self) -> serde_json::Value {
+        let common = json!({
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden,
+            "initializer_range": 0.02,
+            "max_position_embeddings": 64,
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "rope_scaling": null,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": false,
+            "torch_dtype": "float32",
+            "transformers_version": "4.46.0",
+            "use_cache": true,
+            "vocab_size": self.vocab,
+        });
+        let specific = match self.family {
+            Family::Olmo => json!({
+                "architectures": ["OlmoForCausalLM"],
+                "model_type": "olmo",
+                "clip_qkv": self.clip_qkv,
+                "intermediate_size": self.inter,
+                "pretraining_tp": 1,
+            }),
+            Family::Olmoe => json!({
+                "architectures": ["OlmoeForCausalLM"],
+                "model_type": "olmoe",
+                "clip_qkv": self.clip_qkv,
+                "intermediate_size": self.moe_inter,
+                "num_experts": self.experts,
+                "num_experts_per_tok": self.top_k,
+                "norm_topk_prob": self.norm_topk_prob,
+                "output_router_logits": false,
+                "router_aux_loss_coef": 0.01,
+                "rms_norm_eps": self.rms_eps,
+            }),
+            Family::Deepseek => json!({
+                "architectures": ["DeepseekForCausalLM"],
+                "model_type": "deepseek",
+                "auto_map": {
+                    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+                    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"
+                },
+                "aux_loss_alpha": 0.001,
+                "first_k_dense_replace": self.first_k_dense_replace,
+                "intermediate_size": self.inter,
+                "moe_intermediate_size": self.moe_inter,
+                "moe_layer_freq": self.moe_layer_freq,
+                "n_routed_experts": self.experts,
+                "n_shared_experts": self.n_shared,
+                "norm_topk_prob": self.norm_topk_prob,
+                "num_experts_per_tok": self.top_k,
+                "pretraining_tp": 1,
+                "rms_norm_eps": self.rms_eps,
+                "scoring_func": "softmax",
+                "seq_aux": true,
+            }),
+        };
+        let mut out = common;
+        for (k, v) in specific.as_object().unwrap() {
+            out[k] = v.clone();
+        }
+        out
+    }
+
+    /// Random weights under the HF names. OLMo has no norm weights at all (its LayerNorm has
+    /// no parameters); OLMoE has full-width q/k norms; DeepSeek has shared experts.
+    fn weights(&self, seed: u64) -> Ckpt {
+        let mut rng = Rng::new(seed);
+        let mut ck = Ckpt::default();
+        let (h, hd, nh, nkv) = (self.hidden, self.head_dim(), self.heads, self.kv_heads);
+        let lin = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
+        ck.add_random(&mut rng, "model.embed_tokens.weight", &[self.vocab, h], 1.0, 0.0);
+        let rms = self.family != Family::Olmo;
+        let mlp = |ck: &mut Ckpt, rng: &mut Rng, p: &str, width: usize| {
+            ck.add_random(rng, &format!("{p}.gate_proj.weight"), &[width, h], lin(h), 0.0);
+            ck.add_random(rng, &format!("{p}.up_proj.weight"), &[width, h], lin(h), 0.0);
+            ck.add_random(rng, &format!("{p}.down_proj.weight"), &[h, width], lin(width), 0.0);
+        };
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            ck.add_random(&mut rng, &format!("{p}.self_attn.q_proj.weight"), &[nh * hd, h], lin(h), 0.0);
+            ck.add_random(&mut rng, &format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, h], lin(h), 0.0);
+            ck.add_random(&mut rng, &format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, h], lin(h), 0.0);
+            ck.add_random(&mut rng, &format!("{p}.self_attn.o_proj.weight"), &[h, nh * hd], lin(nh * hd), 0.0);
+            if self.attention_bias {
+                for (n, width) in [("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd), ("o", h)] {
+                    ck.add_random(&mut rng, &format!("{p}.self_attn.{n}_proj.bias"), &[width], 0.5, 0.0);
+                }
+            }
+            if self.family == Family::Olmoe {
+                ck.add_random(&mut rng, &format!("{p}.self_attn.q_norm.weight"), &[nh * hd], 0.3, 1.0);
+                ck.add_random(&mut rng, &format!("{p}.self_attn.k_norm.weight"), &[nkv * hd], 0.3, 1.0);
+            }
+            if rms {
+                ck.add_random(&mut rng, &format!("{p}.input_layernorm.weight"), &[h], 0.3, 1.0);
+                ck.add_random(&mut rng, &format!("{p}.post_attention_layernorm.weight"), &[h], 0.3, 1.0);
+            }
+            if self.is_moe(l) {
+                ck.add_random(&mut rng, &format!("{p}.mlp.gate.weight"), &[self.experts, h], 3.0 * lin(h), 0.0);
+                for e in 0..self.experts {
+                    mlp(&mut ck, &mut rng, &format!("{p}.mlp.experts.{e}"), self.moe_inter);
+                }
+                if self.n_shared > 0 {
+                    mlp(&mut ck, &mut rng, &format!("{p}.mlp.shared_experts"), self.n_shared * self.moe_inter);
+                }
+            } else {
+                mlp(&mut ck, &mut rng, &format!("{p}.mlp"), self.inter);
+            }
+        }
+        if rms {
+            ck.add_random(&mut rng, "model.norm.weight", &[h], 0.3, 1.0);
+        }
+        ck.add_random(&mut rng, "lm_head.weight", &[self.vocab, h], lin(h), 0.0);
+        ck
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reference forward: plain loops, f64, one token at a time.
+
+/// What the reference observed besides the logits.
+#[derive(Default, Debug)]
+struct RefTrace {
+    /// layer -> tokens routed to each expert.
+    counts: BTreeMap<usize, Vec<usize>>,
+    /// q/k/v entries the clip actually changed (to prove the test exercises `clip_qkv`).
+    clipped: usize,
+}
+
+fn matvec(w: &[f32], rows: usize, x: &[f64]) -> Vec<f64> {
+    let cols = x.len();
+    assert_eq!(w.len(), rows * cols);
+    (0..rows).map(|r| w[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| *a as f64 * b).sum()).collect()
+}
+
+/// RMSNorm with weight (`OlmoeRMSNorm`, `DeepseekRMSNorm`).
+fn rms_norm(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * inv * *w as f64).collect()
+}
+
+/// `OlmoLayerNorm`: `F.layer_norm(x, None, None, eps=1e-5)` (biased variance, fixed eps).
+fn layer_norm_no_params(x: &[f64]) -> Vec<f64> {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    x.iter().map(|v| (v - mean) / (var + 1e-5).sqrt()).collect()
+}
+
+/// HF `apply_rotary_pos_emb` with `rotate_half`, on one head vector at position `pos`.
+fn rope(x: &mut [f64], pos: usize, theta: f64) {
+    let d = x.len();
+    let half = d / 2;
+    for i in 0..half {
+        let inv_freq = 1.0 / theta.powf(2.0 * i as f64 / d as f64);
+        let (c, s) = ((pos as f64 * inv_freq).cos(), (pos as f64 * inv_freq).sin());
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * c - b * s;
+        x[i + half] = b * c + a * s;
+    }
+}
+
+fn swiglu(ck: &Ckpt, p: &str, width: usize, x: &[f64]) -> Vec<f64> {
+    let g = matvec(ck.get(&format!("{p}.gate_proj.weight")), width, x);
+    let u = matvec(ck.get(&format!("{p}.up_proj.weight")), width, x);
+    let mid: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+    matvec(ck.get(&format!("{p}.down_proj.weight")), x.len(), &mid)
+}
+
+fn softmax(x: &[f64]) -> Vec<f64> {
+    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = x.iter().map(|v| (v - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+/// Routed experts (+ shared experts) of one token, as `OlmoeSparseMoeBlock` / `DeepseekMoE`:
+/// softmax over all experts, top-k, renormalised when `norm_topk_prob` (DeepSeek only for
+/// top_k > 1, with a 1e-20 guard).
+fn moe_ffn(s: &Spec, ck: &Ckpt, p: &str, x: &[f64], counts: &mut [usize]) -> Vec<f64> {
+    let probs = softmax(&matvec(ck.get(&format!("{p}.mlp.gate.weight")), s.experts, x));
+    let mut order: Vec<usize> = (0..s.experts).collect();
+    order.sort_by(|&a, &b| probs[b].partial_cmp(&probs[a]).unwrap().then(a.cmp(&b)));
+    let top = &order[..s.top_k];
+    let sum: f64 = top.iter().map(|&e| probs[e]).sum();
+    let renorm = match s.family {
+        Family::Deepseek => s.norm_topk_prob && s.top_k > 1,
+        _ => s.norm_topk_prob,
+    };
+    let mut out = vec![0.0; x.len()];
+    for &e in top {
+        counts[e] += 1;
+        let w = if renorm { probs[e] / (sum + if s.family == Family::Deepseek { 1e-20 } else { 0.0 }) } else { probs[e] };
+        for (o, y) in out.iter_mut().zip(swiglu(ck, &format!("{p}.mlp.experts.{e}"), s.moe_inter, x)) {
+            *o += w * y;
+        }
+    }
+    if s.n_shared > 0 {
+        for (o, y) in out.iter_mut().zip(swiglu(ck, &format!("{p}.mlp.shared_experts"), s.n_shared * s.moe_inter, x)) {
+            *o += y;
+        }
+    }
+    out
+}
+
+/// Logits `(t, vocab)` of one sequence.
+fn reference_forward(s: &Spec, ck: &Ckpt, ids: &[u32], trace: &mut RefTrace) -> Vec<Vec<f64>> {
+    let (h, hd, nh, nkv) = (s.hidden, s.head_dim(), s.heads, s.kv_heads);
+    let group = nh / nkv;
+    let t = ids.len();
+    let embed = ck.get("model.embed_tokens.weight");
+    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&id| embed[id as usize * h..(id as usize + 1) * h].iter().map(|v| *v as f64).collect()).collect();
+    let norm = |name: &str, x: &[f64]| -> Vec<f64> {
+        match s.family {
+            Family::Olmo => layer_norm_no_params(x),
+            _ => rms_norm(x, ck.get(&format!("{name}.weight")), s.rms_eps),
+        }
+    };
+    // `nn.Linear(.., bias=config.attention_bias)`: q, k, v and o alike.
+    let proj = |name: &str, rows: usize, x: &[f64]| -> Vec<f64> {
+        let mut y = matvec(ck.get(&format!("{name}.weight")), rows, x);
+        if s.attention_bias {
+            for (y, b) in y.iter_mut().zip(ck.get(&format!("{name}.bias"))) {
+                *y += *b as f64;
+            }
+        }
+        y
+    };
+    for l in 0..s.layers {
+        let p = format!("model.layers.{l}");
+        let mut qs = Vec::with_capacity(t);
+        let mut ks = Vec::with_capacity(t);
+        let mut vs = Vec::with_capacity(t);
+        for (pos, x) in xs.iter().enumerate() {
+            let a = norm(&format!("{p}.input_layernorm"), x);
+            let mut q = proj(&format!("{p}.self_attn.q_proj"), nh * hd, &a);
+            let mut k = proj(&format!("{p}.self_attn.k_proj"), nkv * hd, &a);
+            let mut v = proj(&format!("{p}.self_attn.v_proj"), nkv * hd, &a);
+            if s.family == Family::Olmoe {
+                q = rms_norm(&q, ck.get(&format!("{p}.self_attn.q_norm.weight")), s.rms_eps);
+                k = rms_norm(&k, ck.get(&format!("{p}.self_attn.k_norm.weight")), s.rms_eps);
+            }
+            if let Some(c) = s.clip_qkv {
+                for z in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                    if z.abs() > c {
+                        trace.clipped += 1;
+                        *z = z.clamp(-c, c);
+                    }
+                }
+            }
+            for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
+                rope(head, pos, s.rope_theta);
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        let mut next = Vec::with_capacity(t);
+        for i in 0..t {
+            let mut attn = vec![0.0; nh * hd];
+            for head in 0..nh {
+                let kv = head / group;
+                let q = &qs[i][head * hd..(head + 1) * hd];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| q.iter().zip(&ks[j][kv * hd..(kv + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
+                let pr = softmax(&scores);
+                for (j, pj) in pr.iter().enumerate() {
+                    for d in 0..hd {
+                        attn[head * hd + d] += pj * vs[j][kv * hd + d];
+                    }
+                }
+            }
+            let x: Vec<f64> = xs[i].iter().zip(proj(&format!("{p}.self_attn.o_proj"), h, &attn)).map(|(a, b)| a + b).collect();
+            let f_in = norm(&format!("{p}.post_attention_layernorm"), &x);
+            let f = if s.is_moe(l) {
+                let counts = trace.counts.entry(l).or_insert_with(|| vec![0; s.experts]);
+                moe_ffn(s, ck, &p, &f_in, counts)
+            } else {
+                swiglu(ck, &format!("{p}.mlp"), s.inter, &f_in)
+            };
+            next.push(x.iter().zip(f).map(|(a, b)| a + b).collect());
+        }
+        xs = next;
+    }
+    xs.iter().map(|x| matvec(ck.get("lm_head.weight"), s.vocab, &norm("model.norm", x))).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// masa side.
+
+/// Records routing counts and the shape of every FFN hook input.
+struct Recorder {
+    experts: usize,
+    counts: BTreeMap<usize, Vec<usize>>,
+    /// (layer, mlp, site) -> (rows, cols) per call.
+    inputs: BTreeMap<(usize, String, &'static str), Vec<(usize, usize)>>,
+}
+
+impl Hooks for Recorder {
+    fn ffn_input(&mut self, layer: usize, mlp: MlpId, site: Site, x: &Tensor) -> masa::Result<()> {
+        let dims = x.dims2()?;
+        self.inputs.entry((layer, format!("{mlp:?}"), site.name())).or_default().push(dims);
+        Ok(())
+    }
+
+    fn routing(&mut self, layer: usize, experts: &[u32], top_k: usize) -> masa::Result<()> {
+        assert_eq!(experts.len() % top_k, 0);
+        let c = self.counts.entry(layer).or_insert_with(|| vec![0; self.experts]);
+        for &e in experts {
+            c[e as usize] += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Write the model, run masa and the reference on two sequences, and compare everything.
+fn check(spec: &Spec, dtype: Dtype, shards: usize, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ck = spec.weights(seed);
+    ck.round_to(dtype);
+    ck.write(dir.path(), dtype, shards);
+    write_config(dir.path(), &spec.config_json());
+
+    let w = SourceWeights::open(dir.path()).unwrap();
+    let expect_arch = match spec.family {
+        Family::Olmo => Arch::Olmo,
+        Family::Olmoe => Arch::Olmoe,
+        Family::Deepseek => Arch::Deepseek,
+    };
+    assert_eq!(w.config.arch, expect_arch);
+    let model = Transformer::load(&w).unwrap();
+
+    let (batch, t) = (2, 7);
+    let mut rng = Rng::new(seed ^ 0xabcdef);
+    let ids: Vec<u32> = (0..batch * t).map(|_| rng.below(spec.vocab) as u32).collect();
+    let x = Tensor::from_vec(ids.clone(), (batch, t), &Device::Cpu).unwrap();
+    let mut rec = Recorder { experts: spec.experts, counts: BTreeMap::new(), inputs: BTreeMap::new() };
+    let logits = model.forward(&x, &mut rec).unwrap();
+    assert_eq!(logits.dims(), &[batch, t, spec.vocab]);
+    let got = logits.to_vec3::<f32>().unwrap();
+
+    let mut trace = RefTrace::default();
+    let mut worst = 0f64;
+    let mut scale = 1f64;
+    for b in 0..batch {
+        let want = reference_forward(spec, &ck, &ids[b * t..(b + 1) * t], &mut trace);
+        for (i, row) in want.iter().enumerate() {
+            for (v, r) in row.iter().enumerate() {
+                worst = worst.max((got[b][i][v] as f64 - r).abs());
+                scale = scale.max(r.abs());
+            }
+        }
+    }
+    eprintln!("{:?}: max |logit - reference| = {worst:.2e} (scale {scale:.2}), clipped {}", spec.family, trace.clipped);
+    assert!(worst <= 1e-4 * scale, "{:?}: logits differ from the reference by {worst:e} (scale {scale})", spec.family);
+    if spec.clip_qkv.is_some() {
+        assert!(trace.clipped > 0, "clip_qkv is set but never bites: the test would not check it");
+    }
+
+    // Routing: exactly the reference's decisions, per layer and expert.
+    assert_eq!(rec.counts, trace.counts, "{:?}: routing counts per layer/expert", spec.family);
+
+    // FFN hook inputs: every expert sees exactly its routed rows; dense layers and shared
+    // experts see every token, at the hidden (ffn_in) and intermediate (ffn_mid) widths.
+    let n = batch * t;
+    let mut expected: BTreeMap<(usize, String, &'static str), Vec<(usize, usize)>> = BTreeMap::new();
+    let mut expect = |l: usize, mlp: MlpId, rows: usize, mid: usize| {
+        expected.insert((l, format!("{mlp:?}"), Site::FfnIn.name()), vec![(rows, spec.hidden)]);
+        expected.insert((l, format!("{mlp:?}"), Site::FfnMid.name()), vec![(rows, mid)]);
+    };
+    for l in 0..spec.layers {
+        if spec.is_moe(l) {
+            for (e, &c) in trace.counts[&l].iter().enumerate() {
+                if c > 0 {
+                    expect(l, MlpId::Expert(e), c, spec.moe_inter);
+                }
+            }
+            if spec.n_shared > 0 {
+                expect(l, MlpId::Shared, n, spec.n_shared * spec.moe_inter);
+            }
+        } else {
+            expect(l, MlpId::Dense, n, spec.inter);
+        }
+    }
+    assert_eq!(rec.inputs, expected, "{:?}: FFN hook inputs (rows, cols) per layer/mlp/site", spec.family);
+}
+
+#[test]
+fn olmo_matches_reference() {
+    check(&Spec::olmo(), Dtype::F32, 1, 1);
+}
+
+#[test]
+fn olmo_bf16_checkpoint_matches_reference() {
+    check(&Spec::olmo(), Dtype::BF16, 1, 2);
+}
+
+#[test]
+fn olmo_with_attention_bias_matches_reference() {
+    check(&Spec { attention_bias: true, ..Spec::olmo() }, Dtype::F32, 1, 8);
+}
+
+#[test]
+fn olmoe_matches_reference() {
+    check(&Spec::olmoe(), Dtype::F32, 1, 3);
+}
+
+#[test]
+fn olmoe_without_topk_renormalisation_matches_reference() {
+    let spec = Spec { norm_topk_prob: false, clip_qkv: None, kv_heads: 1, ..Spec::olmoe() };
+    check(&spec, Dtype::F32, 1, 4);
+}
+
+#[test]
+fn deepseek_matches_reference() {
+    check(&Spec::deepseek(), Dtype::F32, 1, 5);
+}
+
+#[test]
+fn deepseek_sharded_with_moe_layer_freq_matches_reference() {
+    // Layers 0 (first_k_dense_replace) and 1 (odd, moe_layer_freq = 2) are dense, 2 is MoE.
+    let spec = Spec { moe_layer_freq: 2, norm_topk_prob: true, kv_heads: 2, n_shared: 1, ..Spec::deepseek() };
+    check(&spec, Dtype::F32, 2, 6);
+}
+
+#[test]
+fn deepseek_top1_ignores_norm_topk_prob() {
+    // `MoEGate` renormalises only when top_k > 1: a single expert keeps its softmax weight.
+    let spec = Spec { top_k: 1, norm_topk_prob: true, ..Spec::deepseek() };
+    check(&spec, Dtype::F32, 1, 7);
+}
+
+#[test]
+fn norm_eps_follows_hf() {
+    // OLMo's LayerNorm has eps = 1e-5 whatever the config says; OlmoeConfig defaults
+    // rms_norm_eps to 1e-5 (DeepseekConfig to 1e-6) when the field is absent.
+    let cases = [
+        (Spec::olmo(), Some(("layer_norm_eps", 1e-3)), 1e-5),
+        (Spec::olmoe(), None, 1e-5),
+        (Spec::deepseek(), None, 1e-6),
+    ];
+    for (spec, extra, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = spec.config_json();
+        cfg.as_object_mut().unwrap().remove("rms_norm_eps");
+        if let Some((k, v)) = extra {
+            cfg[k] = json!(v);
+        }
+        write_config(dir.path(), &cfg);
+        spec.weights(9).write(dir.path(), Dtype::F32, 1);
+        let w = SourceWeights::open(dir.path()).unwrap();
+        assert_eq!(w.config.norm_eps, want, "{:?}", spec.family);
+    }
+}
