@@ -35,6 +35,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Next-token NLL of each text in a JSON list (strings, or objects with `text`): writes one
+    /// entry per text with `ids`, `nll` (natural log, per next token) and `mean_nll`.
+    Score {
+        model: String,
+        texts: PathBuf,
+        /// Prepend the BOS token (Gemma expects it; SmolLM2 does not).
+        #[arg(long)]
+        bos: bool,
+        /// Write JSON here (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
     Bench {
         #[command(subcommand)]
@@ -96,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Score { model, texts, bos, out } => cmd_score(&model, &texts, bos, out.as_deref()),
         Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, json } } => {
             let w = open_model(&model)?;
             let m = Transformer::load(&w)?;
@@ -109,6 +122,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn cmd_score(model: &str, texts: &std::path::Path, bos: bool, out: Option<&std::path::Path>) -> Result<()> {
+    let texts = masa::score::read_texts(texts)?;
+    let source = masa::source::SourceModel::open(&fetch::resolve_model(model)?)?;
+    let m = Transformer::load(&source.weights)?;
+    let bar = masa::progress::count_bar(texts.len() as u64, "scoring", "texts");
+    let scored = masa::score::score_texts(&m, &source.tokenizer, &texts, bos, &mut || bar.inc(1))?;
+    bar.finish_and_clear();
+    let json = serde_json::to_string_pretty(&scored)?;
+    match out {
+        Some(p) => {
+            masa::home::write_atomic(p, json.as_bytes())?;
+            let n: usize = scored.iter().map(|s| s.nll.len()).sum();
+            let total: f64 = scored.iter().flat_map(|s| s.nll.iter()).map(|&v| v as f64).sum();
+            eprintln!("scored {} texts, {n} tokens, mean NLL {:.4} -> {}", scored.len(), total / n.max(1) as f64, p.display());
+        }
+        None => println!("{json}"),
+    }
+    Ok(())
 }
 
 fn cmd_fetch(what: &[String]) -> Result<()> {
