@@ -83,11 +83,16 @@ fi
 # not drag the CUDA packages back in.
 say "installing transformers==$TRANSFORMERS_VERSION gguf==$GGUF_VERSION numpy safetensors"
 "${PIP[@]}" install -q "transformers==$TRANSFORMERS_VERSION" "gguf==$GGUF_VERSION" numpy safetensors
+# transformers' GGUF loader needs accelerate; it requires torch, so install it with
+# --no-deps (else pip would resolve torch's CUDA requirements again) plus its other deps.
+say "installing accelerate (--no-deps) and its non-torch deps psutil pyyaml"
+"${PIP[@]}" install -q psutil pyyaml
+"${PIP[@]}" install -q --no-deps accelerate
 
 
 say "checking that torch runs on CPU"
 "$VENV/bin/python" - <<'PY'
-import torch, transformers, gguf, numpy, safetensors
+import torch, transformers, gguf, numpy, safetensors, accelerate
 a = torch.randn(256, 256)
 assert torch.allclose(a @ torch.eye(256), a)
 print(f"[setup_bench_env] ok: torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), "
