@@ -20,6 +20,13 @@ def load(path):
 def main():
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
+    missing = [p for p in sys.argv[1:3] if not os.path.exists(p)]
+    for p in sys.argv[1:3]:
+        if os.path.exists(p) and missing:
+            r = load(p)
+            print(f"{p}: {float(r['tokens_per_s']):,.1f} tokens/s, peak RSS {r.get('peak_rss_mb')} MB")
+    if missing:
+        raise SystemExit(f"no result in {', '.join(missing)}: no comparison")
     m, t = load(sys.argv[1]), load(sys.argv[2])
     label = sys.argv[3] if len(sys.argv) > 3 else t.get("bench", "bench")
     mt, tt = float(m["tokens_per_s"]), float(t["tokens_per_s"])
