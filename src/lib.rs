@@ -5,5 +5,6 @@
 
 pub mod error;
 pub mod home;
+pub mod corpus;
 
 pub use error::{MasaError, Result};
