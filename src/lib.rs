@@ -8,6 +8,7 @@
 pub mod align;
 pub mod bench;
 pub mod calibrate;
+pub mod corpus;
 pub mod error;
 pub mod fetch;
 pub mod home;
