@@ -19,6 +19,7 @@ pub mod rouge;
 pub mod score;
 pub mod source;
 pub mod stats;
+pub mod student;
 pub mod tokenizer;
 
 pub use error::{MasaError, Result};

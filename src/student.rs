@@ -1,0 +1,264 @@
+//! Student models: Llama-architecture configs (HF `LlamaConfig` fields), the presets, and the
+//! HF-format checkpoint directory every strategy and trainer writes (`config.json`,
+//! `model.safetensors` with HF key names, `tokenizer.json`, `tokenizer_config.json`, and
+//! `masa.json` saying what produced it). HF transformers loads it as `LlamaForCausalLM`; masa
+//! loads it back as a source model (`SourceModel::open(dir)`).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{IoContext, MasaError, Result};
+use crate::tokenizer::Tokenizer;
+
+/// A Llama student: RMSNorm, RoPE, SwiGLU, MHA/GQA, tied embeddings by default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StudentConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Set from the source tokenizer when the student is built for a source.
+    #[serde(default)]
+    pub vocab_size: usize,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// Std of HF's normal init (Scratch).
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+}
+
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+/// Named shapes: `(name, layers, hidden, ffn, heads, kv_heads, what it is)`. The paper's four
+/// shapes, the same layer and width ratios scaled down for 2-core CPUs, and `tiny` for tests.
+pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, &str)] = &[
+    ("tiny", 2, 64, 192, 4, 2, "seconds to train; tests and quick checks"),
+    ("cpu-6l-256", 6, 256, 768, 4, 4, "paper's 12L-1024x3072 at half depth and quarter width"),
+    ("cpu-8l-256", 8, 256, 768, 4, 4, "paper's 16L-1024x3072 at half depth and quarter width"),
+    ("cpu-6l-512", 6, 512, 1024, 8, 8, "paper's 12L-2048x4096 at half depth and quarter width"),
+    ("cpu-8l-512", 8, 512, 1024, 8, 8, "paper's 16L-2048x4096 at half depth and quarter width"),
+    ("paper-12l-1024", 12, 1024, 3072, 16, 16, "paper shape (267M with its vocabulary)"),
+    ("paper-16l-1024", 16, 1024, 3072, 16, 16, "paper shape (321M)"),
+    ("paper-12l-2048", 12, 2048, 4096, 32, 32, "paper shape (709M)"),
+    ("paper-16l-2048", 16, 2048, 4096, 32, 32, "paper shape (877M)"),
+];
+
+impl StudentConfig {
+    pub fn preset(name: &str) -> Result<Self> {
+        let (_, layers, hidden, ffn, heads, kv, _) = PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
+            MasaError::Invalid(format!(
+                "unknown student preset `{name}`; presets: {} (or a student.toml path)",
+                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        Ok(StudentConfig {
+            hidden_size: *hidden,
+            intermediate_size: *ffn,
+            num_hidden_layers: *layers,
+            num_attention_heads: *heads,
+            num_key_value_heads: *kv,
+            vocab_size: 0,
+            max_position_embeddings: default_max_pos(),
+            rope_theta: default_rope_theta(),
+            rms_norm_eps: default_eps(),
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+            initializer_range: default_init_range(),
+        })
+    }
+
+    /// A preset name, or a TOML/JSON file with these fields.
+    pub fn from_spec(spec: &str) -> Result<Self> {
+        let p = Path::new(spec);
+        if !p.exists() {
+            return Self::preset(spec);
+        }
+        let text = std::fs::read_to_string(p).at(p)?;
+        let cfg: StudentConfig = if spec.ends_with(".json") {
+            serde_json::from_str(&text).map_err(|e| MasaError::bad_file(p, format!("invalid student config: {e}")))?
+        } else {
+            toml::from_str(&text).map_err(|e| MasaError::bad_file(p, format!("invalid student config: {e}")))?
+        };
+        cfg.validate().map_err(|e| MasaError::bad_file(p, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(MasaError::Invalid(format!("invalid student shape: {msg}")));
+        if self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 {
+            return bad("hidden_size, intermediate_size and num_hidden_layers must be positive".into());
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
+        }
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
+        }
+        Ok(())
+    }
+
+    /// Parameter count with tied or untied embeddings.
+    pub fn num_parameters(&self) -> usize {
+        let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let kv = self.num_key_value_heads * self.head_dim();
+        let layer = h * h * 2 + 2 * h * kv + 3 * h * f + 2 * h;
+        v * h * if self.tie_word_embeddings { 1 } else { 2 } + self.num_hidden_layers * layer + h
+    }
+
+    /// Every parameter tensor of the student with its HF name and shape, in a stable order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let kv = self.num_key_value_heads * self.head_dim();
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        out
+    }
+
+    /// HF `config.json` for `LlamaForCausalLM`.
+    pub fn hf_config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim(),
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": null,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "mlp_bias": false,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "initializer_range": self.initializer_range,
+            "pretraining_tp": 1,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+/// Write an HF-format checkpoint directory atomically: everything goes to a staging directory
+/// beside `dir`, which then replaces `dir`. `tensors` must match `cfg.tensor_shapes()` (names
+/// and shapes), be f32 and finite. `provenance` becomes `masa.json`.
+pub fn save_checkpoint(
+    dir: &Path,
+    cfg: &StudentConfig,
+    tensors: &[(String, Tensor)],
+    tokenizer: &Tokenizer,
+    provenance: &serde_json::Value,
+) -> Result<()> {
+    check_tensors(cfg, tensors)?;
+    let stage = staging_dir(dir);
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage).at(&stage)?;
+    }
+    std::fs::create_dir_all(&stage).at(&stage)?;
+    let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
+    std::fs::write(stage.join("config.json"), json(&cfg.hf_config_json())).at(stage.join("config.json"))?;
+    std::fs::write(stage.join("masa.json"), json(provenance)).at(stage.join("masa.json"))?;
+    let st = stage.join("model.safetensors");
+    let map: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
+    tokenizer.save_hf(&stage)?;
+    if dir.exists() {
+        let old = dir.with_extension("old");
+        if old.exists() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        std::fs::rename(dir, &old).at(dir)?;
+        std::fs::rename(&stage, dir).at(dir)?;
+        std::fs::remove_dir_all(&old).at(&old)?;
+    } else {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).at(parent)?;
+        }
+        std::fs::rename(&stage, dir).at(dir)?;
+    }
+    Ok(())
+}
+
+fn staging_dir(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+    dir.with_file_name(format!(".{name}.staging"))
+}
+
+fn check_tensors(cfg: &StudentConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+    let want = cfg.tensor_shapes();
+    if want.len() != tensors.len() {
+        return Err(MasaError::Shape(format!("checkpoint has {} tensors, the student config needs {}", tensors.len(), want.len())));
+    }
+    for ((wn, ws), (n, t)) in want.iter().zip(tensors) {
+        if wn != n || t.dims() != ws.as_slice() {
+            return Err(MasaError::Shape(format!("tensor `{n}` {:?} where the config needs `{wn}` {ws:?}", t.dims())));
+        }
+        if t.dtype() != candle_core::DType::F32 {
+            return Err(MasaError::Shape(format!("tensor `{n}` is {:?}, checkpoints are f32", t.dtype())));
+        }
+        let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+        if !finite {
+            return Err(MasaError::Invalid(format!("tensor `{n}` holds NaN or Inf; refusing to write a broken checkpoint")));
+        }
+    }
+    Ok(())
+}
