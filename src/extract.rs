@@ -1,0 +1,447 @@
+//! `masa extract`: one gene matrix per aligned FFN matrix of the source (Sec. 3.1).
+//!
+//! Exact mode (default): output alignment solved in closed form from the calibration
+//! statistics, then `L_align = L_out + λ L_spec` minimised with full-batch exact gradients
+//! (L-BFGS) until the relative improvement stalls. Minibatch mode (the paper's procedure):
+//! Adam on streamed `(x, W x)` pairs; see [`MinibatchAligner`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use faer::Mat;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::align::{from_mat, lbfgs, rank_for_ratio, to_mat, Layout, OutputAlignment, SpectralAlignment};
+use crate::error::{IoContext, MasaError, Result};
+use crate::source::{FfnMatrix, SourceWeights};
+use crate::stats::Stats;
+
+pub const FORMAT: &str = "masa-genes/1";
+
+/// How the gene rank is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RankSpec {
+    Rank(usize),
+    /// `r = round(sqrt(ρ d_in d_out))`.
+    Ratio(f64),
+}
+
+impl RankSpec {
+    pub fn rank(&self, d_out: usize, d_in: usize) -> usize {
+        match *self {
+            RankSpec::Rank(r) => r,
+            RankSpec::Ratio(rho) => rank_for_ratio(rho, d_out, d_in),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExtractOptions {
+    pub rank: RankSpec,
+    /// Weight of spectral alignment: `L_align = L_out / E + λ L_spec / r`, with
+    /// `E = tr(W S Wᵀ)/d_out` (design.md's `L_out + λ L_spec`, normalised per matrix so one λ
+    /// fits matrices of any output scale and rank).
+    pub lambda: f64,
+    /// Routed-MoE sources: experts kept per layer (most frequently routed).
+    pub experts: usize,
+    /// Ridge added to each `A_a`, relative to its mean diagonal.
+    pub ridge: f64,
+    pub max_iter: usize,
+    /// Stop when `L_align` improved by less than this fraction over 5 iterations.
+    pub tol: f64,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions { rank: RankSpec::Ratio(0.12), lambda: DEFAULT_LAMBDA, experts: 1, ridge: 1e-6, max_iter: 300, tol: 1e-5 }
+    }
+}
+
+/// Default λ; chosen by the sweep documented in `docs/extraction.md`.
+pub const DEFAULT_LAMBDA: f64 = 1e-2;
+
+/// Per-matrix result: losses at the closed-form start and at the end.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MatrixReport {
+    pub name: String,
+    pub layer: usize,
+    pub proj: String,
+    pub kind: String,
+    pub expert: Option<usize>,
+    pub d_out: usize,
+    pub d_in: usize,
+    pub r: usize,
+    /// `tr(W S Wᵀ) / d_out`: the loss of predicting zero.
+    pub output_energy: f64,
+    pub l_out_start: f64,
+    pub l_out: f64,
+    pub rel_l_out_start: f64,
+    pub rel_l_out: f64,
+    pub l_spec_start: f64,
+    pub l_spec: f64,
+    pub iterations: usize,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenesMeta {
+    pub format: String,
+    pub source: String,
+    pub source_hash: String,
+    pub arch: String,
+    pub stats_tokens: u64,
+    pub stats_corpus: Vec<String>,
+    pub options: ExtractOptions,
+    pub mode: String,
+    pub matrices: Vec<MatrixReport>,
+    pub masa_version: String,
+}
+
+/// Gene matrices by name (`layers.{l}.mlp.{proj}.gene`, experts `layers.{l}.mlp.experts.{e}.{proj}.gene`,
+/// shared experts `layers.{l}.mlp.shared_experts.{proj}.gene`), row-major r×r.
+#[derive(Clone, Debug)]
+pub struct Genes {
+    pub meta: GenesMeta,
+    pub genes: BTreeMap<String, (usize, Vec<f32>)>,
+}
+
+/// The gene tensor name of an FFN matrix.
+pub fn gene_name(m: &FfnMatrix) -> String {
+    let base = m.name.trim_start_matches("model.").trim_end_matches(".weight");
+    format!("{base}.gene")
+}
+
+/// The calibration site whose second moment W's input has.
+pub fn stats_site(m: &FfnMatrix) -> String {
+    let site = if m.proj == "down_proj" { "ffn_mid" } else { "ffn_in" };
+    match (m.kind, m.expert) {
+        ("expert", Some(e)) => format!("experts.{e}.{site}"),
+        ("shared", _) => format!("shared.{site}"),
+        _ => site.to_string(),
+    }
+}
+
+/// The matrices to align (design.md "Gene matrix set"): every dense FFN matrix; for routed
+/// MoE layers the `k` experts with the highest routing frequency, counted per dataset,
+/// normalised per dataset, averaged over datasets; shared experts always.
+pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize) -> Result<Vec<FfnMatrix>> {
+    let all = source.config.ffn_matrices();
+    let mut keep_experts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    if let Some(moe) = &source.config.moe {
+        for l in 0..source.config.num_hidden_layers {
+            if !source.config.is_moe_layer(l) {
+                continue;
+            }
+            let prefix = format!("layers.{l}.routing.");
+            let mut freq = vec![0.0; moe.n_routed_experts];
+            let mut datasets = 0.0;
+            for (_, counts) in stats.routing.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+                let total: f64 = counts.iter().sum();
+                if total > 0.0 {
+                    freq.iter_mut().zip(counts).for_each(|(f, c)| *f += c / total);
+                    datasets += 1.0;
+                }
+            }
+            if datasets == 0.0 {
+                return Err(MasaError::Invalid(format!("statistics hold no routing counts for MoE layer {l}; calibrate this model first")));
+            }
+            let mut order: Vec<usize> = (0..moe.n_routed_experts).collect();
+            order.sort_by(|&a, &b| freq[b].total_cmp(&freq[a]).then(a.cmp(&b)));
+            keep_experts.insert(l, order.into_iter().take(experts.max(1)).collect());
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|m| match (m.kind, m.expert) {
+            ("expert", Some(e)) => keep_experts.get(&m.layer).is_some_and(|k| k.contains(&e)),
+            _ => true,
+        })
+        .collect())
+}
+
+/// Check that `stats` were computed for `source`.
+pub fn check_stats_match(source: &SourceWeights, source_hash: &str, stats: &Stats, stats_path: &Path) -> Result<()> {
+    if stats.meta.source_hash != source_hash {
+        return Err(MasaError::bad_file(
+            stats_path,
+            format!(
+                "statistics were computed for another model ({}, hash {}…), not {} (hash {}…); run `masa calibrate` on this model",
+                stats.meta.source,
+                &stats.meta.source_hash[..12.min(stats.meta.source_hash.len())],
+                source.path.display(),
+                &source_hash[..12.min(source_hash.len())]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Align one gene to `w` (row-major d_out×d_in f32) given its input's mean second moment `s`.
+pub fn align_matrix(w: &[f32], s: &[f64], layout: Layout, opts: &ExtractOptions) -> Result<(Vec<f64>, MatrixReport)> {
+    let t0 = Instant::now();
+    let out = OutputAlignment::new(w, s, layout);
+    let wmat = Mat::from_fn(layout.d_out, layout.d_in, |p, j| w[p * layout.d_in + j] as f64);
+    let sigma = wmat.singular_values().map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
+    let spec = SpectralAlignment::new(&sigma, layout.r);
+    let m0 = out.closed_form(opts.ridge)?;
+    let (l_out_start, _) = out.loss_grad(&m0);
+    let l_spec_start = spec.loss(&m0)?;
+    // Both terms are normalised so one λ means the same for every matrix: L_out by the
+    // output energy tr(W S Wᵀ)/d_out (scale-free), L_spec by r (mean squared log-ratio).
+    let energy = out.trace_wsw / layout.d_out as f64;
+    let (w_out, w_spec) = (1.0 / energy.max(f64::MIN_POSITIVE), opts.lambda / layout.r as f64);
+    let (m, iterations) = if opts.lambda > 0.0 {
+        let r = layout.r;
+        lbfgs(
+            from_mat(&m0),
+            |x| {
+                let m = to_mat(x, r);
+                let (lo, go) = out.loss_grad(&m);
+                let (ls, gs) = spec.loss_grad(&m)?;
+                let g = &go * faer::Scale(w_out) + &gs * faer::Scale(w_spec);
+                Ok((w_out * lo + w_spec * ls, from_mat(&g)))
+            },
+            opts.max_iter,
+            opts.tol,
+        )
+        .map(|(x, it)| (to_mat(&x, r), it))?
+    } else {
+        (m0, 0)
+    };
+    let (l_out, _) = out.loss_grad(&m);
+    let l_spec = spec.loss(&m)?;
+    let rel = |v: f64| if energy > 0.0 { v / energy } else { f64::NAN };
+    let report = MatrixReport {
+        name: String::new(),
+        layer: 0,
+        proj: String::new(),
+        kind: String::new(),
+        expert: None,
+        d_out: layout.d_out,
+        d_in: layout.d_in,
+        r: layout.r,
+        output_energy: energy,
+        l_out_start,
+        l_out,
+        rel_l_out_start: rel(l_out_start),
+        rel_l_out: rel(l_out),
+        l_spec_start,
+        l_spec,
+        iterations,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((from_mat(&m), report))
+}
+
+/// Exact-mode extraction of every selected matrix, in parallel over matrices.
+pub fn extract(
+    source: &SourceWeights,
+    source_hash: &str,
+    stats: &Stats,
+    opts: &ExtractOptions,
+    on_matrix: &(dyn Fn(&MatrixReport) + Sync),
+) -> Result<Genes> {
+    let matrices = select_matrices(source, stats, opts.experts)?;
+    for m in &matrices {
+        let r = opts.rank.rank(m.d_out, m.d_in);
+        Layout::new(m.d_out, m.d_in, r).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
+    }
+    let results: Vec<Result<(String, usize, Vec<f32>, MatrixReport)>> = matrices
+        .par_iter()
+        .map(|m| {
+            let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in))?;
+            let moment = stats.moment(m.layer, &stats_site(m))?;
+            if moment.dim != m.d_in {
+                return Err(MasaError::Shape(format!(
+                    "statistics `{}` are {}x{} but {} reads {} inputs: statistics from another model?",
+                    crate::stats::moment_key(m.layer, &stats_site(m)),
+                    moment.dim,
+                    moment.dim,
+                    m.name,
+                    m.d_in
+                )));
+            }
+            let w = source.tensor_shaped(&m.name, &[m.d_out, m.d_in])?.flatten_all()?.to_vec1::<f32>()?;
+            let (gene, mut rep) = align_matrix(&w, &moment.mean(), layout, opts)?;
+            rep.name = m.name.clone();
+            rep.layer = m.layer;
+            rep.proj = m.proj.to_string();
+            rep.kind = m.kind.to_string();
+            rep.expert = m.expert;
+            on_matrix(&rep);
+            Ok((gene_name(m), layout.r, gene.iter().map(|&v| v as f32).collect(), rep))
+        })
+        .collect();
+    let mut genes = BTreeMap::new();
+    let mut reports = Vec::new();
+    for r in results {
+        let (name, rank, g, rep) = r?;
+        genes.insert(name, (rank, g));
+        reports.push(rep);
+    }
+    Ok(Genes {
+        meta: GenesMeta {
+            format: FORMAT.into(),
+            source: source.path.display().to_string(),
+            source_hash: source_hash.to_string(),
+            arch: source.config.arch.name().into(),
+            stats_tokens: stats.meta.tokens,
+            stats_corpus: stats.meta.corpus.clone(),
+            options: opts.clone(),
+            mode: "exact".into(),
+            matrices: reports,
+            masa_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        genes,
+    })
+}
+
+impl Genes {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes: Vec<(String, usize, Vec<u8>)> =
+            self.genes.iter().map(|(n, (r, g))| (n.clone(), *r, g.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+            .iter()
+            .map(|(n, r, b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*r, *r], b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| MasaError::bad_file(path, e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let meta = serde_json::to_string(&self.meta).map_err(|e| MasaError::Invalid(e.to_string()))?;
+        let md: std::collections::HashMap<String, String> = [("masa".to_string(), meta)].into();
+        let out = safetensors::serialize(views, Some(md)).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+        crate::home::write_atomic(path, &out)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at(path)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("masa"))
+            .ok_or_else(|| MasaError::bad_file(path, "no `masa` metadata: not a gene file written by `masa extract`"))?;
+        let meta: GenesMeta =
+            serde_json::from_str(meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid gene metadata: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+        let mut genes = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let shape = view.shape();
+            if view.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[0] != shape[1] {
+                return Err(MasaError::bad_file(path, format!("gene `{name}` must be a square F32 matrix, is {:?} {shape:?}", view.dtype())));
+            }
+            let g: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if g.iter().any(|v| !v.is_finite()) {
+                return Err(MasaError::bad_file(path, format!("gene `{name}` holds NaN or Inf")));
+            }
+            genes.insert(name, (shape[0], g));
+        }
+        Ok(Genes { meta, genes })
+    }
+}
+
+/// The paper's procedure, kept for comparison: Adam on minibatches of streamed `(x, W x)`
+/// pairs, minimising the mean of `‖W x − f_d(M f_c(x))‖² / d_out` (plus `λ L_spec`).
+pub struct MinibatchAligner {
+    pub layout: Layout,
+    w_t: Tensor,
+    /// Column indices of each chunk of the padded input.
+    chunk_idx: Vec<Tensor>,
+    /// For chunk i: (output coordinates p with i(p) = i, their rows a(p)).
+    chunk_outputs: Vec<(Tensor, Vec<usize>)>,
+    pub m: Vec<f64>,
+    adam_m: Vec<f64>,
+    adam_v: Vec<f64>,
+    step: usize,
+    pub lr: f64,
+    spec: Option<(SpectralAlignment, f64)>,
+}
+
+impl MinibatchAligner {
+    /// `w`: (d_out, d_in) f32; `m0`: starting gene (the paper starts from random init).
+    pub fn new(w: &Tensor, layout: Layout, m0: Vec<f64>, lr: f64, spec: Option<(SpectralAlignment, f64)>) -> Result<Self> {
+        let dev = w.device();
+        let chunk_idx = (0..layout.n)
+            .map(|i| {
+                let idx: Vec<u32> = (0..layout.r).map(|c| layout.padded_index(i * layout.r + c) as u32).collect();
+                Tensor::new(idx.as_slice(), dev)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let chunk_outputs = (0..layout.n)
+            .map(|i| {
+                let ps: Vec<u32> = (0..layout.d_out).filter(|&p| layout.chunk_row(p).0 == i).map(|p| p as u32).collect();
+                let rows = ps.iter().map(|&p| layout.chunk_row(p as usize).1).collect();
+                Ok((Tensor::new(ps.as_slice(), dev)?, rows))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let k = layout.r * layout.r;
+        Ok(MinibatchAligner {
+            layout,
+            w_t: w.t()?.contiguous()?,
+            chunk_idx,
+            chunk_outputs,
+            m: m0,
+            adam_m: vec![0.0; k],
+            adam_v: vec![0.0; k],
+            step: 0,
+            lr,
+            spec,
+        })
+    }
+
+    /// One Adam step on the batch `x` (n, d_in); returns the batch's L_out before the step.
+    pub fn step(&mut self, x: &Tensor) -> Result<f64> {
+        let l = self.layout;
+        let n = x.dim(0)?;
+        let y = x.matmul(&self.w_t)?.to_vec2::<f32>()?; // (n, d_out)
+        let mt = Tensor::from_vec(self.m.iter().map(|&v| v as f32).collect::<Vec<_>>(), (l.r, l.r), x.device())?.t()?;
+        let mut grad = vec![0.0f64; l.r * l.r];
+        let mut loss = 0.0;
+        let scale = 2.0 / (l.d_out as f64 * n as f64);
+        for (i, idx) in self.chunk_idx.iter().enumerate() {
+            let (ps, rows) = &self.chunk_outputs[i];
+            if rows.is_empty() {
+                continue;
+            }
+            let xi = x.index_select(idx, 1)?; // (n, r)
+            let zi = xi.matmul(&mt)?.to_vec2::<f32>()?; // (n, r): z[t][a] = m_a · x_i
+            let ps_v = ps.to_vec1::<u32>()?;
+            // G_i[t][a] = Σ_{p in chunk i, a(p)=a} dL/dŷ_p
+            let mut g = vec![0.0f32; n * l.r];
+            for t in 0..n {
+                for (&p, &a) in ps_v.iter().zip(rows) {
+                    let diff = zi[t][a] as f64 - y[t][p as usize] as f64;
+                    loss += diff * diff;
+                    g[t * l.r + a] += (scale * diff) as f32;
+                }
+            }
+            let gt = Tensor::from_vec(g, (n, l.r), x.device())?;
+            let dm = gt.t()?.matmul(&xi)?.flatten_all()?.to_vec1::<f32>()?; // (r, r)
+            grad.iter_mut().zip(&dm).for_each(|(a, b)| *a += *b as f64);
+        }
+        if let Some((spec, lambda)) = &self.spec {
+            let (_, gs) = spec.loss_grad(&to_mat(&self.m, l.r))?;
+            grad.iter_mut().zip(from_mat(&gs)).for_each(|(a, b)| *a += lambda * b);
+        }
+        self.adam_update(&grad);
+        Ok(loss / (l.d_out as f64 * n as f64))
+    }
+
+    fn adam_update(&mut self, grad: &[f64]) {
+        const B1: f64 = 0.9;
+        const B2: f64 = 0.999;
+        self.step += 1;
+        let (c1, c2) = (1.0 - B1.powi(self.step as i32), 1.0 - B2.powi(self.step as i32));
+        for k in 0..grad.len() {
+            self.adam_m[k] = B1 * self.adam_m[k] + (1.0 - B1) * grad[k];
+            self.adam_v[k] = B2 * self.adam_v[k] + (1.0 - B2) * grad[k] * grad[k];
+            self.m[k] -= self.lr * (self.adam_m[k] / c1) / ((self.adam_v[k] / c2).sqrt() + 1e-12);
+        }
+    }
+}
