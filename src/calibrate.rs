@@ -97,3 +97,64 @@ pub fn calibrate(
     meta.format = FORMAT.to_string();
     Ok(Stats { meta, moments: acc.moments, routing: acc.routing })
 }
+
+/// Options of a calibration run over a corpus.
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    pub tokens: u64,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub seed: u64,
+    /// Restrict to these domains (e.g. a single-domain ablation); `None`: all.
+    pub domains: Option<Vec<String>>,
+}
+
+/// Calibrate `source` on the training split of `corpus`: every domain contributes an equal share
+/// of the token budget (each dataset then counts for MoE routing), batches alternate between
+/// domains, each sequence a window of that domain's deterministic token stream.
+pub fn calibrate_on_corpus(
+    source: &crate::source::SourceModel,
+    model: &Transformer,
+    corpus: &crate::corpus::Corpus,
+    corpus_desc: &str,
+    opts: &CalibrateOptions,
+) -> Result<Stats> {
+    use crate::corpus::{token_stream, Split};
+    let datasets: Vec<String> = match &opts.domains {
+        Some(d) => d.clone(),
+        None => corpus.iter(Split::Train, None).map(|d| d.domain.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+    };
+    if datasets.is_empty() {
+        return Err(MasaError::Invalid(format!("the corpus ({corpus_desc}) has no training documents")));
+    }
+    let encode = |t: &str| source.tokenizer.encode(t, false);
+    let eos = source.tokenizer.eos_id();
+    let mut streams = datasets
+        .iter()
+        .enumerate()
+        .map(|(i, d)| token_stream(corpus, Split::Train, Some(std::slice::from_ref(d)), opts.seed.wrapping_add(i as u64), &encode, eos))
+        .collect::<Result<Vec<_>>>()?;
+    let per_batch = (opts.batch * opts.seq_len) as u64;
+    let n_batches = opts.tokens.div_ceil(per_batch).max(1) as usize;
+    let meta = StatsMeta {
+        format: FORMAT.into(),
+        source_hash: source.fingerprint()?,
+        source: source.weights.path.display().to_string(),
+        arch: source.weights.config.arch.name().into(),
+        corpus: vec![format!("{corpus_desc}; domains {}", datasets.join(","))],
+        tokens: 0,
+        seq_len: opts.seq_len,
+        seeds: vec![opts.seed],
+        dataset_tokens: BTreeMap::new(),
+        masa_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let batches = (0..n_batches).map(|k| {
+        let d = k % datasets.len();
+        let seqs = streams[d].next_batch(opts.batch, opts.seq_len)?;
+        Ok(Batch { ids: seqs.concat(), batch: opts.batch, seq_len: opts.seq_len, dataset: vec![d; opts.batch] })
+    });
+    let bar = crate::progress::count_bar(n_batches as u64 * per_batch, "calibrating", "tokens");
+    let stats = calibrate(model, batches, &datasets, meta, &mut |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    Ok(stats)
+}

@@ -2166,3 +2166,16 @@ mod tests {
         assert_eq!(r.next_u64(), 0x6E789E6AA1B965F4);
     }
 }
+
+/// The corpus a command was given: user paths, or the default corpus (built on first use).
+/// Returns the corpus and a one-line description for provenance records.
+pub fn resolve_corpus(spec: &[PathBuf]) -> Result<(Corpus, String)> {
+    if spec.is_empty() {
+        let dir = fetch_default_corpus(true)?;
+        let corpus = load_corpus(&[dir.clone()])?;
+        return Ok((corpus, format!("default corpus ({})", dir.display())));
+    }
+    let corpus = load_corpus(spec)?;
+    let desc = spec.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    Ok((corpus, desc))
+}

@@ -22,7 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Download and verify assets into $MASA_HOME (default ~/.cache/masa): a model name
-    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b) or `models` for all of them.
+    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), `models` for all of them, or `corpus`
+    /// (the default multi-domain calibration/pre-training corpus, from Debian packages).
     Fetch {
         /// What to fetch.
         what: Vec<String>,
@@ -47,10 +48,70 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// One streaming forward pass over a corpus accumulating, per layer and FFN input site,
+    /// Σ x xᵀ and token counts (and MoE routing counts) for `masa extract`.
+    Calibrate {
+        model: String,
+        /// Corpus files/directories (.txt, .jsonl, or the default corpus dir); default: the
+        /// built-in multi-domain corpus, built on first use.
+        #[arg(long)]
+        corpus: Vec<PathBuf>,
+        /// Calibration tokens (split equally over domains).
+        #[arg(long, default_value_t = 262_144)]
+        tokens: u64,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only these domains (comma-separated), e.g. for the single-domain ablation.
+        #[arg(long, value_delimiter = ',')]
+        domains: Option<Vec<String>>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Operations on statistics files.
+    Stats {
+        #[command(subcommand)]
+        what: StatsCommand,
+    },
+    /// Align one gene matrix to each FFN matrix of MODEL from calibration statistics.
+    Extract {
+        model: String,
+        #[arg(long)]
+        stats: PathBuf,
+        /// Gene rank r (all matrices).
+        #[arg(long, conflicts_with = "ratio")]
+        rank: Option<usize>,
+        /// M/W parameter ratio ρ: r = round(sqrt(ρ d_in d_out)).
+        #[arg(long)]
+        ratio: Option<f64>,
+        /// Spectral alignment weight λ (see docs/extraction.md for the sweep behind the default).
+        #[arg(long, default_value_t = masa::extract::DEFAULT_LAMBDA)]
+        lambda: f64,
+        /// Routed-MoE sources: experts kept per layer (most frequently routed).
+        #[arg(long, default_value_t = 1)]
+        experts: usize,
+        #[arg(long, default_value_t = 300)]
+        max_iter: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatsCommand {
+    /// Add statistics shards of the same model (sums of Σxxᵀ, counts and routing counts).
+    Merge {
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -109,6 +170,36 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score { model, texts, bos, out } => cmd_score(&model, &texts, bos, out.as_deref()),
+        Command::Calibrate { model, corpus, tokens, seq, batch, seed, domains, out } => {
+            let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
+            let m = Transformer::load(&source.weights)?;
+            let (corpus, desc) = masa::corpus::resolve_corpus(&corpus)?;
+            let opts = masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains };
+            let t0 = std::time::Instant::now();
+            let stats = masa::calibrate::calibrate_on_corpus(&source, &m, &corpus, &desc, &opts)?;
+            let secs = t0.elapsed().as_secs_f64();
+            stats.save(&out)?;
+            eprintln!(
+                "calibrated on {} tokens in {secs:.1} s ({:.0} tokens/s) -> {}",
+                stats.meta.tokens,
+                stats.meta.tokens as f64 / secs,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Stats { what: StatsCommand::Merge { inputs, out } } => {
+            let Some((first, rest)) = inputs.split_first() else { anyhow::bail!("name the statistics files to merge") };
+            let mut acc = masa::stats::Stats::load(first)?;
+            for p in rest {
+                acc.merge(&masa::stats::Stats::load(p)?, &p.display().to_string())?;
+            }
+            acc.save(&out)?;
+            eprintln!("merged {} shards, {} tokens -> {}", inputs.len(), acc.meta.tokens, out.display());
+            Ok(())
+        }
+        Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, out } => {
+            cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, &out)
+        }
         Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, json } } => {
             let w = open_model(&model)?;
             let m = Transformer::load(&w)?;
@@ -144,15 +235,70 @@ fn cmd_score(model: &str, texts: &std::path::Path, bos: bool, out: Option<&std::
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn cmd_extract(
+    model: &str,
+    stats_path: &std::path::Path,
+    rank: Option<usize>,
+    ratio: Option<f64>,
+    lambda: f64,
+    experts: usize,
+    max_iter: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    use masa::extract::{ExtractOptions, RankSpec};
+    let rank = match (rank, ratio) {
+        (Some(r), _) => RankSpec::Rank(r),
+        (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => RankSpec::Ratio(rho),
+        (None, Some(rho)) => anyhow::bail!("--ratio {rho} must be in (0, 1]"),
+        (None, None) => anyhow::bail!("give --rank r or --ratio ρ"),
+    };
+    if !(lambda >= 0.0 && lambda.is_finite()) {
+        anyhow::bail!("--lambda {lambda} must be a finite number ≥ 0");
+    }
+    let path = fetch::resolve_model(model)?;
+    let source = SourceWeights::open(&path)?;
+    let hash = masa::source::SourceModel::open(&path)?.fingerprint()?;
+    let stats = masa::stats::Stats::load(stats_path)?;
+    masa::extract::check_stats_match(&source, &hash, &stats, stats_path)?;
+    let opts = ExtractOptions { rank, lambda, experts, max_iter, ..Default::default() };
+    let n = masa::extract::select_matrices(&source, &stats, experts)?.len();
+    let bar = masa::progress::count_bar(n as u64, "extracting", "matrices");
+    let t0 = std::time::Instant::now();
+    let genes = masa::extract::extract(&source, &hash, &stats, &opts, &|_| bar.inc(1))?;
+    bar.finish_and_clear();
+    genes.save(out)?;
+    let report_path = out.with_extension("report.json");
+    masa::home::write_atomic(&report_path, serde_json::to_string_pretty(&genes.meta)?.as_bytes())?;
+    let mut rel: Vec<f64> = genes.meta.matrices.iter().map(|m| m.rel_l_out).collect();
+    rel.sort_by(|a, b| a.total_cmp(b));
+    let spec0: f64 = genes.meta.matrices.iter().map(|m| m.l_spec_start / m.r as f64).sum::<f64>() / n as f64;
+    let spec1: f64 = genes.meta.matrices.iter().map(|m| m.l_spec / m.r as f64).sum::<f64>() / n as f64;
+    eprintln!(
+        "extracted {n} genes in {:.1} s: median relative L_out {:.4}, mean L_spec/r {:.3} -> {:.3}; {} and {}",
+        t0.elapsed().as_secs_f64(),
+        rel[rel.len() / 2],
+        spec0,
+        spec1,
+        out.display(),
+        report_path.display()
+    );
+    Ok(())
+}
+
 fn cmd_fetch(what: &[String]) -> Result<()> {
     if what.is_empty() {
         anyhow::bail!(
-            "say what to fetch: `models` or a model name ({})",
+            "say what to fetch: `models`, `corpus` or a model name ({})",
             fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
         );
     }
     for item in what {
         match item.as_str() {
+            "corpus" => {
+                let dir = masa::corpus::fetch_default_corpus(true)?;
+                eprintln!("corpus: {}", dir.display());
+            }
             "models" => {
                 for m in fetch::MODELS {
                     fetch::fetch_model(m)?;
@@ -163,7 +309,7 @@ fn cmd_fetch(what: &[String]) -> Result<()> {
                     fetch::fetch_model(m)?;
                 }
                 None => anyhow::bail!(
-                    "unknown asset `{name}`; known: models, {}",
+                    "unknown asset `{name}`; known: models, corpus, {}",
                     fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
                 ),
             },
