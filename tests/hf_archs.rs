@@ -583,3 +583,141 @@ fn norm_eps_follows_hf() {
         assert_eq!(w.config.norm_eps, want, "{:?}", spec.family);
     }
 }
+
+// ---- calibration statistics on these tiny models ----
+
+use masa::calibrate::{calibrate, Batch};
+use masa::stats::{Stats, StatsMeta};
+
+fn empty_meta() -> StatsMeta {
+    StatsMeta {
+        format: masa::stats::FORMAT.into(),
+        source_hash: "test".into(),
+        source: "tiny".into(),
+        arch: "olmoe".into(),
+        corpus: vec!["synthetic".into()],
+        tokens: 0,
+        seq_len: 0,
+        seeds: vec![0],
+        dataset_tokens: Default::default(),
+        masa_version: "test".into(),
+    }
+}
+
+fn tiny_batches(spec: &Spec, seed: u64, n: usize) -> Vec<Batch> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|k| Batch {
+            ids: (0..2 * 6).map(|_| rng.below(spec.vocab) as u32).collect(),
+            batch: 2,
+            seq_len: 6,
+            dataset: vec![k % 2; 2],
+        })
+        .collect()
+}
+
+fn run_calibration(model: &Transformer, batches: Vec<Batch>) -> Stats {
+    let datasets = vec!["a".to_string(), "b".to_string()];
+    calibrate(model, batches.into_iter().map(Ok), &datasets, empty_meta(), &mut |_| {}).unwrap()
+}
+
+#[test]
+fn calibration_shards_merge_to_one_pass_and_count_routing() {
+    let spec = Spec::olmoe();
+    let dir = tempfile::tempdir().unwrap();
+    let ck = spec.weights(17);
+    ck.write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &spec.config_json());
+    let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
+
+    let all = run_calibration(&model, tiny_batches(&spec, 1, 4));
+    let mut first = run_calibration(&model, tiny_batches(&spec, 1, 4).into_iter().take(2).collect());
+    let second = run_calibration(&model, tiny_batches(&spec, 1, 4).into_iter().skip(2).collect());
+    // Shards go through the file format, as `masa stats merge` does.
+    let f = dir.path().join("second.safetensors");
+    second.save(&f).unwrap();
+    first.merge(&Stats::load(&f).unwrap(), "second").unwrap();
+    assert_eq!(first.meta.tokens, all.meta.tokens);
+    assert_eq!(first.routing, all.routing, "routing counts are integers and must add exactly");
+    assert_eq!(first.moments.keys().collect::<Vec<_>>(), all.moments.keys().collect::<Vec<_>>());
+    for (k, m) in &all.moments {
+        let got = &first.moments[k];
+        assert_eq!(got.count, m.count, "{k}");
+        for (a, b) in got.xxt.iter().zip(&m.xxt) {
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{k}: {a} vs {b}");
+        }
+    }
+    // Every token is routed to top_k experts in each layer, and each expert's input site
+    // counts exactly the tokens routed to it.
+    for l in 0..spec.layers {
+        let total: f64 = ["a", "b"].iter().map(|d| all.routing[&masa::stats::routing_key(l, d)].iter().sum::<f64>()).sum();
+        assert_eq!(total, (all.meta.tokens as usize * spec.top_k) as f64);
+        for e in 0..spec.experts {
+            let routed: f64 = ["a", "b"].iter().map(|d| all.routing[&masa::stats::routing_key(l, d)][e]).sum();
+            let site = all.moments.get(&masa::stats::moment_key(l, &format!("experts.{e}.ffn_in")));
+            assert_eq!(site.map_or(0.0, |m| m.count), routed, "layer {l} expert {e}");
+        }
+    }
+    assert_eq!(all.meta.dataset_tokens["a"] + all.meta.dataset_tokens["b"], all.meta.tokens);
+}
+
+#[test]
+fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
+    let spec = Spec::olmoe();
+    let dir = tempfile::tempdir().unwrap();
+    spec.weights(23).write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &spec.config_json());
+    let w = SourceWeights::open(dir.path()).unwrap();
+    let model = Transformer::load(&w).unwrap();
+    let mut stats = run_calibration(&model, tiny_batches(&spec, 5, 40));
+    let hash = w.fingerprint().unwrap();
+    stats.meta.source_hash = hash.clone();
+    let chosen = masa::extract::select_matrices(&w, &stats, 1).unwrap();
+    for l in 0..spec.layers {
+        let freq: Vec<f64> = (0..spec.experts)
+            .map(|e| {
+                ["a", "b"]
+                    .iter()
+                    .map(|d| {
+                        let c = &stats.routing[&masa::stats::routing_key(l, d)];
+                        c[e] / c.iter().sum::<f64>()
+                    })
+                    .sum()
+            })
+            .collect();
+        let best = (0..spec.experts).max_by(|&a, &b| freq[a].total_cmp(&freq[b]).then(b.cmp(&a))).unwrap();
+        let experts: Vec<_> = chosen.iter().filter(|m| m.layer == l).map(|m| m.expert).collect();
+        assert_eq!(experts, vec![Some(best); 3], "layer {l}: gate/up/down of the most frequent expert");
+    }
+    let opts = masa::extract::ExtractOptions { rank: masa::extract::RankSpec::Rank(4), lambda: 0.1, ..Default::default() };
+    let genes = masa::extract::extract(&w, &hash, &stats, &opts, &|_| {}).unwrap();
+    assert_eq!(genes.genes.len(), 3 * spec.layers);
+    assert!(genes.genes.keys().all(|k| k.contains(".mlp.experts.") && k.ends_with(".gene")));
+    // Statistics of another model are refused, naming the file.
+    stats.meta.source_hash = "0123456789abcdef".into();
+    let err = masa::extract::check_stats_match(&w, &hash, &stats, std::path::Path::new("other.safetensors")).unwrap_err().to_string();
+    assert!(err.contains("other.safetensors") && err.contains("another model"), "{err}");
+    // A rank the matrices cannot hold is refused before any work.
+    stats.meta.source_hash = hash.clone();
+    let too_big = masa::extract::ExtractOptions { rank: masa::extract::RankSpec::Rank(spec.moe_inter + 1), ..opts };
+    let err = masa::extract::extract(&w, &hash, &stats, &too_big, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("gene rank") && err.contains("mlp.experts"), "{err}");
+}
+
+#[test]
+fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
+    let spec = Spec::olmoe();
+    let dir = tempfile::tempdir().unwrap();
+    spec.weights(3).write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &spec.config_json());
+    let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
+    let mut stats = run_calibration(&model, tiny_batches(&spec, 2, 2));
+    stats.moments.values_mut().next().unwrap().xxt[3] = f64::NAN;
+    let f = dir.path().join("nan.safetensors");
+    stats.save(&f).unwrap();
+    let err = Stats::load(&f).unwrap_err().to_string();
+    assert!(err.contains("nan.safetensors") && err.contains("non-finite"), "{err}");
+    let datasets = vec!["a".to_string()];
+    let err = calibrate(&model, std::iter::empty(), &datasets, empty_meta(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("no tokens"), "{err}");
+}
