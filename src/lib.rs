@@ -12,6 +12,7 @@ pub mod corpus;
 pub mod error;
 pub mod fetch;
 pub mod home;
+pub mod init;
 pub mod inspect;
 pub mod model;
 pub mod progress;
