@@ -160,11 +160,16 @@ pub fn student_for_source(student: &StudentConfig, source: &SourceModel, inherit
     cfg.bos_token_id = sc.bos_token_id.or(source.tokenizer.bos_id());
     cfg.eos_token_id = sc.eos_token_id.or(source.tokenizer.eos_id());
     if inherit {
-        cfg.rope_theta = sc.rope_theta;
-        cfg.rms_norm_eps = sc.norm_eps;
+        // GGUF stores these as f32: write the shortest decimal of that f32 (1e-5, not 9.9999997e-6).
+        cfg.rope_theta = f32_decimal(sc.rope_theta);
+        cfg.rms_norm_eps = f32_decimal(sc.norm_eps);
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+fn f32_decimal(x: f64) -> f64 {
+    (x as f32).to_string().parse().unwrap_or(x)
 }
 
 /// A built student: final config, tensors in `tensor_shapes()` order, and what was done.
