@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod fetch;
 pub mod home;
+pub mod init;
 pub mod inspect;
 pub mod model;
 pub mod progress;

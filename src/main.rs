@@ -103,11 +103,56 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Initialise a student checkpoint (HF LlamaForCausalLM directory) from a source model:
+    /// MASA adaptive scaling of gene matrices, or a baseline (naive, scratch, weight-selection, prune).
+    Init(InitArgs),
     /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Preset name (tiny, cpu-6l-256, ..., paper-16l-2048) or a student.toml/json file.
+    #[arg(long)]
+    student: String,
+    /// masa, naive, scratch, weight-selection or prune.
+    #[arg(long)]
+    strategy: masa::init::Strategy,
+    /// Output directory (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Gene file from `masa extract` (masa, naive).
+    #[arg(long)]
+    genes: Option<PathBuf>,
+    /// Source model: GGUF file, HF directory or model name; gives the tokenizer and vocabulary.
+    #[arg(long, default_value = "smollm2-135m")]
+    source: String,
+    /// Calibration statistics from `masa calibrate` (prune; MoE sources).
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Layer mapping: uniform or first (default: first for weight-selection, else uniform).
+    #[arg(long)]
+    layers: Option<masa::init::LayerMap>,
+    /// r': singular components kept by adaptive scaling (default: all).
+    #[arg(long)]
+    components: Option<usize>,
+    /// Experiment: one selection of the FFN dimension shared by gate, up and down.
+    #[arg(long)]
+    coupled: bool,
+    /// frobenius (rescale to the Scratch init's norm) or none (paper-literal).
+    #[arg(long, default_value = "frobenius")]
+    gene_scale: masa::init::GeneScale,
+    /// What masa/naive students' non-FFN parameters inherit: scratch or weight-selection.
+    #[arg(long, default_value = "scratch")]
+    rest: masa::init::Rest,
+    /// Expansion of genes to wider matrices: cyclic or none (refuse).
+    #[arg(long, default_value = "cyclic")]
+    expand: masa::init::Expand,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +249,29 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, out } => {
             cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, &out)
+        }
+        Command::Init(a) => {
+            let options = masa::init::InitOptions {
+                strategy: a.strategy,
+                seed: a.seed,
+                layers: a.layers,
+                components: a.components,
+                coupled: a.coupled,
+                gene_scale: a.gene_scale,
+                rest: a.rest,
+                expand: a.expand,
+            };
+            let req = masa::init::InitRequest {
+                student: a.student,
+                out: a.out.clone(),
+                source: fetch::resolve_model(&a.source)?,
+                genes: a.genes,
+                stats: a.stats,
+                options,
+            };
+            let cfg = masa::init::run(&req)?;
+            eprintln!("{}: {} student, {} parameters -> {}", a.strategy, req.student, cfg.num_parameters(), a.out.display());
+            Ok(())
         }
         Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, json } } => {
             let w = open_model(&model)?;

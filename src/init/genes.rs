@@ -1,0 +1,108 @@
+//! Gene files as `masa extract` writes them: safetensors with F32 `r×r` tensors
+//! `layers.{l}.mlp.{gate,up,down}_proj.gene` and JSON metadata under the `masa` key holding at
+//! least `source_hash` (the source's `fingerprint()`) and `rank`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use faer::Mat;
+
+use crate::error::{IoContext, MasaError, Result};
+
+pub fn gene_key(layer: usize, proj: &str) -> String {
+    format!("layers.{layer}.mlp.{proj}.gene")
+}
+
+pub struct Genes {
+    pub path: PathBuf,
+    /// The `masa` metadata, verbatim.
+    pub meta: serde_json::Value,
+    pub source_hash: String,
+    /// sha256 of the file.
+    pub sha256: String,
+    genes: BTreeMap<String, Mat<f64>>,
+}
+
+impl Genes {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at(path)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("masa"))
+            .ok_or_else(|| MasaError::bad_file(path, "no `masa` metadata: not a gene file written by `masa extract`"))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid gene metadata JSON: {e}")))?;
+        let source_hash = meta
+            .get("source_hash")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| MasaError::field(path, "masa.source_hash", "missing: the gene file must say which source it came from"))?
+            .to_string();
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+        let mut genes = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            if !name.ends_with(".gene") {
+                continue;
+            }
+            let shape = view.shape();
+            if view.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[0] != shape[1] {
+                return Err(MasaError::bad_file(
+                    path,
+                    format!("gene `{name}` is {:?} {:?}; genes are square F32 matrices", view.dtype(), shape),
+                ));
+            }
+            let r = shape[0];
+            let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if data.iter().any(|v| !v.is_finite()) {
+                return Err(MasaError::bad_file(path, format!("gene `{name}` holds NaN or Inf")));
+            }
+            genes.insert(name, Mat::from_fn(r, r, |i, j| data[i * r + j] as f64));
+        }
+        if genes.is_empty() {
+            return Err(MasaError::bad_file(path, "no `layers.{l}.mlp.{proj}.gene` tensors"));
+        }
+        let sha256 = crate::fetch::sha256_file(path)?;
+        Ok(Genes { path: path.to_path_buf(), meta, source_hash, sha256, genes })
+    }
+
+    /// The gene of one source FFN matrix (`proj`: `gate_proj`, `up_proj`, `down_proj`).
+    pub fn get(&self, layer: usize, proj: &str) -> Result<&Mat<f64>> {
+        let k = gene_key(layer, proj);
+        self.genes.get(&k).ok_or_else(|| {
+            MasaError::bad_file(&self.path, format!("no gene `{k}`: extract genes for every source layer the layer mapping uses"))
+        })
+    }
+
+    /// Distinct source layers present.
+    pub fn layers(&self) -> Vec<usize> {
+        let mut l: Vec<usize> =
+            self.genes.keys().filter_map(|k| k.strip_prefix("layers.")?.split('.').next()?.parse().ok()).collect();
+        l.dedup();
+        l
+    }
+
+    /// Write a gene file (for tests and tools; `masa extract` owns the real writer). `meta` is
+    /// stored under `masa` and must hold `source_hash`.
+    pub fn write(path: &Path, genes: &[(String, Mat<f64>)], meta: &serde_json::Value) -> Result<()> {
+        let bufs: Vec<(String, usize, Vec<u8>)> = genes
+            .iter()
+            .map(|(n, m)| {
+                let r = m.nrows();
+                (n.clone(), r, (0..r * r).flat_map(|x| (m[(x / r, x % r)] as f32).to_le_bytes()).collect())
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
+            .iter()
+            .map(|(n, r, d)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*r, *r], d)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| MasaError::bad_file(path, e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let md: HashMap<String, String> = [("masa".to_string(), meta.to_string())].into();
+        let bytes = safetensors::serialize(views, Some(md)).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+        crate::home::write_atomic(path, &bytes)
+    }
+}

@@ -1,0 +1,484 @@
+//! `masa init`: a student checkpoint from a source model (design.md "Adaptive scaling",
+//! "Init scale", "Baselines"). One file per strategy family:
+//!
+//! - `masa`: gene matrices rescaled by adaptive scaling (Sec. 3.2, [`scale`]) into the FFN of
+//!   each student layer, the rest Scratch (paper) or selected from the source (`--rest`);
+//! - `naive`: the "w/o adaptive scaling" ablation, genes truncated or padded with Scratch;
+//! - `scratch`: HF Llama init ([`rng`]);
+//! - `weight-selection`: Xu et al., ICLR 2024 ([`select`]), first-N layers;
+//! - `prune`: structured width/depth pruning by activation energy ([`prune`]).
+//!
+//! The student always uses the source tokenizer and vocabulary (`vocab_size` = the source's
+//! embedding rows). Strategies that inherit weights beyond the FFN (`weight-selection`, `prune`,
+//! `--rest weight-selection`) also copy the source's `rope_theta` and `rms_norm_eps`, so with a
+//! student of exactly the source's shape they reproduce the source. Sources that are not
+//! Llama-like are mapped as far as a Llama student can hold them: (1+w) norms become `1+w`,
+//! parameter-free norms become ones, attention biases, q/k norms, post-norms and Gemma's
+//! embedding scale are dropped, and the activation becomes SiLU.
+
+pub mod genes;
+pub mod prune;
+pub mod rng;
+pub mod scale;
+pub mod select;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::{MasaError, Result};
+use crate::source::{NormKind, SourceModel};
+use crate::stats::Stats;
+use crate::student::StudentConfig;
+use genes::Genes;
+use prune::{prune_heads, source_ffn, Energies};
+use select::{top_k_in_order, uniform_attention_rows, uniform_indices, AttnRows, Heads, Matrix};
+
+macro_rules! cli_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+        pub enum $name { $($(#[$vm])* #[serde(rename = $s)] $v),+ }
+        impl $name {
+            pub fn name(self) -> &'static str { match self { $($name::$v => $s),+ } }
+        }
+        impl FromStr for $name {
+            type Err = MasaError;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($s => Ok($name::$v),)+
+                    _ => Err(MasaError::Invalid(format!(
+                        "unknown {} `{s}`; one of: {}", stringify!($name), [$($s),+].join(", ")))),
+                }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.name()) }
+        }
+    };
+}
+
+cli_enum!(
+    /// How the student is initialised.
+    Strategy { Masa = "masa", Naive = "naive", Scratch = "scratch", WeightSelection = "weight-selection", Prune = "prune" }
+);
+cli_enum!(
+    /// Which source layer each student layer inherits from (design.md "Adaptive scaling").
+    LayerMap {
+        /// `round(t·(L_s−1)/(L_t−1))`.
+        Uniform = "uniform",
+        /// Layer t from layer t (first-N, as weight selection does).
+        First = "first"
+    }
+);
+cli_enum!(
+    /// design.md "Init scale": rescale each scaled gene to the Frobenius norm of a Scratch init
+    /// of its shape (default), or leave the source's spectrum as it is (paper-literal).
+    GeneScale { Frobenius = "frobenius", None = "none" }
+);
+cli_enum!(
+    /// What the non-FFN parameters of `masa`/`naive` inherit.
+    Rest { Scratch = "scratch", WeightSelection = "weight-selection" }
+);
+cli_enum!(
+    /// Sec. 3.2 expansion of genes to wider targets: cyclic replication of top rows, or refuse.
+    Expand { Cyclic = "cyclic", None = "none" }
+);
+
+/// Everything that changes the output besides the input files; recorded in `masa.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InitOptions {
+    pub strategy: Strategy,
+    pub seed: u64,
+    /// `None`: the strategy's default (`first` for weight-selection, else `uniform`).
+    pub layers: Option<LayerMap>,
+    /// `r'` of Sec. 3.2 (default: all r components).
+    pub components: Option<usize>,
+    /// Experiment: one selection of the intermediate dimension shared by gate rows, up rows
+    /// and down columns (scores `sqrt(s_gate² + s_up² + t_down²)`) instead of one per matrix.
+    pub coupled: bool,
+    pub gene_scale: GeneScale,
+    pub rest: Rest,
+    pub expand: Expand,
+}
+
+impl InitOptions {
+    pub fn new(strategy: Strategy) -> Self {
+        InitOptions {
+            strategy,
+            seed: 0,
+            layers: None,
+            components: None,
+            coupled: false,
+            gene_scale: GeneScale::Frobenius,
+            rest: Rest::Scratch,
+            expand: Expand::Cyclic,
+        }
+    }
+
+    pub fn layer_map(&self) -> LayerMap {
+        self.layers.unwrap_or(if self.strategy == Strategy::WeightSelection { LayerMap::First } else { LayerMap::Uniform })
+    }
+
+    /// Whether anything outside the FFN comes from the source.
+    pub fn inherits_rest(&self) -> bool {
+        match self.strategy {
+            Strategy::WeightSelection | Strategy::Prune => true,
+            Strategy::Masa | Strategy::Naive => self.rest == Rest::WeightSelection,
+            Strategy::Scratch => false,
+        }
+    }
+}
+
+/// Source layer of each student layer: `round(t·(L_s−1)/(L_t−1))` (uniform) or `t` (first).
+pub fn map_layers(l_t: usize, l_s: usize, map: LayerMap) -> Result<Vec<usize>> {
+    match map {
+        LayerMap::Uniform if l_t == 1 => Ok(vec![0]),
+        LayerMap::Uniform => Ok((0..l_t).map(|t| ((t * (l_s - 1)) as f64 / (l_t - 1) as f64).round() as usize).collect()),
+        LayerMap::First if l_t > l_s => Err(MasaError::Invalid(format!(
+            "--layers first needs at most the source's {l_s} layers, the student has {l_t}; use --layers uniform"
+        ))),
+        LayerMap::First => Ok((0..l_t).collect()),
+    }
+}
+
+/// The student config as built for a source: the source vocabulary and special tokens, and
+/// for inheriting strategies its RoPE base and norm epsilon.
+pub fn student_for_source(student: &StudentConfig, source: &SourceModel, inherit: bool) -> Result<StudentConfig> {
+    let sc = &source.weights.config;
+    let mut cfg = student.clone();
+    if cfg.vocab_size != 0 && cfg.vocab_size != sc.vocab_size {
+        return Err(MasaError::Invalid(format!(
+            "the student config says vocab_size {}, but students use the source's tokenizer and vocabulary ({}); drop vocab_size",
+            cfg.vocab_size, sc.vocab_size
+        )));
+    }
+    cfg.vocab_size = sc.vocab_size;
+    cfg.bos_token_id = sc.bos_token_id.or(source.tokenizer.bos_id());
+    cfg.eos_token_id = sc.eos_token_id.or(source.tokenizer.eos_id());
+    if inherit {
+        // GGUF stores these as f32: write the shortest decimal of that f32 (1e-5, not 9.9999997e-6).
+        cfg.rope_theta = f32_decimal(sc.rope_theta);
+        cfg.rms_norm_eps = f32_decimal(sc.norm_eps);
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn f32_decimal(x: f64) -> f64 {
+    (x as f32).to_string().parse().unwrap_or(x)
+}
+
+/// A built student: final config, tensors in `tensor_shapes()` order, and what was done.
+pub struct Built {
+    pub config: StudentConfig,
+    pub tensors: Vec<(String, Tensor)>,
+    /// Layer mapping and per-matrix details for `masa.json`.
+    pub record: serde_json::Value,
+}
+
+type Parts = HashMap<String, Vec<f32>>;
+
+/// Build a student's tensors. `genes` is needed by `masa`/`naive`; `energies` by `prune` (and
+/// by anything that inherits from a MoE source, to choose experts).
+pub fn build(
+    student: &StudentConfig,
+    source: &SourceModel,
+    genes: Option<&Genes>,
+    energies: Option<&Energies>,
+    opts: &InitOptions,
+) -> Result<Built> {
+    let cfg = student_for_source(student, source, opts.inherits_rest())?;
+    let l_s = source.weights.config.num_hidden_layers;
+    let map = map_layers(cfg.num_hidden_layers, l_s, opts.layer_map())?;
+    let mut parts = Parts::new();
+    let mut record = serde_json::json!({ "layer_map": map });
+    match opts.strategy {
+        Strategy::Scratch => {}
+        Strategy::Masa | Strategy::Naive => {
+            let g = genes.ok_or_else(|| MasaError::Invalid(format!("--strategy {} needs --genes FILE", opts.strategy)))?;
+            record["matrices"] = gene_ffn(&cfg, g, &map, opts, &mut parts)?;
+            if opts.rest == Rest::WeightSelection {
+                inherit(&cfg, source, &map, Selector::Uniform, false, energies, &mut parts)?;
+            }
+        }
+        Strategy::WeightSelection => {
+            record["ffn"] = inherit(&cfg, source, &map, Selector::Uniform, true, energies, &mut parts)?;
+        }
+        Strategy::Prune => {
+            let e = energies.ok_or_else(|| MasaError::Invalid("--strategy prune needs --stats FILE (activation energies)".into()))?;
+            record["ffn"] = inherit(&cfg, source, &map, Selector::Energy(e), true, Some(e), &mut parts)?;
+        }
+    }
+    let tensors = assemble(&cfg, opts.seed, parts)?;
+    Ok(Built { config: cfg, tensors, record })
+}
+
+/// Every tensor of the student, inherited where `parts` has it, Scratch otherwise.
+fn assemble(cfg: &StudentConfig, seed: u64, mut parts: Parts) -> Result<Vec<(String, Tensor)>> {
+    cfg.tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let data = parts.remove(&name).unwrap_or_else(|| rng::scratch(seed, &name, &shape, cfg.initializer_range));
+            if data.len() != shape.iter().product::<usize>() {
+                return Err(MasaError::Shape(format!("built {} values for `{name}` {shape:?}", data.len())));
+            }
+            let t = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+const PROJS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// The FFN of every student layer from the genes of its mapped source layer: Sec. 3.2
+/// adaptive scaling (`masa`) or truncation/padding (`naive`), then `--gene-scale`.
+fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOptions, parts: &mut Parts) -> Result<serde_json::Value> {
+    let (h, f, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+    let mut rec = Vec::new();
+    for (t, &ls) in map.iter().enumerate() {
+        let ms: Vec<&faer::Mat<f64>> = PROJS.iter().map(|p| genes.get(ls, p)).collect::<Result<_>>()?;
+        let shapes = [(f, h), (f, h), (h, f)];
+        let mut out: Vec<Vec<f64>> = Vec::with_capacity(3);
+        if opts.strategy == Strategy::Masa {
+            let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components)).collect::<Result<_>>()?;
+            let mut sel: Vec<(Vec<usize>, Vec<usize>)> = svds
+                .iter()
+                .zip(&shapes)
+                .zip(&ms)
+                .map(|((s, &(p, q)), m)| {
+                    scale::check_expansion(m.nrows(), p, q, opts.expand == Expand::Cyclic)?;
+                    Ok((scale::select_rows(&scale::row_scores(&s.u), p), scale::select_rows(&scale::row_scores(&s.v), q)))
+                })
+                .collect::<Result<_>>()?;
+            if opts.coupled {
+                let r = ms[0].nrows();
+                if ms.iter().any(|m| m.nrows() != r) {
+                    return Err(MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank (layer {ls})")));
+                }
+                let (sg, su, td) = (scale::row_scores(&svds[0].u), scale::row_scores(&svds[1].u), scale::row_scores(&svds[2].v));
+                let joint: Vec<f64> = (0..r).map(|i| (sg[i].powi(2) + su[i].powi(2) + td[i].powi(2)).sqrt()).collect();
+                let idx = scale::select_rows(&joint, f);
+                sel[0].0 = idx.clone();
+                sel[1].0 = idx.clone();
+                sel[2].1 = idx;
+            }
+            for (s, (rows, cols)) in svds.iter().zip(&sel) {
+                out.push(scale::compose(s, rows, cols));
+            }
+        }
+        for (k, proj) in PROJS.iter().enumerate() {
+            let name = format!("model.layers.{t}.mlp.{proj}.weight");
+            let (p, q) = shapes[k];
+            let m = ms[k];
+            let r = m.nrows();
+            let (data, factor) = if opts.strategy == Strategy::Masa {
+                let v = &out[k];
+                let fac = match opts.gene_scale {
+                    GeneScale::Frobenius => scale::frobenius_factor(v.iter().copied(), p * q, std),
+                    GeneScale::None => 1.0,
+                };
+                (v.iter().map(|x| (x * fac) as f32).collect::<Vec<f32>>(), fac)
+            } else {
+                let (bp, bq) = (p.min(r), q.min(r));
+                let fac = match opts.gene_scale {
+                    GeneScale::Frobenius => {
+                        scale::frobenius_factor((0..bp * bq).map(|x| m[(x / bq, x % bq)]), bp * bq, std)
+                    }
+                    GeneScale::None => 1.0,
+                };
+                let scaled = m * faer::Scale(fac);
+                (scale::truncate_pad(&scaled, &rng::scratch(opts.seed, &name, &[p, q], std), p, q), fac)
+            };
+            rec.push(serde_json::json!({ "name": name, "source_layer": ls, "gene": genes::gene_key(ls, proj), "rank": r, "scale": factor }));
+            parts.insert(name, data);
+        }
+    }
+    Ok(serde_json::Value::Array(rec))
+}
+
+/// How `inherit` chooses what to keep.
+#[derive(Clone, Copy)]
+enum Selector<'a> {
+    /// Xu et al.: uniform indices along every dimension.
+    Uniform,
+    /// Pruning: highest activation energy / weight norm.
+    Energy(&'a Energies),
+}
+
+/// A source RMSNorm weight as a Llama student's norm: `w`, `1 + w` for (1+w) norms, ones for
+/// parameter-free norms.
+fn source_norm(source: &SourceModel, name: &str) -> Result<Vec<f32>> {
+    let c = &source.weights.config;
+    if c.norm == NormKind::LayerNormNoParams || !source.weights.contains(name) {
+        return Ok(vec![1.0; c.hidden_size]);
+    }
+    let w = source.weights.tensor(name)?.to_vec1::<f32>()?;
+    Ok(if c.norm == NormKind::RmsOnePlus { w.iter().map(|v| 1.0 + v).collect() } else { w })
+}
+
+fn pick(v: &[f32], idx: &[usize]) -> Vec<f32> {
+    idx.iter().map(|&i| v[i]).collect()
+}
+
+/// Everything but (unless `ffn`) the FFN selected from the source: embeddings (all vocabulary
+/// rows, kept hidden channels), norms, attention (whole heads, see [`select::attention_rows`]),
+/// and with `ffn` the FFN neurons. Student layer t reads source layer `map[t]`.
+fn inherit(
+    cfg: &StudentConfig,
+    source: &SourceModel,
+    map: &[usize],
+    selector: Selector,
+    ffn: bool,
+    energies: Option<&Energies>,
+    parts: &mut Parts,
+) -> Result<serde_json::Value> {
+    let sc = &source.weights.config;
+    let w = &source.weights;
+    let hid = match selector {
+        Selector::Uniform => uniform_indices(sc.hidden_size, cfg.hidden_size, "hidden channels")?,
+        Selector::Energy(e) => top_k_in_order(&e.hidden, cfg.hidden_size, "hidden channels")?,
+    };
+    let src_heads = Heads { n: sc.num_attention_heads, kv: sc.num_key_value_heads, dim: sc.head_dim };
+    let dst_heads = Heads { n: cfg.num_attention_heads, kv: cfg.num_key_value_heads, dim: cfg.head_dim() };
+    let all_vocab: Vec<usize> = (0..sc.vocab_size).collect();
+    let embed = Matrix::from_tensor(&w.tensor_shaped("model.embed_tokens.weight", &[sc.vocab_size, sc.hidden_size])?)?;
+    parts.insert("model.embed_tokens.weight".into(), embed.select(&all_vocab, &hid).data);
+    if !cfg.tie_word_embeddings {
+        let head = if w.contains("lm_head.weight") { Matrix::from_tensor(&w.tensor("lm_head.weight")?)? } else { embed.clone() };
+        parts.insert("lm_head.weight".into(), head.select(&all_vocab, &hid).data);
+    }
+    drop(embed);
+    parts.insert("model.norm.weight".into(), pick(&source_norm(source, "model.norm.weight")?, &hid));
+    let mut rec = Vec::new();
+    for (t, &ls) in map.iter().enumerate() {
+        let sp = format!("model.layers.{ls}");
+        let tp = format!("model.layers.{t}");
+        let ffn_norm = if w.contains(&format!("{sp}.pre_feedforward_layernorm.weight")) { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+        parts.insert(format!("{tp}.input_layernorm.weight"), pick(&source_norm(source, &format!("{sp}.input_layernorm.weight"))?, &hid));
+        parts.insert(format!("{tp}.post_attention_layernorm.weight"), pick(&source_norm(source, &format!("{sp}.{ffn_norm}.weight"))?, &hid));
+        let [q, k, v, o] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(|n| w.tensor(&format!("{sp}.self_attn.{n}.weight")).and_then(|t| Matrix::from_tensor(&t)));
+        let (q, k, v, o) = (q?, k?, v?, o?);
+        let AttnRows { q: q_rows, kv: kv_rows } = match selector {
+            Selector::Uniform => uniform_attention_rows(src_heads, dst_heads)?,
+            Selector::Energy(_) => prune_heads(&q, &k, &v, &o, src_heads, dst_heads)?,
+        };
+        parts.insert(format!("{tp}.self_attn.q_proj.weight"), q.select(&q_rows, &hid).data);
+        parts.insert(format!("{tp}.self_attn.k_proj.weight"), k.select(&kv_rows, &hid).data);
+        parts.insert(format!("{tp}.self_attn.v_proj.weight"), v.select(&kv_rows, &hid).data);
+        parts.insert(format!("{tp}.self_attn.o_proj.weight"), o.select(&hid, &q_rows).data);
+        if ffn {
+            let s = source_ffn(w, ls, cfg.intermediate_size, energies)?;
+            let f_s = s.gate.rows;
+            let neurons = match (selector, &s.energy) {
+                (Selector::Energy(_), Some(e)) => top_k_in_order(e, cfg.intermediate_size, "FFN neurons")?,
+                _ => uniform_indices(f_s, cfg.intermediate_size, "FFN neurons")?,
+            };
+            parts.insert(format!("{tp}.mlp.gate_proj.weight"), s.gate.select(&neurons, &hid).data);
+            parts.insert(format!("{tp}.mlp.up_proj.weight"), s.up.select(&neurons, &hid).data);
+            parts.insert(format!("{tp}.mlp.down_proj.weight"), s.down.select(&hid, &neurons).data);
+            rec.push(serde_json::json!({ "layer": t, "source_layer": ls, "source_width": f_s, "parts": s.parts }));
+        }
+    }
+    Ok(serde_json::Value::Array(rec))
+}
+
+/// A `masa init` invocation: files in, checkpoint directory out.
+pub struct InitRequest {
+    /// Preset name or student.toml/json path.
+    pub student: String,
+    pub out: PathBuf,
+    /// Resolved source model path (GGUF file or HF directory).
+    pub source: PathBuf,
+    pub genes: Option<PathBuf>,
+    pub stats: Option<PathBuf>,
+    pub options: InitOptions,
+}
+
+/// Open and check the inputs (genes and statistics must come from `source`), build the
+/// student, write the HF-format directory with `masa.json`. Returns the final config.
+pub fn run(req: &InitRequest) -> Result<StudentConfig> {
+    let student = StudentConfig::from_spec(&req.student)?;
+    student.validate()?;
+    let source = SourceModel::open(&req.source)?;
+    let source_hash = source.fingerprint()?;
+    let genes = match &req.genes {
+        Some(p) => {
+            let g = Genes::load(p)?;
+            check_same_source(p, "genes", &g.source_hash, &req.source, &source_hash)?;
+            Some(g)
+        }
+        None => None,
+    };
+    let (energies, stats_rec) = match &req.stats {
+        Some(p) => {
+            let s = Stats::load(p)?;
+            check_same_source(p, "statistics", &s.meta.source_hash, &req.source, &source_hash)?;
+            let e = Energies::from_stats(&s, &source.weights.config)?;
+            let rec = serde_json::json!({ "path": p, "sha256": crate::fetch::sha256_file(p)?, "source_hash": s.meta.source_hash, "tokens": s.meta.tokens });
+            (Some(e), rec)
+        }
+        None => (None, serde_json::Value::Null),
+    };
+    let built = build(&student, &source, genes.as_ref(), energies.as_ref(), &req.options)?;
+    let provenance = serde_json::json!({
+        "format": "masa-init/1",
+        "masa_version": env!("CARGO_PKG_VERSION"),
+        "strategy": req.options.strategy,
+        "seed": req.options.seed,
+        "options": req.options,
+        "layer_map_kind": req.options.layer_map(),
+        "student_spec": req.student,
+        "student": built.config,
+        "source": { "path": req.source, "hash": source_hash, "arch": source.weights.config.arch.name() },
+        "genes": genes.as_ref().map(|g| serde_json::json!({ "path": g.path, "sha256": g.sha256, "source_hash": g.source_hash, "meta": g.meta })),
+        "stats": stats_rec,
+        "init": built.record,
+    });
+    crate::student::save_checkpoint(&req.out, &built.config, &built.tensors, &source.tokenizer, &provenance)?;
+    Ok(built.config)
+}
+
+fn check_same_source(file: &Path, what: &str, file_hash: &str, source: &Path, source_hash: &str) -> Result<()> {
+    if file_hash != source_hash {
+        return Err(MasaError::bad_file(
+            file,
+            format!(
+                "these {what} come from a different source model (source_hash {}…) than --source {} (fingerprint {}…); \
+                 pass the --source they were computed from, or recompute them",
+                &file_hash[..file_hash.len().min(12)],
+                source.display(),
+                &source_hash[..source_hash.len().min(12)]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_maps() {
+        assert_eq!(map_layers(6, 30, LayerMap::Uniform).unwrap(), vec![0, 6, 12, 17, 23, 29]);
+        assert_eq!(map_layers(1, 30, LayerMap::Uniform).unwrap(), vec![0]);
+        assert_eq!(map_layers(3, 3, LayerMap::Uniform).unwrap(), vec![0, 1, 2]);
+        assert_eq!(map_layers(4, 30, LayerMap::First).unwrap(), vec![0, 1, 2, 3]);
+        assert!(map_layers(4, 3, LayerMap::First).is_err());
+        // More student layers than source layers: uniform repeats source layers.
+        assert_eq!(map_layers(5, 3, LayerMap::Uniform).unwrap(), vec![0, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn option_names_round_trip() {
+        for s in ["masa", "naive", "scratch", "weight-selection", "prune"] {
+            assert_eq!(s.parse::<Strategy>().unwrap().name(), s);
+        }
+        assert!("distill".parse::<Strategy>().unwrap_err().to_string().contains("weight-selection"));
+    }
+}

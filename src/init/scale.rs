@@ -1,0 +1,197 @@
+//! Adaptive scaling (Sec. 3.2; design.md "Adaptive scaling"): a gene `M ∈ R^{r×r}` becomes a
+//! student matrix `M̂ ∈ R^{p×q}` through its SVD. Rows and columns are scored by the norms of
+//! their singular-vector coordinates, the best are kept (compression) or replicated cyclically
+//! (expansion), and `M̂ = U_p Σ_{r'} V_qᵀ`. Also the "w/o adaptive scaling" ablation (`naive`).
+
+use faer::Mat;
+
+use crate::error::{MasaError, Result};
+
+/// `M = U Σ Vᵀ`, truncated to the `r'` leading components.
+pub struct GeneSvd {
+    /// `r × r'`.
+    pub u: Mat<f64>,
+    pub sigma: Vec<f64>,
+    /// `r × r'`.
+    pub v: Mat<f64>,
+}
+
+/// Sec. 3.2: `M = U Σ Vᵀ`, keeping `r'` components (`--components`; default all r).
+pub fn gene_svd(m: &Mat<f64>, components: Option<usize>) -> Result<GeneSvd> {
+    let r = m.nrows();
+    let rp = components.unwrap_or(r);
+    if rp == 0 || rp > r {
+        return Err(MasaError::Invalid(format!("--components {rp} must be in 1..={r} (the gene rank r)")));
+    }
+    let svd = m.thin_svd().map_err(|e| MasaError::Invalid(format!("SVD of a gene matrix failed: {e:?}")))?;
+    let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
+    Ok(GeneSvd {
+        u: Mat::from_fn(r, rp, |i, k| u[(i, k)]),
+        sigma: (0..rp).map(|k| s[k]).collect(),
+        v: Mat::from_fn(r, rp, |j, k| v[(j, k)]),
+    })
+}
+
+/// Row scores `s_i = ‖U[i, :r']‖₂` (Sec. 3.2); with V, the column scores `t_j = ‖V[j, :r']‖₂`.
+pub fn row_scores(u: &Mat<f64>) -> Vec<f64> {
+    (0..u.nrows()).map(|i| (0..u.ncols()).map(|k| u[(i, k)] * u[(i, k)]).sum::<f64>().sqrt()).collect()
+}
+
+/// Indices by descending score, ties to the lower index.
+pub fn ranking(scores: &[f64]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx
+}
+
+/// Which `p` of the `r` rows make the target (design.md): `p ≤ r` keeps the `p` highest-scoring
+/// rows in their original order (compression); `p > r` keeps all `r` and appends the highest
+/// scoring rows again, cycling through the ranking, until there are `p` (expansion).
+pub fn select_rows(scores: &[f64], p: usize) -> Vec<usize> {
+    let r = scores.len();
+    let rank = ranking(scores);
+    if p <= r {
+        let mut keep = rank[..p].to_vec();
+        keep.sort_unstable();
+        keep
+    } else {
+        (0..r).chain((0..p - r).map(|k| rank[k % r])).collect()
+    }
+}
+
+/// `M̂ = U_p Σ_{r'} V_qᵀ` (Sec. 3.2), row-major `p × q`, from the selected rows of U and V.
+pub fn compose(svd: &GeneSvd, rows: &[usize], cols: &[usize]) -> Vec<f64> {
+    let rp = svd.sigma.len();
+    let us = Mat::from_fn(rows.len(), rp, |i, k| svd.u[(rows[i], k)] * svd.sigma[k]);
+    let vq = Mat::from_fn(rp, cols.len(), |k, j| svd.v[(cols[j], k)]);
+    let m = &us * &vq;
+    let q = cols.len();
+    (0..rows.len() * q).map(|x| m[(x / q, x % q)]).collect()
+}
+
+/// The whole of Sec. 3.2 for one gene: SVD, scores, selection, `M̂ ∈ R^{p×q}` row-major.
+/// `expand = false` refuses `p > r` or `q > r` instead of replicating rows.
+pub fn adaptive_scale(m: &Mat<f64>, p: usize, q: usize, components: Option<usize>, expand: bool) -> Result<Vec<f64>> {
+    let svd = gene_svd(m, components)?;
+    check_expansion(m.nrows(), p, q, expand)?;
+    let rows = select_rows(&row_scores(&svd.u), p);
+    let cols = select_rows(&row_scores(&svd.v), q);
+    Ok(compose(&svd, &rows, &cols))
+}
+
+/// With expansion off, a target side longer than the gene rank is an error.
+pub fn check_expansion(r: usize, p: usize, q: usize, expand: bool) -> Result<()> {
+    if !expand && (p > r || q > r) {
+        return Err(MasaError::Invalid(format!(
+            "the student needs a {p}x{q} matrix but the genes have rank r = {r}: wider than the genes allow without expansion; \
+             use `--expand cyclic` (Sec. 3.2 replication), genes of rank ≥ {}, or a smaller student",
+            p.max(q)
+        )));
+    }
+    Ok(())
+}
+
+/// Ablation "w/o adaptive scaling": the top-left `min(p,r) × min(q,r)` block of M over a
+/// Scratch matrix `scratch` (`p × q`, row-major), which keeps the rest (padding).
+pub fn truncate_pad(m: &Mat<f64>, scratch: &[f32], p: usize, q: usize) -> Vec<f32> {
+    let mut out = scratch.to_vec();
+    for i in 0..p.min(m.nrows()) {
+        for j in 0..q.min(m.ncols()) {
+            out[i * q + j] = m[(i, j)] as f32;
+        }
+    }
+    out
+}
+
+/// `--gene-scale frobenius` (design.md "Init scale"): the factor that brings `x` to the
+/// Frobenius norm a Scratch init of `n` entries has in expectation, `std · sqrt(n)`.
+pub fn frobenius_factor(x: impl Iterator<Item = f64>, n: usize, std: f64) -> f64 {
+    let norm = x.map(|v| v * v).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        std * (n as f64).sqrt() / norm
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gene(r: usize, seed: u64) -> Mat<f64> {
+        let v = super::super::rng::normal(seed, "gene", r * r, 1.0);
+        Mat::from_fn(r, r, |i, j| v[i * r + j] as f64)
+    }
+
+    #[test]
+    fn full_rank_identity_selection_gives_m_back() {
+        let m = gene(7, 1);
+        let out = adaptive_scale(&m, 7, 7, None, true).unwrap();
+        for i in 0..7 {
+            for j in 0..7 {
+                assert!((out[i * 7 + j] - m[(i, j)]).abs() < 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn compression_keeps_top_rows_in_original_order() {
+        let scores = [0.5, 0.9, 0.1, 0.9, 0.3];
+        // ranking: 1, 3 (tie → lower index first), 0, 4, 2
+        assert_eq!(ranking(&scores), vec![1, 3, 0, 4, 2]);
+        assert_eq!(select_rows(&scores, 3), vec![0, 1, 3]);
+        assert_eq!(select_rows(&scores, 1), vec![1]);
+        assert_eq!(select_rows(&scores, 5), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn expansion_appends_top_rows_cyclically() {
+        let scores = [0.5, 0.9, 0.1];
+        assert_eq!(select_rows(&scores, 5), vec![0, 1, 2, 1, 0]);
+        // p > 2r: cycles through the ranking more than once.
+        assert_eq!(select_rows(&scores, 8), vec![0, 1, 2, 1, 0, 2, 1, 0]);
+    }
+
+    #[test]
+    fn compressed_rows_match_rows_of_m_when_all_components_kept() {
+        // With r' = r and all columns, row i of M̂ is row rows[i] of M.
+        let m = gene(6, 2);
+        let svd = gene_svd(&m, None).unwrap();
+        let rows = select_rows(&row_scores(&svd.u), 4);
+        let cols: Vec<usize> = (0..6).collect();
+        let out = compose(&svd, &rows, &cols);
+        for (i, &ri) in rows.iter().enumerate() {
+            for j in 0..6 {
+                assert!((out[i * 6 + j] - m[(ri, j)]).abs() < 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn result_has_rank_at_most_components() {
+        let m = gene(8, 3);
+        let (p, q, rp) = (20, 13, 3);
+        let out = adaptive_scale(&m, p, q, Some(rp), true).unwrap();
+        let mh = Mat::from_fn(p, q, |i, j| out[i * q + j]);
+        let s = mh.singular_values().unwrap();
+        assert!(s[rp - 1] > 1e-6 * s[0]);
+        assert!(s[rp..].iter().all(|&x| x < 1e-9 * s[0]), "{s:?}");
+    }
+
+    #[test]
+    fn components_beyond_rank_and_expansion_off_are_errors() {
+        let m = gene(4, 4);
+        assert!(adaptive_scale(&m, 4, 4, Some(5), true).unwrap_err().to_string().contains("--components"));
+        let e = adaptive_scale(&m, 6, 4, None, false).unwrap_err().to_string();
+        assert!(e.contains("without expansion") && e.contains("r = 4"), "{e}");
+    }
+
+    #[test]
+    fn truncate_pad_keeps_scratch_outside_the_gene_block() {
+        let m = Mat::from_fn(2, 2, |i, j| (10 * i + j) as f64 + 1.0);
+        let out = truncate_pad(&m, &[0.5; 6], 3, 2);
+        assert_eq!(out, vec![1.0, 2.0, 11.0, 12.0, 0.5, 0.5]);
+        let out = truncate_pad(&m, &[0.5; 1], 1, 1);
+        assert_eq!(out, vec![1.0]);
+    }
+}
