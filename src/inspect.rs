@@ -85,3 +85,85 @@ pub fn render(s: &ModelSummary) -> String {
     }
     o
 }
+
+/// Which kind of masa artifact a safetensors file is, from its `masa` metadata.
+pub fn artifact_kind(path: &std::path::Path) -> Option<&'static str> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    std::io::Read::read_exact(&mut f, &mut len).ok()?;
+    let n = u64::from_le_bytes(len).min(100_000_000) as usize;
+    let mut header = vec![0u8; n];
+    std::io::Read::read_exact(&mut f, &mut header).ok()?;
+    let text = String::from_utf8_lossy(&header);
+    if text.contains(crate::stats::FORMAT) {
+        Some("stats")
+    } else if text.contains(crate::extract::FORMAT) {
+        Some("genes")
+    } else {
+        None
+    }
+}
+
+/// Summary of a statistics file: provenance, tokens per dataset, and per site the token count
+/// and the spectrum of the second moment (largest/median/smallest eigenvalue, effective rank).
+pub fn render_stats(s: &crate::stats::Stats) -> crate::Result<String> {
+    let m = &s.meta;
+    let mut o = format!("statistics ({})\nsource  {} ({}, hash {}…)\n", m.format, m.source, m.arch, &m.source_hash[..12.min(m.source_hash.len())]);
+    o += &format!("tokens  {} (sequence length {}, seeds {:?})\n", m.tokens, m.seq_len, m.seeds);
+    for c in &m.corpus {
+        o += &format!("corpus  {c}\n");
+    }
+    for (d, n) in &m.dataset_tokens {
+        o += &format!("  {d:12} {n:>10} tokens\n");
+    }
+    o += "sites (eigenvalues of the mean second moment S: max / median / min, effective rank exp(entropy))\n";
+    for (k, mo) in &s.moments {
+        let sm = mo.mean();
+        let mat = faer::Mat::from_fn(mo.dim, mo.dim, |i, j| sm[i * mo.dim + j]);
+        let mut ev = mat
+            .self_adjoint_eigenvalues(faer::Side::Lower)
+            .map_err(|e| crate::MasaError::Invalid(format!("{k}: eigenvalues failed: {e:?}")))?;
+        ev.sort_by(|a, b| b.total_cmp(a));
+        let total: f64 = ev.iter().map(|v| v.max(0.0)).sum();
+        let entropy: f64 = ev.iter().map(|v| v.max(0.0) / total).filter(|p| *p > 0.0).map(|p| -p * p.ln()).sum();
+        o += &format!(
+            "  {k:32} d={:5} tokens={:>9} λ {:.3e} / {:.3e} / {:.3e}  eff.rank {:.0}\n",
+            mo.dim,
+            mo.count,
+            ev[0],
+            ev[ev.len() / 2],
+            ev[ev.len() - 1],
+            entropy.exp()
+        );
+    }
+    for (k, v) in &s.routing {
+        let total: f64 = v.iter().sum();
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        let top: Vec<String> = idx.iter().take(4).map(|&e| format!("e{e} {:.1}%", 100.0 * v[e] / total.max(1.0))).collect();
+        o += &format!("  {k:32} {}\n", top.join(", "));
+    }
+    Ok(o)
+}
+
+/// Summary of a gene file: provenance, options, and per matrix r, relative L_out and L_spec.
+pub fn render_genes(g: &crate::extract::Genes) -> String {
+    let m = &g.meta;
+    let mut o = format!("genes ({}, {} mode)\nsource  {} ({}, hash {}…)\n", m.format, m.mode, m.source, m.arch, &m.source_hash[..12.min(m.source_hash.len())]);
+    o += &format!("options rank {:?}, λ {}, experts {}\nstats   {} tokens\n", m.options.rank, m.options.lambda, m.options.experts, m.stats_tokens);
+    o += &format!("{:44} {:>5} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7}\n", "matrix", "r", "relLout0", "relLout", "Lspec0/r", "Lspec/r", "iters", "secs");
+    for r in &m.matrices {
+        o += &format!(
+            "{:44} {:>5} {:>9.4} {:>9.4} {:>9.3} {:>9.3} {:>5} {:>7.2}\n",
+            r.name.trim_start_matches("model.").trim_end_matches(".weight"),
+            r.r,
+            r.rel_l_out_start,
+            r.rel_l_out,
+            r.l_spec_start / r.r as f64,
+            r.l_spec / r.r as f64,
+            r.iterations,
+            r.seconds
+        );
+    }
+    o
+}

@@ -33,8 +33,9 @@ enum Command {
         /// What to fetch.
         what: Vec<String>,
     },
-    /// Summarise a model: architecture, shapes, parameter counts, quantization types, and the
-    /// FFN matrices MASA aligns. MODEL is a GGUF file, an HF directory or a model name.
+    /// Summarise a model (architecture, shapes, parameter counts, quantization types, the FFN
+    /// matrices MASA aligns; MODEL is a GGUF file, an HF directory or a model name), or a
+    /// statistics or gene file written by `masa calibrate` / `masa extract`.
     Inspect {
         model: String,
         /// Print JSON (with the full tensor list) instead of text.
@@ -210,6 +211,23 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch { what } => cmd_fetch(&what),
         Command::Inspect { model, json } => {
+            let p = std::path::Path::new(&model);
+            match masa::inspect::artifact_kind(p) {
+                Some("stats") => {
+                    print!("{}", masa::inspect::render_stats(&masa::stats::Stats::load(p)?)?);
+                    return Ok(());
+                }
+                Some(_) => {
+                    let g = masa::extract::Genes::load(p)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&g.meta)?);
+                    } else {
+                        print!("{}", masa::inspect::render_genes(&g));
+                    }
+                    return Ok(());
+                }
+                None => {}
+            }
             let w = open_model(&model)?;
             let s = masa::inspect::summarize(&w);
             if json {
