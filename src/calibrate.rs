@@ -109,9 +109,41 @@ pub struct CalibrateOptions {
     pub domains: Option<Vec<String>>,
 }
 
-/// Calibrate `source` on the training split of `corpus`: every domain contributes an equal share
-/// of the token budget (each dataset then counts for MoE routing), batches alternate between
-/// domains, each sequence a window of that domain's deterministic token stream.
+/// The calibration token stream: every domain (dataset) contributes an equal share of the
+/// budget, batches alternate between domains, each sequence a window of that domain's
+/// deterministic token stream. Returns the dataset names and the batches (lazily tokenized).
+pub fn corpus_batches_with<'a>(
+    source: &crate::source::SourceModel,
+    corpus: &'a crate::corpus::Corpus,
+    opts: &CalibrateOptions,
+    encode: crate::corpus::Encode<'a>,
+) -> Result<(Vec<String>, Vec<crate::corpus::TokenStream<'a>>, usize)> {
+    use crate::corpus::{token_stream, Split};
+    let datasets: Vec<String> = match &opts.domains {
+        Some(d) => d.clone(),
+        None => corpus.iter(Split::Train, None).map(|d| d.domain.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+    };
+    if datasets.is_empty() {
+        return Err(MasaError::Invalid("the corpus has no training documents".into()));
+    }
+    let eos = source.tokenizer.eos_id();
+    let streams = datasets
+        .iter()
+        .enumerate()
+        .map(|(i, d)| token_stream(corpus, Split::Train, Some(std::slice::from_ref(d)), opts.seed.wrapping_add(i as u64), encode, eos))
+        .collect::<Result<Vec<_>>>()?;
+    let n_batches = opts.tokens.div_ceil((opts.batch * opts.seq_len) as u64).max(1) as usize;
+    Ok((datasets, streams, n_batches))
+}
+
+/// Batch `k` of the calibration stream (see [`corpus_batches_with`]).
+pub fn next_batch(streams: &mut [crate::corpus::TokenStream<'_>], k: usize, opts: &CalibrateOptions) -> Result<Batch> {
+    let d = k % streams.len();
+    let seqs = streams[d].next_batch(opts.batch, opts.seq_len)?;
+    Ok(Batch { ids: seqs.concat(), batch: opts.batch, seq_len: opts.seq_len, dataset: vec![d; opts.batch] })
+}
+
+/// Calibrate `source` on the training split of `corpus` over [`corpus_batches_with`].
 pub fn calibrate_on_corpus(
     source: &crate::source::SourceModel,
     model: &Transformer,
@@ -119,23 +151,9 @@ pub fn calibrate_on_corpus(
     corpus_desc: &str,
     opts: &CalibrateOptions,
 ) -> Result<Stats> {
-    use crate::corpus::{token_stream, Split};
-    let datasets: Vec<String> = match &opts.domains {
-        Some(d) => d.clone(),
-        None => corpus.iter(Split::Train, None).map(|d| d.domain.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
-    };
-    if datasets.is_empty() {
-        return Err(MasaError::Invalid(format!("the corpus ({corpus_desc}) has no training documents")));
-    }
     let encode = |t: &str| source.tokenizer.encode(t, false);
-    let eos = source.tokenizer.eos_id();
-    let mut streams = datasets
-        .iter()
-        .enumerate()
-        .map(|(i, d)| token_stream(corpus, Split::Train, Some(std::slice::from_ref(d)), opts.seed.wrapping_add(i as u64), &encode, eos))
-        .collect::<Result<Vec<_>>>()?;
+    let (datasets, mut streams, n_batches) = corpus_batches_with(source, corpus, opts, &encode)?;
     let per_batch = (opts.batch * opts.seq_len) as u64;
-    let n_batches = opts.tokens.div_ceil(per_batch).max(1) as usize;
     let meta = StatsMeta {
         format: FORMAT.into(),
         source_hash: source.fingerprint()?,
@@ -148,11 +166,7 @@ pub fn calibrate_on_corpus(
         dataset_tokens: BTreeMap::new(),
         masa_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let batches = (0..n_batches).map(|k| {
-        let d = k % datasets.len();
-        let seqs = streams[d].next_batch(opts.batch, opts.seq_len)?;
-        Ok(Batch { ids: seqs.concat(), batch: opts.batch, seq_len: opts.seq_len, dataset: vec![d; opts.batch] })
-    });
+    let batches = (0..n_batches).map(|k| next_batch(&mut streams, k, opts));
     let bar = crate::progress::count_bar(n_batches as u64 * per_batch, "calibrating", "tokens");
     let stats = calibrate(model, batches, &datasets, meta, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();

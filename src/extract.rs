@@ -51,13 +51,16 @@ pub struct ExtractOptions {
     /// Ridge added to each `A_a`, relative to its mean diagonal.
     pub ridge: f64,
     pub max_iter: usize,
+    /// Only these source layers (a subset for sweeps and comparisons); `None`: all.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
     /// Stop when `L_align` improved by less than this fraction over 5 iterations.
     pub tol: f64,
 }
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { rank: RankSpec::Ratio(0.12), lambda: DEFAULT_LAMBDA, experts: 1, ridge: 1e-6, max_iter: 300, tol: 1e-5 }
+        ExtractOptions { rank: RankSpec::Ratio(0.12), lambda: DEFAULT_LAMBDA, experts: 1, ridge: 1e-6, max_iter: 300, layers: None, tol: 1e-5 }
     }
 }
 
@@ -128,8 +131,12 @@ pub fn stats_site(m: &FfnMatrix) -> String {
 /// The matrices to align (design.md "Gene matrix set"): every dense FFN matrix; for routed
 /// MoE layers the `k` experts with the highest routing frequency, counted per dataset,
 /// normalised per dataset, averaged over datasets; shared experts always.
-pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize) -> Result<Vec<FfnMatrix>> {
-    let all = source.config.ffn_matrices();
+pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize, layers: Option<&[usize]>) -> Result<Vec<FfnMatrix>> {
+    if let Some(bad) = layers.and_then(|ls| ls.iter().find(|&&l| l >= source.config.num_hidden_layers)) {
+        return Err(MasaError::Invalid(format!("layer {bad} does not exist: the source has {} layers", source.config.num_hidden_layers)));
+    }
+    let all: Vec<FfnMatrix> =
+        source.config.ffn_matrices().into_iter().filter(|m| layers.is_none_or(|ls| ls.contains(&m.layer))).collect();
     let mut keep_experts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     if let Some(moe) = &source.config.moe {
         for l in 0..source.config.num_hidden_layers {
@@ -245,7 +252,7 @@ pub fn extract(
     opts: &ExtractOptions,
     on_matrix: &(dyn Fn(&MatrixReport) + Sync),
 ) -> Result<Genes> {
-    let matrices = select_matrices(source, stats, opts.experts)?;
+    let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
     for m in &matrices {
         let r = opts.rank.rank(m.d_out, m.d_in);
         Layout::new(m.d_out, m.d_in, r).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
@@ -433,6 +440,14 @@ impl MinibatchAligner {
         Ok(loss / (l.d_out as f64 * n as f64))
     }
 
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    pub fn spec_target(&self) -> Option<&SpectralAlignment> {
+        self.spec.as_ref().map(|(s, _)| s)
+    }
+
     fn adam_update(&mut self, grad: &[f64]) {
         const B1: f64 = 0.9;
         const B2: f64 = 0.999;
@@ -444,4 +459,144 @@ impl MinibatchAligner {
             self.m[k] -= self.lr * (self.adam_m[k] / c1) / ((self.adam_v[k] / c2).sqrt() + 1e-12);
         }
     }
+}
+
+/// Options of the paper's minibatch procedure.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MinibatchOptions {
+    pub epochs: usize,
+    pub lr: f64,
+    /// Std of the random gene init.
+    pub init_std: f64,
+    pub seed: u64,
+}
+
+/// Progress of minibatch extraction after an epoch, measured with the exact objective.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochTrace {
+    pub epoch: usize,
+    pub seconds: f64,
+    pub median_rel_l_out: f64,
+}
+
+/// Feeds each selected matrix's input site to its aligner during the forward pass.
+struct MinibatchHooks {
+    by_site: BTreeMap<(usize, String), Vec<usize>>,
+    aligners: Vec<MinibatchAligner>,
+}
+
+impl crate::model::Hooks for MinibatchHooks {
+    fn ffn_input(&mut self, layer: usize, mlp: crate::model::MlpId, site: crate::model::Site, x: &Tensor) -> Result<()> {
+        if let Some(ids) = self.by_site.get(&(layer, crate::calibrate::site_name(mlp, site))) {
+            for &i in ids {
+                self.aligners[i].step(x)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The paper's extraction: genes from random init, Adam on the streamed `(x, W x)` pairs of
+/// `batches` for `epochs` passes (the same tokens each epoch). After every epoch the genes are
+/// scored with the exact objective from `stats`, so the trace is comparable with exact mode.
+#[allow(clippy::too_many_arguments)]
+pub fn extract_minibatch(
+    model: &crate::model::Transformer,
+    source: &SourceWeights,
+    source_hash: &str,
+    stats: &Stats,
+    opts: &ExtractOptions,
+    mb: &MinibatchOptions,
+    batches: &[crate::calibrate::Batch],
+    on_epoch: &mut dyn FnMut(&EpochTrace),
+) -> Result<(Genes, Vec<EpochTrace>)> {
+    let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
+    let mut rng = crate::corpus::SplitMix64(mb.seed ^ 0x5eed_9e7e);
+    let mut by_site: BTreeMap<(usize, String), Vec<usize>> = BTreeMap::new();
+    let mut aligners = Vec::new();
+    let mut exact = Vec::new();
+    for (i, m) in matrices.iter().enumerate() {
+        let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
+        let w = source.tensor_shaped(&m.name, &[m.d_out, m.d_in])?;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let moment = stats.moment(m.layer, &stats_site(m))?;
+        exact.push(OutputAlignment::new(&wv, &moment.mean(), layout));
+        let sigma = Mat::from_fn(m.d_out, m.d_in, |p, j| wv[p * m.d_in + j] as f64)
+            .singular_values()
+            .map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
+        let spec = (opts.lambda > 0.0).then(|| (SpectralAlignment::new(&sigma, layout.r), opts.lambda));
+        let m0: Vec<f64> = (0..layout.r * layout.r).map(|_| gaussian(&mut rng) * mb.init_std).collect();
+        aligners.push(MinibatchAligner::new(&w, layout, m0, mb.lr, spec)?);
+        by_site.entry((m.layer, stats_site(m))).or_default().push(i);
+    }
+    let mut hooks = MinibatchHooks { by_site, aligners };
+    let t0 = Instant::now();
+    let mut trace = Vec::new();
+    for epoch in 1..=mb.epochs {
+        for b in batches {
+            let x = Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &candle_core::Device::Cpu)?;
+            model.hidden_states(&x, &mut hooks)?;
+        }
+        let mut rel: Vec<f64> = hooks
+            .aligners
+            .iter()
+            .zip(&exact)
+            .map(|(a, e)| e.loss_grad(&to_mat(&a.m, a.layout.r)).0 / (e.trace_wsw / a.layout.d_out as f64))
+            .collect();
+        rel.sort_by(|a, b| a.total_cmp(b));
+        let point = EpochTrace { epoch, seconds: t0.elapsed().as_secs_f64(), median_rel_l_out: rel[rel.len() / 2] };
+        on_epoch(&point);
+        trace.push(point);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut genes = BTreeMap::new();
+    let mut reports = Vec::new();
+    for ((m, a), e) in matrices.iter().zip(&hooks.aligners).zip(&exact) {
+        let mm = to_mat(&a.m, a.layout.r);
+        let (l_out, _) = e.loss_grad(&mm);
+        let energy = e.trace_wsw / a.layout.d_out as f64;
+        let l_spec = match &a.spec_target() {
+            Some(s) => s.loss(&mm)?,
+            None => f64::NAN,
+        };
+        reports.push(MatrixReport {
+            name: m.name.clone(),
+            layer: m.layer,
+            proj: m.proj.into(),
+            kind: m.kind.into(),
+            expert: m.expert,
+            d_out: m.d_out,
+            d_in: m.d_in,
+            r: a.layout.r,
+            output_energy: energy,
+            l_out_start: f64::NAN,
+            l_out,
+            rel_l_out_start: f64::NAN,
+            rel_l_out: l_out / energy,
+            l_spec_start: f64::NAN,
+            l_spec,
+            iterations: a.steps(),
+            seconds,
+        });
+        genes.insert(gene_name(m), (a.layout.r, a.m.iter().map(|&v| v as f32).collect()));
+    }
+    let meta = GenesMeta {
+        format: FORMAT.into(),
+        source: source.path.display().to_string(),
+        source_hash: source_hash.to_string(),
+        arch: source.config.arch.name().into(),
+        stats_tokens: stats.meta.tokens,
+        stats_corpus: stats.meta.corpus.clone(),
+        options: opts.clone(),
+        mode: "minibatch".into(),
+        matrices: reports,
+        masa_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok((Genes { meta, genes }, trace))
+}
+
+fn gaussian(rng: &mut crate::corpus::SplitMix64) -> f64 {
+    let u = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let v = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
 }

@@ -101,6 +101,29 @@ enum Command {
         experts: usize,
         #[arg(long, default_value_t = 300)]
         max_iter: usize,
+        /// Only these source layers (comma-separated), e.g. for sweeps.
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// `exact` (closed form + full-batch L-BFGS from the statistics) or `minibatch` (the
+        /// paper: Adam on streamed (x, Wx) pairs of the calibration tokens, from random init).
+        #[arg(long, default_value = "exact")]
+        mode: String,
+        /// Minibatch mode: the calibration stream to replay (same options as `masa calibrate`).
+        #[arg(long)]
+        corpus: Vec<PathBuf>,
+        #[arg(long, default_value_t = 65_536)]
+        tokens: u64,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Minibatch mode: passes over the tokens, Adam learning rate.
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
         #[arg(long)]
         out: PathBuf,
     },
@@ -265,8 +288,13 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged {} shards, {} tokens -> {}", inputs.len(), acc.meta.tokens, out.display());
             Ok(())
         }
-        Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, out } => {
-            cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, &out)
+        Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, layers, mode, corpus, tokens, seq, batch, seed, epochs, lr, out } => {
+            let replay = match mode.as_str() {
+                "exact" => None,
+                "minibatch" => Some((corpus, masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains: None }, epochs, lr)),
+                other => anyhow::bail!("--mode {other}: expected `exact` or `minibatch`"),
+            };
+            cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, layers, replay, &out)
         }
         Command::Init(a) => {
             let options = masa::init::InitOptions {
@@ -335,6 +363,8 @@ fn cmd_extract(
     lambda: f64,
     experts: usize,
     max_iter: usize,
+    layers: Option<Vec<usize>>,
+    replay: Option<(Vec<PathBuf>, masa::calibrate::CalibrateOptions, usize, f64)>,
     out: &std::path::Path,
 ) -> Result<()> {
     use masa::extract::{ExtractOptions, RankSpec};
@@ -352,12 +382,31 @@ fn cmd_extract(
     let hash = masa::source::SourceModel::open(&path)?.fingerprint()?;
     let stats = masa::stats::Stats::load(stats_path)?;
     masa::extract::check_stats_match(&source, &hash, &stats, stats_path)?;
-    let opts = ExtractOptions { rank, lambda, experts, max_iter, ..Default::default() };
-    let n = masa::extract::select_matrices(&source, &stats, experts)?.len();
-    let bar = masa::progress::count_bar(n as u64, "extracting", "matrices");
+    let opts = ExtractOptions { rank, lambda, experts, max_iter, layers, ..Default::default() };
+    let n = masa::extract::select_matrices(&source, &stats, experts, opts.layers.as_deref())?.len();
     let t0 = std::time::Instant::now();
-    let genes = masa::extract::extract(&source, &hash, &stats, &opts, &|_| bar.inc(1))?;
-    bar.finish_and_clear();
+    let genes = match replay {
+        None => {
+            let bar = masa::progress::count_bar(n as u64, "extracting", "matrices");
+            let g = masa::extract::extract(&source, &hash, &stats, &opts, &|_| bar.inc(1))?;
+            bar.finish_and_clear();
+            g
+        }
+        Some((corpus, copts, epochs, lr)) => {
+            let full = masa::source::SourceModel::open(&path)?;
+            let model = Transformer::load(&full.weights)?;
+            let (corpus, _) = masa::corpus::resolve_corpus(&corpus)?;
+            let encode = |t: &str| full.tokenizer.encode(t, false);
+            let (_, mut streams, n_batches) = masa::calibrate::corpus_batches_with(&full, &corpus, &copts, &encode)?;
+            let batches = (0..n_batches).map(|k| masa::calibrate::next_batch(&mut streams, k, &copts)).collect::<masa::Result<Vec<_>>>()?;
+            let mb = masa::extract::MinibatchOptions { epochs, lr, init_std: 0.02, seed: copts.seed };
+            let (g, trace) = masa::extract::extract_minibatch(&model, &source, &hash, &stats, &opts, &mb, &batches, &mut |p| {
+                eprintln!("epoch {:3}  {:8.1} s  median relative L_out {:.4}", p.epoch, p.seconds, p.median_rel_l_out)
+            })?;
+            masa::home::write_atomic(&out.with_extension("trace.json"), serde_json::to_string_pretty(&trace)?.as_bytes())?;
+            g
+        }
+    };
     genes.save(out)?;
     let report_path = out.with_extension("report.json");
     masa::home::write_atomic(&report_path, serde_json::to_string_pretty(&genes.meta)?.as_bytes())?;

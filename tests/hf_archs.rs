@@ -672,7 +672,7 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
     let mut stats = run_calibration(&model, tiny_batches(&spec, 5, 40));
     let hash = w.fingerprint().unwrap();
     stats.meta.source_hash = hash.clone();
-    let chosen = masa::extract::select_matrices(&w, &stats, 1).unwrap();
+    let chosen = masa::extract::select_matrices(&w, &stats, 1, None).unwrap();
     for l in 0..spec.layers {
         let freq: Vec<f64> = (0..spec.experts)
             .map(|e| {
