@@ -1,0 +1,460 @@
+//! CPU kernels of the trainable Llama student, each with its own backward: matmuls through
+//! the `gemm` crate, and fused RMSNorm, rotate-half RoPE, causal softmax attention, SwiGLU and
+//! cross-entropy over the vocabulary. Everything works on row-major slices, generic over f32
+//! (training) and f64 (the finite-difference gradient test). Work is split over rows with
+//! rayon; every reduction over rows adds fixed-size partial sums in a fixed order, so results
+//! do not depend on the thread count or scheduling (same seed, same losses).
+
+use num_traits::{Float, NumAssign};
+use rayon::prelude::*;
+
+/// The float types the kernels run in.
+pub trait Real: Float + NumAssign + Send + Sync + Default + std::fmt::Debug + std::iter::Sum + 'static {
+    fn of(x: f64) -> Self;
+}
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+}
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+}
+
+/// Rows per partial sum in reductions over rows (fixed, so sums are order-stable).
+const REDUCE_ROWS: usize = 64;
+
+fn parallelism(work: usize) -> gemm::Parallelism {
+    let n = rayon::current_num_threads();
+    // Tiny products (attention heads, tests) are faster on one thread.
+    if n <= 1 || work < 64 * 64 * 64 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(n)
+    }
+}
+
+/// A matrix view: base pointer plus row and column strides (in elements).
+#[derive(Clone, Copy)]
+pub struct View<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<T> View<T> {
+    /// Row-major `(rows, cols)` with row stride `ld`.
+    pub fn rows(s: &[T], ld: usize) -> Self {
+        View { ptr: s.as_ptr(), rs: ld as isize, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with row stride `ld`.
+    pub fn t(s: &[T], ld: usize) -> Self {
+        View { ptr: s.as_ptr(), rs: 1, cs: ld as isize }
+    }
+}
+
+/// `C (m×n) = [C +] A (m×k) · B (k×n)`; `C` row-major with row stride `ldc`.
+///
+/// # Safety
+/// The views must address valid memory for the given sizes and not alias `c`.
+pub unsafe fn gemm_raw<T: Real>(m: usize, n: usize, k: usize, c: *mut T, ldc: usize, acc: bool, a: View<T>, b: View<T>, par: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let p = if par { parallelism(m * n * k) } else { gemm::Parallelism::None };
+    gemm::gemm(m, n, k, c, 1, ldc as isize, acc, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, T::one(), T::one(), false, false, false, p);
+}
+
+/// `c (m×n) [+]= a (m×k) · bᵀ` where `b` is `(n×k)`: a linear layer `y = x Wᵀ`.
+pub fn mm_nt<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, acc: bool) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= n * k);
+    unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), n, acc, View::rows(a, k), View::t(b, k), true) }
+}
+
+/// `c (m×n) [+]= a (m×k) · b (k×n)`: the input gradient of a linear layer, `dx = dy W`.
+pub fn mm_nn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, acc: bool) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), n, acc, View::rows(a, k), View::rows(b, n), true) }
+}
+
+/// `c (m×n) [+]= aᵀ · b` where `a` is `(k×m)`, `b` is `(k×n)`: a weight gradient, `dW = dyᵀ x`.
+pub fn mm_tn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, acc: bool) {
+    assert!(c.len() >= m * n && a.len() >= k * m && b.len() >= k * n);
+    unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), n, acc, View::t(a, m), View::rows(b, n), true) }
+}
+
+/// A raw pointer that may cross threads; users write disjoint parts only.
+#[derive(Clone, Copy)]
+pub struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Sum per-row contributions `f(row, acc)` into `out` (length `d`) deterministically: fixed
+/// blocks of rows in parallel, then the block sums in order.
+fn reduce_rows<T: Real>(rows: usize, d: usize, out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    let blocks = rows.div_ceil(REDUCE_ROWS);
+    let partial: Vec<Vec<T>> = (0..blocks)
+        .into_par_iter()
+        .map(|blk| {
+            let mut acc = vec![T::zero(); d];
+            for r in blk * REDUCE_ROWS..((blk + 1) * REDUCE_ROWS).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    for p in partial {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x · r · w, r = 1 / sqrt(mean(x²) + eps)
+
+pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], y: &mut [T], rstd: &mut [T], d: usize, eps: f64) {
+    let eps = T::of(eps);
+    let dn = T::of(d as f64);
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((y, x), r)| {
+        let ss: T = x.iter().map(|&v| v * v).sum();
+        let rs = T::one() / (ss / dn + eps).sqrt();
+        *r = rs;
+        for ((yo, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
+            *yo = xi * rs * wi;
+        }
+    });
+}
+
+/// `dx += ∂/∂x`, `dw += ∂/∂w` for upstream `dy`: with `g = dy ⊙ w`,
+/// `dx = r g − x r³ (g·x)/d`, `dw = Σ_rows dy ⊙ x r`.
+pub fn rmsnorm_bwd<T: Real>(dy: &[T], x: &[T], w: &[T], rstd: &[T], dx: &mut [T], dw: &mut [T], d: usize) {
+    let dn = T::of(d as f64);
+    dx.par_chunks_mut(d).zip(dy.par_chunks(d)).zip(x.par_chunks(d)).zip(rstd.par_iter()).for_each(|(((dx, dy), x), &r)| {
+        let dot: T = dy.iter().zip(w).zip(x).map(|((&a, &b), &c)| a * b * c).sum();
+        let c = r * r * r * dot / dn;
+        for i in 0..d {
+            dx[i] += r * dy[i] * w[i] - c * x[i];
+        }
+    });
+    let rows = rstd.len();
+    reduce_rows(rows, d, dw, |n, acc| {
+        let r = rstd[n];
+        for i in 0..d {
+            acc[i] += dy[n * d + i] * x[n * d + i] * r;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, HF rotate-half convention: for i < d/2, with angle a = pos · θ^(−2i/d),
+// y[i] = x[i] cos a − x[i+d/2] sin a, y[i+d/2] = x[i+d/2] cos a + x[i] sin a.
+
+/// cos and sin tables `(t, d/2)`.
+pub fn rope_tables<T: Real>(head_dim: usize, t: usize, theta: f64) -> (Vec<T>, Vec<T>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in 0..t {
+        for i in 0..half {
+            // f32 inverse frequencies as HF computes them, angle in f64.
+            let inv = (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32 as f64;
+            let a = p as f64 * inv;
+            cos.push(T::of(a.cos()));
+            sin.push(T::of(a.sin()));
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate `x` `(rows = b·t, heads·head_dim)` in place; position of row n is `n % t`.
+/// `inverse` applies the transpose (the backward pass).
+pub fn rope<T: Real>(x: &mut [T], cos: &[T], sin: &[T], t: usize, heads: usize, head_dim: usize, inverse: bool) {
+    let half = head_dim / 2;
+    let width = heads * head_dim;
+    x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+        let p = n % t;
+        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        for h in 0..heads {
+            let v = &mut row[h * head_dim..(h + 1) * head_dim];
+            for i in 0..half {
+                let (a, b) = (v[i], v[i + half]);
+                let sn = if inverse { -s[i] } else { s[i] };
+                v[i] = a * c[i] - b * sn;
+                v[i + half] = b * c[i] + a * sn;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention. q: (b·t, nh·hd), k, v: (b·t, nkv·hd), head h reads kv head h / (nh/nkv)
+// (HF repeat_kv). p: (b, nh, t, t) softmax probabilities, kept for the backward.
+
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+}
+
+pub fn attention_fwd<T: Real>(s: &AttnShape, q: &[T], k: &[T], v: &[T], p: &mut [T], o: &mut [T]) {
+    let (t, nh, nkv, hd) = (s.t, s.nh, s.nkv, s.hd);
+    let (qd, kd, g) = (nh * hd, nkv * hd, nh / nkv);
+    let scale = T::of(1.0 / (hd as f64).sqrt());
+    let optr = SendPtr(o.as_mut_ptr());
+    p.par_chunks_mut(t * t).enumerate().for_each(|(bh, pm)| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let kh = h / g;
+        let qb = &q[bi * t * qd + h * hd..];
+        let kb = &k[bi * t * kd + kh * hd..];
+        let vb = &v[bi * t * kd + kh * hd..];
+        unsafe {
+            gemm_raw(t, t, hd, pm.as_mut_ptr(), t, false, View { ptr: qb.as_ptr(), rs: qd as isize, cs: 1 }, View { ptr: kb.as_ptr(), rs: 1, cs: kd as isize }, false);
+        }
+        for i in 0..t {
+            let row = &mut pm[i * t..(i + 1) * t];
+            let mut mx = T::neg_infinity();
+            for x in row[..=i].iter_mut() {
+                *x *= scale;
+                mx = mx.max(*x);
+            }
+            let mut sum = T::zero();
+            for x in row[..=i].iter_mut() {
+                *x = (*x - mx).exp();
+                sum += *x;
+            }
+            let inv = T::one() / sum;
+            for x in row[..=i].iter_mut() {
+                *x *= inv;
+            }
+            for x in row[i + 1..].iter_mut() {
+                *x = T::zero();
+            }
+        }
+        let ob = unsafe { optr.get().add(bi * t * qd + h * hd) };
+        unsafe {
+            gemm_raw(t, hd, t, ob, qd, false, View::rows(pm, t), View { ptr: vb.as_ptr(), rs: kd as isize, cs: 1 }, false);
+        }
+    });
+}
+
+/// From `dout` (b·t, nh·hd): `dq` (overwritten), `dk`, `dv` (overwritten). `scratch`: b·nkv·t·t.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: Real>(
+    s: &AttnShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    p: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    scratch: &mut [T],
+) {
+    let (t, nh, nkv, hd) = (s.t, s.nh, s.nkv, s.hd);
+    let (qd, kd, g) = (nh * hd, nkv * hd, nh / nkv);
+    let scale = T::of(1.0 / (hd as f64).sqrt());
+    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    scratch.par_chunks_mut(t * t).enumerate().for_each(|(bk, ds)| {
+        let (bi, kh) = (bk / nkv, bk % nkv);
+        let kb = &k[bi * t * kd + kh * hd..];
+        let vb = &v[bi * t * kd + kh * hd..];
+        let dkb = unsafe { dkp.get().add(bi * t * kd + kh * hd) };
+        let dvb = unsafe { dvp.get().add(bi * t * kd + kh * hd) };
+        let kv_rows = |ptr: *const T| View { ptr, rs: kd as isize, cs: 1 };
+        for j in 0..g {
+            let h = kh * g + j;
+            let pm = &p[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
+            let qb = &q[bi * t * qd + h * hd..];
+            let dob = &dout[bi * t * qd + h * hd..];
+            let q_rows = |ptr: *const T| View { ptr, rs: qd as isize, cs: 1 };
+            unsafe {
+                // dV += Pᵀ dO
+                gemm_raw(t, hd, t, dvb, kd, j > 0, View::t(pm, t), q_rows(dob.as_ptr()), false);
+                // dP = dO Vᵀ
+                gemm_raw(t, t, hd, ds.as_mut_ptr(), t, false, q_rows(dob.as_ptr()), View { ptr: vb.as_ptr(), rs: 1, cs: kd as isize }, false);
+            }
+            // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+            for i in 0..t {
+                let pr = &pm[i * t..(i + 1) * t];
+                let dr = &mut ds[i * t..(i + 1) * t];
+                let dot: T = pr[..=i].iter().zip(&dr[..=i]).map(|(&a, &b)| a * b).sum();
+                for c in 0..=i {
+                    dr[c] = pr[c] * (dr[c] - dot) * scale;
+                }
+                for x in dr[i + 1..].iter_mut() {
+                    *x = T::zero();
+                }
+            }
+            unsafe {
+                // dQ = dS K
+                gemm_raw(t, hd, t, dqp.get().add(bi * t * qd + h * hd), qd, false, View::rows(ds, t), kv_rows(kb.as_ptr()), false);
+                // dK += dSᵀ Q
+                gemm_raw(t, hd, t, dkb, kd, j > 0, View::t(ds, t), q_rows(qb.as_ptr()), false);
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: a = silu(g) ⊙ u
+
+pub fn swiglu_fwd<T: Real>(g: &[T], u: &[T], a: &mut [T]) {
+    a.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(|((a, g), u)| {
+        for i in 0..a.len() {
+            let s = T::one() / (T::one() + (-g[i]).exp());
+            a[i] = g[i] * s * u[i];
+        }
+    });
+}
+
+/// From `da`: `dg`, `du` (overwritten).
+pub fn swiglu_bwd<T: Real>(g: &[T], u: &[T], da: &[T], dg: &mut [T], du: &mut [T]) {
+    dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+        let o = c * 4096;
+        for i in 0..dg.len() {
+            let (gi, ui, d) = (g[o + i], u[o + i], da[o + i]);
+            let s = T::one() / (T::one() + (-gi).exp());
+            du[i] = d * gi * s;
+            dg[i] = d * ui * s * (T::one() + gi * (T::one() - s));
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy fused with the lm head, in row chunks so the (rows × vocab) logits are never
+// all held at once.
+
+/// Per-row targets for the loss: `weight` 0 skips a row (prompt tokens in fine-tuning).
+pub struct Targets<'a, T> {
+    pub ids: &'a [u32],
+    pub weights: &'a [T],
+}
+
+/// A teacher's top-k distribution per row, for distillation: `ids`/`logp` `(rows, k)`.
+pub struct Teacher<'a> {
+    pub k: usize,
+    pub ids: &'a [u32],
+    pub logp: &'a [f32],
+    /// Loss = α·CE + (1−α)·τ²·KL(teacher ‖ student at temperature τ).
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+/// `Σ_n w_n · (−log softmax(x_n Eᵀ)[y_n])` (+ distillation), and, with `grad`, `dx` (overwritten)
+/// and `dE +=`. `x`: (rows, h), `e`: (vocab, h), `logits`: scratch (chunk × vocab).
+/// Returns (weighted loss, per-row NLL written to `nll` if given).
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_loss<T: Real>(
+    x: &[T],
+    e: &[T],
+    rows: usize,
+    h: usize,
+    vocab: usize,
+    tg: &Targets<T>,
+    teacher: Option<&Teacher>,
+    logits: &mut [T],
+    mut grad: Option<(&mut [T], &mut [T])>,
+    mut nll: Option<&mut [T]>,
+) -> f64 {
+    let chunk = (logits.len() / vocab).max(1);
+    let mut total = 0f64;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = chunk.min(rows - r0);
+        let lg = &mut logits[..n * vocab];
+        mm_nt(lg, &x[r0 * h..(r0 + n) * h], e, n, vocab, h, false);
+        let want_grad = grad.is_some();
+        let losses: Vec<(f64, f64)> = lg
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(i, row)| {
+                let r = r0 + i;
+                let w = tg.weights[r];
+                let y = tg.ids[r] as usize;
+                let mx = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let sum: T = row.iter().map(|&z| (z - mx).exp()).sum();
+                let lse = mx + sum.ln();
+                let row_nll = (lse - row[y]).to_f64().unwrap_or(f64::NAN);
+                let mut loss = w.to_f64().unwrap_or(0.0) * row_nll;
+                let mut kl_part = None;
+                if let Some(te) = teacher {
+                    // KL(p_T ‖ q_S,τ) over the teacher's top-k (renormalised), per row.
+                    let tau = te.temperature;
+                    let ids = &te.ids[r * te.k..(r + 1) * te.k];
+                    let lp = &te.logp[r * te.k..(r + 1) * te.k];
+                    let tmx = lp.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64 / tau));
+                    let tz: f64 = lp.iter().map(|&l| (l as f64 / tau - tmx).exp()).sum();
+                    let pt: Vec<f64> = lp.iter().map(|&l| (l as f64 / tau - tmx).exp() / tz).collect();
+                    let smx = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b)).to_f64().unwrap() / tau;
+                    let sz: f64 = row.iter().map(|&z| (z.to_f64().unwrap() / tau - smx).exp()).sum();
+                    let slse = smx + sz.ln();
+                    let mut kl = 0.0;
+                    for (j, &id) in ids.iter().enumerate() {
+                        if pt[j] > 0.0 {
+                            kl += pt[j] * (pt[j].ln() - (row[id as usize].to_f64().unwrap() / tau - slse));
+                        }
+                    }
+                    let wk = w.to_f64().unwrap_or(0.0) * (1.0 - te.alpha) * tau * tau;
+                    loss = te.alpha * loss + wk * kl;
+                    kl_part = Some((slse, pt, wk));
+                }
+                if want_grad {
+                    let wce = match teacher {
+                        Some(te) => w * T::of(te.alpha),
+                        None => w,
+                    };
+                    let inv = T::one() / sum;
+                    match &kl_part {
+                        None => {
+                            for z in row.iter_mut() {
+                                *z = wce * (*z - mx).exp() * inv;
+                            }
+                        }
+                        Some((slse, _, wk)) => {
+                            let tau = teacher.unwrap().temperature;
+                            // d/dz of wk·KL = wk/τ · (softmax(z/τ) − p_T)
+                            let c = wk / tau;
+                            for z in row.iter_mut() {
+                                let zf = z.to_f64().unwrap();
+                                let qs = (zf / tau - slse).exp();
+                                *z = wce * (*z - mx).exp() * inv + T::of(c * qs);
+                            }
+                        }
+                    }
+                    row[y] -= wce;
+                    if let (Some(te), Some((_, pt, wk))) = (teacher, &kl_part) {
+                        let c = wk / te.temperature;
+                        for (j, &id) in te.ids[r * te.k..(r + 1) * te.k].iter().enumerate() {
+                            row[id as usize] -= T::of(c * pt[j]);
+                        }
+                    }
+                }
+                (loss, row_nll)
+            })
+            .collect();
+        for (i, (l, rn)) in losses.iter().enumerate() {
+            total += l;
+            if let Some(out) = nll.as_deref_mut() {
+                out[r0 + i] = T::of(*rn);
+            }
+        }
+        if let Some((dx, de)) = grad.as_mut() {
+            mm_nn(&mut dx[r0 * h..(r0 + n) * h], lg, e, n, h, vocab, false);
+            mm_tn(de, lg, &x[r0 * h..(r0 + n) * h], vocab, h, n, true);
+        }
+        r0 += n;
+    }
+    total
+}

@@ -1,0 +1,54 @@
+//! Helpers for the training tests: a byte-level tokenizer and tiny student configs.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use masa::student::StudentConfig;
+use masa::tokenizer::Tokenizer;
+
+/// GPT-2's byte-to-unicode table.
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    if printable(b) {
+        return b as char;
+    }
+    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).unwrap()
+}
+
+/// A byte-level BPE tokenizer with no merges: ids 0..=255 are bytes, 256 is `<|endoftext|>`
+/// (EOS). Every text encodes to its bytes.
+pub fn byte_tokenizer() -> Tokenizer {
+    let mut tokens: Vec<Value> = (0..=255u8).map(|b| Value::String(byte_char(b).to_string())).collect();
+    tokens.push(Value::String("<|endoftext|>".into()));
+    let mut types = vec![Value::I32(1); 256];
+    types.push(Value::I32(3));
+    let md: HashMap<String, Value> = [
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("default".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.merges", Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id", Value::U32(256)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Tokenizer::from_gguf_metadata(&md, Path::new("bytes.gguf")).expect("byte tokenizer")
+}
+
+/// 2 layers, hidden 8, 2 heads / 1 KV head (head dim 4), FFN 12, vocab 11.
+pub fn tiny_config(tied: bool) -> StudentConfig {
+    let mut c = StudentConfig::preset("tiny").unwrap();
+    c.hidden_size = 8;
+    c.intermediate_size = 12;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 2;
+    c.num_key_value_heads = 1;
+    c.vocab_size = 11;
+    c.tie_word_embeddings = tied;
+    c.rope_theta = 100.0;
+    c
+}
