@@ -9,6 +9,7 @@ pub mod align;
 pub mod bench;
 pub mod calibrate;
 pub mod corpus;
+pub mod distill;
 pub mod error;
 pub mod fetch;
 pub mod home;
@@ -24,5 +25,6 @@ pub mod source;
 pub mod stats;
 pub mod student;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{MasaError, Result};
