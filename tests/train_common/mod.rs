@@ -52,3 +52,40 @@ pub fn tiny_config(tied: bool) -> StudentConfig {
     c.rope_theta = 100.0;
     c
 }
+
+/// A small student for end-to-end runs: 2 layers, hidden 32, 4 heads / 2 KV, FFN 64, the byte
+/// tokenizer's vocabulary.
+pub fn small_config() -> StudentConfig {
+    let mut c = StudentConfig::preset("tiny").unwrap();
+    c.hidden_size = 32;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.vocab_size = 257;
+    c.eos_token_id = Some(256);
+    c
+}
+
+/// Write a Scratch-initialised student (normal std 0.02, norms 1) with the byte tokenizer.
+pub fn write_scratch_student(dir: &Path, cfg: &StudentConfig, seed: u64) {
+    let params = masa::llama::scratch_init(cfg, seed);
+    masa::train::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed}))
+        .expect("write student");
+}
+
+/// A two-domain JSONL corpus of deterministic pseudo-English, `docs` documents per domain.
+pub fn write_corpus(path: &Path, docs: usize) {
+    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it", "fn", "let", "x", "=", "1;", "return"];
+    let mut rng = masa::corpus::SplitMix64(42);
+    let mut out = String::new();
+    for dom in ["prose", "code"] {
+        for _ in 0..docs {
+            let n = 20 + rng.below(60);
+            let text: Vec<&str> = (0..n).map(|_| words[rng.below(if dom == "prose" { 11 } else { words.len() })]).collect();
+            out.push_str(&serde_json::json!({"text": text.join(" "), "domain": dom}).to_string());
+            out.push('\n');
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
