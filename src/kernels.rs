@@ -383,6 +383,25 @@ pub fn lm_head_loss<T: Real>(
                 let r = r0 + i;
                 let w = tg.weights[r];
                 let y = tg.ids[r] as usize;
+                if teacher.is_none() {
+                    // Plain CE: one exp per logit, the softmax left in place for the gradient.
+                    let zy = row[y];
+                    let mx = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                    let mut sum = T::zero();
+                    for z in row.iter_mut() {
+                        *z = (*z - mx).exp();
+                        sum += *z;
+                    }
+                    let row_nll = (mx + sum.ln() - zy).to_f64().unwrap_or(f64::NAN);
+                    if want_grad {
+                        let c = w / sum;
+                        for z in row.iter_mut() {
+                            *z *= c;
+                        }
+                        row[y] -= w;
+                    }
+                    return (w.to_f64().unwrap_or(0.0) * row_nll, row_nll);
+                }
                 let mx = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
                 let sum: T = row.iter().map(|&z| (z - mx).exp()).sum();
                 let lse = mx + sum.ln();

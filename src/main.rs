@@ -51,6 +51,28 @@ enum Command {
     /// AdamW, warmup + cosine schedule, clipping, accumulation, per-domain validation,
     /// metrics.jsonl, atomic checkpoints, exact --resume, optional --distill.
     Train(TrainArgs),
+    /// Supervised fine-tuning with the loss on the response only. `--data` is a JSONL of
+    /// {"prompt": ..., "response": ...} texts (evaluation tasks are wired by the eval module).
+    Finetune {
+        model: PathBuf,
+        /// JSONL with prompt/response pairs.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 3e-5, allow_negative_numbers = true)]
+        lr: f64,
+        #[arg(long, default_value_t = 512)]
+        max_len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
     Bench {
         #[command(subcommand)]
@@ -199,6 +221,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Score { model, texts, bos, out } => cmd_score(&model, &texts, bos, out.as_deref()),
         Command::Train(a) => cmd_train(a),
+        Command::Finetune { model, data, out, epochs, batch, lr, max_len, seed, quiet } => {
+            let tok = masa::source::SourceModel::open(&model)?.tokenizer;
+            let pairs = masa::finetune::read_pairs(&data, &tok)?;
+            let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, ..Default::default() };
+            let s = masa::finetune::finetune(&model, &pairs, &opts)?;
+            eprintln!("fine-tuned {} steps, final loss {:.4} -> {}", s.steps, s.final_loss, s.checkpoint.display());
+            Ok(())
+        }
         Command::Bench { what: BenchCommand::Train { config, batch, seq, warmup, steps, json } } => {
             let r = masa::bench::train(&config, batch, seq, warmup, steps, 1)?;
             let line = serde_json::to_string(&r)?;

@@ -214,3 +214,71 @@ fn nan_guard_stops_and_keeps_last_good_checkpoint() {
     let emb = w.tensor("model.embed_tokens.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(emb.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn finetune_batches_weight_only_response_tokens() {
+    use masa::finetune::{build_batch, Example};
+    let a = Example { prompt: vec![1, 2, 3], response: vec![4, 5] };
+    let b = Example { prompt: vec![7], response: vec![8] };
+    let (ids, tg, w, t) = build_batch(&[&a, &b], Some(9), 100);
+    assert_eq!(t, 5);
+    assert_eq!(&ids[..5], &[1, 2, 3, 4, 5]);
+    assert_eq!(&tg[..5], &[2, 3, 4, 5, 9]);
+    // Targets 4, 5, 9 of the first and 8, 9 of the second: 5 response targets.
+    let expect = [0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0];
+    for (x, y) in w.iter().zip(expect) {
+        assert!((x - y).abs() < 1e-7, "{w:?}");
+    }
+    assert_eq!(&ids[5..7], &[7, 8]);
+    assert_eq!(&tg[5..7], &[8, 9]);
+}
+
+#[test]
+fn finetune_learns_responses() {
+    use masa::finetune::{finetune, Example, FinetuneOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = setup(dir.path(), 1);
+    // The response is the prompt reversed: learnable only from the prompt.
+    let mut rng = masa::corpus::SplitMix64(1);
+    let ex: Vec<Example> = (0..16)
+        .map(|_| {
+            let p: Vec<u32> = (0..6).map(|_| 97 + rng.below(4) as u32).collect();
+            Example { response: p.iter().rev().copied().collect(), prompt: p }
+        })
+        .collect();
+    let o = FinetuneOptions { out: dir.path().join("ft"), epochs: 150, batch: 8, lr: 3e-3, progress: false, ..Default::default() };
+    let s = finetune(&model, &ex, &o).unwrap();
+    let losses: Vec<f64> = std::fs::read_to_string(dir.path().join("ft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    eprintln!("finetune loss {:.3} -> {:.3}", losses[0], s.final_loss);
+    assert!(losses[0] > 4.0 && s.final_loss < 0.7, "{} -> {}", losses[0], s.final_loss);
+    assert!(masa::source::SourceWeights::open(&s.checkpoint).is_ok());
+}
+
+/// Distillation: teacher top-k cached once, reused by a second student run with the same
+/// stream; the loss differs from plain CE.
+#[test]
+fn distillation_caches_teacher_and_reuses_it() {
+    use masa::train::DistillOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let teacher = dir.path().join("teacher");
+    write_scratch_student(&teacher, &small_config(), 77);
+    let cache = dir.path().join("cache");
+    let d = DistillOptions { teacher, alpha: 0.5, temperature: 2.0, top_k: 8, cache_dir: Some(cache.clone()) };
+    let o = TrainOptions { distill: Some(d), ..opts(&corpus, &dir.path().join("a")) };
+    let a = train(&model, &o).unwrap();
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path().join("topk.bin")).collect();
+    assert_eq!(files.len(), 1);
+    let size = std::fs::metadata(&files[0]).unwrap().len();
+    assert_eq!(size, (a.steps * 4 * 32 * 8 * 8) as u64, "one record per batch");
+    let mtime = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    let b = train(&model, &TrainOptions { out: dir.path().join("b"), ..o.clone() }).unwrap();
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), mtime, "second run reused the cache");
+    assert_eq!(a.final_loss, b.final_loss);
+    let plain = train(&model, &opts(&corpus, &dir.path().join("c"))).unwrap();
+    assert_ne!(plain.final_loss, a.final_loss);
+}
