@@ -63,8 +63,41 @@ pub unsafe fn gemm_raw<T: Real>(m: usize, n: usize, k: usize, c: *mut T, ldc: us
     if m == 0 || n == 0 {
         return;
     }
+    let threads = rayon::current_num_threads();
+    if par && threads > 1 && m * n * k >= 64 * 64 * 64 && split_mode() {
+        // Data-parallel over blocks of output rows (or columns when there are few rows), each
+        // a single-threaded gemm: no barrier inside a product; rayon balances the blocks.
+        let cp = SendPtr(c);
+        let (ap, bp) = (SendPtr(a.ptr as *mut T), SendPtr(b.ptr as *mut T));
+        let (ars, acs, brs, bcs) = (a.rs, a.cs, b.rs, b.cs);
+        if m >= n {
+            let blk = m.div_ceil(4 * threads).max(32);
+            (0..m.div_ceil(blk)).into_par_iter().for_each(|i| {
+                let r0 = i * blk;
+                let rows = blk.min(m - r0);
+                let av = View { ptr: unsafe { ap.get().offset(r0 as isize * ars) } as *const T, rs: ars, cs: acs };
+                let bv = View { ptr: bp.get() as *const T, rs: brs, cs: bcs };
+                unsafe { gemm_raw(rows, n, k, cp.get().add(r0 * ldc), ldc, acc, av, bv, false) }
+            });
+        } else {
+            let blk = n.div_ceil(4 * threads).max(32);
+            (0..n.div_ceil(blk)).into_par_iter().for_each(|j| {
+                let c0 = j * blk;
+                let cols = blk.min(n - c0);
+                let av = View { ptr: ap.get() as *const T, rs: ars, cs: acs };
+                let bv = View { ptr: unsafe { bp.get().offset(c0 as isize * bcs) } as *const T, rs: brs, cs: bcs };
+                unsafe { gemm_raw(m, cols, k, cp.get().add(c0), ldc, acc, av, bv, false) }
+            });
+        }
+        return;
+    }
     let p = if par { parallelism(m * n * k) } else { gemm::Parallelism::None };
     gemm::gemm(m, n, k, c, 1, ldc as isize, acc, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, T::one(), T::one(), false, false, false, p);
+}
+
+fn split_mode() -> bool {
+    static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| std::env::var("MASA_GEMM_SPLIT").map(|v| v != "0").unwrap_or(true))
 }
 
 /// `c (m×n) [+]= a (m×k) · bᵀ` where `b` is `(n×k)`: a linear layer `y = x Wᵀ`.
@@ -476,4 +509,51 @@ pub fn lm_head_loss<T: Real>(
         r0 += n;
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: impl Fn(usize, usize) -> f64, b: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) * b(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    /// The three matmul forms against a naive triple loop, on shapes that take the
+    /// single-threaded path, the row-split path and the column-split path, with accumulation.
+    #[test]
+    fn matmuls_match_naive() {
+        for &(m, n, k) in &[(3, 5, 7), (300, 70, 40), (40, 300, 70), (129, 257, 33)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.1).collect();
+            let init: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+            let check = |got: &[f32], want: &[f64], what: &str| {
+                for (g, w) in got.iter().zip(want) {
+                    assert!((*g as f64 - w).abs() < 1e-3, "{what} {m}x{n}x{k}: {g} vs {w}");
+                }
+            };
+            // nt: a (m,k), b (n,k)
+            let want = naive(m, n, k, |i, p| a[i * k + p] as f64, |p, j| b[j * k + p] as f64);
+            let mut c = init.clone();
+            mm_nt(&mut c, &a, &b, m, n, k, true);
+            let want_acc: Vec<f64> = want.iter().zip(&init).map(|(w, i)| w + *i as f64).collect();
+            check(&c, &want_acc, "nt");
+            // nn: a (m,k), b (k,n)
+            let want = naive(m, n, k, |i, p| a[i * k + p] as f64, |p, j| b[p * n + j] as f64);
+            let mut c = init.clone();
+            mm_nn(&mut c, &a, &b, m, n, k, false);
+            check(&c, &want, "nn");
+            // tn: a (k,m), b (k,n)
+            let want = naive(m, n, k, |i, p| a[p * m + i] as f64, |p, j| b[p * n + j] as f64);
+            let mut c = init.clone();
+            mm_tn(&mut c, &a, &b, m, n, k, false);
+            check(&c, &want, "tn");
+        }
+    }
 }
