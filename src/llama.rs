@@ -143,8 +143,10 @@ pub struct Workspace<T> {
     sin: Vec<T>,
 }
 
-/// Rows of logits computed at once by the fused lm-head loss.
-pub const LOGIT_CHUNK_ROWS: usize = 256;
+/// Logits computed at once by the fused lm-head loss: up to this many floats (64 MiB), at least
+/// 64 rows. Llama-7m (vocab 8192) does a whole B=8, T=128 batch in one chunk; SmolLM2's vocabulary
+/// (49,152) takes 341-row chunks.
+pub const LOGIT_CHUNK_FLOATS: usize = 16 << 20;
 
 impl<T: Real> Workspace<T> {
     pub fn new(cfg: &StudentConfig, batch: usize, seq: usize) -> Self {
@@ -182,7 +184,7 @@ impl<T: Real> Workspace<T> {
             xl: z(n * h),
             xf: z(n * h),
             rstdf: z(n),
-            logits: z(LOGIT_CHUNK_ROWS.min(n) * cfg.vocab_size),
+            logits: z((LOGIT_CHUNK_FLOATS / cfg.vocab_size.max(1)).max(64).min(n) * cfg.vocab_size),
             dx: z(n * h),
             dxn: z(n * h),
             dq: z(n * qd),
