@@ -237,12 +237,12 @@ pub fn rope_tables<T: Real>(head_dim: usize, t: usize, theta: f64) -> (Vec<T>, V
     (cos, sin)
 }
 
-/// Rotate `x` `(rows = b·t, heads·head_dim)` in place; position of row n is `n % t`.
-/// `inverse` applies the transpose (the backward pass).
-pub fn rope<T: Real>(x: &mut [T], cos: &[T], sin: &[T], t: usize, heads: usize, head_dim: usize, inverse: bool) {
+/// Rotate the first `heads` heads of every row of `x` (`b·t` rows of stride `ld`) in place;
+/// position of row n is `n % t`. `inverse` applies the transpose (the backward pass).
+#[allow(clippy::too_many_arguments)]
+pub fn rope<T: Real>(x: &mut [T], ld: usize, cos: &[T], sin: &[T], t: usize, heads: usize, head_dim: usize, inverse: bool) {
     let half = head_dim / 2;
-    let width = heads * head_dim;
-    x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+    x.par_chunks_mut(ld).enumerate().for_each(|(n, row)| {
         let p = n % t;
         let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
         for h in 0..heads {
@@ -258,8 +258,9 @@ pub fn rope<T: Real>(x: &mut [T], cos: &[T], sin: &[T], t: usize, heads: usize, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Causal attention. q: (b·t, nh·hd), k, v: (b·t, nkv·hd), head h reads kv head h / (nh/nkv)
-// (HF repeat_kv). p: (b, nh, t, t) softmax probabilities, kept for the backward.
+// Causal attention over a packed `qkv` (b·t rows of stride ld = (nh + 2·nkv)·hd: q heads, then
+// k heads, then v heads, the output of the fused q/k/v projection). Head h reads kv head
+// h / (nh/nkv) (HF repeat_kv). p: (b, nh, t, t) softmax probabilities, kept for the backward.
 
 pub struct AttnShape {
     pub b: usize,
@@ -269,19 +270,20 @@ pub struct AttnShape {
     pub hd: usize,
 }
 
-pub fn attention_fwd<T: Real>(s: &AttnShape, q: &[T], k: &[T], v: &[T], p: &mut [T], o: &mut [T]) {
+pub fn attention_fwd<T: Real>(s: &AttnShape, qkv: &[T], p: &mut [T], o: &mut [T]) {
     let (t, nh, nkv, hd) = (s.t, s.nh, s.nkv, s.hd);
     let (qd, kd, g) = (nh * hd, nkv * hd, nh / nkv);
+    let ld = qd + 2 * kd;
     let scale = T::of(1.0 / (hd as f64).sqrt());
     let optr = SendPtr(o.as_mut_ptr());
     p.par_chunks_mut(t * t).enumerate().for_each(|(bh, pm)| {
         let (bi, h) = (bh / nh, bh % nh);
         let kh = h / g;
-        let qb = &q[bi * t * qd + h * hd..];
-        let kb = &k[bi * t * kd + kh * hd..];
-        let vb = &v[bi * t * kd + kh * hd..];
+        let qb = &qkv[bi * t * ld + h * hd..];
+        let kb = &qkv[bi * t * ld + qd + kh * hd..];
+        let vb = &qkv[bi * t * ld + qd + kd + kh * hd..];
         unsafe {
-            gemm_raw(t, t, hd, pm.as_mut_ptr(), t, false, View { ptr: qb.as_ptr(), rs: qd as isize, cs: 1 }, View { ptr: kb.as_ptr(), rs: 1, cs: kd as isize }, false);
+            gemm_raw(t, t, hd, pm.as_mut_ptr(), t, false, View { ptr: qb.as_ptr(), rs: ld as isize, cs: 1 }, View { ptr: kb.as_ptr(), rs: 1, cs: ld as isize }, false);
         }
         for i in 0..t {
             let row = &mut pm[i * t..(i + 1) * t];
@@ -305,47 +307,36 @@ pub fn attention_fwd<T: Real>(s: &AttnShape, q: &[T], k: &[T], v: &[T], p: &mut 
         }
         let ob = unsafe { optr.get().add(bi * t * qd + h * hd) };
         unsafe {
-            gemm_raw(t, hd, t, ob, qd, false, View::rows(pm, t), View { ptr: vb.as_ptr(), rs: kd as isize, cs: 1 }, false);
+            gemm_raw(t, hd, t, ob, qd, false, View::rows(pm, t), View { ptr: vb.as_ptr(), rs: ld as isize, cs: 1 }, false);
         }
     });
 }
 
-/// From `dout` (b·t, nh·hd): `dq` (overwritten), `dk`, `dv` (overwritten). `scratch`: b·nkv·t·t.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd<T: Real>(
-    s: &AttnShape,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    p: &[T],
-    dout: &[T],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    scratch: &mut [T],
-) {
+/// From `dout` (b·t, nh·hd): `dqkv` (overwritten, packed like `qkv`). `scratch`: b·nkv·t·t.
+pub fn attention_bwd<T: Real>(s: &AttnShape, qkv: &[T], p: &[T], dout: &[T], dqkv: &mut [T], scratch: &mut [T]) {
     let (t, nh, nkv, hd) = (s.t, s.nh, s.nkv, s.hd);
     let (qd, kd, g) = (nh * hd, nkv * hd, nh / nkv);
+    let ld = qd + 2 * kd;
     let scale = T::of(1.0 / (hd as f64).sqrt());
-    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let dp = SendPtr(dqkv.as_mut_ptr());
     scratch.par_chunks_mut(t * t).enumerate().for_each(|(bk, ds)| {
         let (bi, kh) = (bk / nkv, bk % nkv);
-        let kb = &k[bi * t * kd + kh * hd..];
-        let vb = &v[bi * t * kd + kh * hd..];
-        let dkb = unsafe { dkp.get().add(bi * t * kd + kh * hd) };
-        let dvb = unsafe { dvp.get().add(bi * t * kd + kh * hd) };
-        let kv_rows = |ptr: *const T| View { ptr, rs: kd as isize, cs: 1 };
+        let base = bi * t * ld;
+        let kb = &qkv[base + qd + kh * hd..];
+        let vb = &qkv[base + qd + kd + kh * hd..];
+        let dkb = unsafe { dp.get().add(base + qd + kh * hd) };
+        let dvb = unsafe { dp.get().add(base + qd + kd + kh * hd) };
+        let packed = |ptr: *const T| View { ptr, rs: ld as isize, cs: 1 };
         for j in 0..g {
             let h = kh * g + j;
             let pm = &p[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
-            let qb = &q[bi * t * qd + h * hd..];
-            let dob = &dout[bi * t * qd + h * hd..];
-            let q_rows = |ptr: *const T| View { ptr, rs: qd as isize, cs: 1 };
+            let qb = &qkv[base + h * hd..];
+            let dob = View { ptr: dout[bi * t * qd + h * hd..].as_ptr(), rs: qd as isize, cs: 1 };
             unsafe {
                 // dV += Pᵀ dO
-                gemm_raw(t, hd, t, dvb, kd, j > 0, View::t(pm, t), q_rows(dob.as_ptr()), false);
+                gemm_raw(t, hd, t, dvb, ld, j > 0, View::t(pm, t), dob, false);
                 // dP = dO Vᵀ
-                gemm_raw(t, t, hd, ds.as_mut_ptr(), t, false, q_rows(dob.as_ptr()), View { ptr: vb.as_ptr(), rs: 1, cs: kd as isize }, false);
+                gemm_raw(t, t, hd, ds.as_mut_ptr(), t, false, dob, View { ptr: vb.as_ptr(), rs: 1, cs: ld as isize }, false);
             }
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
             for i in 0..t {
@@ -361,9 +352,9 @@ pub fn attention_bwd<T: Real>(
             }
             unsafe {
                 // dQ = dS K
-                gemm_raw(t, hd, t, dqp.get().add(bi * t * qd + h * hd), qd, false, View::rows(ds, t), kv_rows(kb.as_ptr()), false);
+                gemm_raw(t, hd, t, dp.get().add(base + h * hd), ld, false, View::rows(ds, t), packed(kb.as_ptr()), false);
                 // dK += dSᵀ Q
-                gemm_raw(t, hd, t, dkb, kd, j > 0, View::t(ds, t), q_rows(qb.as_ptr()), false);
+                gemm_raw(t, hd, t, dkb, ld, j > 0, View::t(ds, t), packed(qb.as_ptr()), false);
             }
         }
     });
@@ -372,21 +363,24 @@ pub fn attention_bwd<T: Real>(
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: a = silu(g) ⊙ u
 
-pub fn swiglu_fwd<T: Real>(g: &[T], u: &[T], a: &mut [T]) {
-    a.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(|((a, g), u)| {
-        for i in 0..a.len() {
+/// `gu`: rows of `[gate (f) | up (f)]` (the fused gate/up projection); `a`: rows of f.
+pub fn swiglu_fwd<T: Real>(gu: &[T], a: &mut [T], f: usize) {
+    a.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(a, gu)| {
+        let (g, u) = gu.split_at(f);
+        for i in 0..f {
             let s = T::one() / (T::one() + (-g[i]).fast_exp());
             a[i] = g[i] * s * u[i];
         }
     });
 }
 
-/// From `da`: `dg`, `du` (overwritten).
-pub fn swiglu_bwd<T: Real>(g: &[T], u: &[T], da: &[T], dg: &mut [T], du: &mut [T]) {
-    dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
-        let o = c * 4096;
-        for i in 0..dg.len() {
-            let (gi, ui, d) = (g[o + i], u[o + i], da[o + i]);
+/// From `da` (rows of f): `dgu` (overwritten, rows of `[dgate | dup]`).
+pub fn swiglu_bwd<T: Real>(gu: &[T], da: &[T], dgu: &mut [T], f: usize) {
+    dgu.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f)).zip(da.par_chunks(f)).for_each(|((dgu, gu), da)| {
+        let (g, u) = gu.split_at(f);
+        let (dg, du) = dgu.split_at_mut(f);
+        for i in 0..f {
+            let (gi, ui, d) = (g[i], u[i], da[i]);
             let s = T::one() / (T::one() + (-gi).fast_exp());
             du[i] = d * gi * s;
             dg[i] = d * ui * s * (T::one() + gi * (T::one() - s));

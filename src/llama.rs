@@ -49,7 +49,7 @@ impl Layout {
             off += n;
         }
         let at = |name: &str| tensors.iter().find(|t| t.0 == name).map(|t| t.2).expect("tensor in layout");
-        let layers = (0..cfg.num_hidden_layers)
+        let layers: Vec<LayerOffsets> = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
                 LayerOffsets {
@@ -65,6 +65,13 @@ impl Layout {
                 }
             })
             .collect();
+        // The fused projections rely on q/k/v and gate/up being consecutive in tensor_shapes().
+        let (h, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        for l in &layers {
+            let l: &LayerOffsets = l;
+            assert!(l.wk == l.wq + cfg.num_attention_heads * hd * h && l.wv == l.wk + cfg.num_key_value_heads * hd * h);
+            assert!(l.wu == l.wg + f * h);
+        }
         let embed = at("model.embed_tokens.weight");
         let head = if cfg.tie_word_embeddings { embed } else { at("lm_head.weight") };
         Layout { embed, layers, norm: at("model.norm.weight"), head, total: off, tensors }
@@ -103,16 +110,15 @@ struct LayerCache<T> {
     x: Vec<T>,
     xn1: Vec<T>,
     rstd1: Vec<T>,
-    q: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
+    /// Fused q/k/v projection output, rows `[q | k | v]`, RoPE applied to q and k.
+    qkv: Vec<T>,
     p: Vec<T>,
     o: Vec<T>,
     x2: Vec<T>,
     xn2: Vec<T>,
     rstd2: Vec<T>,
-    g: Vec<T>,
-    u: Vec<T>,
+    /// Fused gate/up projection output, rows `[gate | up]`.
+    gu: Vec<T>,
     a: Vec<T>,
 }
 
@@ -131,14 +137,11 @@ pub struct Workspace<T> {
     logits: Vec<T>,
     dx: Vec<T>,
     dxn: Vec<T>,
-    dq: Vec<T>,
-    dk: Vec<T>,
-    dv: Vec<T>,
+    dqkv: Vec<T>,
     dattn: Vec<T>,
     dff: Vec<T>,
     dp: Vec<T>,
-    dg: Vec<T>,
-    du: Vec<T>,
+    dgu: Vec<T>,
     cos: Vec<T>,
     sin: Vec<T>,
 }
@@ -160,16 +163,13 @@ impl<T: Real> Workspace<T> {
                 x: z(n * h),
                 xn1: z(n * h),
                 rstd1: z(n),
-                q: z(n * qd),
-                k: z(n * kd),
-                v: z(n * kd),
+                qkv: z(n * (qd + 2 * kd)),
                 p: z(batch * cfg.num_attention_heads * seq * seq),
                 o: z(n * qd),
                 x2: z(n * h),
                 xn2: z(n * h),
                 rstd2: z(n),
-                g: z(n * f),
-                u: z(n * f),
+                gu: z(n * 2 * f),
                 a: z(n * f),
             })
             .collect();
@@ -187,14 +187,11 @@ impl<T: Real> Workspace<T> {
             logits: z((LOGIT_CHUNK_FLOATS / cfg.vocab_size.max(1)).max(64).min(n) * cfg.vocab_size),
             dx: z(n * h),
             dxn: z(n * h),
-            dq: z(n * qd),
-            dk: z(n * kd),
-            dv: z(n * kd),
+            dqkv: z(n * (qd + 2 * kd)),
             dattn: z(n * qd),
             dff: z(n * f),
             dp: z(batch * cfg.num_key_value_heads * seq * seq),
-            dg: z(n * f),
-            du: z(n * f),
+            dgu: z(n * 2 * f),
             cos,
             sin,
         }
@@ -226,6 +223,7 @@ impl Llama {
         let (qd, kd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps;
+        let w = qd + 2 * kd;
         ws.b = b;
         ws.t = t;
         ws.ids.clear();
@@ -242,18 +240,17 @@ impl Llama {
             }
             let p = |off: usize, len: usize| &params[off..off + len];
             kernels::rmsnorm_fwd(&lc.x[..n * h], p(lo.input_norm, h), &mut lc.xn1[..n * h], &mut lc.rstd1[..n], h, eps);
-            kernels::mm_nt(&mut lc.q[..n * qd], &lc.xn1[..n * h], p(lo.wq, qd * h), n, qd, h, false);
-            kernels::mm_nt(&mut lc.k[..n * kd], &lc.xn1[..n * h], p(lo.wk, kd * h), n, kd, h, false);
-            kernels::mm_nt(&mut lc.v[..n * kd], &lc.xn1[..n * h], p(lo.wv, kd * h), n, kd, h, false);
-            kernels::rope(&mut lc.q[..n * qd], &ws.cos, &ws.sin, t, nh, hd, false);
-            kernels::rope(&mut lc.k[..n * kd], &ws.cos, &ws.sin, t, nkv, hd, false);
-            kernels::attention_fwd(&shape, &lc.q[..n * qd], &lc.k[..n * kd], &lc.v[..n * kd], &mut lc.p[..b * nh * t * t], &mut lc.o[..n * qd]);
+            // q_proj, k_proj and v_proj are consecutive (out, in) matrices in the parameter
+            // vector: one (qd + 2kd, h) matrix, one matmul.
+            kernels::mm_nt(&mut lc.qkv[..n * w], &lc.xn1[..n * h], p(lo.wq, w * h), n, w, h, false);
+            kernels::rope(&mut lc.qkv[..n * w], w, &ws.cos, &ws.sin, t, nh + nkv, hd, false);
+            kernels::attention_fwd(&shape, &lc.qkv[..n * w], &mut lc.p[..b * nh * t * t], &mut lc.o[..n * qd]);
             lc.x2[..n * h].copy_from_slice(&lc.x[..n * h]);
             kernels::mm_nt(&mut lc.x2[..n * h], &lc.o[..n * qd], p(lo.wo, h * qd), n, h, qd, true);
             kernels::rmsnorm_fwd(&lc.x2[..n * h], p(lo.post_norm, h), &mut lc.xn2[..n * h], &mut lc.rstd2[..n], h, eps);
-            kernels::mm_nt(&mut lc.g[..n * f], &lc.xn2[..n * h], p(lo.wg, f * h), n, f, h, false);
-            kernels::mm_nt(&mut lc.u[..n * f], &lc.xn2[..n * h], p(lo.wu, f * h), n, f, h, false);
-            kernels::swiglu_fwd(&lc.g[..n * f], &lc.u[..n * f], &mut lc.a[..n * f]);
+            // gate_proj and up_proj are consecutive too: one (2f, h) matmul.
+            kernels::mm_nt(&mut lc.gu[..n * 2 * f], &lc.xn2[..n * h], p(lo.wg, 2 * f * h), n, 2 * f, h, false);
+            kernels::swiglu_fwd(&lc.gu[..n * 2 * f], &mut lc.a[..n * f], f);
             // Layer output: x2 + down(a), into the next layer's x (or xl after the last).
             let (done, next) = ws.layers.split_at_mut(l + 1);
             let lc = &done[l];
@@ -302,6 +299,7 @@ impl Llama {
         let (qd, kd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let shape = self.attn_shape(b, t);
+        let w = qd + 2 * kd;
         let p = |off: usize, len: usize| &params[off..off + len];
         // Final norm: dx holds d(xf); turn it into d(xl) in dxn, then swap so dx is the
         // residual-stream gradient.
@@ -316,36 +314,18 @@ impl Llama {
             // FFN: out = x2 + down(a)
             kernels::mm_nn(&mut ws.dff[..n * f], &ws.dx[..n * h], p(lo.wd, h * f), n, f, h, false);
             kernels::mm_tn(&mut grads[lo.wd..lo.wd + h * f], &ws.dx[..n * h], &lc.a[..n * f], h, f, n, true);
-            kernels::swiglu_bwd(&lc.g[..n * f], &lc.u[..n * f], &ws.dff[..n * f], &mut ws.dg[..n * f], &mut ws.du[..n * f]);
-            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dg[..n * f], p(lo.wg, f * h), n, h, f, false);
-            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.du[..n * f], p(lo.wu, f * h), n, h, f, true);
-            kernels::mm_tn(&mut grads[lo.wg..lo.wg + f * h], &ws.dg[..n * f], &lc.xn2[..n * h], f, h, n, true);
-            kernels::mm_tn(&mut grads[lo.wu..lo.wu + f * h], &ws.du[..n * f], &lc.xn2[..n * h], f, h, n, true);
+            kernels::swiglu_bwd(&lc.gu[..n * 2 * f], &ws.dff[..n * f], &mut ws.dgu[..n * 2 * f], f);
+            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dgu[..n * 2 * f], p(lo.wg, 2 * f * h), n, h, 2 * f, false);
+            kernels::mm_tn(&mut grads[lo.wg..lo.wg + 2 * f * h], &ws.dgu[..n * 2 * f], &lc.xn2[..n * h], 2 * f, h, n, true);
             let pn = lo.post_norm;
             kernels::rmsnorm_bwd(&ws.dxn[..n * h], &lc.x2[..n * h], p(pn, h), &lc.rstd2[..n], &mut ws.dx[..n * h], &mut grads[pn..pn + h], h);
             // Attention: x2 = x + o_proj(o)
             kernels::mm_nn(&mut ws.dattn[..n * qd], &ws.dx[..n * h], p(lo.wo, h * qd), n, qd, h, false);
             kernels::mm_tn(&mut grads[lo.wo..lo.wo + h * qd], &ws.dx[..n * h], &lc.o[..n * qd], h, qd, n, true);
-            kernels::attention_bwd(
-                &shape,
-                &lc.q[..n * qd],
-                &lc.k[..n * kd],
-                &lc.v[..n * kd],
-                &lc.p[..b * nh * t * t],
-                &ws.dattn[..n * qd],
-                &mut ws.dq[..n * qd],
-                &mut ws.dk[..n * kd],
-                &mut ws.dv[..n * kd],
-                &mut ws.dp[..b * nkv * t * t],
-            );
-            kernels::rope(&mut ws.dq[..n * qd], &ws.cos, &ws.sin, t, nh, hd, true);
-            kernels::rope(&mut ws.dk[..n * kd], &ws.cos, &ws.sin, t, nkv, hd, true);
-            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dq[..n * qd], p(lo.wq, qd * h), n, h, qd, false);
-            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dk[..n * kd], p(lo.wk, kd * h), n, h, kd, true);
-            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dv[..n * kd], p(lo.wv, kd * h), n, h, kd, true);
-            kernels::mm_tn(&mut grads[lo.wq..lo.wq + qd * h], &ws.dq[..n * qd], &lc.xn1[..n * h], qd, h, n, true);
-            kernels::mm_tn(&mut grads[lo.wk..lo.wk + kd * h], &ws.dk[..n * kd], &lc.xn1[..n * h], kd, h, n, true);
-            kernels::mm_tn(&mut grads[lo.wv..lo.wv + kd * h], &ws.dv[..n * kd], &lc.xn1[..n * h], kd, h, n, true);
+            kernels::attention_bwd(&shape, &lc.qkv[..n * w], &lc.p[..b * nh * t * t], &ws.dattn[..n * qd], &mut ws.dqkv[..n * w], &mut ws.dp[..b * nkv * t * t]);
+            kernels::rope(&mut ws.dqkv[..n * w], w, &ws.cos, &ws.sin, t, nh + nkv, hd, true);
+            kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dqkv[..n * w], p(lo.wq, w * h), n, h, w, false);
+            kernels::mm_tn(&mut grads[lo.wq..lo.wq + w * h], &ws.dqkv[..n * w], &lc.xn1[..n * h], w, h, n, true);
             let inn = lo.input_norm;
             kernels::rmsnorm_bwd(&ws.dxn[..n * h], &lc.x[..n * h], p(inn, h), &lc.rstd1[..n], &mut ws.dx[..n * h], &mut grads[inn..inn + h], h);
         }
