@@ -66,3 +66,90 @@ pub fn peak_rss_mb() -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
+
+#[derive(Serialize)]
+pub struct TrainBench {
+    pub config: String,
+    pub params: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub seconds: Vec<f64>,
+    pub losses: Vec<f64>,
+    pub tokens_per_s: f64,
+    pub median_s: f64,
+    pub peak_rss_mb: f64,
+    pub loadavg: Vec<f64>,
+    pub optimizer: String,
+}
+
+/// Median tokens/s of full training steps (forward, causal-LM cross-entropy, backward, clip
+/// 1.0, AdamW lr 4e-4 β 0.9/0.95 wd 0.1) on random tokens from a Scratch init, f32; the same
+/// step `scripts/bench_train_torch.py` times.
+pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize, steps: usize, seed: u64) -> Result<TrainBench> {
+    use crate::error::{IoContext, MasaError};
+    use crate::kernels::Targets;
+    use crate::llama::{Llama, Workspace};
+    use crate::optim::{clip_factor, grad_norm, AdamW};
+    let text = std::fs::read_to_string(cfg_path).at(cfg_path)?;
+    let cfg: crate::student::StudentConfig =
+        serde_json::from_str(&text).map_err(|e| MasaError::bad_file(cfg_path, format!("invalid config: {e}")))?;
+    cfg.validate()?;
+    if cfg.vocab_size == 0 {
+        return Err(MasaError::field(cfg_path, "vocab_size", "missing or 0"));
+    }
+    let model = Llama::new(&cfg);
+    let mut params = crate::llama::scratch_init(&cfg, seed);
+    let mut grads = vec![0f32; params.len()];
+    let mut opt = AdamW::new(params.len(), 0.9, 0.95, 1e-8, 0.1, crate::train::decay_ranges(&model));
+    let mut ws = Workspace::<f32>::new(&cfg, batch, seq);
+    let mut rng = crate::corpus::SplitMix64(seed);
+    let v = cfg.vocab_size;
+    let seqs: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(v) as u32).collect();
+    let mut ids = Vec::with_capacity(batch * seq);
+    let mut tg = Vec::with_capacity(batch * seq);
+    for s in seqs.chunks(seq + 1) {
+        ids.extend_from_slice(&s[..seq]);
+        tg.extend_from_slice(&s[1..]);
+    }
+    let w = vec![1.0 / (batch * seq) as f32; batch * seq];
+    let steps = steps.max(1);
+    let (mut seconds, mut losses) = (Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        grads.fill(0.0);
+        model.forward(&params, &mut ws, &ids, batch, seq);
+        let loss = model.loss(&params, &mut ws, &Targets { ids: &tg, weights: &w }, None, Some(&mut grads), None);
+        model.backward(&params, &mut ws, &mut grads);
+        let n = grad_norm(&grads);
+        opt.step(&mut params, &grads, clip_factor(n, 1.0), 4e-4);
+        let dt = t0.elapsed().as_secs_f64();
+        eprintln!("step {i}: {:.3}s, {:.0} tokens/s, loss {loss:.4}", dt, (batch * seq) as f64 / dt);
+        if i >= warmup {
+            seconds.push(dt);
+            losses.push(loss);
+        }
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    Ok(TrainBench {
+        config: cfg_path.display().to_string(),
+        params: params.len(),
+        batch,
+        seq,
+        threads: rayon::current_num_threads(),
+        steps,
+        seconds,
+        losses,
+        tokens_per_s: (batch * seq) as f64 / median,
+        median_s: median,
+        peak_rss_mb: peak_rss_mb(),
+        loadavg,
+        optimizer: "AdamW(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1 on matrices), clip 1.0".into(),
+    })
+}

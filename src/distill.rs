@@ -1,0 +1,131 @@
+//! Teacher side of `masa train --distill TEACHER`: the source model's top-k next-token
+//! log-probs for every training batch, computed once per token stream and cached on disk, so
+//! several students trained on the same stream (same corpus, seed, batch and sequence length)
+//! reuse them. The student side (α·CE + (1−α)·τ²·KL) is in [`crate::kernels::lm_head_loss`].
+//!
+//! Cache layout: `<cache>/<key>/topk.bin`, fixed-size records, record `i` = micro-batch `i` of
+//! the stream: `b·t·k` u32 token ids then `b·t·k` f32 log-probs, little endian; `meta.json`
+//! says what the key covers. A partial trailing record (a killed run) is cut off on open.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use crate::error::{IoContext, MasaError, Result};
+use crate::model::{NoHooks, Transformer};
+use crate::source::SourceModel;
+use crate::tokenizer::Tokenizer;
+use crate::train::DistillOptions;
+
+pub struct TeacherCache {
+    model: Option<Transformer>,
+    teacher_path: PathBuf,
+    file: std::fs::File,
+    path: PathBuf,
+    records: usize,
+    b: usize,
+    t: usize,
+    k: usize,
+}
+
+impl TeacherCache {
+    pub fn open(d: &DistillOptions, student_tok: &Tokenizer, corpus: &[PathBuf], seed: u64, b: usize, t: usize, progress: bool) -> Result<Self> {
+        let teacher = SourceModel::open(&d.teacher)?;
+        // Same tokenizer: same vocabulary size and the same ids on a probe text.
+        let probe = "Distillation needs the teacher's tokenizer: fn main() { println!(\"héllo\"); } 12345";
+        if teacher.tokenizer.vocab_size() != student_tok.vocab_size()
+            || teacher.tokenizer.encode(probe, false)? != student_tok.encode(probe, false)?
+        {
+            return Err(MasaError::bad_file(
+                &d.teacher,
+                "the teacher's tokenizer differs from the student's: distillation needs the source model the student was built from",
+            ));
+        }
+        let mut id = Sha256::new();
+        let canon = d.teacher.canonicalize().unwrap_or_else(|_| d.teacher.clone());
+        id.update(canon.to_string_lossy().as_bytes());
+        id.update(file_size_sum(&d.teacher).to_le_bytes());
+        let key_json = serde_json::json!({"format": 1, "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
+        id.update(key_json.to_string().as_bytes());
+        let key: String = id.finalize().iter().take(8).map(|x| format!("{x:02x}")).collect();
+        let root = d.cache_dir.clone().unwrap_or_else(|| crate::home::masa_home().join("teacher-cache"));
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        let meta = serde_json::json!({"teacher": canon, "key": key_json});
+        crate::home::write_atomic(&dir.join("meta.json"), meta.to_string().as_bytes())?;
+        let path = dir.join("topk.bin");
+        let file = std::fs::OpenOptions::new().read(true).append(true).create(true).open(&path).at(&path)?;
+        let rec = (b * t * d.top_k * 8) as u64;
+        let len = file.metadata().at(&path)?.len();
+        let records = (len / rec) as usize;
+        if len % rec != 0 {
+            file.set_len(records as u64 * rec).at(&path)?;
+        }
+        if progress {
+            eprintln!("teacher cache {}: {records} batches cached", path.display());
+        }
+        Ok(TeacherCache { model: None, teacher_path: d.teacher.clone(), file, path, records, b, t, k: d.top_k })
+    }
+
+    /// Top-k `(ids, log-probs)`, `(b·t, k)` row-major, for micro-batch `index` of the stream,
+    /// whose sequences (`t + 1` tokens each; the first `t` are the inputs) are `seqs`.
+    pub fn batch(&mut self, index: usize, seqs: &[Vec<u32>]) -> Result<(Vec<u32>, Vec<f32>)> {
+        let n = self.b * self.t * self.k;
+        if index < self.records {
+            let mut buf = vec![0u8; n * 8];
+            self.file.seek(SeekFrom::Start((index * n * 8) as u64)).at(&self.path)?;
+            self.file.read_exact(&mut buf).at(&self.path)?;
+            let ids = buf[..n * 4].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let lp = buf[n * 4..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            return Ok((ids, lp));
+        }
+        if self.model.is_none() {
+            let w = crate::source::SourceWeights::open(&self.teacher_path)?;
+            self.model = Some(Transformer::load(&w)?);
+        }
+        let (ids, lp) = top_k_logprobs(self.model.as_ref().unwrap(), seqs, self.t, self.k)?;
+        if index == self.records {
+            let mut buf = Vec::with_capacity(n * 8);
+            ids.iter().for_each(|x| buf.extend(x.to_le_bytes()));
+            lp.iter().for_each(|x| buf.extend(x.to_le_bytes()));
+            self.file.write_all(&buf).at(&self.path)?;
+            self.records += 1;
+        }
+        Ok((ids, lp))
+    }
+}
+
+fn file_size_sum(p: &Path) -> u64 {
+    if p.is_file() {
+        return p.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
+}
+
+/// The teacher's top-k next-token log-probs at every input position.
+pub fn top_k_logprobs(model: &Transformer, seqs: &[Vec<u32>], t: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let b = seqs.len();
+    let flat: Vec<u32> = seqs.iter().flat_map(|s| s[..t].iter().copied()).collect();
+    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu)?;
+    let logits: Vec<f32> = model.forward(&x, &mut NoHooks)?.flatten_all()?.to_vec1()?;
+    let v = model.config.vocab_size;
+    let k = k.min(v);
+    let mut ids = Vec::with_capacity(b * t * k);
+    let mut lps = Vec::with_capacity(b * t * k);
+    let mut idx: Vec<u32> = Vec::with_capacity(v);
+    for row in logits.chunks_exact(v) {
+        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let lse = mx + row.iter().map(|&z| ((z - mx) as f64).exp()).sum::<f64>().ln() as f32;
+        idx.clear();
+        idx.extend(0..v as u32);
+        idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        idx[..k].sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        for &i in &idx[..k] {
+            ids.push(i);
+            lps.push(row[i as usize] - lse);
+        }
+    }
+    Ok((ids, lps))
+}

@@ -1,0 +1,609 @@
+//! `masa train`: pre-training (optionally with distillation) of a Llama student from an HF
+//! checkpoint directory. [`train`] is the whole loop, top to bottom: data, forward, loss,
+//! backward, clip, step, schedule, eval, checkpoint. The math lives in [`crate::llama`]
+//! (model), [`crate::kernels`] (fused CPU kernels) and [`crate::optim`] (AdamW, schedule).
+//!
+//! Output directory: `metrics.jsonl` (one line per step, plus validation lines),
+//! `step-XXXXXXXX/` checkpoints (HF-format directories as `masa init` writes, with
+//! `optimizer.safetensors` and `trainer_state.json` beside the weights), and `latest`, a file
+//! naming the newest complete checkpoint. A checkpoint is written under a temporary name and
+//! renamed when complete, and `latest` is replaced atomically after that, so a run killed at
+//! any moment (SIGKILL included) resumes from a complete checkpoint with `--resume`, and
+//! continues exactly: same data position, same optimizer state, same losses.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::{self, Split, StreamState};
+use crate::error::{IoContext, MasaError, Result};
+use crate::home::write_atomic;
+use crate::kernels::{Targets, Teacher};
+use crate::llama::{Llama, Workspace};
+use crate::optim::{self, AdamW};
+use crate::source::{Activation, Arch, ModelConfig, NormKind, QkNorm, SourceModel, SourceWeights};
+use crate::student::{save_checkpoint, StudentConfig};
+use crate::tokenizer::Tokenizer;
+
+/// Options of `masa train` (defaults: the paper's pre-training recipe, CPU-sized batch).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub corpus: Vec<PathBuf>,
+    pub out: PathBuf,
+    /// Training tokens (inputs), rounded up to whole optimizer steps.
+    pub tokens: u64,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    /// Peak learning rate (paper: 4e-4).
+    pub lr: f64,
+    /// Final learning rate of the cosine decay, as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Max global gradient norm (0: no clipping).
+    pub clip: f64,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Validate every this many steps (0: only at the start and the end).
+    pub eval_every: usize,
+    /// Validation sequences per domain.
+    pub eval_seqs: usize,
+    /// Checkpoint every this many steps (and at the end).
+    pub ckpt_every: usize,
+    /// Resume from a checkpoint directory or a run directory (its `latest` checkpoint).
+    pub resume: Option<PathBuf>,
+    pub progress: bool,
+    pub distill: Option<DistillOptions>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            corpus: vec![],
+            out: PathBuf::from("runs/train"),
+            tokens: 1_000_000,
+            batch: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 4e-4,
+            min_lr_ratio: 0.1,
+            warmup: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            adam_eps: 1e-8,
+            clip: 1.0,
+            seed: 0,
+            eval_every: 100,
+            eval_seqs: 16,
+            ckpt_every: 200,
+            resume: None,
+            progress: true,
+            distill: None,
+        }
+    }
+}
+
+/// `--distill TEACHER`: loss = α·CE + (1−α)·τ²·KL(teacher ‖ student).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DistillOptions {
+    pub teacher: PathBuf,
+    pub alpha: f64,
+    pub temperature: f64,
+    pub top_k: usize,
+    /// Where teacher top-k log-probs are cached (default `$MASA_HOME/teacher-cache`).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// What is saved beside the weights to resume exactly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: usize,
+    pub tokens: u64,
+    pub total_steps: usize,
+    pub adam_t: u64,
+    pub stream: StreamState,
+    /// Options that fix the data order and batch shape; a resumed run must match them.
+    pub batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    pub corpus: Vec<PathBuf>,
+}
+
+/// One `metrics.jsonl` line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetricsLine {
+    pub step: usize,
+    pub tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val: Option<BTreeMap<String, f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_mean: Option<f64>,
+}
+
+/// Result of a finished run.
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub tokens: u64,
+    pub final_loss: f64,
+    pub final_val: BTreeMap<String, f64>,
+    pub checkpoint: PathBuf,
+}
+
+/// The student config of a plain Llama model directory, or an error naming what differs.
+pub fn student_config_of(path: &Path, c: &ModelConfig) -> Result<StudentConfig> {
+    let plain = c.arch == Arch::Llama
+        && c.norm == NormKind::Rms
+        && c.activation == Activation::Silu
+        && !c.attention_bias
+        && !c.scale_embeddings
+        && c.qk_norm == QkNorm::None
+        && !c.post_norms
+        && c.clip_qkv.is_none()
+        && c.sliding_window.is_none()
+        && c.moe.is_none()
+        && c.head_dim * c.num_attention_heads == c.hidden_size;
+    if !plain {
+        return Err(MasaError::unsupported(
+            path,
+            "student architecture",
+            "masa trains plain Llama students (RMSNorm, SwiGLU, RoPE, no biases, head_dim × heads = hidden); \
+             write one with `masa init`",
+        ));
+    }
+    let cfg = StudentConfig {
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        vocab_size: c.vocab_size,
+        max_position_embeddings: c.max_position_embeddings,
+        rope_theta: c.rope_theta,
+        rms_norm_eps: c.norm_eps,
+        tie_word_embeddings: c.tie_word_embeddings,
+        bos_token_id: c.bos_token_id,
+        eos_token_id: c.eos_token_id,
+        initializer_range: 0.02,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Flat f32 parameters of `cfg` read from an opened model (HF names, `tensor_shapes()` order).
+pub fn load_params(weights: &SourceWeights, cfg: &StudentConfig) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(cfg.num_parameters());
+    for (name, shape) in cfg.tensor_shapes() {
+        let t = weights.tensor_shaped(&name, &shape)?;
+        out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Write flat parameters as an HF checkpoint directory (atomic, via [`save_checkpoint`]).
+pub fn save_student(dir: &Path, cfg: &StudentConfig, params: &[f32], tok: &Tokenizer, provenance: &serde_json::Value) -> Result<()> {
+    let mut tensors = Vec::new();
+    let mut off = 0;
+    for (name, shape) in cfg.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        tensors.push((name, Tensor::from_slice(&params[off..off + n], shape.as_slice(), &Device::Cpu)?));
+        off += n;
+    }
+    save_checkpoint(dir, cfg, &tensors, tok, provenance)
+}
+
+/// Weight-decay ranges: matrices (embeddings included) decay, norm weights do not (nanoGPT).
+pub fn decay_ranges(model: &Llama) -> Vec<(usize, usize, bool)> {
+    model.layout.tensors.iter().map(|(_, s, off)| (*off, s.iter().product(), s.len() >= 2)).collect()
+}
+
+fn check_options(o: &TrainOptions) -> Result<()> {
+    let bad = |m: String| Err(MasaError::Invalid(m));
+    if !(o.lr > 0.0 && o.lr.is_finite()) {
+        return bad(format!("--lr must be a positive number, got {}", o.lr));
+    }
+    if o.batch == 0 || o.seq_len < 2 || o.grad_accum == 0 {
+        return bad(format!("--batch ({}) and --grad-accum ({}) must be ≥ 1 and --seq ({}) ≥ 2", o.batch, o.grad_accum, o.seq_len));
+    }
+    if o.tokens == 0 {
+        return bad("--tokens must be positive".into());
+    }
+    if !(0.0..=1.0).contains(&o.min_lr_ratio) || o.weight_decay < 0.0 || o.clip < 0.0 {
+        return bad("--min-lr-ratio must be in [0, 1], --weight-decay and --clip ≥ 0".into());
+    }
+    if let Some(d) = &o.distill {
+        if !(0.0..=1.0).contains(&d.alpha) || d.temperature <= 0.0 || d.top_k == 0 {
+            return bad("--alpha must be in [0, 1], --temperature > 0, --top-k ≥ 1".into());
+        }
+    }
+    Ok(())
+}
+
+/// Train the student in `model_dir` (an HF Llama directory with tokenizer) on `opts.corpus`.
+pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
+    check_options(opts)?;
+    // ---- model, tokenizer, optimizer (fresh or resumed) ----
+    let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
+    let cfg = student_config_of(model_dir, &weights.config)?;
+    let model = Llama::new(&cfg);
+    let mut params = load_params(&weights, &cfg)?;
+    drop(weights);
+    let mut opt = AdamW::new(params.len(), opts.beta1, opts.beta2, opts.adam_eps, opts.weight_decay, decay_ranges(&model));
+    let tokens_per_step = (opts.batch * opts.seq_len * opts.grad_accum) as u64;
+    let total_steps = opts.tokens.div_ceil(tokens_per_step) as usize;
+    let (b, t) = (opts.batch, opts.seq_len);
+    let mut step = 0usize;
+    let mut tokens_done = 0u64;
+    let mut resumed_stream = None;
+    if let Some(r) = &opts.resume {
+        let ck = resolve_checkpoint(r)?;
+        let st = load_resume(&ck, &cfg, model_dir, opts, &mut params, &mut opt)?;
+        step = st.step;
+        tokens_done = st.tokens;
+        resumed_stream = Some(st.stream);
+        eprintln!("resuming from {} at step {step} ({tokens_done} tokens)", ck.display());
+    }
+    std::fs::create_dir_all(&opts.out).at(&opts.out)?;
+
+    // ---- data: a seeded token stream over the train split, fixed validation sequences ----
+    let corpus = corpus::load_corpus(&opts.corpus)?;
+    let encode = |s: &str| tok.encode(s, false);
+    let eos = tok.eos_id();
+    let mut stream = corpus::token_stream(&corpus, Split::Train, None, opts.seed, &encode, eos)?;
+    if let Some(s) = &resumed_stream {
+        stream.restore(s)?;
+    }
+    let val = corpus::validation_sequences(&corpus, Split::Valid, t + 1, opts.eval_seqs, &encode, eos)?;
+    check_vocab(&cfg, &tok)?;
+    let mut teacher = match &opts.distill {
+        Some(d) => Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.progress)?),
+        None => None,
+    };
+
+    // ---- metrics: keep lines up to the resumed step ----
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut metrics = open_metrics(&metrics_path, step)?;
+    let mut ws = Workspace::<f32>::new(&cfg, b, t);
+    let mut grads = vec![0f32; params.len()];
+    let mut ids = vec![0u32; b * t];
+    let mut targets = vec![0u32; b * t];
+    let weights = vec![1.0 / (b * t * opts.grad_accum) as f32; b * t];
+    if step == 0 {
+        let v = evaluate(&model, &params, &mut ws, &val);
+        write_metrics(&mut metrics, &MetricsLine { step: 0, tokens: 0, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_mean: mean(&v), val: Some(v) })?;
+    }
+    let bar = if opts.progress { crate::progress::count_bar(total_steps as u64 * tokens_per_step, "train", "tok") } else { indicatif::ProgressBar::hidden() };
+    bar.set_position(tokens_done);
+    let mut last_ckpt = opts.resume.as_ref().map(|r| resolve_checkpoint(r)).transpose()?;
+    let mut final_loss = f64::NAN;
+    let mut final_val = BTreeMap::new();
+
+    while step < total_steps {
+        let t0 = Instant::now();
+        // ---- schedule ----
+        let lr = optim::lr_at(step, total_steps, opts.warmup, opts.lr, opts.lr * opts.min_lr_ratio);
+        // ---- forward, loss, backward over the micro-batches ----
+        grads.fill(0.0);
+        let mut loss = 0.0;
+        for micro in 0..opts.grad_accum {
+            let before = stream.epoch();
+            let seqs = stream.next_batch(b, t + 1)?;
+            if step == 0 && stream.epoch() > before {
+                return Err(MasaError::Invalid(format!(
+                    "the corpus is shorter than one batch: its train split holds fewer than --batch × (--seq + 1) = {} tokens; \
+                     use a larger corpus or a smaller --batch/--seq",
+                    b * (t + 1)
+                )));
+            }
+            for (i, s) in seqs.iter().enumerate() {
+                ids[i * t..(i + 1) * t].copy_from_slice(&s[..t]);
+                targets[i * t..(i + 1) * t].copy_from_slice(&s[1..]);
+            }
+            model.forward(&params, &mut ws, &ids, b, t);
+            let tg = Targets { ids: &targets, weights: &weights };
+            let top = match teacher.as_mut() {
+                Some(tc) => Some(tc.batch(step * opts.grad_accum + micro, &seqs)?),
+                None => None,
+            };
+            let te = match (&opts.distill, &top) {
+                (Some(d), Some((tid, tlp))) => {
+                    Some(Teacher { k: d.top_k, ids: tid, logp: tlp, alpha: d.alpha, temperature: d.temperature })
+                }
+                _ => None,
+            };
+            loss += model.loss(&params, &mut ws, &tg, te.as_ref(), Some(&mut grads), None);
+            model.backward(&params, &mut ws, &mut grads);
+        }
+        // ---- NaN/Inf guard, clip, step ----
+        let gnorm = optim::grad_norm(&grads);
+        if !loss.is_finite() || !gnorm.is_finite() {
+            bar.abandon();
+            return Err(nan_error(step + 1, loss, gnorm, last_ckpt.as_deref()));
+        }
+        opt.step(&mut params, &grads, optim::clip_factor(gnorm, opts.clip), lr);
+        if params.iter().any(|v| !v.is_finite()) {
+            bar.abandon();
+            return Err(nan_error(step + 1, loss, gnorm, last_ckpt.as_deref()));
+        }
+        step += 1;
+        tokens_done += tokens_per_step;
+        let tps = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
+        final_loss = loss;
+        // ---- eval ----
+        let eval_now = (opts.eval_every > 0 && step % opts.eval_every == 0) || step == total_steps;
+        let val_losses = if eval_now { Some(evaluate(&model, &params, &mut ws, &val)) } else { None };
+        if let Some(v) = &val_losses {
+            final_val = v.clone();
+        }
+        write_metrics(
+            &mut metrics,
+            &MetricsLine {
+                step,
+                tokens: tokens_done,
+                loss: Some(loss),
+                lr: Some(lr),
+                grad_norm: Some(gnorm),
+                tokens_per_s: Some(tps),
+                val_mean: val_losses.as_ref().and_then(mean),
+                val: val_losses,
+            },
+        )?;
+        bar.set_position(tokens_done);
+        bar.set_message(format!("step {step}/{total_steps} loss {loss:.4}"));
+        // ---- checkpoint ----
+        if (opts.ckpt_every > 0 && step % opts.ckpt_every == 0) || step == total_steps {
+            let state = TrainerState {
+                step,
+                tokens: tokens_done,
+                total_steps,
+                adam_t: opt.t,
+                stream: stream.state(),
+                batch: b,
+                seq_len: t,
+                grad_accum: opts.grad_accum,
+                seed: opts.seed,
+                corpus: opts.corpus.clone(),
+            };
+            last_ckpt = Some(write_checkpoint(&opts.out, &cfg, &params, &opt, &state, &tok, model_dir, opts)?);
+        }
+    }
+    bar.finish_and_clear();
+    let checkpoint = last_ckpt.ok_or_else(|| MasaError::Invalid("no training step was run (already complete?)".into()))?;
+    Ok(TrainSummary { steps: step, tokens: tokens_done, final_loss, final_val, checkpoint })
+}
+
+fn mean(v: &BTreeMap<String, f64>) -> Option<f64> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v.values().sum::<f64>() / v.len() as f64)
+    }
+}
+
+fn nan_error(step: usize, loss: f64, gnorm: f64, last: Option<&Path>) -> MasaError {
+    MasaError::Invalid(format!(
+        "training diverged at step {step}: loss {loss}, gradient norm {gnorm} (NaN or Inf); stopped without saving. \
+         Last good checkpoint: {}. Lower --lr or raise --warmup and resume from it.",
+        last.map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+    ))
+}
+
+fn check_vocab(cfg: &StudentConfig, tok: &Tokenizer) -> Result<()> {
+    if tok.vocab_size() > cfg.vocab_size {
+        return Err(MasaError::Shape(format!("tokenizer has {} tokens, the student's vocabulary {}", tok.vocab_size(), cfg.vocab_size)));
+    }
+    Ok(())
+}
+
+/// Mean next-token loss per validation domain (natural log).
+pub fn evaluate(model: &Llama, params: &[f32], ws: &mut Workspace<f32>, val: &BTreeMap<String, Vec<Vec<u32>>>) -> BTreeMap<String, f64> {
+    let (bmax, t) = (ws.batch, ws.seq);
+    let mut out = BTreeMap::new();
+    let mut ids = Vec::with_capacity(bmax * t);
+    let mut tg = Vec::with_capacity(bmax * t);
+    for (dom, seqs) in val {
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        for chunk in seqs.chunks(bmax) {
+            ids.clear();
+            tg.clear();
+            for s in chunk {
+                ids.extend_from_slice(&s[..t]);
+                tg.extend_from_slice(&s[1..t + 1]);
+            }
+            let w = vec![1.0f32; chunk.len() * t];
+            model.forward(params, ws, &ids, chunk.len(), t);
+            sum += model.loss(params, ws, &Targets { ids: &tg, weights: &w }, None, None, None);
+            count += chunk.len() * t;
+        }
+        if count > 0 {
+            out.insert(dom.clone(), sum / count as f64);
+        }
+    }
+    out
+}
+
+fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File> {
+    // Keep only lines of steps ≤ the resumed step (a killed run may have logged past its last
+    // checkpoint); a fresh run starts an empty file.
+    let mut kept = String::new();
+    if keep_through > 0 && path.exists() {
+        let text = std::fs::read_to_string(path).at(path)?;
+        for line in text.lines() {
+            if let Ok(m) = serde_json::from_str::<MetricsLine>(line) {
+                if m.step <= keep_through {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+    }
+    write_atomic(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).at(path)
+}
+
+fn write_metrics(f: &mut std::fs::File, m: &MetricsLine) -> Result<()> {
+    let mut line = serde_json::to_string(m).map_err(|e| MasaError::Invalid(e.to_string()))?;
+    line.push('\n');
+    f.write_all(line.as_bytes()).map_err(|e| MasaError::Invalid(format!("writing metrics: {e}")))
+}
+
+/// Write `out/step-XXXXXXXX` (weights, optimizer, trainer state) under a temporary name,
+/// rename it into place, point `out/latest` at it, and delete older checkpoints.
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    out: &Path,
+    cfg: &StudentConfig,
+    params: &[f32],
+    opt: &AdamW,
+    state: &TrainerState,
+    tok: &Tokenizer,
+    model_dir: &Path,
+    opts: &TrainOptions,
+) -> Result<PathBuf> {
+    let name = format!("step-{:08}", state.step);
+    let tmp = out.join(format!(".{name}.tmp"));
+    let provenance = serde_json::json!({
+        "created_by": format!("masa {} train", env!("CARGO_PKG_VERSION")),
+        "init": model_dir,
+        "step": state.step,
+        "tokens": state.tokens,
+        "options": opts,
+    });
+    save_student(&tmp, cfg, params, tok, &provenance)?;
+    let st = tmp.join("optimizer.safetensors");
+    let m = Tensor::from_slice(&opt.m, opt.m.len(), &Device::Cpu)?;
+    let v = Tensor::from_slice(&opt.v, opt.v.len(), &Device::Cpu)?;
+    let map: std::collections::HashMap<&str, Tensor> = [("exp_avg", m), ("exp_avg_sq", v)].into_iter().collect();
+    candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
+    let sj = serde_json::to_vec_pretty(state).map_err(|e| MasaError::Invalid(e.to_string()))?;
+    std::fs::write(tmp.join("trainer_state.json"), sj).at(tmp.join("trainer_state.json"))?;
+    sync_dir(&tmp);
+    let dst = out.join(&name);
+    if dst.exists() {
+        std::fs::remove_dir_all(&dst).at(&dst)?;
+    }
+    std::fs::rename(&tmp, &dst).at(&dst)?;
+    sync_dir(out);
+    write_atomic(&out.join("latest"), name.as_bytes())?;
+    // Older checkpoints are no longer needed once `latest` names the new one.
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("step-") && n != name && e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(dst)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_file() {
+                if let Ok(f) = std::fs::File::open(e.path()) {
+                    let _ = f.sync_all();
+                }
+            }
+        }
+    }
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// A checkpoint directory, or a run directory whose `latest` names one.
+pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
+    if p.join("trainer_state.json").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    let latest = p.join("latest");
+    if latest.is_file() {
+        let name = std::fs::read_to_string(&latest).at(&latest)?;
+        let ck = p.join(name.trim());
+        if ck.join("trainer_state.json").is_file() {
+            return Ok(ck);
+        }
+        return Err(MasaError::bad_file(&latest, format!("names `{}`, which is not a complete checkpoint", name.trim())));
+    }
+    Err(MasaError::bad_file(
+        p,
+        "not a training checkpoint (no trainer_state.json) and not a run directory (no `latest` file); \
+         pass the --out directory of an earlier `masa train` or one of its step-* checkpoints",
+    ))
+}
+
+/// Load weights, optimizer and trainer state from `ck` into `params`/`opt`, checking that the
+/// checkpoint fits the model and the options.
+fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOptions, params: &mut Vec<f32>, opt: &mut AdamW) -> Result<TrainerState> {
+    let src = SourceModel::open(ck)?;
+    let ck_cfg = student_config_of(ck, &src.weights.config)?;
+    let shape = |c: &StudentConfig| {
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings)
+    };
+    if shape(&ck_cfg) != shape(cfg) {
+        return Err(MasaError::bad_file(
+            ck,
+            format!(
+                "checkpoint is for another model shape: (hidden, ffn, layers, heads, kv heads, vocab, tied) = {:?}, \
+                 but {} has {:?}; resume with the model directory the run started from",
+                shape(&ck_cfg),
+                model_dir.display(),
+                shape(cfg)
+            ),
+        ));
+    }
+    *params = load_params(&src.weights, cfg)?;
+    let sp = ck.join("trainer_state.json");
+    let text = std::fs::read_to_string(&sp).at(&sp)?;
+    let st: TrainerState = serde_json::from_str(&text).map_err(|e| MasaError::bad_file(&sp, format!("invalid trainer state: {e}")))?;
+    let mut diffs = Vec::new();
+    if st.batch != opts.batch {
+        diffs.push(format!("--batch {} (checkpoint {})", opts.batch, st.batch));
+    }
+    if st.seq_len != opts.seq_len {
+        diffs.push(format!("--seq {} (checkpoint {})", opts.seq_len, st.seq_len));
+    }
+    if st.grad_accum != opts.grad_accum {
+        diffs.push(format!("--grad-accum {} (checkpoint {})", opts.grad_accum, st.grad_accum));
+    }
+    if st.seed != opts.seed {
+        diffs.push(format!("--seed {} (checkpoint {})", opts.seed, st.seed));
+    }
+    if !diffs.is_empty() {
+        return Err(MasaError::bad_file(&sp, format!("options differ from the checkpointed run: {}", diffs.join(", "))));
+    }
+    let op = ck.join("optimizer.safetensors");
+    let t = candle_core::safetensors::load(&op, &Device::Cpu).map_err(|e| MasaError::bad_file(&op, e.to_string()))?;
+    let get = |k: &str| -> Result<Vec<f32>> {
+        let v = t.get(k).ok_or_else(|| MasaError::bad_file(&op, format!("missing `{k}`")))?.to_vec1::<f32>()?;
+        if v.len() != params.len() {
+            return Err(MasaError::bad_file(&op, format!("`{k}` has {} values for {} parameters", v.len(), params.len())));
+        }
+        Ok(v)
+    };
+    opt.m = get("exp_avg")?;
+    opt.v = get("exp_avg_sq")?;
+    opt.t = st.adam_t;
+    Ok(st)
+}

@@ -1,0 +1,284 @@
+//! End-to-end training: overfitting a few sequences, exact resume after SIGKILL, and clear
+//! errors for bad input (tiny corpus, lr ≤ 0, checkpoint of another shape, NaN).
+
+mod train_common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use masa::kernels::Targets;
+use masa::llama::{Llama, Workspace};
+use masa::optim::{clip_factor, grad_norm, AdamW};
+use masa::train::{train, TrainOptions};
+use train_common::{small_config, write_corpus, write_scratch_student};
+
+const MASA: &str = env!("CARGO_BIN_EXE_masa");
+
+/// A tiny student drives the loss on four fixed sequences near zero.
+#[test]
+fn tiny_student_overfits_fixed_sequences() {
+    let cfg = small_config();
+    let model = Llama::new(&cfg);
+    let mut params = masa::llama::scratch_init(&cfg, 1);
+    let (b, t) = (4, 24);
+    let mut rng = masa::corpus::SplitMix64(3);
+    let seqs: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let (mut ids, mut tg) = (Vec::new(), Vec::new());
+    for s in seqs.chunks(t + 1) {
+        ids.extend_from_slice(&s[..t]);
+        tg.extend_from_slice(&s[1..]);
+    }
+    let w = vec![1.0 / (b * t) as f32; b * t];
+    let mut ws = Workspace::<f32>::new(&cfg, b, t);
+    let mut grads = vec![0f32; params.len()];
+    let mut opt = AdamW::new(params.len(), 0.9, 0.95, 1e-8, 0.0, masa::train::decay_ranges(&model));
+    let mut first = 0.0;
+    let mut loss = 0.0;
+    for step in 0..400 {
+        grads.fill(0.0);
+        model.forward(&params, &mut ws, &ids, b, t);
+        loss = model.loss(&params, &mut ws, &Targets { ids: &tg, weights: &w }, None, Some(&mut grads), None);
+        model.backward(&params, &mut ws, &mut grads);
+        if step == 0 {
+            first = loss;
+        }
+        let n = grad_norm(&grads);
+        opt.step(&mut params, &grads, clip_factor(n, 1.0), 1e-2);
+    }
+    eprintln!("loss {first:.4} -> {loss:.5}");
+    assert!(first > 5.0, "random init should start near ln(257) = 5.55, got {first}");
+    assert!(loss < 0.02, "did not overfit: final loss {loss}");
+}
+
+fn setup(dir: &Path, docs: usize) -> (PathBuf, PathBuf) {
+    let model = dir.join("student");
+    write_scratch_student(&model, &small_config(), 5);
+    let corpus = dir.join("corpus.jsonl");
+    write_corpus(&corpus, docs);
+    (model, corpus)
+}
+
+fn train_cmd(model: &Path, corpus: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(MASA);
+    c.args(["--threads", "2", "train"]).arg(model).arg("--corpus").arg(corpus).arg("--out").arg(out);
+    c.args(["--tokens", "76800", "--batch", "4", "--seq", "64", "--warmup", "10", "--lr", "1e-3"]);
+    c.args(["--eval-every", "25", "--eval-seqs", "4", "--ckpt-every", "7", "--quiet", "--seed", "9"]);
+    c.args(extra);
+    c
+}
+
+/// `(step, loss, val_mean)` of every metrics line, as written.
+fn curve(out: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64(), v["val_mean"].as_f64())
+        })
+        .collect()
+}
+
+/// A run killed with SIGKILL mid-run and resumed gives the same losses as an uninterrupted one.
+#[test]
+fn resume_after_sigkill_gives_identical_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 300);
+    let full = dir.path().join("full");
+    let st = train_cmd(&model, &corpus, &full, &[]).status().unwrap();
+    assert!(st.success());
+    let reference = curve(&full);
+    let steps = 76800 / (4 * 64);
+    assert_eq!(reference.iter().filter(|r| r.1.is_some()).count(), steps);
+
+    let cut = dir.path().join("cut");
+    let mut child = train_cmd(&model, &corpus, &cut, &[]).spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(cut.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+        if n >= steps / 3 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
+        assert!(start.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let logged_before = curve(&cut).len();
+    assert!(logged_before < reference.len(), "the kill came too late to test anything");
+    let st = train_cmd(&model, &corpus, &cut, &["--resume", cut.to_str().unwrap()]).status().unwrap();
+    assert!(st.success());
+    let resumed = curve(&cut);
+    assert_eq!(resumed.len(), reference.len());
+    for (a, b) in resumed.iter().zip(&reference) {
+        assert_eq!(a, b, "resumed run differs from the uninterrupted one");
+    }
+    eprintln!("killed after {logged_before} metric lines; {} lines identical after resume", resumed.len());
+}
+
+fn err_of(model: &Path, opts: &TrainOptions) -> String {
+    let e = train(model, opts).err().expect("must fail").to_string();
+    eprintln!("{e}");
+    assert!(!e.contains('\n'), "one-line message: {e}");
+    e
+}
+
+fn opts(corpus: &Path, out: &Path) -> TrainOptions {
+    TrainOptions {
+        corpus: vec![corpus.to_path_buf()],
+        out: out.to_path_buf(),
+        tokens: 4096,
+        batch: 4,
+        seq_len: 32,
+        warmup: 2,
+        eval_every: 0,
+        eval_seqs: 2,
+        ckpt_every: 4,
+        progress: false,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn corpus_shorter_than_one_batch_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = setup(dir.path(), 1);
+    let small = dir.path().join("small.jsonl");
+    std::fs::write(&small, "{\"text\": \"just a few words\", \"domain\": \"a\"}\n{\"text\": \"and a few more\", \"domain\": \"a\"}\n").unwrap();
+    let e = err_of(&model, &opts(&small, &dir.path().join("o")));
+    assert!(e.contains("shorter than one batch"), "{e}");
+}
+
+#[test]
+fn zero_or_negative_lr_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 20);
+    for lr in [0.0, -1e-3, f64::NAN] {
+        let e = err_of(&model, &TrainOptions { lr, ..opts(&corpus, &dir.path().join("o")) });
+        assert!(e.contains("--lr must be a positive number"), "{e}");
+    }
+    // And through the CLI (negative numbers parse, then fail validation).
+    let out = Command::new(MASA)
+        .arg("train")
+        .arg(&model)
+        .arg("--corpus")
+        .arg(&corpus)
+        .args(["--tokens", "100", "--out"])
+        .arg(dir.path().join("cli"))
+        .args(["--lr", "-0.1", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("--lr must be a positive number"), "{msg}");
+}
+
+#[test]
+fn resume_from_another_model_shape_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let run = dir.path().join("run");
+    train(&model, &opts(&corpus, &run)).unwrap();
+    let mut other_cfg = small_config();
+    other_cfg.hidden_size = 48;
+    other_cfg.num_attention_heads = 4;
+    let other = dir.path().join("other");
+    write_scratch_student(&other, &other_cfg, 1);
+    let e = err_of(&other, &TrainOptions { resume: Some(run.clone()), ..opts(&corpus, &dir.path().join("o2")) });
+    assert!(e.contains("another model shape"), "{e}");
+    // Not a checkpoint at all.
+    let e = err_of(&model, &TrainOptions { resume: Some(dir.path().to_path_buf()), ..opts(&corpus, &dir.path().join("o3")) });
+    assert!(e.contains("not a training checkpoint"), "{e}");
+    // Other batch shape than the checkpointed run.
+    let e = err_of(&model, &TrainOptions { resume: Some(run), batch: 2, ..opts(&corpus, &dir.path().join("o4")) });
+    assert!(e.contains("options differ") && e.contains("--batch"), "{e}");
+}
+
+/// A diverging run stops naming the step and leaves the last good checkpoint in place.
+#[test]
+fn nan_guard_stops_and_keeps_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let out = dir.path().join("run");
+    let o = TrainOptions { lr: 1e30, warmup: 0, ckpt_every: 1, clip: 0.0, ..opts(&corpus, &out) };
+    let e = err_of(&model, &o);
+    assert!(e.contains("diverged at step"), "{e}");
+    let latest = std::fs::read_to_string(out.join("latest")).expect("a good checkpoint was kept");
+    let ck = out.join(latest.trim());
+    assert!(e.contains(&ck.display().to_string()), "message names the kept checkpoint: {e}");
+    // The kept checkpoint loads and is finite.
+    let w = masa::source::SourceWeights::open(&ck).unwrap();
+    let emb = w.tensor("model.embed_tokens.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(emb.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn finetune_batches_weight_only_response_tokens() {
+    use masa::finetune::{build_batch, Example};
+    let a = Example { prompt: vec![1, 2, 3], response: vec![4, 5] };
+    let b = Example { prompt: vec![7], response: vec![8] };
+    let (ids, tg, w, t) = build_batch(&[&a, &b], Some(9), 100);
+    assert_eq!(t, 5);
+    assert_eq!(&ids[..5], &[1, 2, 3, 4, 5]);
+    assert_eq!(&tg[..5], &[2, 3, 4, 5, 9]);
+    // Targets 4, 5, 9 of the first and 8, 9 of the second: 5 response targets.
+    let expect = [0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0];
+    for (x, y) in w.iter().zip(expect) {
+        assert!((x - y).abs() < 1e-7, "{w:?}");
+    }
+    assert_eq!(&ids[5..7], &[7, 8]);
+    assert_eq!(&tg[5..7], &[8, 9]);
+}
+
+#[test]
+fn finetune_learns_responses() {
+    use masa::finetune::{finetune, Example, FinetuneOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = setup(dir.path(), 1);
+    // The response is the prompt reversed: learnable only from the prompt.
+    let mut rng = masa::corpus::SplitMix64(1);
+    let ex: Vec<Example> = (0..16)
+        .map(|_| {
+            let p: Vec<u32> = (0..6).map(|_| 97 + rng.below(4) as u32).collect();
+            Example { response: p.iter().rev().copied().collect(), prompt: p }
+        })
+        .collect();
+    let o = FinetuneOptions { out: dir.path().join("ft"), epochs: 150, batch: 8, lr: 3e-3, progress: false, ..Default::default() };
+    let s = finetune(&model, &ex, &o).unwrap();
+    let losses: Vec<f64> = std::fs::read_to_string(dir.path().join("ft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    eprintln!("finetune loss {:.3} -> {:.3}", losses[0], s.final_loss);
+    assert!(losses[0] > 4.0 && s.final_loss < 0.7, "{} -> {}", losses[0], s.final_loss);
+    assert!(masa::source::SourceWeights::open(&s.checkpoint).is_ok());
+}
+
+/// Distillation: teacher top-k cached once, reused by a second student run with the same
+/// stream; the loss differs from plain CE.
+#[test]
+fn distillation_caches_teacher_and_reuses_it() {
+    use masa::train::DistillOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let teacher = dir.path().join("teacher");
+    write_scratch_student(&teacher, &small_config(), 77);
+    let cache = dir.path().join("cache");
+    let d = DistillOptions { teacher, alpha: 0.5, temperature: 2.0, top_k: 8, cache_dir: Some(cache.clone()) };
+    let o = TrainOptions { distill: Some(d), ..opts(&corpus, &dir.path().join("a")) };
+    let a = train(&model, &o).unwrap();
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path().join("topk.bin")).collect();
+    assert_eq!(files.len(), 1);
+    let size = std::fs::metadata(&files[0]).unwrap().len();
+    assert_eq!(size, (a.steps * 4 * 32 * 8 * 8) as u64, "one record per batch");
+    let mtime = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    let b = train(&model, &TrainOptions { out: dir.path().join("b"), ..o.clone() }).unwrap();
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), mtime, "second run reused the cache");
+    assert_eq!(a.final_loss, b.final_loss);
+    let plain = train(&model, &opts(&corpus, &dir.path().join("c"))).unwrap();
+    assert_ne!(plain.final_loss, a.final_loss);
+}
