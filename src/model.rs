@@ -52,6 +52,10 @@ pub trait Hooks {
     fn wants_ffn_inputs(&self) -> bool {
         true
     }
+    /// The last layer whose hooks matter: the forward pass stops after it. `None`: all layers.
+    fn last_layer(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Hooks that observe nothing.
@@ -242,7 +246,8 @@ impl Transformer {
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
-    /// Final-norm hidden states `(batch * seq, hidden)`.
+    /// Final-norm hidden states `(batch * seq, hidden)`; un-normed after `hooks.last_layer()`
+    /// when the hooks stop the pass early.
     pub fn hidden_states(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
@@ -260,6 +265,9 @@ impl Transformer {
             let rope = &ropes.iter().find(|(th, _)| *th == theta).map(|(_, r)| r).ok_or_else(|| MasaError::Shape("rope".into()))?;
             let mask = if c.is_sliding_layer(l) { &masks.sliding } else { &masks.causal };
             x = self.layer_forward(layer, l, &x, b, t, rope, mask, hooks)?;
+            if hooks.last_layer() == Some(l) {
+                return Ok(x);
+            }
         }
         self.norm.forward(&x)
     }
