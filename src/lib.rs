@@ -10,6 +10,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod corpus;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod home;
 pub mod inspect;
