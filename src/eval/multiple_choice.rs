@@ -334,7 +334,7 @@ mod tests {
     fn hellaswag_preprocess_matches_python() {
         // Values computed with the harness's Python preprocess.
         assert_eq!(hellaswag_preprocess("  Foo [title] Bar [step] baz  "), "Foo. Bar baz");
-        assert_eq!(hellaswag_preprocess("a [x] [y] b"), "a b");
+        assert_eq!(hellaswag_preprocess("a [x] [y] b"), "a  b");
         assert_eq!(hellaswag_preprocess("a [open\nb] c"), "a [open\nb] c");
         assert_eq!(hellaswag_preprocess("a   b"), "a  b");
     }
