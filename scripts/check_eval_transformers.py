@@ -27,6 +27,8 @@ import time
 import pyarrow as pa
 import torch
 
+torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
+
 HOME = os.environ.get("MASA_HOME", os.path.expanduser("~/.cache/masa"))
 FILES = {
     "piqa": "piqa/validation.arrow",
