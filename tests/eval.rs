@@ -236,3 +236,11 @@ fn vocabulary_mismatch_is_a_clear_error() {
     let msg = masa::eval::evaluate_path(&d.path().join("ckpt"), "ckpt", &["piqa"], &Default::default()).unwrap_err().to_string();
     assert!(msg.contains(&format!("the tokenizer has {} tokens", tok.vocab_size())) && msg.contains("do not belong together"), "{msg}");
 }
+
+#[test]
+fn missing_task_data_fails_before_any_work() {
+    let Some((d, _)) = student(0) else { return };
+    let opt = masa::eval::EvalOptions { progress: false, ..Default::default() };
+    let msg = masa::eval::evaluate_path(&d.path().join("ckpt"), "ckpt", &["piqa", "hellaswag"], &opt).unwrap_err().to_string();
+    assert!(msg.contains("task `hellaswag`") && msg.contains("run `masa fetch tasks`"), "{msg}");
+}

@@ -445,6 +445,19 @@ fn record_splits() -> Result<Vec<SplitRecord>> {
     Ok(out)
 }
 
+/// An error saying which command provides the task's data when it is missing.
+pub fn check_available(spec: &TaskSpec) -> Result<()> {
+    let (path, cmd) = match spec.kind {
+        TaskKind::Perplexity => (crate::corpus::default_corpus_dir().join("manifest.json"), "masa fetch corpus"),
+        _ => (task_path(spec), "masa fetch tasks"),
+    };
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(MasaError::Invalid(format!("task `{}`: {} is missing; run `{cmd}`", spec.name, path.display())))
+    }
+}
+
 /// The rows of a multiple-choice task's shipped file, in file order.
 pub fn load_rows(spec: &TaskSpec) -> Result<Vec<Row>> {
     let path = task_path(spec);

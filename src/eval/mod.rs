@@ -127,6 +127,10 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
 
 /// Evaluate `tasks` in order; see the module docs for the JSON layout.
 pub fn evaluate(model: &Transformer, tok: &crate::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+    // Fail before any work when some task's data is missing.
+    for &name in tasks {
+        data::check_available(find_task(name)?)?;
+    }
     let mut results = serde_json::Map::new();
     for &name in tasks {
         let spec = find_task(name)?;

@@ -197,6 +197,10 @@ pub struct McScore {
 
 /// `(context tokens, continuation tokens)` the harness way.
 pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str, add_bos: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+    // Trailing whitespace of the context moves to the continuation (harness `_encode_pair`).
+    let trimmed = context.trim_end();
+    let moved = format!("{}{continuation}", &context[trimmed.len()..]);
+    let (context, continuation) = (trimmed, moved.as_str());
     let ctx = tok.encode(context, add_bos)?;
     let whole = tok.encode(&format!("{context}{continuation}"), add_bos)?;
     let cont = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
