@@ -13,9 +13,11 @@
 //! Output:
 //! ```
 //!
-//! Decoding: greedy by default (`--temperature T` samples, seeded). It stops at the
-//! tokenizer's EOS, at the first newline once some non-blank text was generated (the harness's
-//! `until: ["\n"]` for one-line answers), or after `max_new_tokens`. Prompts longer than
+//! Decoding: greedy by default (`--temperature T` samples, seeded). EOS is not allowed before
+//! the output holds some non-blank text (like HF `min_new_tokens`; without it the instruct
+//! models end most answers at once on this prompt). It stops at the tokenizer's EOS, at the
+//! first newline after non-blank text (the harness's `until: ["\n"]` for one-line answers),
+//! or after `max_new_tokens`. Prompts longer than
 //! `max_prompt_tokens` keep their last tokens (left truncation, as the harness does). The
 //! prediction is the decoded text, trimmed; the score is Rouge-L F (Google `rouge_score`,
 //! stemming) against the best of the targets, × 100 (`crate::rouge::rouge_l_multi`).
@@ -63,15 +65,24 @@ pub fn generate(model: &Transformer, tok: &Tokenizer, prompt: &str, opt: &GenOpt
         let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let logits = model.forward_cached(&x, &mut cache)?;
         let last = logits.i((0, input.len() - 1))?.to_vec1::<f32>()?;
+        let mut last = last;
+        let started = !tok.decode(&out)?.trim().is_empty();
+        if let (Some(e), false) = (eos, started) {
+            // No EOS before the first non-blank text (as HF `min_new_tokens`).
+            if let Some(v) = last.get_mut(e as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
         let next = pick(&last, opt.temperature, rng);
         if Some(next) == eos {
             break;
         }
         out.push(next);
         let text = tok.decode(&out)?;
-        if let Some(nl) = text.find('\n') {
-            if !text[..nl].trim().is_empty() {
-                return Ok((text[..nl].to_string(), out.len()));
+        let start = text.len() - text.trim_start().len();
+        if let Some(nl) = text[start..].find('\n') {
+            if nl > 0 {
+                return Ok((text[..start + nl].to_string(), out.len()));
             }
         }
         input = vec![next];
