@@ -87,6 +87,13 @@ fn home() -> &'static PathBuf {
                 ("answer", strings(&["1", "2", "1", "2"])),
             ],
         );
+        let ni = t.join("natural_instructions/subtask001_test");
+        std::fs::create_dir_all(&ni).unwrap();
+        std::fs::write(
+            ni.join("task.json"),
+            r#"{"task_prefix": "Definition: Repeat the word.", "examples": [{"input": "apple", "target": ["apple"]}, {"input": "pear", "target": ["pear", "a pear"]}, {"input": "fig", "target": ["fig"]}]}"#,
+        )
+        .unwrap();
         std::env::set_var("MASA_HOME", &dir);
         dir
     })
@@ -159,7 +166,7 @@ fn eval_command_runs_on_a_student_checkpoint() {
         .env("MASA_HOME", home())
         .args(["eval"])
         .arg(d.path().join("ckpt"))
-        .args(["--tasks", "piqa,winogrande", "--split", "all", "--limit", "5", "--out"])
+        .args(["--tasks", "piqa,winogrande,natural_instructions", "--split", "all", "--limit", "5", "--max-new-tokens", "6", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -170,6 +177,14 @@ fn eval_command_runs_on_a_student_checkpoint() {
     assert!(r["prompt_format_version"].as_str().unwrap().starts_with("masa-eval-v1"));
     assert_eq!(r["tasks"]["piqa"]["n_items"], 5);
     assert_eq!(r["tasks"]["winogrande"]["n_items"], 4);
+    let ni = &r["tasks"]["natural_instructions"];
+    assert_eq!(ni["n_items"], 3);
+    for it in ni["items"].as_array().unwrap() {
+        let (p, n) = (it["prediction"].as_str().unwrap(), it["new_tokens"].as_u64().unwrap());
+        assert!(n >= 1 && n <= 6 && !p.contains('\n'), "{it}");
+        let targets: Vec<String> = it["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+        assert!((it["rouge_l"].as_f64().unwrap() - 100.0 * masa::rouge::rouge_l_multi(p, &targets)).abs() < 1e-9);
+    }
     let items = r["tasks"]["piqa"]["items"].as_array().unwrap();
     assert_eq!(items.iter().map(|i| i["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     let acc = r["tasks"]["piqa"]["metrics"]["acc"].as_f64().unwrap();
