@@ -30,7 +30,7 @@ pub const PROMPT_FORMAT_VERSION: &str = "masa-eval-v1 (lm-evaluation-harness zer
 
 /// Items evaluated per task when no `--limit` is given: the first N items of the chosen split
 /// in file order (natural_instructions: per subtask). Chosen so that all tasks together take
-/// about half an hour for SmolLM2-135M on 2 shared CPU cores (WinoGrande's
+/// about 35 minutes for SmolLM2-135M on 2 shared CPU cores (WinoGrande's
 /// whole test split, 390 items, is its default); `--limit all` evaluates everything.
 pub const DEFAULT_LIMITS: &[(&str, usize)] = &[
     ("boolq", 100),
