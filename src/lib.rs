@@ -12,6 +12,7 @@ pub mod corpus;
 pub mod distill;
 pub mod error;
 pub mod extract;
+pub mod eval;
 pub mod fetch;
 pub mod finetune;
 pub mod home;

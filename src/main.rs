@@ -156,6 +156,35 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Zero-shot evaluation (lm-evaluation-harness conventions; docs/evaluation.md): multiple
+    /// choice (acc, acc_norm), Natural Instructions generation (Rouge-L), perplexity per domain.
+    /// MODEL is a GGUF file, an HF directory (a student checkpoint) or a model name.
+    Eval {
+        model: String,
+        /// Comma-separated task names, or `all` (boolq, hellaswag, piqa, winogrande, medmcqa,
+        /// mmlu_professional_law, natural_instructions, perplexity).
+        #[arg(long, default_value = "all")]
+        tasks: String,
+        /// test (held out, default), train (the fine-tuning part) or all (the shipped file).
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// First N items of the split per task (natural_instructions: per subtask; perplexity:
+        /// sequences per domain), `all`, or `default` (per-task defaults, docs/evaluation.md).
+        #[arg(long, default_value = "default")]
+        limit: String,
+        /// Generation: sample at this temperature instead of greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Generation: random seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Generation: maximum new tokens.
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: usize,
+        /// Write the results JSON here.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
     Bench {
         #[command(subcommand)]
@@ -372,6 +401,20 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score { model, texts, bos, out } => cmd_score(&model, &texts, bos, out.as_deref()),
+        Command::Eval { model, tasks, split, limit, temperature, seed, max_new_tokens, out } => {
+            let tasks = masa::eval::parse_tasks(&tasks)?;
+            let opt = masa::eval::EvalOptions {
+                split: masa::eval::Split::parse(&split)?,
+                limit: masa::eval::Limit::parse(&limit)?,
+                gen: masa::eval::generation::GenOptions { temperature, seed, max_new_tokens, ..Default::default() },
+                ..Default::default()
+            };
+            let path = fetch::resolve_model(&model)?;
+            let r = masa::eval::evaluate_path(&path, &model, &tasks, &opt).with_context(|| format!("evaluating {model}"))?;
+            masa::home::write_atomic(&out, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            eprintln!("eval: results -> {}", out.display());
+            Ok(())
+        }
         Command::Train(a) => cmd_train(a),
         Command::Finetune { model, data, out, epochs, batch, lr, max_len, seed, quiet } => {
             let tok = masa::source::SourceModel::open(&model)?.tokenizer;
@@ -599,12 +642,15 @@ fn cmd_extract(
 fn cmd_fetch(what: &[String]) -> Result<()> {
     if what.is_empty() {
         anyhow::bail!(
-            "say what to fetch: `models`, `corpus` or a model name ({})",
+            "say what to fetch: `models`, `corpus`, `tasks` (evaluation data) or a model name ({})",
             fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
         );
     }
     for item in what {
         match item.as_str() {
+            "tasks" => {
+                masa::eval::data::fetch_tasks()?;
+            }
             "corpus" => {
                 let dir = masa::corpus::fetch_default_corpus(true)?;
                 eprintln!("corpus: {}", dir.display());
@@ -619,7 +665,7 @@ fn cmd_fetch(what: &[String]) -> Result<()> {
                     fetch::fetch_model(m)?;
                 }
                 None => anyhow::bail!(
-                    "unknown asset `{name}`; known: models, corpus, {}",
+                    "unknown asset `{name}`; known: models, corpus, tasks, {}",
                     fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
                 ),
             },

@@ -489,3 +489,152 @@ pub fn next_token_nll(logits: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
     let picked = lp.gather(&targets, 1)?.squeeze(1)?;
     Ok(picked.neg()?.to_vec1::<f32>()?)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Incremental decoding: a key/value cache (evaluation: shared contexts, generation)
+// ---------------------------------------------------------------------------------------------
+
+/// Keys and values `(b, kv_heads, pos, head_dim)` of every layer for the positions run so far.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    pos: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        KvCache::default()
+    }
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+    /// The same cache repeated `n` times along the batch axis (a batch-1 context shared by `n`
+    /// continuations).
+    pub fn expand(&self, n: usize) -> Result<KvCache> {
+        let rep = |x: &Tensor| -> Result<Tensor> {
+            let (b, h, p, d) = x.dims4()?;
+            if b != 1 {
+                return Err(MasaError::Shape(format!("KvCache::expand needs batch 1, the cache has batch {b}")));
+            }
+            Ok(x.broadcast_as((n, h, p, d))?.contiguous()?)
+        };
+        let layers = self.layers.iter().map(|(k, v)| Ok((rep(k)?, rep(v)?))).collect::<Result<_>>()?;
+        Ok(KvCache { layers, pos: self.pos })
+    }
+}
+
+impl Transformer {
+    /// Logits `(batch, t, vocab)` of `ids` `(batch, t)` placed after the positions already in
+    /// `cache`, which is extended by them. With an empty cache this computes what
+    /// [`Transformer::forward`] computes (test `cached_forward_matches_full`). No hooks.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let offset = cache.pos;
+        let total = offset + t;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        if c.scale_embeddings {
+            x = (x * (c.hidden_size as f64).sqrt())?;
+        }
+        let g = c.num_attention_heads / c.num_key_value_heads;
+        let mask_for = |window: Option<usize>| -> Result<Tensor> {
+            let mut m = vec![0f32; g * t * total];
+            for r in 0..g * t {
+                let i = offset + r % t;
+                for j in 0..total {
+                    if !(j <= i && window.is_none_or(|w| i - j < w)) {
+                        m[r * total + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(m, (g * t, total), x.device())?)
+        };
+        let causal = mask_for(None)?;
+        let sliding = match c.sliding_window {
+            Some(w) if w < total => mask_for(Some(w))?,
+            _ => causal.clone(),
+        };
+        let mut ropes: Vec<(f64, Rope)> = Vec::new();
+        let mut new_layers = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let theta = c.rope_theta_for(l);
+            if !ropes.iter().any(|(th, _)| *th == theta) {
+                let full = Rope::new(c.head_dim, total, theta, x.device())?;
+                let r = Rope { cos: full.cos.narrow(0, offset, t)?.contiguous()?, sin: full.sin.narrow(0, offset, t)?.contiguous()? };
+                ropes.push((theta, r));
+            }
+            let rope = &ropes.iter().find(|(th, _)| *th == theta).map(|(_, r)| r).ok_or_else(|| MasaError::Shape("rope".into()))?;
+            let mask = if c.is_sliding_layer(l) { &sliding } else { &causal };
+            let past = cache.layers.get(l);
+            let (mut a, kv) = self.attention_cached(&layer.attn, &layer.attn_norm.forward(&x)?, b, t, rope, mask, past)?;
+            new_layers.push(kv);
+            if let Some(n) = &layer.post_attn_norm {
+                a = n.forward(&a)?;
+            }
+            x = (x + a)?;
+            let mut f = layer.ffn.forward(&layer.ffn_norm.forward(&x)?, l, &mut NoHooks)?;
+            if let Some(n) = &layer.post_ffn_norm {
+                f = n.forward(&f)?;
+            }
+            x = (x + f)?;
+        }
+        cache.layers = new_layers;
+        cache.pos = total;
+        let h = self.norm.forward(&x)?;
+        let logits = h.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)?;
+        Ok(logits.reshape((b, t, c.vocab_size))?)
+    }
+
+    /// [`Transformer::attention`] for new positions after cached keys/values; returns the
+    /// output and the extended `(k, v)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let g = nh / nkv;
+        let (mut q, mut k, mut v) = (a.q.forward(x)?, a.k.forward(x)?, a.v.forward(x)?);
+        if c.qk_norm == QkNorm::Full {
+            q = a.q_norm.as_ref().map_or(Ok(q.clone()), |n| n.forward(&q))?;
+            k = a.k_norm.as_ref().map_or(Ok(k.clone()), |n| n.forward(&k))?;
+        }
+        if let Some(clip) = c.clip_qkv {
+            q = q.clamp(-clip, clip)?;
+            k = k.clamp(-clip, clip)?;
+            v = v.clamp(-clip, clip)?;
+        }
+        let heads = |z: Tensor, n: usize| -> Result<Tensor> { Ok(z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let (mut q, mut k, mut v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if c.qk_norm == QkNorm::PerHead {
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+        }
+        let q = rope.apply(&q)?;
+        k = rope.apply(&k)?;
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[pk, &k], 2)?.contiguous()?;
+            v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
+        }
+        let q = q.reshape((b, nkv, g * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * c.attn_scale)?;
+        let scores = scores.broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let o = p.matmul(&v)?;
+        let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        Ok((a.o.forward(&o)?, (k, v)))
+    }
+}

@@ -1,0 +1,266 @@
+//! `masa eval`: zero-shot evaluation of a source model or a student checkpoint.
+//!
+//! - `data`: the evaluation packages, file readers and the recorded train/test split;
+//! - `multiple_choice`: lm-evaluation-harness log-likelihood scoring (acc, acc_norm);
+//! - `generation`: Natural Instructions generation, Rouge-L;
+//! - `perplexity`: per-domain perplexity on held-out corpus text.
+//!
+//! [`evaluate`] runs a list of tasks and returns one JSON document recording the model, each
+//! task's split, limit, item count, metrics, seconds, per-item results, and the prompt format
+//! version, so every number in a report can be traced to what produced it.
+
+pub mod data;
+pub mod generation;
+pub mod multiple_choice;
+pub mod perplexity;
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::error::{MasaError, Result};
+use crate::model::Transformer;
+use crate::source::SourceModel;
+
+pub use data::{find_task, Split, TaskKind, TASKS};
+
+/// Version of the prompt formats and decoding rules; bump when any of them changes.
+pub const PROMPT_FORMAT_VERSION: &str = "masa-eval-v1 (lm-evaluation-harness zero-shot MC formats; S-NI definition+input generation)";
+
+/// Items evaluated per task when no `--limit` is given: the first N items of the chosen split
+/// in file order (natural_instructions: per subtask). Chosen so that all tasks together take
+/// about 35 minutes for SmolLM2-135M on 2 shared CPU cores (WinoGrande's
+/// whole test split, 390 items, is its default); `--limit all` evaluates everything.
+pub const DEFAULT_LIMITS: &[(&str, usize)] = &[
+    ("boolq", 100),
+    ("hellaswag", 200),
+    ("piqa", 200),
+    ("winogrande", 390),
+    ("medmcqa", 200),
+    ("mmlu_professional_law", 100),
+    ("natural_instructions", 2),
+    ("perplexity", 8),
+];
+
+pub fn default_limit(task: &str) -> Option<usize> {
+    DEFAULT_LIMITS.iter().find(|(t, _)| *t == task).map(|(_, n)| *n)
+}
+
+/// How many items: the task's default, everything, or the first N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Default,
+    All,
+    First(usize),
+}
+
+impl Limit {
+    pub fn parse(s: &str) -> Result<Limit> {
+        match s {
+            "default" => Ok(Limit::Default),
+            "all" => Ok(Limit::All),
+            n => n.parse().map(Limit::First).map_err(|_| MasaError::Invalid(format!("--limit {n:?}: expected a number, `all` or `default`"))),
+        }
+    }
+    fn resolve(self, task: &str) -> Option<usize> {
+        match self {
+            Limit::Default => default_limit(task),
+            Limit::All => None,
+            Limit::First(n) => Some(n),
+        }
+    }
+}
+
+pub struct EvalOptions {
+    pub split: Split,
+    pub limit: Limit,
+    pub gen: generation::GenOptions,
+    /// Perplexity: tokens per sequence and sequences per forward pass.
+    pub ppl_seq_len: usize,
+    pub ppl_batch: usize,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions { split: Split::Test, limit: Limit::Default, gen: Default::default(), ppl_seq_len: 256, ppl_batch: 4, progress: true }
+    }
+}
+
+/// Parse `boolq,hellaswag,...` (or `all`) into task names, rejecting unknown names before any
+/// work starts.
+pub fn parse_tasks(list: &str) -> Result<Vec<&'static str>> {
+    if list.trim() == "all" {
+        return Ok(TASKS.iter().map(|t| t.name).collect());
+    }
+    let names: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if names.is_empty() {
+        return Err(MasaError::Invalid(format!("no task given; known tasks: {}", data::task_names().join(", "))));
+    }
+    names.iter().map(|n| find_task(n).map(|t| t.name)).collect()
+}
+
+fn bar(progress: bool, n: usize, msg: &str, unit: &str) -> indicatif::ProgressBar {
+    if progress {
+        crate::progress::count_bar(n as u64, msg, unit)
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// Open a model (GGUF file or HF directory, e.g. a student checkpoint) and evaluate it.
+pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+    let source = SourceModel::open(path)?;
+    let model = Transformer::load(&source.weights)?;
+    let info = json!({
+        "spec": spec,
+        "path": path.display().to_string(),
+        "fingerprint": source.fingerprint()?,
+        "arch": format!("{:?}", source.weights.config.arch),
+        "vocab_size": source.weights.config.vocab_size,
+        "tokenizer_vocab_size": source.tokenizer.vocab_size(),
+    });
+    evaluate(&model, &source.tokenizer, info, tasks, opt)
+}
+
+/// Evaluate `tasks` in order; see the module docs for the JSON layout.
+pub fn evaluate(model: &Transformer, tok: &crate::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+    // Fail before any work when some task's data is missing.
+    for &name in tasks {
+        data::check_available(find_task(name)?)?;
+    }
+    let mut results = serde_json::Map::new();
+    for &name in tasks {
+        let spec = find_task(name)?;
+        let limit = opt.limit.resolve(name);
+        let t0 = Instant::now();
+        let mut r = match spec.kind {
+            TaskKind::MultipleChoice => eval_mc(model, tok, spec, opt.split, limit, opt.progress)?,
+            TaskKind::Generation => eval_ni(model, tok, spec, opt, limit)?,
+            TaskKind::Perplexity => eval_ppl(model, tok, opt, limit)?,
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        if let Value::Object(m) = &mut r {
+            m.insert("task".into(), json!(name));
+            m.insert("kind".into(), json!(spec.kind));
+            m.insert("split".into(), json!(opt.split.as_str()));
+            m.insert("limit".into(), json!(limit));
+            m.insert("seconds".into(), json!(secs));
+        }
+        eprintln!("eval: {name}: {} ({secs:.1} s)", summary(&r));
+        results.insert(name.to_string(), r);
+    }
+    Ok(json!({
+        "format": "masa-eval-results-v1",
+        "masa_version": env!("CARGO_PKG_VERSION"),
+        "prompt_format_version": PROMPT_FORMAT_VERSION,
+        "model": model_info,
+        "split": opt.split.as_str(),
+        "split_rule": data::SPLIT_RULE,
+        "limit": match opt.limit { Limit::Default => json!("default"), Limit::All => json!("all"), Limit::First(n) => json!(n) },
+        "generation": opt.gen,
+        "threads": rayon::current_num_threads(),
+        "tasks": results,
+    }))
+}
+
+fn summary(r: &Value) -> String {
+    let m = &r["metrics"];
+    let n = r["n_items"].as_u64().unwrap_or(0);
+    if let Some(a) = m["acc"].as_f64() {
+        format!("n={n} acc={a:.4} acc_norm={:.4}", m["acc_norm"].as_f64().unwrap_or(f64::NAN))
+    } else if let Some(rl) = m["rouge_l"].as_f64() {
+        format!("n={n} rouge_l={rl:.2}")
+    } else {
+        format!("n={n} {}", m)
+    }
+}
+
+fn eval_mc(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::TaskSpec, split: Split, limit: Option<usize>, progress: bool) -> Result<Value> {
+    let rows = data::load_rows(spec)?;
+    let n_shipped = rows.len();
+    let items = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| split.keeps(spec.name, *i))
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|(i, r)| multiple_choice::build_item(spec.name, r, i))
+        .collect::<Result<Vec<_>>>()?;
+    let bar = bar(progress, items.len(), spec.name, "items");
+    let mut scores = Vec::with_capacity(items.len());
+    for it in &items {
+        scores.push(multiple_choice::score_item(model, tok, it)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let path = data::task_path(spec);
+    Ok(json!({
+        "n_items": scores.len(),
+        "n_shipped": n_shipped,
+        "source": {"file": path.display().to_string(), "sha256": crate::fetch::sha256_file(&path)?},
+        "metrics": multiple_choice::metrics(&scores),
+        "items": scores,
+    }))
+}
+
+fn eval_ni(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::TaskSpec, opt: &EvalOptions, per_subtask: Option<usize>) -> Result<Value> {
+    let dir = data::task_path(spec);
+    if !dir.exists() {
+        return Err(MasaError::Invalid(format!("{}: task data missing; run `masa fetch tasks`", dir.display())));
+    }
+    let subs = data::read_natural_instructions(&dir)?;
+    let mut work = Vec::new();
+    for s in &subs {
+        for (i, (input, targets)) in s.examples.iter().enumerate().filter(|(i, _)| opt.split.keeps(&s.name, *i)).take(per_subtask.unwrap_or(usize::MAX)) {
+            work.push((s, i, input, targets));
+        }
+    }
+    let bar = bar(opt.progress, work.len(), spec.name, "examples");
+    let mut rng = crate::corpus::SplitMix64(opt.gen.seed);
+    let mut scores = Vec::with_capacity(work.len());
+    for (s, i, input, targets) in work {
+        scores.push(generation::score_example(model, tok, &s.name, i, &s.definition, input, targets, &opt.gen, &mut rng)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let vals: Vec<f64> = scores.iter().map(|s| s.rouge_l).collect();
+    let (mean, se) = multiple_choice::mean_stderr(&vals);
+    // Per-subtask means, then their mean (each subtask weighs the same).
+    let mut per: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for s in &scores {
+        per.entry(s.subtask.as_str()).or_default().push(s.rouge_l);
+    }
+    let per_mean: std::collections::BTreeMap<&str, f64> = per.iter().map(|(k, v)| (*k, v.iter().sum::<f64>() / v.len() as f64)).collect();
+    Ok(json!({
+        "n_items": scores.len(),
+        "n_subtasks": per.len(),
+        "source": {"dir": dir.display().to_string(), "package": format!("{}=={}", data::BIGBENCH.package, data::BIGBENCH.version)},
+        "metrics": {"rouge_l": mean, "rouge_l_stderr": se, "rouge_l_macro": per_mean.values().sum::<f64>() / per_mean.len().max(1) as f64},
+        "per_subtask": per_mean,
+        "items": scores,
+    }))
+}
+
+fn eval_ppl(model: &Transformer, tok: &crate::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {
+    let dir = crate::corpus::default_corpus_dir();
+    if !dir.join("manifest.json").exists() {
+        return Err(MasaError::Invalid(format!("{}: the default corpus is missing; run `masa fetch corpus`", dir.display())));
+    }
+    let corpus = crate::corpus::load_corpus(&[dir.clone()])?;
+    let split = match opt.split {
+        Split::Train => crate::corpus::Split::Train,
+        _ => crate::corpus::Split::Valid,
+    };
+    let cap = max_per_domain.unwrap_or(usize::MAX);
+    let bar = bar(opt.progress, cap.min(1_000_000) * corpus.domains().len(), "perplexity", "sequences");
+    let per = perplexity::perplexity(model, tok, &corpus, split, opt.ppl_seq_len, cap, opt.ppl_batch, &mut || bar.inc(1))?;
+    bar.finish_and_clear();
+    let n: usize = per.values().map(|d| d.sequences).sum();
+    Ok(json!({
+        "n_items": n,
+        "source": {"corpus": dir.display().to_string(), "split": split.as_str(), "seq_len": opt.ppl_seq_len},
+        "metrics": per,
+    }))
+}
