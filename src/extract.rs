@@ -78,7 +78,7 @@ pub struct MatrixReport {
     pub d_out: usize,
     pub d_in: usize,
     pub r: usize,
-    /// `tr(W S Wᵀ) / d_out`: the loss of predicting zero.
+    /// `tr(W S Wᵀ) / d_out`: the loss of predicting zero. Minibatch mode: "start" is the random init.
     pub output_energy: f64,
     pub l_out_start: f64,
     pub l_out: f64,
@@ -444,10 +444,6 @@ impl MinibatchAligner {
         self.step
     }
 
-    pub fn spec_target(&self) -> Option<&SpectralAlignment> {
-        self.spec.as_ref().map(|(s, _)| s)
-    }
-
     fn adam_update(&mut self, grad: &[f64]) {
         const B1: f64 = 0.9;
         const B2: f64 = 0.999;
@@ -518,6 +514,8 @@ pub fn extract_minibatch(
     let mut rng = crate::corpus::SplitMix64(mb.seed ^ 0x5eed_9e7e);
     let mut aligners = Vec::new();
     let mut exact = Vec::new();
+    let mut start = Vec::new();
+    let mut targets = Vec::new();
     let mut cache = ActivationCache { sites: BTreeMap::new(), last_layer: 0 };
     for m in &matrices {
         let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
@@ -528,9 +526,13 @@ pub fn extract_minibatch(
         let sigma = Mat::from_fn(m.d_out, m.d_in, |p, j| wv[p * m.d_in + j] as f64)
             .singular_values()
             .map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
-        let spec = (opts.lambda > 0.0).then(|| (SpectralAlignment::new(&sigma, layout.r), opts.lambda));
+        let target = SpectralAlignment::new(&sigma, layout.r);
         let m0: Vec<f64> = (0..layout.r * layout.r).map(|_| gaussian(&mut rng) * mb.init_std).collect();
+        let ex = exact.last().ok_or_else(|| MasaError::Invalid("no exact objective".into()))?;
+        start.push((ex.loss_grad(&to_mat(&m0, layout.r)).0, target.loss(&to_mat(&m0, layout.r))?));
+        let spec = (opts.lambda > 0.0).then(|| (target, opts.lambda));
         aligners.push(MinibatchAligner::new(&w, layout, m0, mb.lr, spec)?);
+        targets.push(SpectralAlignment::new(&sigma, layout.r));
         cache.sites.entry((m.layer, stats_site(m))).or_default();
         cache.last_layer = cache.last_layer.max(m.layer);
     }
@@ -559,14 +561,11 @@ pub fn extract_minibatch(
     let seconds = t0.elapsed().as_secs_f64();
     let mut genes = BTreeMap::new();
     let mut reports = Vec::new();
-    for ((m, a), e) in matrices.iter().zip(&aligners).zip(&exact) {
+    for (i, ((m, a), e)) in matrices.iter().zip(&aligners).zip(&exact).enumerate() {
         let mm = to_mat(&a.m, a.layout.r);
         let (l_out, _) = e.loss_grad(&mm);
         let energy = e.trace_wsw / a.layout.d_out as f64;
-        let l_spec = match &a.spec_target() {
-            Some(s) => s.loss(&mm)?,
-            None => f64::NAN,
-        };
+        let (l_out_start, l_spec_start) = start[i];
         reports.push(MatrixReport {
             name: m.name.clone(),
             layer: m.layer,
@@ -577,12 +576,12 @@ pub fn extract_minibatch(
             d_in: m.d_in,
             r: a.layout.r,
             output_energy: energy,
-            l_out_start: f64::NAN,
+            l_out_start,
             l_out,
-            rel_l_out_start: f64::NAN,
+            rel_l_out_start: l_out_start / energy,
             rel_l_out: l_out / energy,
-            l_spec_start: f64::NAN,
-            l_spec,
+            l_spec_start,
+            l_spec: targets[i].loss(&mm)?,
             iterations: a.steps(),
             seconds,
         });
