@@ -22,11 +22,14 @@ for lambda in 0 0.001 0.01 0.1 1; do
     f="$OUT/sweep-lambda-$lambda.safetensors"
     [[ -f "$f" ]] || $M extract smollm2-135m --stats "$STATS" --ratio 0.12 --lambda "$lambda" --layers "$SWEEP_LAYERS" --out "$f" 2>&1 | tail -1
 done
-# The paper's procedure on the same tokens (same corpus, seed and budget), one layer, λ = 0.
-MB="$OUT/minibatch-layer15.safetensors"
-[[ -f "$MB" ]] || $M extract smollm2-135m --stats "$STATS" --ratio 0.12 --lambda 0 --layers 15 --mode minibatch \
-    --tokens "$TOKENS" --epochs "${EPOCHS:-4}" --lr 1e-3 --out "$MB" 2>&1 | tee "$OUT/minibatch.log"
-EX="$OUT/exact-layer15.safetensors"
-[[ -f "$EX" ]] || $M extract smollm2-135m --stats "$STATS" --ratio 0.12 --lambda 0 --layers 15 --out "$EX" 2>&1 | tail -1
+# The paper's procedure vs exact mode on the same tokens: a 16,384-token calibration (the same
+# stream as the first 16,384 tokens above), layer 15's three matrices, λ = 0.
+SMALL="$OUT/stats-16384.safetensors"
+[[ -f "$SMALL" ]] || $M calibrate smollm2-135m --tokens 16384 --out "$SMALL" 2>&1 | tail -1
+EX="$OUT/exact-16k-layer15.safetensors"
+[[ -f "$EX" ]] || $M extract smollm2-135m --stats "$SMALL" --ratio 0.12 --lambda 0 --layers 15 --out "$EX" 2>&1 | tail -1
+MB="$OUT/minibatch-16k-layer15.safetensors"
+[[ -f "$MB" ]] || $M extract smollm2-135m --stats "$SMALL" --ratio 0.12 --lambda 0 --layers 15 --mode minibatch \
+    --tokens 16384 --epochs "${EPOCHS:-80}" --lr 3e-3 --out "$MB" 2>&1 | tee "$OUT/minibatch.log"
 python3 scripts/extraction_summary.py "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"
