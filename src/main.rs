@@ -14,6 +14,13 @@ use masa::source::SourceWeights;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Never hand freed pages back to the kernel: a forward pass frees and re-allocates the same
+/// few hundred MB every batch, and with jemalloc's default 10 s decay page faults and zeroing
+/// still took ~10% of it (perf).
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
+
 #[derive(Parser)]
 #[command(name = "masa", version, about = "MASA: inherit a pretrained LLM's FFN knowledge into small Llama-style students")]
 struct Cli {
