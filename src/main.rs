@@ -141,13 +141,20 @@ enum Command {
     /// AdamW, warmup + cosine schedule, clipping, accumulation, per-domain validation,
     /// metrics.jsonl, atomic checkpoints, exact --resume, optional --distill.
     Train(TrainArgs),
-    /// Supervised fine-tuning with the loss on the response only. `--data` is a JSONL of
-    /// {"prompt": ..., "response": ...} texts (evaluation tasks are wired by the eval module).
+    /// Supervised fine-tuning with the loss on the response only, on an evaluation task's
+    /// training part (`--task piqa`) or a JSONL of {"prompt": ..., "response": ...} (`--data`).
     Finetune {
         model: PathBuf,
         /// JSONL with prompt/response pairs.
+        #[arg(long, required_unless_present = "task", conflicts_with = "task")]
+        data: Option<PathBuf>,
+        /// An evaluation task (`masa eval` names): trains on its training part, in the prompt
+        /// format the evaluation scores; the test part is never trained on.
         #[arg(long)]
-        data: PathBuf,
+        task: Option<String>,
+        /// With --task: at most this many training pairs (per subtask for natural_instructions).
+        #[arg(long)]
+        limit: Option<usize>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 3)]
@@ -423,9 +430,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => cmd_train(a),
-        Command::Finetune { model, data, out, epochs, batch, lr, max_len, seed, quiet } => {
+        Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet } => {
             let tok = masa::source::SourceModel::open(&model)?.tokenizer;
-            let pairs = masa::finetune::read_pairs(&data, &tok)?;
+            let pairs = match (data, task) {
+                (Some(d), _) => masa::finetune::read_pairs(&d, &tok)?,
+                (None, Some(t)) => masa::eval::finetune_pairs(&t, limit)?
+                    .iter()
+                    .map(|(p, r)| Ok(masa::finetune::Example { prompt: tok.encode(p, false)?, response: tok.encode(r, false)? }))
+                    .collect::<masa::Result<Vec<_>>>()?,
+                (None, None) => anyhow::bail!("give --data pairs.jsonl or --task NAME"),
+            };
             let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, ..Default::default() };
             let s = masa::finetune::finetune(&model, &pairs, &opts)?;
             eprintln!("fine-tuned {} steps, final loss {:.4} -> {}", s.steps, s.final_loss, s.checkpoint.display());

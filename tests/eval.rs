@@ -259,3 +259,23 @@ fn missing_task_data_fails_before_any_work() {
     let msg = masa::eval::evaluate_path(&d.path().join("ckpt"), "ckpt", &["piqa", "hellaswag"], &opt).unwrap_err().to_string();
     assert!(msg.contains("task `hellaswag`") && msg.contains("run `masa fetch tasks`"), "{msg}");
 }
+
+#[test]
+fn finetune_pairs_come_from_the_training_part_only() {
+    home();
+    let labels = [0usize, 1, 0, 1, 0, 0, 1, 1];
+    let train: Vec<usize> = (0..8).filter(|&i| !masa::eval::data::is_test("piqa", i)).collect();
+    let pairs = masa::eval::finetune_pairs("piqa", None).unwrap();
+    assert_eq!(pairs.len(), train.len(), "one pair per training item, none from the test part");
+    for ((prompt, response), &i) in pairs.iter().zip(&train) {
+        assert_eq!(prompt, &format!("Question: How do you open jar number {i}?\nAnswer:"));
+        let gold = if labels[i] == 0 { " Twist the lid." } else { " Eat the lid with a spoon." };
+        assert_eq!(response, gold, "item {i}: the gold continuation, as the evaluation scores it");
+    }
+    let ni = masa::eval::finetune_pairs("natural_instructions", None).unwrap();
+    let ni_train = (0..3).filter(|&i| !masa::eval::data::is_test("subtask001_test", i)).count();
+    assert_eq!(ni.len(), ni_train);
+    assert!(ni.iter().all(|(p, r)| p.starts_with("Definition: Repeat the word.") && p.ends_with("Output:") && r.starts_with(' ')));
+    let err = masa::eval::finetune_pairs("perplexity", None).unwrap_err().to_string();
+    assert!(err.contains("not a fine-tuning task"), "{err}");
+}

@@ -264,3 +264,43 @@ fn eval_ppl(model: &Transformer, tok: &crate::tokenizer::Tokenizer, opt: &EvalOp
         "metrics": per,
     }))
 }
+
+/// Supervised fine-tuning pairs `(prompt, response)` of a task's **training** part (the test part
+/// is never trained on), in the exact prompt format the evaluation scores: multiple choice gives
+/// the gold choice's context and continuation; Natural Instructions the prompt of
+/// [`generation::ni_prompt`] and `" " + first target`. `limit`: at most this many pairs (per
+/// subtask for natural_instructions).
+pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, String)>> {
+    let spec = data::find_task(task)?;
+    match spec.kind {
+        data::TaskKind::MultipleChoice => {
+            data::check_available(spec)?;
+            let rows = data::load_rows(spec)?;
+            rows.iter()
+                .enumerate()
+                .filter(|(i, _)| Split::Train.keeps(spec.name, *i))
+                .take(limit.unwrap_or(usize::MAX))
+                .map(|(i, r)| {
+                    let item = multiple_choice::build_item(spec.name, r, i)?;
+                    let ctx = item.contexts.get(item.gold).or(item.contexts.first()).cloned().unwrap_or_default();
+                    Ok((ctx, item.continuations[item.gold].clone()))
+                })
+                .collect()
+        }
+        data::TaskKind::Generation => {
+            let dir = data::task_path(spec);
+            let subs = data::read_natural_instructions(&dir)?;
+            let mut out = Vec::new();
+            for s in &subs {
+                let train = s.examples.iter().enumerate().filter(|(i, _)| Split::Train.keeps(&s.name, *i));
+                for (_, (input, targets)) in train.take(limit.unwrap_or(usize::MAX)) {
+                    if let Some(t) = targets.first() {
+                        out.push((generation::ni_prompt(&s.definition, input), format!(" {}", t.trim())));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        data::TaskKind::Perplexity => Err(MasaError::Invalid(format!("`{task}` is not a fine-tuning task (it measures perplexity)"))),
+    }
+}
