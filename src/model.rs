@@ -296,40 +296,10 @@ impl Transformer {
         Ok((x + f)?)
     }
 
-    /// Causal self-attention. Grouped-query heads share K/V without copying them: the query
-    /// heads of one KV group are stacked along the sequence axis, `(b, kv, group*t, d)`.
+    /// Causal self-attention over the whole sequence (no cache): [`Self::attention_cached`]
+    /// without past keys/values.
     fn attention(&self, a: &Attention, x: &Tensor, b: usize, t: usize, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let c = &self.config;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let g = nh / nkv;
-        let (mut q, mut k, mut v) = (a.q.forward(x)?, a.k.forward(x)?, a.v.forward(x)?);
-        if c.qk_norm == QkNorm::Full {
-            q = a.q_norm.as_ref().map_or(Ok(q.clone()), |n| n.forward(&q))?;
-            k = a.k_norm.as_ref().map_or(Ok(k.clone()), |n| n.forward(&k))?;
-        }
-        if let Some(clip) = c.clip_qkv {
-            q = q.clamp(-clip, clip)?;
-            k = k.clamp(-clip, clip)?;
-            v = v.clamp(-clip, clip)?;
-        }
-        let heads = |z: Tensor, n: usize| -> Result<Tensor> { Ok(z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
-        if c.qk_norm == QkNorm::PerHead {
-            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
-            }
-        }
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
-        // (b, nh, t, d) -> (b, nkv, g*t, d): head h = kv*g + j, as HF's repeat_kv.
-        let q = q.reshape((b, nkv, g * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * c.attn_scale)?;
-        let scores = scores.broadcast_add(mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?; // inference only
-        let o = p.matmul(&v)?; // (b, nkv, g*t, d)
-        let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        a.o.forward(&o)
+        Ok(self.attention_cached(a, x, b, t, rope, mask, None)?.0)
     }
 }
 
@@ -589,8 +559,10 @@ impl Transformer {
         Ok(logits.reshape((b, t, c.vocab_size))?)
     }
 
-    /// [`Transformer::attention`] for new positions after cached keys/values; returns the
-    /// output and the extended `(k, v)`.
+    /// Causal self-attention of `t` new positions after the cached keys/values `past` (none:
+    /// the whole sequence); returns the output and the extended `(k, v)`. Grouped-query heads
+    /// share K/V without copying them: the query heads of one KV group are stacked along the
+    /// sequence axis, `(b, kv, group*t, d)`.
     #[allow(clippy::too_many_arguments)]
     fn attention_cached(
         &self,
@@ -632,7 +604,7 @@ impl Transformer {
         let q = q.reshape((b, nkv, g * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * c.attn_scale)?;
         let scores = scores.broadcast_add(mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?; // inference only: no backward needed
         let o = p.matmul(&v)?;
         let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         Ok((a.o.forward(&o)?, (k, v)))
