@@ -104,6 +104,23 @@ pub struct GenesMeta {
     pub masa_version: String,
 }
 
+impl GenesMeta {
+    fn new(source: &SourceWeights, source_hash: &str, stats: &Stats, opts: &ExtractOptions, mode: &str, matrices: Vec<MatrixReport>) -> Self {
+        GenesMeta {
+            format: FORMAT.into(),
+            source: source.path.display().to_string(),
+            source_hash: source_hash.to_string(),
+            arch: source.config.arch.name().into(),
+            stats_tokens: stats.meta.tokens,
+            stats_corpus: stats.meta.corpus.clone(),
+            options: opts.clone(),
+            mode: mode.into(),
+            matrices,
+            masa_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
 /// Gene matrices by name (`layers.{l}.mlp.{proj}.gene`, experts `layers.{l}.mlp.experts.{e}.{proj}.gene`,
 /// shared experts `layers.{l}.mlp.shared_experts.{proj}.gene`), row-major r×r.
 #[derive(Clone, Debug)]
@@ -291,18 +308,7 @@ pub fn extract(
         reports.push(rep);
     }
     Ok(Genes {
-        meta: GenesMeta {
-            format: FORMAT.into(),
-            source: source.path.display().to_string(),
-            source_hash: source_hash.to_string(),
-            arch: source.config.arch.name().into(),
-            stats_tokens: stats.meta.tokens,
-            stats_corpus: stats.meta.corpus.clone(),
-            options: opts.clone(),
-            mode: "exact".into(),
-            matrices: reports,
-            masa_version: env!("CARGO_PKG_VERSION").into(),
-        },
+        meta: GenesMeta::new(source, source_hash, stats, opts, "exact", reports),
         genes,
     })
 }
@@ -587,18 +593,7 @@ pub fn extract_minibatch(
         });
         genes.insert(gene_name(m), (a.layout.r, a.m.iter().map(|&v| v as f32).collect()));
     }
-    let meta = GenesMeta {
-        format: FORMAT.into(),
-        source: source.path.display().to_string(),
-        source_hash: source_hash.to_string(),
-        arch: source.config.arch.name().into(),
-        stats_tokens: stats.meta.tokens,
-        stats_corpus: stats.meta.corpus.clone(),
-        options: opts.clone(),
-        mode: "minibatch".into(),
-        matrices: reports,
-        masa_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let meta = GenesMeta::new(source, source_hash, stats, opts, "minibatch", reports);
     Ok((Genes { meta, genes }, trace))
 }
 
