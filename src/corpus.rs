@@ -24,6 +24,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::fetch::sha256_file;
+
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::{masa_home, write_atomic};
 
@@ -1129,19 +1131,6 @@ impl Apt {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).at(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).at(path)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
 
 fn extract_deb(deb: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {

@@ -332,31 +332,42 @@ impl Genes {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).at(path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;
-        let meta_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("masa"))
-            .ok_or_else(|| MasaError::bad_file(path, "no `masa` metadata: not a gene file written by `masa extract`"))?;
+        let (meta_json, genes) = read_gene_file(path)?;
         let meta: GenesMeta =
-            serde_json::from_str(meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid gene metadata: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
-        let mut genes = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let shape = view.shape();
-            if view.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[0] != shape[1] {
-                return Err(MasaError::bad_file(path, format!("gene `{name}` must be a square F32 matrix, is {:?} {shape:?}", view.dtype())));
-            }
-            let g: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            if g.iter().any(|v| !v.is_finite()) {
-                return Err(MasaError::bad_file(path, format!("gene `{name}` holds NaN or Inf")));
-            }
-            genes.insert(name, (shape[0], g));
-        }
+            serde_json::from_str(&meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid gene metadata: {e}")))?;
         Ok(Genes { meta, genes })
     }
+}
+
+/// The raw content of a gene file: its `masa` metadata JSON and the genes (square, F32,
+/// finite, row-major), each checked with the file named in errors.
+pub fn read_gene_file(path: &Path) -> Result<(String, BTreeMap<String, (usize, Vec<f32>)>)> {
+    let bytes = std::fs::read(path).at(path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;
+    let meta_json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("masa"))
+        .ok_or_else(|| MasaError::bad_file(path, "no `masa` metadata: not a gene file written by `masa extract`"))?
+        .clone();
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
+    let mut genes = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape = view.shape();
+        if view.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[0] != shape[1] {
+            return Err(MasaError::bad_file(path, format!("gene `{name}` must be a square F32 matrix, is {:?} {shape:?}", view.dtype())));
+        }
+        let g: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if g.iter().any(|v| !v.is_finite()) {
+            return Err(MasaError::bad_file(path, format!("gene `{name}` holds NaN or Inf")));
+        }
+        genes.insert(name, (shape[0], g));
+    }
+    if genes.is_empty() {
+        return Err(MasaError::bad_file(path, "no gene tensors (`layers.{l}.mlp.{proj}.gene`)"));
+    }
+    Ok((meta_json, genes))
 }
 
 /// The paper's procedure, kept for comparison: Adam on minibatches of streamed `(x, W x)`

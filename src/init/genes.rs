@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use faer::Mat;
 
-use crate::error::{IoContext, MasaError, Result};
+use crate::error::{MasaError, Result};
 
 pub fn gene_key(layer: usize, proj: &str) -> String {
     format!("layers.{layer}.mlp.{proj}.gene")
@@ -25,44 +25,19 @@ pub struct Genes {
 
 impl Genes {
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).at(path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;
-        let meta_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("masa"))
-            .ok_or_else(|| MasaError::bad_file(path, "no `masa` metadata: not a gene file written by `masa extract`"))?;
+        let (meta_json, raw) = crate::extract::read_gene_file(path)?;
         let meta: serde_json::Value =
-            serde_json::from_str(meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid gene metadata JSON: {e}")))?;
+            serde_json::from_str(&meta_json).map_err(|e| MasaError::bad_file(path, format!("invalid gene metadata JSON: {e}")))?;
         let source_hash = meta
             .get("source_hash")
             .and_then(|v| v.as_str())
             .ok_or_else(|| MasaError::field(path, "masa.source_hash", "missing: the gene file must say which source it came from"))?
             .to_string();
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
-        let mut genes = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            if !name.ends_with(".gene") {
-                continue;
-            }
-            let shape = view.shape();
-            if view.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[0] != shape[1] {
-                return Err(MasaError::bad_file(
-                    path,
-                    format!("gene `{name}` is {:?} {:?}; genes are square F32 matrices", view.dtype(), shape),
-                ));
-            }
-            let r = shape[0];
-            let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            if data.iter().any(|v| !v.is_finite()) {
-                return Err(MasaError::bad_file(path, format!("gene `{name}` holds NaN or Inf")));
-            }
-            genes.insert(name, Mat::from_fn(r, r, |i, j| data[i * r + j] as f64));
-        }
-        if genes.is_empty() {
-            return Err(MasaError::bad_file(path, "no `layers.{l}.mlp.{proj}.gene` tensors"));
-        }
+        let genes: BTreeMap<String, Mat<f64>> = raw
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".gene"))
+            .map(|(name, (r, data))| (name, Mat::from_fn(r, r, |i, j| data[i * r + j] as f64)))
+            .collect();
         let sha256 = crate::fetch::sha256_file(path)?;
         Ok(Genes { path: path.to_path_buf(), meta, source_hash, sha256, genes })
     }
