@@ -139,6 +139,23 @@ impl OutputAlignment {
         OutputAlignment { layout, blocks, counts, b, trace_wsw }
     }
 
+    /// From rank-specific statistics (means over tokens): the chunk blocks `S_ii`, the cross
+    /// moments (`cross[u][p] = E[x^(i(p))_u y_p]`, r × d_out row-major) and `E‖y‖²`. Equals
+    /// [`OutputAlignment::new`] on the full moment of the same tokens.
+    pub fn from_rank_stats(blocks: Vec<Mat<f64>>, cross: &[f64], mean_ysq: f64, layout: Layout) -> Self {
+        let (r, d_out) = (layout.r, layout.d_out);
+        let mut counts = vec![vec![0.0; layout.n]; r];
+        let mut b = Mat::<f64>::zeros(r, r);
+        for p in 0..d_out {
+            let (i, a) = layout.chunk_row(p);
+            counts[a][i] += 1.0;
+            for u in 0..r {
+                b[(a, u)] += cross[u * d_out + p];
+            }
+        }
+        OutputAlignment { layout, blocks, counts, b, trace_wsw: mean_ysq }
+    }
+
     /// Row a of the result is `A_a m_a`.
     fn a_times(&self, m: &Mat<f64>) -> Mat<f64> {
         let r = self.layout.r;

@@ -30,6 +30,10 @@ pub fn site_name(mlp: MlpId, site: Site) -> String {
 
 /// Hooks that add each FFN input's `xᵀx` (computed in f32 per batch, summed in f64).
 struct Accumulator<'a> {
+    /// Rank-specific mode: the matrices to accumulate r×r sums for, by input site; `None`:
+    /// full `Σ x xᵀ` per site.
+    rank_plan: Option<BTreeMap<(usize, String), Vec<RankTarget>>>,
+    cross: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
     moments: BTreeMap<String, Moment>,
     routing: BTreeMap<String, Vec<f64>>,
     datasets: &'a [String],
@@ -40,6 +44,14 @@ struct Accumulator<'a> {
 
 impl Hooks for Accumulator<'_> {
     fn ffn_input(&mut self, layer: usize, mlp: MlpId, site: Site, x: &Tensor) -> Result<()> {
+        if let Some(plan) = &self.rank_plan {
+            if let Some(targets) = plan.get(&(layer, site_name(mlp, site))) {
+                for t in targets {
+                    t.accumulate(x, &mut self.moments, &mut self.cross)?;
+                }
+            }
+            return Ok(());
+        }
         let (n, d) = x.dims2()?;
         let gram = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
         let m = self.moments.entry(moment_key(layer, &site_name(mlp, site))).or_insert_with(|| Moment::new(d));
@@ -58,16 +70,78 @@ impl Hooks for Accumulator<'_> {
     }
 }
 
+/// One matrix of the rank-specific mode (design.md "Statistics"): instead of the d×d moment it
+/// accumulates exactly what output alignment at rank r reads: the chunk blocks
+/// `Σ x^(i) x^(i)ᵀ` (r×r each), `Σ x^(i(p)) y_p` for every output p (r × d_out) and `Σ ‖y‖²`,
+/// with `y = W x`. Memory `n r² + r d_out` instead of `d_in²`.
+pub struct RankTarget {
+    /// Statistics key prefix, `{gene base}.r{r}`.
+    pub key: String,
+    pub layout: crate::align::Layout,
+    w_t: Tensor,
+    chunk_idx: Vec<Tensor>,
+}
+
+impl RankTarget {
+    pub fn new(base: &str, w: &Tensor, layout: crate::align::Layout) -> Result<Self> {
+        let chunk_idx = (0..layout.n)
+            .map(|i| {
+                let idx: Vec<u32> = (0..layout.r).map(|c| layout.padded_index(i * layout.r + c) as u32).collect();
+                Tensor::new(idx.as_slice(), w.device())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(RankTarget { key: format!("{base}.r{}", layout.r), layout, w_t: w.t()?.contiguous()?, chunk_idx })
+    }
+
+    fn accumulate(&self, x: &Tensor, moments: &mut BTreeMap<String, Moment>, cross: &mut BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Result<()> {
+        let l = self.layout;
+        let n = x.dim(0)?;
+        let y = x.matmul(&self.w_t)?; // (n, d_out)
+        let ysq = y.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        let c = cross.entry(format!("{}.cross", self.key)).or_insert_with(|| (vec![l.r, l.d_out], vec![0.0; l.r * l.d_out]));
+        for (i, idx) in self.chunk_idx.iter().enumerate() {
+            let xi = x.index_select(idx, 1)?; // (n, r)
+            let gram = xi.t()?.matmul(&xi)?.flatten_all()?.to_vec1::<f32>()?;
+            let m = moments.entry(format!("{}.block{i}", self.key)).or_insert_with(|| Moment::new(l.r));
+            m.xxt.iter_mut().zip(&gram).for_each(|(a, g)| *a += *g as f64);
+            m.count += n as f64;
+            let xy = xi.t()?.matmul(&y)?.to_vec2::<f32>()?; // (r, d_out)
+            for p in (0..l.d_out).filter(|&p| l.chunk_row(p).0 == i) {
+                for u in 0..l.r {
+                    c.1[u * l.d_out + p] += xy[u][p] as f64;
+                }
+            }
+        }
+        let ys = cross.entry(format!("{}.ysq", self.key)).or_insert_with(|| (vec![1], vec![0.0]));
+        ys.1[0] += ysq;
+        Ok(())
+    }
+}
+
 /// Run the model over `batches` and return the accumulated statistics. `meta` supplies the
 /// provenance fields; tokens and per-dataset counts are filled in here.
 pub fn calibrate(
     model: &Transformer,
     batches: impl Iterator<Item = Result<Batch>>,
     datasets: &[String],
+    meta: StatsMeta,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<Stats> {
+    calibrate_with(model, batches, datasets, meta, None, on_batch)
+}
+
+/// [`calibrate`], optionally in the rank-specific mode (`rank_plan`: targets by input site).
+pub fn calibrate_with(
+    model: &Transformer,
+    batches: impl Iterator<Item = Result<Batch>>,
+    datasets: &[String],
     mut meta: StatsMeta,
+    rank_plan: Option<BTreeMap<(usize, String), Vec<RankTarget>>>,
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<Stats> {
     let mut acc = Accumulator {
+        rank_plan,
+        cross: BTreeMap::new(),
         moments: BTreeMap::new(),
         routing: BTreeMap::new(),
         datasets,
@@ -95,7 +169,7 @@ pub fn calibrate(
     }
     meta.tokens = tokens;
     meta.format = FORMAT.to_string();
-    Ok(Stats { meta, moments: acc.moments, routing: acc.routing })
+    Ok(Stats { meta, moments: acc.moments, routing: acc.routing, cross: acc.cross })
 }
 
 /// Options of a calibration run over a corpus.
@@ -107,6 +181,25 @@ pub struct CalibrateOptions {
     pub seed: u64,
     /// Restrict to these domains (e.g. a single-domain ablation); `None`: all.
     pub domains: Option<Vec<String>>,
+    /// Rank-specific mode: accumulate only the sums extraction at this rank needs.
+    pub rank: Option<crate::extract::RankSpec>,
+}
+
+/// The rank-specific plan: every FFN matrix of the model at its rank, grouped by input site.
+pub fn rank_plan(model: &Transformer, rank: crate::extract::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
+    let mut plan: BTreeMap<(usize, String), Vec<RankTarget>> = BTreeMap::new();
+    for m in model.config.ffn_matrices() {
+        let mlp = match (m.kind, m.expert) {
+            ("expert", Some(e)) => MlpId::Expert(e),
+            ("shared", _) => MlpId::Shared,
+            _ => MlpId::Dense,
+        };
+        let w = model.ffn_weight(m.layer, mlp, m.proj).ok_or_else(|| MasaError::Invalid(format!("no weight for {}", m.name)))?;
+        let layout = crate::align::Layout::new(m.d_out, m.d_in, rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
+        let base = crate::extract::gene_name(&m);
+        plan.entry((m.layer, crate::extract::stats_site(&m))).or_default().push(RankTarget::new(base.trim_end_matches(".gene"), w, layout)?);
+    }
+    Ok(plan)
 }
 
 /// The calibration token stream: every domain (dataset) contributes an equal share of the
@@ -168,7 +261,8 @@ pub fn calibrate_on_corpus(
     };
     let batches = (0..n_batches).map(|k| next_batch(&mut streams, k, opts));
     let bar = crate::progress::count_bar(n_batches as u64 * per_batch, "calibrating", "tokens");
-    let stats = calibrate(model, batches, &datasets, meta, &mut |n| bar.inc(n as u64))?;
+    let plan = opts.rank.map(|r| rank_plan(model, r)).transpose()?;
+    let stats = calibrate_with(model, batches, &datasets, meta, plan, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(stats)
 }

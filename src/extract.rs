@@ -206,8 +206,49 @@ pub fn check_stats_match(source: &SourceWeights, source_hash: &str, stats: &Stat
 
 /// Align one gene to `w` (row-major d_out×d_in f32) given its input's mean second moment `s`.
 pub fn align_matrix(w: &[f32], s: &[f64], layout: Layout, opts: &ExtractOptions) -> Result<(Vec<f64>, MatrixReport)> {
+    align_with(OutputAlignment::new(w, s, layout), w, layout, opts)
+}
+
+/// The output-alignment objective of one matrix from whichever statistics exist: the
+/// rank-specific sums for this rank (`calibrate --rank/--ratio`) or the full moment.
+pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout) -> Result<OutputAlignment> {
+    let key = format!("{}.r{}", gene_name(m).trim_end_matches(".gene"), layout.r);
+    if let Some((_, cross)) = stats.cross.get(&format!("{key}.cross")) {
+        let blocks = (0..layout.n)
+            .map(|i| {
+                let mo = stats.moments.get(&format!("{key}.block{i}")).ok_or_else(|| MasaError::Invalid(format!("statistics lack `{key}.block{i}`")))?;
+                let mean = mo.mean();
+                Ok(Mat::from_fn(layout.r, layout.r, |u, v| mean[u * layout.r + v]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let count = stats.moments.get(&format!("{key}.block0")).map_or(1.0, |m| m.count.max(1.0));
+        let ysq = stats.cross.get(&format!("{key}.ysq")).map_or(0.0, |(_, v)| v[0]);
+        let cross_mean: Vec<f64> = cross.iter().map(|v| v / count).collect();
+        return Ok(OutputAlignment::from_rank_stats(blocks, &cross_mean, ysq / count, layout));
+    }
+    let moment = stats.moment(m.layer, &stats_site(m)).map_err(|_| {
+        MasaError::Invalid(format!(
+            "statistics have neither `{}` nor rank-specific sums `{key}.*` for {}: calibrate with this rank or in full mode",
+            crate::stats::moment_key(m.layer, &stats_site(m)),
+            m.name
+        ))
+    })?;
+    if moment.dim != m.d_in {
+        return Err(MasaError::Shape(format!(
+            "statistics `{}` are {}x{} but {} reads {} inputs: statistics from another model?",
+            crate::stats::moment_key(m.layer, &stats_site(m)),
+            moment.dim,
+            moment.dim,
+            m.name,
+            m.d_in
+        )));
+    }
+    Ok(OutputAlignment::new(w, &moment.mean(), layout))
+}
+
+/// Alignment of one gene given its output-alignment objective (see [`align_matrix`]).
+pub fn align_with(out: OutputAlignment, w: &[f32], layout: Layout, opts: &ExtractOptions) -> Result<(Vec<f64>, MatrixReport)> {
     let t0 = Instant::now();
-    let out = OutputAlignment::new(w, s, layout);
     let wmat = Mat::from_fn(layout.d_out, layout.d_in, |p, j| w[p * layout.d_in + j] as f64);
     let sigma = wmat.singular_values().map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
     let spec = SpectralAlignment::new(&sigma, layout.r);
@@ -278,19 +319,8 @@ pub fn extract(
         .par_iter()
         .map(|m| {
             let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in))?;
-            let moment = stats.moment(m.layer, &stats_site(m))?;
-            if moment.dim != m.d_in {
-                return Err(MasaError::Shape(format!(
-                    "statistics `{}` are {}x{} but {} reads {} inputs: statistics from another model?",
-                    crate::stats::moment_key(m.layer, &stats_site(m)),
-                    moment.dim,
-                    moment.dim,
-                    m.name,
-                    m.d_in
-                )));
-            }
             let w = source.tensor_shaped(&m.name, &[m.d_out, m.d_in])?.flatten_all()?.to_vec1::<f32>()?;
-            let (gene, mut rep) = align_matrix(&w, &moment.mean(), layout, opts)?;
+            let (gene, mut rep) = align_with(output_alignment(stats, m, &w, layout)?, &w, layout, opts)?;
             rep.name = m.name.clone();
             rep.layer = m.layer;
             rep.proj = m.proj.to_string();

@@ -81,6 +81,13 @@ enum Command {
         /// Only these domains (comma-separated), e.g. for the single-domain ablation.
         #[arg(long, value_delimiter = ',')]
         domains: Option<Vec<String>>,
+        /// Rank-specific mode, for models whose d×d sums do not fit in memory: accumulate only
+        /// what extraction at this gene rank needs (then extract with the same rank).
+        #[arg(long, conflicts_with = "ratio")]
+        rank: Option<usize>,
+        /// Rank-specific mode by M/W ratio ρ (extract with the same --ratio).
+        #[arg(long)]
+        ratio: Option<f64>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -454,11 +461,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Calibrate { model, corpus, tokens, seq, batch, seed, domains, out } => {
+        Command::Calibrate { model, corpus, tokens, seq, batch, seed, domains, rank, ratio, out } => {
+            let rank = match (rank, ratio) {
+                (Some(r), _) => Some(masa::extract::RankSpec::Rank(r)),
+                (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::extract::RankSpec::Ratio(rho)),
+                (None, Some(rho)) => anyhow::bail!("--ratio {rho} must be in (0, 1]"),
+                (None, None) => None,
+            };
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
             let m = Transformer::load(&source.weights)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&corpus)?;
-            let opts = masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains };
+            let opts = masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains, rank };
             let t0 = std::time::Instant::now();
             let stats = masa::calibrate::calibrate_on_corpus(&source, &m, &corpus, &desc, &opts)?;
             let secs = t0.elapsed().as_secs_f64();
@@ -484,7 +497,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, layers, mode, corpus, tokens, seq, batch, seed, epochs, lr, out } => {
             let replay = match mode.as_str() {
                 "exact" => None,
-                "minibatch" => Some((corpus, masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains: None }, epochs, lr)),
+                "minibatch" => Some((corpus, masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains: None, rank: None }, epochs, lr)),
                 other => anyhow::bail!("--mode {other}: expected `exact` or `minibatch`"),
             };
             cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, layers, replay, &out)

@@ -238,6 +238,22 @@ impl Transformer {
         Ok(Transformer { config: c, embed, layers, norm, lm_head })
     }
 
+    /// The weight `(out, in)` of one FFN matrix (`proj`: gate_proj, up_proj, down_proj).
+    pub fn ffn_weight(&self, layer: usize, mlp: MlpId, proj: &str) -> Option<&Tensor> {
+        let m = match (&self.layers.get(layer)?.ffn, mlp) {
+            (Ffn::Dense(m), MlpId::Dense) => m,
+            (Ffn::Moe { experts, .. }, MlpId::Expert(e)) => experts.get(e)?,
+            (Ffn::Moe { shared: Some(s), .. }, MlpId::Shared) => s,
+            _ => return None,
+        };
+        Some(match proj {
+            "gate_proj" => &m.gate.w,
+            "up_proj" => &m.up.w,
+            "down_proj" => &m.down.w,
+            _ => return None,
+        })
+    }
+
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
     pub fn forward(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;

@@ -62,6 +62,10 @@ pub struct Stats {
     pub moments: BTreeMap<String, Moment>,
     /// Key: `layers.{l}.routing.{dataset}`.
     pub routing: BTreeMap<String, Vec<f64>>,
+    /// Rank-specific mode: per matrix and rank, `{matrix}.r{r}.cross` (r × d_out, column p is
+    /// `Σ_t x_t^(i(p)) y_tp`) and `{matrix}.r{r}.ysq` (`Σ_t ‖W x_t‖²`), beside the chunk blocks
+    /// `{matrix}.r{r}.block{i}` kept as moments. Shape and row-major values.
+    pub cross: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
 }
 
 pub fn moment_key(layer: usize, site: &str) -> String {
@@ -81,6 +85,9 @@ impl Stats {
         }
         for (k, v) in &self.routing {
             bufs.push((k.clone(), vec![v.len()], f64_bytes(v)));
+        }
+        for (k, (shape, v)) in &self.cross {
+            bufs.push((k.clone(), shape.clone(), f64_bytes(v)));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
             .iter()
@@ -113,6 +120,7 @@ impl Stats {
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
         let mut moments: BTreeMap<String, Moment> = BTreeMap::new();
         let mut routing = BTreeMap::new();
+        let mut cross = BTreeMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != safetensors::Dtype::F64 {
                 return Err(MasaError::bad_file(path, format!("tensor `{name}` is {:?}, expected F64", view.dtype())));
@@ -130,6 +138,8 @@ impl Stats {
                 moments.entry(k.to_string()).or_insert_with(|| Moment::new(0)).count = data[0];
             } else if name.contains(".routing.") {
                 routing.insert(name.clone(), data);
+            } else if name.ends_with(".cross") || name.ends_with(".ysq") {
+                cross.insert(name.clone(), (view.shape().to_vec(), data));
             } else {
                 return Err(MasaError::bad_file(path, format!("unexpected tensor `{name}`")));
             }
@@ -139,7 +149,7 @@ impl Stats {
                 return Err(MasaError::bad_file(path, format!("`{k}` has a count but no xxt")));
             }
         }
-        Ok(Stats { meta, moments, routing })
+        Ok(Stats { meta, moments, routing, cross })
     }
 
     /// Add another shard of statistics of the same source model.
@@ -167,6 +177,15 @@ impl Stats {
         for (k, v) in &other.routing {
             let mine = self.routing.entry(k.clone()).or_insert_with(|| vec![0.0; v.len()]);
             mine.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+        }
+        for (k, (shape, v)) in &other.cross {
+            match self.cross.get_mut(k) {
+                Some((s, mine)) if s == shape => mine.iter_mut().zip(v).for_each(|(a, b)| *a += b),
+                Some((s, _)) => return Err(MasaError::Shape(format!("{other_name}: `{k}` is {shape:?}, expected {s:?}"))),
+                None => {
+                    self.cross.insert(k.clone(), (shape.clone(), v.clone()));
+                }
+            }
         }
         self.meta.tokens += other.meta.tokens;
         self.meta.corpus.extend(other.meta.corpus.iter().cloned());

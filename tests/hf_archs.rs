@@ -721,3 +721,56 @@ fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
     let err = calibrate(&model, std::iter::empty(), &datasets, empty_meta(), &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("no tokens"), "{err}");
 }
+
+#[test]
+fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
+    // OLMoE: dense-free, so experts (top-k routed rows) and both sites are exercised.
+    let spec = Spec::olmoe();
+    let dir = tempfile::tempdir().unwrap();
+    spec.weights(29).write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &spec.config_json());
+    let w = SourceWeights::open(dir.path()).unwrap();
+    let model = Transformer::load(&w).unwrap();
+    let rank = masa::extract::RankSpec::Rank(5);
+    let datasets = vec!["a".to_string(), "b".to_string()];
+    let full = run_calibration(&model, tiny_batches(&spec, 8, 6));
+    let plan = masa::calibrate::rank_plan(&model, rank).unwrap();
+    let small = masa::calibrate::calibrate_with(&model, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), Some(plan), &mut |_| {}).unwrap();
+    assert!(small.moments.keys().all(|k| k.contains(".r5.block")), "no full moments in rank-specific mode");
+    assert_eq!(small.routing, full.routing);
+    let mut checked = 0;
+    for m in w.config.ffn_matrices() {
+        let site = masa::stats::moment_key(m.layer, &masa::extract::stats_site(&m));
+        if !full.moments.contains_key(&site) {
+            continue; // an expert no token was routed to
+        }
+        let layout = masa::align::Layout::new(m.d_out, m.d_in, 5).unwrap();
+        let wv = w.tensor(&m.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = masa::extract::output_alignment(&full, &m, &wv, layout).unwrap();
+        let b = masa::extract::output_alignment(&small, &m, &wv, layout).unwrap();
+        let (ma, mb) = (a.closed_form(1e-9).unwrap(), b.closed_form(1e-9).unwrap());
+        let (la, lb) = (a.loss_grad(&ma).0, b.loss_grad(&mb).0);
+        assert!((la - lb).abs() <= 1e-6 * la.abs().max(1e-12), "{}: L_out {la} vs {lb}", m.name);
+        assert!((a.trace_wsw - b.trace_wsw).abs() <= 1e-5 * a.trace_wsw, "{}: energy", m.name);
+        for u in 0..5 {
+            for v in 0..5 {
+                assert!((ma[(u, v)] - mb[(u, v)]).abs() <= 1e-4 * ma[(u, v)].abs().max(1.0), "{}: gene differs", m.name);
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "checked {checked} matrices");
+    // Through the file format and extraction: rank-specific statistics are enough at their rank,
+    // and another rank is refused with a clear message.
+    let f = dir.path().join("rank.safetensors");
+    let mut small = small;
+    small.meta.source_hash = w.fingerprint().unwrap();
+    small.save(&f).unwrap();
+    let loaded = Stats::load(&f).unwrap();
+    let opts = masa::extract::ExtractOptions { rank, lambda: 0.0, ..Default::default() };
+    let hash = w.fingerprint().unwrap();
+    assert!(masa::extract::extract(&w, &hash, &loaded, &opts, &|_| {}).is_ok());
+    let other = masa::extract::ExtractOptions { rank: masa::extract::RankSpec::Rank(4), ..opts };
+    let err = masa::extract::extract(&w, &hash, &loaded, &other, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("rank-specific") || err.contains(".r4."), "{err}");
+}

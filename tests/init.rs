@@ -135,7 +135,7 @@ impl Fixture {
             masa_version: "test".into(),
         };
         let p = self.path("stats.safetensors");
-        Stats { meta, moments, routing: Default::default() }.save(&p).unwrap();
+        Stats { meta, moments, routing: Default::default(), cross: Default::default() }.save(&p).unwrap();
         p
     }
 }
