@@ -423,6 +423,10 @@ fn normalize_text(s: &str) -> String {
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -430,6 +434,19 @@ impl SplitMix64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+    /// Uniform in `(0, 1]` (never 0, so `ln` is finite).
+    pub fn uniform_open0(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal pairs by Box-Muller.
+    pub fn normal_pair(&mut self) -> (f64, f64) {
+        let (u1, u2) = (self.uniform_open0(), self.uniform_open0());
+        let rad = (-2.0 * u1.ln()).sqrt();
+        let th = 2.0 * std::f64::consts::PI * u2;
+        (rad * th.cos(), rad * th.sin())
+    }
+
     /// Uniform-ish integer in `0..n` (multiply-shift; bias < n / 2^64).
     pub fn below(&mut self, n: usize) -> usize {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize

@@ -1,39 +1,11 @@
 //! Deterministic Scratch init (design.md "Baselines": HF Llama init, normal std 0.02, norms 1).
 //!
-//! A small generator, no dependency: SplitMix64 for uniform bits, Box-Muller for normals. Each
+//! A small generator, no dependency: the crate's SplitMix64 with Box-Muller normals. Each
 //! tensor gets its own stream seeded from `(seed, tensor name)`, so the Scratch part of a
 //! student does not depend on the strategy or on the order tensors are built in: `masa` and
 //! `scratch` with the same seed differ exactly in the tensors `masa` inherits.
 
-/// SplitMix64 (Steele, Lea, Flood 2014).
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `(0, 1]` (never 0, so `ln` is finite).
-    pub fn uniform_open0(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal pairs by Box-Muller.
-    pub fn normal_pair(&mut self) -> (f64, f64) {
-        let (u1, u2) = (self.uniform_open0(), self.uniform_open0());
-        let rad = (-2.0 * u1.ln()).sqrt();
-        let th = 2.0 * std::f64::consts::PI * u2;
-        (rad * th.cos(), rad * th.sin())
-    }
-}
+use crate::corpus::SplitMix64;
 
 /// FNV-1a of a tensor name, mixed into the seed.
 fn name_hash(name: &str) -> u64 {
