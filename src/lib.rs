@@ -24,6 +24,7 @@ pub mod model;
 pub mod optim;
 pub mod progress;
 pub mod rouge;
+pub mod run;
 pub mod score;
 pub mod source;
 pub mod stats;

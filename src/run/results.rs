@@ -1,0 +1,161 @@
+//! `results.json`: everything `masa run` measured, in one file that `masa report` renders.
+//!
+//! Written by [`crate::run`] after every finished stage (so a partial run still reports what
+//! it has), read by [`crate::report`]. Numbers here are raw per seed; aggregation over seeds
+//! (mean, spread) happens in the report.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: &str = "masa-results/1";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunResults {
+    pub format: String,
+    /// The spec's `name` (also the directory under `runs/`).
+    pub name: String,
+    pub description: String,
+    /// The validated spec, as parsed (TOML → JSON).
+    pub spec: serde_json::Value,
+    pub masa_version: String,
+    /// Unix seconds when this invocation started.
+    pub started_unix: u64,
+    /// Wall seconds of this invocation (cached stages cost ~0).
+    pub wall_seconds: f64,
+    pub threads: usize,
+    /// True once every stage of the spec finished.
+    pub complete: bool,
+    pub source: SourceInfo,
+    pub calibrations: Vec<CalibrationInfo>,
+    pub extractions: Vec<ExtractionInfo>,
+    /// Singular values of source W and of gene M for a few (layer, proj) pairs.
+    pub spectra: Vec<Spectrum>,
+    pub trainings: Vec<TrainingRun>,
+    /// Plain statements the report must carry (what was not obtainable, deviations from the paper).
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceInfo {
+    pub name: String,
+    pub path: String,
+    pub fingerprint: String,
+    pub arch: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub parameters: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CalibrationInfo {
+    /// e.g. `all-domains` or `domain-code`.
+    pub label: String,
+    pub domains: Vec<String>,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub cache_key: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExtractionInfo {
+    /// e.g. `ratio-0.12-lambda-0.01-all-domains`.
+    pub label: String,
+    /// Label of the calibration it used.
+    pub calibration: String,
+    pub ratio: Option<f64>,
+    pub rank: usize,
+    pub lambda: f64,
+    /// Source layers extracted (those the students' layer maps read).
+    pub layers: Vec<usize>,
+    pub matrices: usize,
+    /// Median over matrices of L_out / (tr(W S Wᵀ)/d_out).
+    pub median_rel_l_out: f64,
+    /// Mean over matrices of L_spec / r at the output-only optimum and after alignment.
+    pub mean_l_spec_per_r_start: f64,
+    pub mean_l_spec_per_r: f64,
+    pub seconds: f64,
+    pub cache_key: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Spectrum {
+    pub extraction: String,
+    pub layer: usize,
+    /// `gate_proj`, `up_proj` or `down_proj`.
+    pub proj: String,
+    /// Top-r singular values of W, descending.
+    pub source: Vec<f64>,
+    /// Singular values of M, descending.
+    pub gene: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainingRun {
+    /// Student preset name or config path.
+    pub student: String,
+    pub student_parameters: u64,
+    /// The spec's strategy name: `masa`, `scratch`, `weight-selection`, `prune`, `distill`,
+    /// `hybrid`, `masa-paper-scale`, `masa-no-spectral`, `naive`, `masa-single-domain`, or
+    /// `masa-ratio-<ρ>` for the ratio sweep.
+    pub strategy: String,
+    /// `main` (Tables 1/3, curves), `ablation` (Table 4), `ratio` (Table 5), `calibration` (Fig. 4).
+    pub group: String,
+    /// Human label for tables and legends, e.g. `MASA`, `w/o spectral (λ=0)`.
+    pub label: String,
+    /// Gene ratio for `ratio` group runs (and the masa variants), else None.
+    pub ratio: Option<f64>,
+    pub seed: u64,
+    /// Pre-training tokens of this run.
+    pub budget_tokens: u64,
+    /// Validation after init (tokens 0) and every `eval_every` steps.
+    pub curve: Vec<CurvePoint>,
+    pub train_seconds: f64,
+    pub train_tokens_per_s: f64,
+    /// Fine-tuned downstream scores, by task name (`piqa`, `natural_instructions`, ...).
+    pub downstream: BTreeMap<String, TaskScore>,
+    /// Finished stages of this run: `init`, `train`, `finetune:<task>`, `eval:<task>`.
+    pub done: Vec<String>,
+    pub checkpoint: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub tokens: u64,
+    /// Mean over domains of the validation loss (nats/token).
+    pub val_mean: f64,
+    /// Per-domain validation loss.
+    pub val: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TaskScore {
+    /// `acc` / `acc_norm` (multiple choice, fraction in [0,1]) or `rougeL` (0-100).
+    pub metric: String,
+    pub value: f64,
+    pub stderr: Option<f64>,
+    /// Test items scored.
+    pub n: usize,
+    /// All metrics the evaluator returned for this task.
+    pub all: BTreeMap<String, f64>,
+    /// Fine-tuning examples used before evaluation (0: zero-shot).
+    pub finetune_examples: usize,
+}
+
+impl RunResults {
+    pub fn load(path: &std::path::Path) -> crate::Result<Self> {
+        use crate::error::IoContext;
+        let text = std::fs::read_to_string(path).at(path)?;
+        let r: RunResults = serde_json::from_str(&text).map_err(|e| crate::MasaError::bad_file(path, format!("not a masa results file: {e}")))?;
+        if r.format != FORMAT {
+            return Err(crate::MasaError::bad_file(path, format!("format `{}`, expected `{FORMAT}`", r.format)));
+        }
+        Ok(r)
+    }
+
+    pub fn save(&self, path: &std::path::Path) -> crate::Result<()> {
+        let json = serde_json::to_string_pretty(self).map_err(|e| crate::MasaError::Invalid(format!("serialising results: {e}")))?;
+        crate::home::write_atomic(path, json.as_bytes())
+    }
+}
