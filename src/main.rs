@@ -33,6 +33,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run an experiment spec end to end (fetch, calibrate, extract, init, pre-train, fine-tune,
+    /// evaluate) and write `runs/<name>/report.md` + `report.html`. SPEC: a built-in spec
+    /// (`default`, `quick`, `extended`, `paper`) or a TOML file; finished stages are reused.
+    Run {
+        #[arg(default_value = "default")]
+        spec: String,
+        /// Validate the spec and print what it would run and its estimated cost; run nothing.
+        #[arg(long)]
+        plan: bool,
+        /// Runs directory (default `runs`, or $MASA_RUNS); artifacts are shared under `<runs>/artifacts`.
+        #[arg(long)]
+        runs: Option<PathBuf>,
+    },
     /// Download and verify assets into $MASA_HOME (default ~/.cache/masa): a model name
     /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), `models` for all of them, or `corpus`
     /// (the default multi-domain calibration/pre-training corpus, from Debian packages).
@@ -394,6 +407,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Fetch { what } => cmd_fetch(&what),
+        Command::Run { spec, plan, runs } => cmd_run(&spec, plan, runs),
         Command::Inspect { model, json } => {
             let p = std::path::Path::new(&model);
             match masa::inspect::artifact_kind(p) {
@@ -538,6 +552,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn cmd_run(spec: &str, plan_only: bool, runs: Option<PathBuf>) -> Result<()> {
+    let spec = masa::run::spec::Spec::load(spec)?;
+    let root = runs.unwrap_or_else(masa::run::default_runs_root);
+    if plan_only {
+        print!("{}", masa::run::render_plan(&spec)?);
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let (results, dir) = masa::run::run(&spec, &root)?;
+    eprintln!(
+        "masa run {}: {} training runs in {:.1} min -> {}",
+        spec.name,
+        results.trainings.len(),
+        t0.elapsed().as_secs_f64() / 60.0,
+        dir.join("report.html").display()
+    );
+    Ok(())
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {

@@ -1,0 +1,358 @@
+//! Experiment specs: what `masa run` does, as TOML. Four ship embedded (`default`, `quick`,
+//! `extended`, `paper`); any other TOML file with the same fields works. [`Spec::load`]
+//! validates everything that can be checked before work starts (strategy names, student
+//! shapes, budgets, tasks, files) and names the offending field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::IoContext;
+use crate::{MasaError, Result};
+
+/// The embedded specs: `(name, TOML)`.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("default", include_str!("../../specs/default.toml")),
+    ("quick", include_str!("../../specs/quick.toml")),
+    ("extended", include_str!("../../specs/extended.toml")),
+    ("paper", include_str!("../../specs/paper.toml")),
+];
+
+/// Strategies of the main comparison (Tables 1 and 3, the curves).
+pub const MAIN: &[&str] = &["masa", "scratch", "weight-selection", "prune", "distill", "hybrid"];
+/// Ablations of Table 4.
+pub const ABLATIONS: &[&str] = &["masa-paper-scale", "masa-no-spectral", "naive"];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Run name: results go to `runs/<name>/`.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Source model: a name `masa fetch` knows, a GGUF file or an HF directory.
+    pub source: String,
+    /// Corpus: `["default"]` (the built-in multi-domain corpus) or files/directories.
+    #[serde(default = "default_corpus")]
+    pub corpus: Vec<String>,
+    /// Student presets (`masa init --student` names) or student.toml paths.
+    pub students: Vec<String>,
+    /// Strategies compared, from [`MAIN`] and [`ABLATIONS`].
+    pub strategies: Vec<String>,
+    /// Seeds: each seeds the init and the pre-training data order of one run per strategy.
+    pub seeds: Vec<u64>,
+    pub calibration: CalibrationSpec,
+    pub extraction: ExtractionSpec,
+    pub pretrain: PretrainSpec,
+    #[serde(default)]
+    pub distill: DistillSpec,
+    #[serde(default)]
+    pub finetune: FinetuneSpec,
+    #[serde(default)]
+    pub ablations: AblationSpec,
+}
+
+fn default_corpus() -> Vec<String> {
+    vec!["default".into()]
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSpec {
+    pub tokens: u64,
+    #[serde(default = "d256")]
+    pub seq_len: usize,
+    #[serde(default = "d8")]
+    pub batch: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractionSpec {
+    /// M/W parameter ratio ρ (`r = round(sqrt(ρ d_in d_out))`).
+    pub ratio: f64,
+    #[serde(default = "default_lambda")]
+    pub lambda: f64,
+    #[serde(default = "d300")]
+    pub max_iter: usize,
+    /// Source layers whose spectra the report plots (default: first, middle, last mapped).
+    #[serde(default)]
+    pub spectra_layers: Vec<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSpec {
+    /// Pre-training token budgets; each strategy × seed × student trains once per budget.
+    pub budgets: Vec<u64>,
+    #[serde(default = "d8")]
+    pub batch: usize,
+    #[serde(default = "d128")]
+    pub seq_len: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub lr: f64,
+    #[serde(default = "d20")]
+    pub warmup: usize,
+    #[serde(default = "d10")]
+    pub eval_every: usize,
+    #[serde(default = "d8")]
+    pub eval_seqs: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSpec {
+    pub alpha: f64,
+    pub temperature: f64,
+    pub top_k: usize,
+}
+
+impl Default for DistillSpec {
+    fn default() -> Self {
+        DistillSpec { alpha: 0.5, temperature: 1.0, top_k: 32 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// Downstream tasks; empty: no fine-tuning stage.
+    #[serde(default)]
+    pub tasks: Vec<TaskSpec>,
+    #[serde(default = "one")]
+    pub epochs: usize,
+    #[serde(default = "default_ft_lr")]
+    pub lr: f64,
+    #[serde(default = "d8")]
+    pub batch: usize,
+    #[serde(default = "d256")]
+    pub max_len: usize,
+    /// Generation: new tokens per answer.
+    #[serde(default = "d32")]
+    pub max_new_tokens: usize,
+}
+
+impl Default for FinetuneSpec {
+    fn default() -> Self {
+        FinetuneSpec { tasks: vec![], epochs: 1, lr: default_ft_lr(), batch: 8, max_len: 256, max_new_tokens: 32 }
+    }
+}
+
+/// One downstream task: fine-tune on `examples` of its training part, score `eval_limit` test
+/// items (natural_instructions: both per subtask, of 61).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// A `masa eval` task name (piqa, hellaswag, natural_instructions, ...).
+    pub name: String,
+    pub examples: usize,
+    pub eval_limit: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblationSpec {
+    /// Table 5: extra `masa` runs with genes at these M/W ratios.
+    #[serde(default)]
+    pub ratios: Vec<f64>,
+    /// Fig. 4: extra `masa` runs with genes calibrated on one corpus domain each.
+    #[serde(default)]
+    pub calibration_domains: Vec<String>,
+}
+
+fn d8() -> usize {
+    8
+}
+fn d10() -> usize {
+    10
+}
+fn d20() -> usize {
+    20
+}
+fn d32() -> usize {
+    32
+}
+fn d128() -> usize {
+    128
+}
+fn d256() -> usize {
+    256
+}
+fn d300() -> usize {
+    300
+}
+fn one() -> usize {
+    1
+}
+fn default_lambda() -> f64 {
+    crate::extract::DEFAULT_LAMBDA
+}
+fn default_ft_lr() -> f64 {
+    1e-4
+}
+
+fn invalid(origin: &str, field: &str, msg: impl std::fmt::Display) -> MasaError {
+    MasaError::Invalid(format!("{origin}: field `{field}`: {msg}"))
+}
+
+impl Spec {
+    /// A built-in spec name or a TOML file; parsed and validated.
+    pub fn load(name_or_path: &str) -> Result<Spec> {
+        let (origin, text) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+            Some((n, t)) => (format!("built-in spec `{n}`"), t.to_string()),
+            None => {
+                let p = Path::new(name_or_path);
+                if !p.exists() {
+                    return Err(MasaError::Invalid(format!(
+                        "spec `{name_or_path}`: no such file, and not a built-in spec ({})",
+                        BUILTIN.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                (p.display().to_string(), std::fs::read_to_string(p).at(p)?)
+            }
+        };
+        let spec: Spec = toml::from_str(&text).map_err(|e| MasaError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
+        spec.validate(&origin)?;
+        Ok(spec)
+    }
+
+    /// Every check that needs no model or corpus loaded (and the files the spec names exist).
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(invalid(origin, field, msg));
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.') {
+            return bad("name", format!("{:?}: use letters, digits, `-`, `_`, `.` (it names the directory runs/<name>)", self.name));
+        }
+        if crate::fetch::find_model(&self.source).is_none() && !Path::new(&self.source).exists() {
+            return bad(
+                "source",
+                format!(
+                    "`{}` is neither a known model ({}) nor an existing GGUF file or HF directory",
+                    self.source,
+                    crate::fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        for c in &self.corpus {
+            if c != "default" && !Path::new(c).exists() {
+                return bad("corpus", format!("`{c}` does not exist (use \"default\" for the built-in corpus)"));
+            }
+        }
+        if self.students.is_empty() {
+            return bad("students", "name at least one student preset or student.toml".into());
+        }
+        for s in &self.students {
+            crate::student::StudentConfig::from_spec(s).map_err(|e| invalid(origin, "students", e))?;
+        }
+        if self.strategies.is_empty() {
+            return bad("strategies", "name at least one strategy".into());
+        }
+        for s in &self.strategies {
+            if !MAIN.contains(&s.as_str()) && !ABLATIONS.contains(&s.as_str()) {
+                return bad("strategies", format!("unknown strategy `{s}`; known: {}, {}", MAIN.join(", "), ABLATIONS.join(", ")));
+            }
+        }
+        if has_duplicates(&self.strategies) {
+            return bad("strategies", "a strategy is listed twice".into());
+        }
+        if self.seeds.is_empty() || has_duplicates(&self.seeds) {
+            return bad("seeds", "give one or more distinct seeds".into());
+        }
+        let c = &self.calibration;
+        if c.tokens == 0 || c.seq_len < 2 || c.batch == 0 {
+            return bad("calibration", "tokens, seq_len (≥ 2) and batch must be positive".into());
+        }
+        let e = &self.extraction;
+        if !(e.ratio > 0.0 && e.ratio <= 1.0) {
+            return bad("extraction.ratio", format!("{} must be in (0, 1]", e.ratio));
+        }
+        if !(e.lambda >= 0.0 && e.lambda.is_finite()) {
+            return bad("extraction.lambda", format!("{} must be a finite number ≥ 0", e.lambda));
+        }
+        for &r in &self.ablations.ratios {
+            if !(r > 0.0 && r <= 1.0) {
+                return bad("ablations.ratios", format!("{r} must be in (0, 1]"));
+            }
+        }
+        let p = &self.pretrain;
+        if p.budgets.is_empty() || p.budgets.contains(&0) {
+            return bad("pretrain.budgets", "give one or more positive token budgets".into());
+        }
+        if p.batch == 0 || p.seq_len < 2 || p.grad_accum == 0 {
+            return bad("pretrain", "batch, seq_len (≥ 2) and grad_accum must be positive".into());
+        }
+        if !(p.lr > 0.0 && p.lr.is_finite()) {
+            return bad("pretrain.lr", format!("{} must be positive", p.lr));
+        }
+        let step = (p.batch * p.seq_len * p.grad_accum) as u64;
+        if let Some(b) = p.budgets.iter().find(|&&b| b < step) {
+            return bad("pretrain.budgets", format!("{b} tokens is less than one optimizer step (batch × seq_len × grad_accum = {step})"));
+        }
+        if self.strategies.iter().any(|s| s == "distill") {
+            let d = &self.distill;
+            if !(0.0..=1.0).contains(&d.alpha) || !(d.temperature > 0.0) || d.top_k == 0 {
+                return bad("distill", "alpha in [0, 1], temperature > 0 and top_k ≥ 1".into());
+            }
+        }
+        let f = &self.finetune;
+        for t in &f.tasks {
+            let spec = crate::eval::data::find_task(&t.name).map_err(|e| invalid(origin, "finetune.tasks.name", e))?;
+            if spec.kind == crate::eval::data::TaskKind::Perplexity {
+                return bad("finetune.tasks.name", format!("`{}` measures perplexity; the report has per-domain validation loss already", t.name));
+            }
+            if t.examples == 0 || t.eval_limit == 0 {
+                return bad("finetune.tasks", format!("`{}`: examples and eval_limit must be positive", t.name));
+            }
+        }
+        if !f.tasks.is_empty() && (f.epochs == 0 || f.batch == 0 || f.max_len < 2 || !(f.lr > 0.0)) {
+            return bad("finetune", "epochs, batch, max_len (≥ 2) and lr must be positive when tasks are given".into());
+        }
+        Ok(())
+    }
+
+    /// Corpus paths for the library (`default` → the built-in corpus directory).
+    pub fn corpus_paths(&self) -> Vec<PathBuf> {
+        self.corpus.iter().map(|c| if c == "default" { crate::corpus::default_corpus_dir() } else { PathBuf::from(c) }).collect()
+    }
+
+    /// Number of pre-training runs the spec asks for.
+    pub fn training_runs(&self) -> usize {
+        let variants = self.strategies.len() + self.ablations.ratios.len() + self.ablations.calibration_domains.len();
+        variants * self.students.len() * self.pretrain.budgets.len() * self.seeds.len()
+    }
+}
+
+fn has_duplicates<T: PartialEq>(v: &[T]) -> bool {
+    v.iter().enumerate().any(|(i, a)| v[..i].contains(a))
+}
+
+/// The group and table label of a strategy name.
+pub fn group_and_label(strategy: &str) -> (&'static str, &'static str) {
+    match strategy {
+        "masa" => ("main", "MASA"),
+        "scratch" => ("main", "Scratch"),
+        "weight-selection" => ("main", "Weight selection"),
+        "prune" => ("main", "Pruning"),
+        "distill" => ("main", "Distillation"),
+        "hybrid" => ("main", "MASA + selected rest"),
+        "masa-paper-scale" => ("ablation", "MASA, paper-literal gene scale"),
+        "masa-no-spectral" => ("ablation", "MASA w/o spectral alignment (λ = 0)"),
+        "naive" => ("ablation", "MASA w/o adaptive scaling"),
+        _ => ("main", "?"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_specs_parse() {
+        for (name, text) in BUILTIN {
+            let s: Spec = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(&s.name, name);
+        }
+    }
+}
