@@ -1,0 +1,180 @@
+//! `masa run`: spec validation names the bad field before any work; a small spec on the real
+//! SmolLM2 runs end to end, and a rerun reuses every cached stage and gives the same numbers.
+
+use std::path::{Path, PathBuf};
+
+use masa::run::spec::Spec;
+
+fn spec_text(source: &str, corpus: &str, extra_students: &str) -> String {
+    format!(
+        r#"
+name = "e2e"
+source = "{source}"
+corpus = ["{corpus}"]
+students = ["tiny"{extra_students}]
+strategies = ["masa", "scratch", "prune"]
+seeds = [0, 1]
+
+[calibration]
+tokens = 1024
+seq_len = 64
+batch = 4
+
+[extraction]
+ratio = 0.01
+lambda = 0.01
+max_iter = 10
+
+[pretrain]
+budgets = [4096]
+batch = 4
+seq_len = 32
+lr = 5e-3
+warmup = 2
+eval_every = 16
+eval_seqs = 2
+"#
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn load_err(dir: &Path, text: &str) -> String {
+    let p = write(dir, "spec.toml", text);
+    Spec::load(p.to_str().unwrap()).unwrap_err().to_string()
+}
+
+#[test]
+fn builtin_specs_validate() {
+    for name in ["default", "quick", "extended", "paper"] {
+        let s = Spec::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.name, name);
+        assert!(s.seeds.len() >= if name == "quick" { 1 } else { 2 }, "{name}");
+    }
+    let d = Spec::load("default").unwrap();
+    for s in ["masa", "scratch", "weight-selection", "prune", "distill"] {
+        assert!(d.strategies.iter().any(|x| x == s), "default lacks {s}");
+    }
+    let kinds: Vec<_> = d.finetune.tasks.iter().map(|t| masa::eval::data::find_task(&t.name).unwrap().kind).collect();
+    assert!(kinds.contains(&masa::eval::data::TaskKind::MultipleChoice) && kinds.contains(&masa::eval::data::TaskKind::Generation));
+}
+
+#[test]
+fn invalid_specs_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = spec_text("smollm2-135m", "default", "");
+    let p = write(dir.path(), "ok.toml", &ok);
+    Spec::load(p.to_str().unwrap()).unwrap();
+
+    let e = load_err(dir.path(), &ok.replace("\"prune\"", "\"lottery\""));
+    assert!(e.contains("`strategies`") && e.contains("lottery"), "{e}");
+
+    let shape = write(dir.path(), "odd.toml", "hidden_size = 250\nintermediate_size = 512\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 4\n");
+    let e = load_err(dir.path(), &spec_text("smollm2-135m", "default", &format!(", \"{}\"", shape.display())));
+    assert!(e.contains("`students`") && e.contains("not divisible"), "{e}");
+
+    let e = load_err(dir.path(), &spec_text("smollm2-135m", "/no/such/corpus.jsonl", ""));
+    assert!(e.contains("`corpus`") && e.contains("/no/such/corpus.jsonl"), "{e}");
+
+    let e = load_err(dir.path(), &spec_text("/no/such/model.gguf", "default", ""));
+    assert!(e.contains("`source`"), "{e}");
+
+    let e = load_err(dir.path(), &ok.replace("budgets = [4096]", "budgets = [64]"));
+    assert!(e.contains("`pretrain.budgets`") && e.contains("one optimizer step"), "{e}");
+
+    let e = load_err(dir.path(), &ok.replace("ratio = 0.01", "ratio = 1.5"));
+    assert!(e.contains("`extraction.ratio`"), "{e}");
+
+    let e = load_err(dir.path(), &ok.replace("seeds = [0, 1]", "seeds = [0, 0]"));
+    assert!(e.contains("`seeds`"), "{e}");
+
+    let e = load_err(dir.path(), &format!("{ok}\n[[finetune.tasks]]\nname = \"caseholdx\"\nexamples = 4\neval_limit = 4\n"));
+    assert!(e.contains("`finetune.tasks.name`") && e.contains("caseholdx"), "{e}");
+
+    // Unknown keys are errors (a typo must not silently fall back to a default).
+    let e = load_err(dir.path(), &ok.replace("lr = 5e-3", "lr = 5e-3\nlearning_rate = 1e-3"));
+    assert!(e.contains("learning_rate"), "{e}");
+
+    let e = Spec::load("no-such-spec").unwrap_err().to_string();
+    assert!(e.contains("default") && e.contains("no-such-spec"), "{e}");
+}
+
+/// A corpus of real text from this repository: Rust sources and Markdown docs, two domains.
+fn repo_corpus(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut lines = Vec::new();
+    for (domain, sub, ext) in [("code", "src", "rs"), ("docs", "docs", "md")] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(sub)).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for chunk in text.split("\n\n").filter(|c| c.len() > 40) {
+                lines.push(serde_json::json!({"text": chunk, "domain": domain}).to_string());
+            }
+        }
+    }
+    write(dir, "corpus.jsonl", &(lines.join("\n") + "\n"))
+}
+
+#[test]
+fn small_spec_runs_end_to_end_and_reruns_from_cache() {
+    let source = masa::fetch::resolve_model("smollm2-135m").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = repo_corpus(dir.path());
+    let spec_path = write(dir.path(), "e2e.toml", &spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), ""));
+    let spec = Spec::load(spec_path.to_str().unwrap()).unwrap();
+    let runs = dir.path().join("runs");
+
+    let (first, out) = masa::run::run(&spec, &runs).unwrap();
+    assert!(first.complete);
+    assert_eq!(first.trainings.len(), 3 * 2);
+    assert_eq!(first.calibrations.len(), 1);
+    assert_eq!(first.extractions.len(), 1);
+    let ex = &first.extractions[0];
+    // tiny has 2 layers: the uniform map reads the source's first and last layer.
+    assert_eq!(ex.layers, vec![0, 29]);
+    assert_eq!(ex.matrices, 6);
+    assert!(ex.median_rel_l_out > 0.0 && ex.median_rel_l_out < 1.0, "{}", ex.median_rel_l_out);
+    assert_eq!(first.spectra.len(), 6);
+    for s in &first.spectra {
+        assert_eq!(s.source.len(), s.gene.len());
+        assert!(s.source.windows(2).all(|w| w[0] >= w[1]) && s.gene.iter().all(|v| v.is_finite()));
+    }
+    for t in &first.trainings {
+        // init point + every 16 steps of 32 (4096 tokens / (4 × 32)).
+        assert_eq!(t.curve.iter().map(|p| p.tokens).collect::<Vec<_>>(), vec![0, 2048, 4096], "{}", t.strategy);
+        assert_eq!(t.curve[0].val.len(), 2, "two validation domains");
+        assert!(t.curve.iter().all(|p| p.val_mean.is_finite()));
+        assert!(t.curve[2].val_mean < t.curve[0].val_mean, "{} did not learn: {:?}", t.strategy, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>());
+    }
+    let at = |s: &str, seed: u64| first.trainings.iter().find(|t| t.strategy == s && t.seed == seed).unwrap();
+    // Seeds change the init (and the data order); strategies change the init.
+    assert_ne!(at("scratch", 0).curve[0].val_mean, at("scratch", 1).curve[0].val_mean);
+    assert_ne!(at("masa", 0).curve[0].val_mean, at("scratch", 0).curve[0].val_mean);
+    // Pruning is deterministic (no seed in its init): its two seeds start from the same point.
+    assert_eq!(at("prune", 0).curve[0].val_mean, at("prune", 1).curve[0].val_mean);
+    assert_ne!(at("prune", 0).curve[0].val_mean, at("scratch", 0).curve[0].val_mean);
+    assert!(out.join("results.json").is_file());
+
+    // Rerun: every stage cached, identical numbers, no new artifacts.
+    let count = || std::fs::read_dir(runs.join("artifacts")).unwrap().count();
+    let before = count();
+    let t0 = std::time::Instant::now();
+    let (second, _) = masa::run::run(&spec, &runs).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(count(), before);
+    assert!(secs < 20.0, "cached rerun took {secs:.1} s");
+    assert_eq!(serde_json::to_value(&first.trainings).unwrap(), serde_json::to_value(&second.trainings).unwrap());
+    assert_eq!(serde_json::to_value(&first.spectra).unwrap(), serde_json::to_value(&second.spectra).unwrap());
+
+    // Same inputs from scratch (fresh store): the same numbers (determinism).
+    let runs2 = dir.path().join("runs2");
+    let spec2 = Spec { name: "e2e".into(), ..spec.clone() };
+    let (third, _) = masa::run::run(&spec2, &runs2).unwrap();
+    let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
+    assert_eq!(curves(&first), curves(&third));
+}
