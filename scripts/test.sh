@@ -3,7 +3,7 @@
 # (cached in $MASA_HOME, default ~/.cache/masa; a second run downloads nothing), runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+source scripts/ensure_rust.sh
 echo "== building masa (release)"
 cargo build --release
 echo "== fetching the SmolLM2-135M source model used by the parity tests"

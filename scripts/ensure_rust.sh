@@ -1,0 +1,14 @@
+# Sourced by scripts/run.sh and scripts/test.sh: make `cargo` available, installing a minimal
+# Rust toolchain with rustup (into ~/.cargo) when none is found.
+if ! command -v cargo >/dev/null; then
+    if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    elif command -v curl >/dev/null; then
+        echo "== cargo not found: installing a minimal Rust toolchain with rustup into ~/.cargo"
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "error: cargo not found and curl missing; install Rust with rustup (https://rustup.rs)" >&2
+        exit 1
+    fi
+fi
