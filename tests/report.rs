@@ -51,6 +51,22 @@ fn run(strategy: &str, label: &str, group: &str, seed: u64, values: &[f64], piqa
     }
 }
 
+/// Six made-up power-law spectra (3 layers × gate/up), 48 values each: the most panels shown.
+fn spectra() -> Vec<Spectrum> {
+    let power_law = |scale: f64, exponent: f64| (1..=48).map(|i| scale / (i as f64).powf(exponent)).collect::<Vec<f64>>();
+    [0, 15, 29]
+        .iter()
+        .flat_map(|&layer| ["gate_proj", "up_proj"].map(|proj| (layer, proj)))
+        .map(|(layer, proj)| Spectrum {
+            extraction: "ratio-0.12-lambda-0.01-all-domains".into(),
+            layer,
+            proj: proj.into(),
+            source: power_law(12.0 + layer as f64 / 10.0, 0.6),
+            gene: power_law(10.0, 0.75),
+        })
+        .collect()
+}
+
 /// The fixture. Seed-mean curves at 0/250/500/750/1000 tokens:
 /// Scratch 10.8, 8.1, 7.1, 6.7, 6.6 (final 6.6 = the data-efficiency target, reached at 1000);
 /// MASA 10.8, 7.1, 6.5, 6.3, 6.2 (crosses 6.6 between 250 and 500: 250 + 250·0.5/0.6);
@@ -91,7 +107,7 @@ fn fixture() -> RunResults {
             seconds: 40.0,
             cache_key: "k2".into(),
         }],
-        spectra: vec![Spectrum { extraction: "ratio-0.12-lambda-0.01-all-domains".into(), layer: 0, proj: "gate_proj".into(), source: vec![10.0, 5.0, 2.0, 1.0], gene: vec![8.0, 4.0, 1.5, 0.5] }],
+        spectra: spectra(),
         trainings,
         notes: vec!["Distillation was not run in this fixture (no teacher cache).".into()],
     }
@@ -285,4 +301,27 @@ fn keep_fixture_report_when_asked() {
     let dir = Path::new(&dir);
     fixture().save(&dir.join("results.json")).unwrap();
     write_report(&fixture(), dir).unwrap();
+}
+
+#[test]
+fn ratio_sweep_and_calibration_domain_sections_render_when_present() {
+    let mut r = fixture();
+    for (ratio, values) in [(0.25, [10.8, 7.1, 6.6, 6.4, 6.25]), (0.12, [10.8, 7.0, 6.5, 6.3, 6.15])] {
+        let mut t = run(&format!("masa-ratio-{ratio}"), &format!("MASA ρ={ratio}"), "ratio", 0, &values, None, None);
+        t.ratio = Some(ratio);
+        r.trainings.push(t);
+    }
+    r.trainings.push(run("masa-single-domain", "MASA (code only)", "calibration", 0, &[10.8, 7.2, 6.7, 6.5, 6.4], None, None));
+    let (_dir, files, md, _) = render(&r);
+    assert!(md.contains("## Gene ratio sweep (paper Table 5)"), "{md}");
+    // Rows by ratio; 0.12 has the fixture's extraction (rank 325, median rel. L_out 0.0812), 0.25 none.
+    let at_012 = md.find("| 0.12 | MASA ρ=0.12 | 325 | 0.0812 | **6.150 ± –** |").expect("ratio 0.12 row");
+    let at_025 = md.find("| 0.25 | MASA ρ=0.25 | – | – | 6.250 ± – |").expect("ratio 0.25 row");
+    assert!(at_012 < at_025);
+    assert!(md.contains("Gene ratio sweep: the lowest final validation loss, 6.150, is at ρ = 0.12 (of 2 ratios)."), "{md}");
+    assert!(md.contains("## Calibration domains (paper Fig. 4)"), "{md}");
+    assert!(md.contains("| MASA (code only) | 6.400 ± – | +0.200 |"), "{md}");
+    assert!(md.contains("Calibration domains: MASA (code only) final validation loss 6.400 vs MASA 6.200 ± 0.141"), "{md}");
+    let names = figure_names(&files);
+    assert!(names.contains(&"curves-ratio-tiny-1k".to_string()) && names.contains(&"curves-calibration-domains-tiny-1k".to_string()), "{names:?}");
 }

@@ -242,11 +242,6 @@ impl Band {
     pub fn mean_curve(&self) -> Vec<(f64, f64)> {
         self.tokens.iter().copied().zip(self.mean.iter().copied()).collect()
     }
-
-    /// The last (tokens, mean) point.
-    pub fn last(&self) -> Option<(f64, f64)> {
-        Some((*self.tokens.last()?, *self.mean.last()?))
-    }
 }
 
 /// Mean, min and max over curves at every token position any curve has inside the range all

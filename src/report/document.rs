@@ -163,7 +163,7 @@ tr:nth-child(even) td{background:#fafbfc}
 .notes p{margin:.1em 0}
 .callout{background:#fff4e5;border-left:5px solid #f0a030;padding:.7em 1em;margin:1em 0;font-weight:600}
 figure{margin:1.5em 0}
-figure svg{max-width:100%;height:auto;display:block;border:1px solid #eee}
+figure svg{width:100%;max-width:960px;height:auto;display:block;border:1px solid #eee}
 figcaption{font-size:.9em;color:#444;margin-top:.4em}
 pre{background:#f6f8fa;padding:.8em 1em;overflow-x:auto;border-radius:4px}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em}
@@ -211,11 +211,15 @@ fn strip_xml_declaration(svg: &str) -> &str {
 }
 
 fn html_table(t: &Table) -> String {
-    let mut out = String::from("<table>\n<thead><tr>");
-    for h in &t.header {
-        out.push_str(&format!("<th>{}</th>", html_escape(h)));
+    let mut out = String::from("<table>\n");
+    if t.header.iter().any(|h| !h.is_empty()) {
+        out.push_str("<thead><tr>");
+        for h in &t.header {
+            out.push_str(&format!("<th>{}</th>", html_escape(h)));
+        }
+        out.push_str("</tr></thead>\n");
     }
-    out.push_str("</tr></thead>\n<tbody>\n");
+    out.push_str("<tbody>\n");
     for row in &t.rows {
         out.push_str("<tr>");
         for (i, c) in row.iter().enumerate() {

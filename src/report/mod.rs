@@ -22,7 +22,7 @@ use aggregate::{cohorts, data_efficiency, tasks_of, Cohort, Setting};
 use document::{Block, Table};
 use plots::{Bar, BarsPlot, CurveSeries, CurvesPlot, Figure, Plot, SpectraPlot, SpectrumPanel};
 
-use crate::run::results::RunResults;
+use crate::run::results::{RunResults, TrainingRun};
 use crate::{MasaError, Result};
 
 /// The files a report consists of.
@@ -137,9 +137,8 @@ impl Doc {
     /// Renders `plot` and places it here with `caption`.
     fn figure(&mut self, name: &str, caption: impl Into<String>, plot: &impl Plot, size: (u32, u32)) -> Result<()> {
         let (svg, png) = plots::render(plot, size).map_err(|e| MasaError::Invalid(format!("drawing figure `{name}`: {e}")))?;
-        let caption = caption.into();
-        self.blocks.push(Block::Figure { name: name.into(), caption: caption.clone() });
-        self.figures.push(Figure { name: name.into(), caption, svg, png });
+        self.blocks.push(Block::Figure { name: name.into(), caption: caption.into() });
+        self.figures.push(Figure { name: name.into(), svg, png });
         Ok(())
     }
 }
@@ -428,14 +427,13 @@ fn reproduce_section(doc: &mut Doc, r: &RunResults) {
     doc.h(2, "Reproduce");
     doc.p("Run the whole pipeline (every stage is cached by the hash of its inputs, so a rerun only does what is missing), then render this report:");
     doc.blocks.push(Block::Code(format!("masa run {name}\nmasa report runs/{name}", name = r.name)));
-    let mut items = vec![format!(
-        "All numbers: runs/{}/results.json (raw, per seed; this report aggregates them; the spec as run is stored under `spec`).",
+    doc.p(format!(
+        "All numbers: runs/{}/results.json (raw, per seed; this report aggregates them; the spec as run is in its \"spec\" field).",
         r.name
-    )];
-    let checkpoints: Vec<&str> = r.trainings.iter().map(|t| t.checkpoint.as_str()).filter(|c| !c.is_empty()).collect();
-    if !checkpoints.is_empty() {
-        items.push("Per-step training metrics: metrics.jsonl in each run's training directory, the one holding its checkpoint:".into());
-        items.extend(checkpoints.iter().map(|c| format!("checkpoint {c}")));
+    ));
+    let with_checkpoint: Vec<&TrainingRun> = r.trainings.iter().filter(|t| !t.checkpoint.is_empty()).collect();
+    if !with_checkpoint.is_empty() {
+        doc.p("Per-step training metrics: metrics.jsonl in each run's training directory, the one holding its checkpoint:");
+        doc.table(tables::checkpoints_table(&with_checkpoint));
     }
-    doc.blocks.push(Block::List(items));
 }

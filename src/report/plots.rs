@@ -24,7 +24,6 @@ const FONT: &str = "sans-serif";
 pub struct Figure {
     /// File stem under `plots/`.
     pub name: String,
-    pub caption: String,
     pub svg: String,
     pub png: Vec<u8>,
 }
@@ -141,8 +140,10 @@ impl Plot for CurvesPlot {
             .y_label_formatter(&|y| format!("{y:.2}"))
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
-            .light_line_style(RGBColor(238, 238, 238))
-            .bold_line_style(RGBColor(215, 215, 215))
+            .x_labels(10)
+            .y_labels(8)
+            .light_line_style(RGBColor(246, 246, 246))
+            .bold_line_style(RGBColor(220, 220, 220))
             .draw()
             .map_err(fail)?;
         for s in &self.series {
@@ -299,49 +300,43 @@ pub struct BarsPlot {
 
 impl Plot for BarsPlot {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
-        let n = self.bars.len().max(1);
+        let n = self.bars.len().max(1) as f64;
         let top = self.bars.iter().filter_map(|b| b.value).chain(self.reference.iter().map(|r| r.0)).filter(|v| v.is_finite()).fold(0.0, f64::max);
         let y_max = if top > 0.0 { top * 1.2 } else { 1.0 };
-        let labels: Vec<String> = self.bars.iter().map(|b| b.label.clone()).collect();
         let mut chart = ChartBuilder::on(root)
             .caption(&self.title, (FONT, 22))
             .margin(15)
-            .x_label_area_size(50)
+            .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((0..n).into_segmented(), 0f64..y_max)
+            .build_cartesian_2d(0f64..n, 0f64..y_max)
             .map_err(fail)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-                _ => String::new(),
-            })
+            .x_labels(0)
             .y_desc(&self.y_desc)
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
-            .light_line_style(RGBColor(238, 238, 238))
-            .bold_line_style(RGBColor(215, 215, 215))
+            .light_line_style(RGBColor(246, 246, 246))
+            .bold_line_style(RGBColor(220, 220, 220))
             .draw()
             .map_err(fail)?;
-        let above = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+        let text = |v: VPos| TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Center, v));
         for (i, b) in self.bars.iter().enumerate() {
+            let x = i as f64;
             let value = b.value.filter(|v| v.is_finite() && *v >= 0.0);
             if let Some(v) = value {
-                let mut rect = Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)], b.color.mix(0.85).filled());
-                rect.set_margin(0, 0, 12, 12);
-                chart.draw_series(std::iter::once(rect)).map_err(fail)?;
+                chart.draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.85, v)], b.color.mix(0.85).filled()))).map_err(fail)?;
             }
-            let y = value.unwrap_or(0.0) + y_max * 0.015;
-            chart.draw_series(std::iter::once(Text::new(b.annotation.clone(), (SegmentValue::CenterOf(i), y), above.clone()))).map_err(fail)?;
+            let over = EmptyElement::at((x + 0.5, value.unwrap_or(0.0))) + Text::new(b.annotation.clone(), (0, -6), text(VPos::Bottom));
+            let under = EmptyElement::at((x + 0.5, 0.0)) + Text::new(b.label.clone(), (0, 8), text(VPos::Top));
+            chart.draw_series([over, under]).map_err(fail)?;
         }
-        if let Some((r, text)) = &self.reference {
-            let line = vec![(SegmentValue::Exact(0), *r), (SegmentValue::Exact(n), *r)];
+        if let Some((r, label)) = &self.reference {
             chart
-                .draw_series(LineSeries::new(line, BLACK.stroke_width(1)))
+                .draw_series(LineSeries::new([(0.0, *r), (n, *r)], BLACK.stroke_width(1)))
                 .map_err(fail)?
-                .label(text)
+                .label(label)
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], BLACK.stroke_width(1)));
             chart
                 .configure_series_labels()
@@ -417,7 +412,7 @@ impl Plot for SpectraPlot {
             let (y_lo, y_hi) = all.map(|p| p.1).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
             let (y_lo, y_hi) = if y_lo.is_finite() { (y_lo / 1.5, y_hi * 1.5) } else { (1e-3, 1.0) };
             let mut chart = ChartBuilder::on(area)
-                .caption(&panel.title, (FONT, 15))
+                .caption(&panel.title, (FONT, 16))
                 .margin(8)
                 .x_label_area_size(38)
                 .y_label_area_size(52)
@@ -426,13 +421,13 @@ impl Plot for SpectraPlot {
             chart
                 .configure_mesh()
                 .x_desc("index i")
-                .y_desc("singular value σᵢ")
+                .y_desc("singular value")
                 .x_labels(6)
                 .y_labels(6)
                 .x_label_formatter(&|v| compact(*v))
                 .y_label_formatter(&|v| compact(*v))
-                .label_style((FONT, 11))
-                .axis_desc_style((FONT, 12))
+                .label_style((FONT, 13))
+                .axis_desc_style((FONT, 14))
                 .light_line_style(RGBColor(240, 240, 240))
                 .bold_line_style(RGBColor(220, 220, 220))
                 .draw()
@@ -449,7 +444,7 @@ impl Plot for SpectraPlot {
                     .position(SeriesLabelPosition::LowerLeft)
                     .background_style(WHITE.mix(0.9))
                     .border_style(RGBColor(190, 190, 190))
-                    .label_font((FONT, 12))
+                    .label_font((FONT, 14))
                     .draw()
                     .map_err(fail)?;
             }
@@ -489,6 +484,21 @@ mod tests {
         let (lo, hi) = zoom_range(&[&b]);
         assert!(lo < 5.9 && lo > 5.8 && hi < 7.0, "{lo} {hi}");
         assert_eq!(zoom_range(&[]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn degenerate_inputs_still_render() {
+        let bar = Bar { label: "a".into(), value: Some(1.0), color: PALETTE[0], annotation: "1×".into() };
+        let one = BarsPlot { title: "t".into(), y_desc: "y".into(), bars: vec![bar], reference: Some((1.0, "r".into())) };
+        let (svg, png) = render(&one, SIZE).unwrap();
+        assert!(svg.contains("<svg") && png.starts_with(b"\x89PNG"));
+        render(&BarsPlot { bars: vec![], ..one }, SIZE).unwrap();
+        let point = Band { tokens: vec![0.0], mean: vec![5.0], min: vec![5.0], max: vec![5.0] };
+        let nan = Band { tokens: vec![0.0, 1.0], mean: vec![f64::NAN, 5.0], min: vec![f64::NAN, 5.0], max: vec![f64::NAN, 5.0] };
+        let series = [point, nan].map(|band| CurveSeries { label: "x".into(), color: PALETTE[1], band }).to_vec();
+        render(&CurvesPlot { title: "t".into(), series }, SIZE).unwrap();
+        let panels = vec![SpectrumPanel { title: "p".into(), source: vec![], gene: vec![0.0, f64::NAN] }];
+        render(&SpectraPlot { title: "t".into(), panels }, GRID_SIZE).unwrap();
     }
 
     #[test]

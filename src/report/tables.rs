@@ -233,6 +233,7 @@ pub fn ablation_table(cohorts: &[&Cohort], reference: Option<&Cohort>, tasks: &[
     for (k, task) in tasks.iter().enumerate() {
         t.bold_best(k + 3, false, |i| cohorts[i].task_score(task).map(|s| s.mean));
     }
+    t.bold_best(tasks.len() + 3, false, |i| cohorts[i].task_average(tasks).map(|s| s.mean));
     t.notes.push("Δ vs MASA: difference of seed-mean final validation loss (nats/token) to the MASA row; negative is better than MASA.".into());
     if !tasks.is_empty() {
         task_notes(&mut t, cohorts, tasks);
@@ -281,22 +282,32 @@ pub fn ratio_table(cohorts: &[&Cohort], exts: &[ExtractionInfo], tasks: &[String
 
 /// Every training run, one row each (raw, per seed).
 pub fn runs_table(runs: &[TrainingRun]) -> Table {
-    let mut t = Table::new(["Student", "Strategy", "Group", "Seed", "Budget", "Trained", "Final val. loss", "Train time", "Tokens/s", "Stages done"]);
-    t.left = 3;
+    let mut t = Table::new(["Student", "Strategy", "Group", "Stages done", "Seed", "Budget", "Trained", "Final val. loss", "Train time", "Tokens/s"]);
+    t.left = 4;
     for r in runs {
         let last = final_point(r);
         t.row([
             r.student.clone(),
             r.label.clone(),
             r.group.clone(),
+            r.done.join(", "),
             r.seed.to_string(),
             format::tokens(r.budget_tokens as f64),
             last.map_or(NONE.into(), |p| format::tokens(p.tokens as f64)),
             last.map_or(NONE.into(), |p| num(p.val_mean, LOSS_DECIMALS)),
             format::duration(r.train_seconds),
             num(r.train_tokens_per_s, 0),
-            r.done.join(", "),
         ]);
+    }
+    t
+}
+
+/// Where each run's checkpoint (and beside it its metrics.jsonl) is.
+pub fn checkpoints_table(runs: &[&TrainingRun]) -> Table {
+    let mut t = Table::new(["Student", "Strategy", "Seed", "Checkpoint"]);
+    t.left = 4;
+    for r in runs {
+        t.row([r.student.clone(), r.label.clone(), r.seed.to_string(), r.checkpoint.clone()]);
     }
     t
 }
