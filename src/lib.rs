@@ -23,6 +23,7 @@ pub mod llama;
 pub mod model;
 pub mod optim;
 pub mod progress;
+pub mod report;
 pub mod rouge;
 pub mod run;
 pub mod score;

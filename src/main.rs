@@ -219,6 +219,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Render a run's results as report.md, a self-contained report.html and plots (PNG + SVG).
+    Report {
+        /// `runs/<name>/results.json`, or the run directory holding it.
+        #[arg(value_name = "RESULTS_JSON_OR_RUN_DIR")]
+        results: PathBuf,
+        /// Output directory (default: `report/` beside results.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Throughput benchmarks (compare with scripts/bench_*_torch.py).
     Bench {
         #[command(subcommand)]
@@ -448,6 +457,11 @@ fn run(cli: Cli) -> Result<()> {
             let r = masa::eval::evaluate_path(&path, &model, &tasks, &opt).with_context(|| format!("evaluating {model}"))?;
             masa::home::write_atomic(&out, serde_json::to_string_pretty(&r)?.as_bytes())?;
             eprintln!("eval: results -> {}", out.display());
+            Ok(())
+        }
+        Command::Report { results, out } => {
+            let files = masa::report::report_from_path(&results, out.as_deref())?;
+            eprintln!("report: {} and {} ({} plot files)", files.markdown.display(), files.html.display(), files.plots.len());
             Ok(())
         }
         Command::Train(a) => cmd_train(a),
