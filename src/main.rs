@@ -224,7 +224,7 @@ enum Command {
         /// `runs/<name>/results.json`, or the run directory holding it.
         #[arg(value_name = "RESULTS_JSON_OR_RUN_DIR")]
         results: PathBuf,
-        /// Output directory (default: `report/` beside results.json).
+        /// Output directory (default: the directory holding results.json).
         #[arg(long)]
         out: Option<PathBuf>,
     },

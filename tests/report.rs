@@ -285,7 +285,7 @@ fn report_from_a_run_directory_writes_beside_results() {
     let run_dir = dir.path().join("runs").join("fixture");
     fixture().save(&run_dir.join("results.json")).unwrap();
     let files = report_from_path(&run_dir, None).unwrap();
-    assert_eq!(files.markdown, run_dir.join("report").join("report.md"));
+    assert_eq!(files.markdown, run_dir.join("report.md"));
     let out = dir.path().join("elsewhere");
     let files = report_from_path(&run_dir.join("results.json"), Some(&out)).unwrap();
     assert!(files.html.starts_with(&out) && files.html.exists());

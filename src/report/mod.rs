@@ -81,13 +81,13 @@ pub fn results_path(input: &Path) -> PathBuf {
 }
 
 /// `masa report`: loads `input` (a results.json or a run directory) and writes the report to
-/// `out`, by default `report/` beside results.json.
+/// `out`, by default the directory holding results.json (`runs/<name>/`, where `masa run` writes it).
 pub fn report_from_path(input: &Path, out: Option<&Path>) -> Result<ReportFiles> {
     let path = results_path(input);
     let results = RunResults::load(&path)?;
     let dir = match out {
         Some(d) => d.to_path_buf(),
-        None => path.parent().unwrap_or(Path::new(".")).join("report"),
+        None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
     };
     write_report(&results, &dir)
 }

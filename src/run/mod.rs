@@ -77,6 +77,7 @@ pub fn run(spec: &Spec, root: &Path) -> Result<(RunResults, PathBuf)> {
     ctx.results.complete = true;
     ctx.results.wall_seconds = t0.elapsed().as_secs_f64();
     ctx.save()?;
+    crate::report::write_report(&ctx.results, &out)?;
     Ok((ctx.results, out))
 }
 
