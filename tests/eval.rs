@@ -184,7 +184,11 @@ fn eval_command_runs_on_a_student_checkpoint() {
         assert!(n >= 1 && n <= 6 && !p.contains('\n'), "{it}");
         let targets: Vec<String> = it["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
         assert!((it["rouge_l"].as_f64().unwrap() - 100.0 * masa::rouge::rouge_l_multi(p, &targets)).abs() < 1e-9);
+        // The answer's teacher-forced log-likelihood: " " + first target, at least one token.
+        assert!(it["answer_tokens"].as_u64().unwrap() >= 1 && it["answer_logprob"].as_f64().unwrap() < 0.0, "{it}");
     }
+    let (lp, toks) = ni["items"].as_array().unwrap().iter().fold((0.0, 0), |(l, t), it| (l + it["answer_logprob"].as_f64().unwrap(), t + it["answer_tokens"].as_u64().unwrap()));
+    assert!((ni["metrics"]["answer_nll"].as_f64().unwrap() + lp / toks as f64).abs() < 1e-12);
     let items = r["tasks"]["piqa"]["items"].as_array().unwrap();
     assert_eq!(items.iter().map(|i| i["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     let acc = r["tasks"]["piqa"]["metrics"]["acc"].as_f64().unwrap();
@@ -278,4 +282,20 @@ fn finetune_pairs_come_from_the_training_part_only() {
     assert!(ni.iter().all(|(p, r)| p.starts_with("Definition: Repeat the word.") && p.ends_with("Output:") && r.starts_with(' ')));
     let err = masa::eval::finetune_pairs("perplexity", None).unwrap_err().to_string();
     assert!(err.contains("not a fine-tuning task"), "{err}");
+}
+
+#[test]
+fn ni_answer_likelihood_matches_full_forward_reference() {
+    let Some((d, tok)) = student(0) else { return };
+    let src = SourceModel::open(&d.path().join("ckpt")).unwrap();
+    let m = Transformer::load(&src.weights).unwrap();
+    let (def, input) = ("Answer with the capital of the country.", "France");
+    let targets = vec!["Paris".to_string(), "paris".to_string()];
+    let opt = masa::eval::generation::GenOptions { max_new_tokens: 3, ..Default::default() };
+    let mut rng = masa::corpus::SplitMix64::new(0);
+    let got = masa::eval::generation::score_example(&m, &tok, "t", 0, def, input, &targets, &opt, &mut rng).unwrap();
+    let (a, b) = encode_pair(&tok, &masa::eval::generation::ni_prompt(def, input), " Paris", false).unwrap();
+    let want = reference_ll(&m, &a, &b);
+    assert!((got.answer_logprob - want).abs() < 1e-3, "{} vs {want}", got.answer_logprob);
+    assert_eq!(got.answer_tokens, b.len());
 }

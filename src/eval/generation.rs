@@ -118,6 +118,11 @@ pub struct GenScore {
     pub targets: Vec<String>,
     pub rouge_l: f64,
     pub new_tokens: usize,
+    /// Teacher-forced log-likelihood of the first reference (`" " + target`, the fine-tuning
+    /// response format) after the prompt, and its token count: a graded signal where greedy
+    /// generations of weak models are empty or off-task and Rouge-L is 0 for all.
+    pub answer_logprob: f64,
+    pub answer_tokens: usize,
 }
 
 pub fn score_example(
@@ -131,8 +136,21 @@ pub fn score_example(
     opt: &GenOptions,
     rng: &mut SplitMix64,
 ) -> Result<GenScore> {
-    let (text, n) = generate(model, tok, &ni_prompt(definition, input), opt, rng)?;
+    let prompt = ni_prompt(definition, input);
+    let (text, n) = generate(model, tok, &prompt, opt, rng)?;
     let prediction = text.trim().to_string();
     let rouge_l = crate::rouge::rouge_l_multi(&prediction, targets) * 100.0;
-    Ok(GenScore { subtask: subtask.into(), index, prediction, targets: targets.to_vec(), rouge_l, new_tokens: n })
+    let answer = format!(" {}", targets.first().map(|t| t.trim()).unwrap_or_default());
+    let item = crate::eval::multiple_choice::McItem { index, contexts: vec![prompt], continuations: vec![answer.clone()], choices: vec![answer], gold: 0 };
+    let scored = crate::eval::multiple_choice::score_item(model, tok, &item)?;
+    Ok(GenScore {
+        subtask: subtask.into(),
+        index,
+        prediction,
+        targets: targets.to_vec(),
+        rouge_l,
+        new_tokens: n,
+        answer_logprob: scored.lls[0],
+        answer_tokens: scored.tokens[0],
+    })
 }

@@ -172,7 +172,7 @@ fn summary(r: &Value) -> String {
     if let Some(a) = m["acc"].as_f64() {
         format!("n={n} acc={a:.4} acc_norm={:.4}", m["acc_norm"].as_f64().unwrap_or(f64::NAN))
     } else if let Some(rl) = m["rouge_l"].as_f64() {
-        format!("n={n} rouge_l={rl:.2}")
+        format!("n={n} rouge_l={rl:.2} answer_nll={:.3}", m["answer_nll"].as_f64().unwrap_or(f64::NAN))
     } else {
         format!("n={n} {}", m)
     }
@@ -237,10 +237,21 @@ fn eval_ni(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::
         "n_items": scores.len(),
         "n_subtasks": per.len(),
         "source": {"dir": dir.display().to_string(), "package": format!("{}=={}", data::BIGBENCH.package, data::BIGBENCH.version)},
-        "metrics": {"rouge_l": mean, "rouge_l_stderr": se, "rouge_l_macro": per_mean.values().sum::<f64>() / per_mean.len().max(1) as f64},
+        "metrics": {
+            "rouge_l": mean,
+            "rouge_l_stderr": se,
+            "rouge_l_macro": per_mean.values().sum::<f64>() / per_mean.len().max(1) as f64,
+            "answer_nll": answer_nll(&scores),
+        },
         "per_subtask": per_mean,
         "items": scores,
     }))
+}
+
+/// Mean negative log-likelihood per reference token (nats), over all items' first references.
+fn answer_nll(scores: &[generation::GenScore]) -> f64 {
+    let tokens: usize = scores.iter().map(|s| s.answer_tokens).sum();
+    -scores.iter().map(|s| s.answer_logprob).sum::<f64>() / tokens.max(1) as f64
 }
 
 fn eval_ppl(model: &Transformer, tok: &crate::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {

@@ -131,6 +131,11 @@ impl Cohort<'_> {
         summarize(&self.runs.iter().filter_map(|r| r.downstream.get(task)).map(display_value).collect::<Vec<_>>())
     }
 
+    /// Teacher-forced NLL per reference token of a generation task's answers, over seeds.
+    pub fn answer_nll(&self, task: &str) -> Option<Summary> {
+        summarize(&self.runs.iter().filter_map(|r| r.downstream.get(task)?.all.get("answer_nll").copied()).collect::<Vec<_>>())
+    }
+
     /// The scores of one task, one per run that has it.
     pub fn task_scores(&self, task: &str) -> Vec<&TaskScore> {
         self.runs.iter().filter_map(|r| r.downstream.get(task)).collect()

@@ -296,6 +296,10 @@ fn downstream_section(doc: &mut Doc, main: &[&Cohort]) {
         }
         doc.h(3, setting_title(&s));
         doc.table(tables::downstream_table(&cs, &tasks));
+        let generation: Vec<String> = tasks.iter().filter(|t| cs.iter().any(|c| c.answer_nll(t).is_some())).cloned().collect();
+        if !generation.is_empty() {
+            doc.table(tables::answer_nll_table(&cs, &generation));
+        }
     }
 }
 

@@ -187,6 +187,23 @@ fn task_notes(t: &mut Table, cohorts: &[&Cohort], tasks: &[String]) {
     t.notes.push("Accuracy in %, Rouge-L as is (0–100); higher is better.".into());
 }
 
+/// Generation tasks' answer likelihood: rows strategies, columns tasks; lower is better.
+pub fn answer_nll_table(cohorts: &[&Cohort], tasks: &[String]) -> Table {
+    let mut t = Table::new(std::iter::once("Strategy".to_string()).chain(tasks.iter().map(|task| format!("{task} answer NLL"))));
+    for c in cohorts {
+        t.row(std::iter::once(row_label(c)).chain(tasks.iter().map(|task| mean_std(c.answer_nll(task), LOSS_DECIMALS))));
+    }
+    for (k, task) in tasks.iter().enumerate() {
+        t.bold_best(k + 1, true, |i| cohorts[i].answer_nll(task).map(|s| s.mean));
+    }
+    t.notes.push(
+        "Mean negative log-likelihood per token (nats) of the first reference answer after the prompt, teacher-forced, on the same test items; \
+         lower is better. Graded where greedy generations of small students are empty or off-task and Rouge-L is 0 for every strategy."
+            .into(),
+    );
+    t
+}
+
 /// Downstream scores: rows strategies, columns tasks and their average (paper Tables 1 and 3).
 pub fn downstream_table(cohorts: &[&Cohort], tasks: &[String]) -> Table {
     let mut t = Table::new(std::iter::once("Strategy".to_string()).chain(tasks.iter().cloned()).chain(["Avg.".to_string()]));

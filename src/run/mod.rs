@@ -609,8 +609,9 @@ impl<'a> Ctx<'a> {
                     "distill": distill.as_ref().map(|d| json!({"alpha": d.alpha, "temperature": d.temperature, "top_k": d.top_k}))}),
         );
         let train_dir = self.store.join(format!("train-{train_key}"));
-        let rec: TrainRecord = match read_record(&train_dir) {
-            Some(r) => r,
+        let rec: TrainRecord = match read_record::<TrainRecord>(&train_dir) {
+            // The checkpoint as a path inside this store, wherever the store is now.
+            Some(r) => TrainRecord { checkpoint: train_dir.join(r.checkpoint.file_name().unwrap_or_default()), ..r },
             None => {
                 self.overall.set_message(format!("pre-train {what}"));
                 let steps = j.budget.div_ceil((p.batch * p.seq_len * p.grad_accum) as u64) as usize;
@@ -671,7 +672,7 @@ impl<'a> Ctx<'a> {
         let f = &self.spec.finetune;
         let k = key(
             "finetune",
-            &json!({"train": train_key, "task": task.name, "examples": task.examples, "eval_limit": task.eval_limit, "epochs": f.epochs,
+            &json!({"train": train_key, "task": task.name, "eval_format": crate::eval::PROMPT_FORMAT_VERSION, "record": RECORD_VERSION, "examples": task.examples, "eval_limit": task.eval_limit, "epochs": f.epochs,
                     "lr": f.lr, "batch": f.batch, "max_len": f.max_len, "max_new_tokens": f.max_new_tokens, "seed": seed}),
         );
         let dir = self.store.join(format!("finetune-{k}"));
@@ -699,6 +700,9 @@ impl<'a> Ctx<'a> {
         Ok(score)
     }
 }
+
+/// Bumped when what a fine-tune/eval record holds changes (2: generation tasks' answer NLL).
+const RECORD_VERSION: u32 = 2;
 
 #[derive(Serialize, serde::Deserialize)]
 struct TrainRecord {
