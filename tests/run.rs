@@ -99,6 +99,9 @@ fn invalid_specs_name_the_field() {
     let e = load_err(dir.path(), &ok.replace("lr = 5e-3", "lr = 5e-3\nlearning_rate = 1e-3"));
     assert!(e.contains("learning_rate"), "{e}");
 
+    let e = load_err(dir.path(), &format!("{ok}\n[ablations]\ncalibration_domains = [\"poetry\"]\n"));
+    assert!(e.contains("`ablations.calibration_domains`") && e.contains("poetry"), "{e}");
+
     let e = Spec::load("no-such-spec").unwrap_err().to_string();
     assert!(e.contains("default") && e.contains("no-such-spec"), "{e}");
 }

@@ -193,17 +193,7 @@ impl Plan {
             let g = add_ex(r, e.lambda, ALL);
             variants.push((format!("masa-ratio-{r}"), "ratio".into(), format!("MASA, ratio {r}"), Some(r), Some(g), InitOptions::new(Strategy::Masa), false));
         }
-        let known = known_domains(spec)?;
         for d in &spec.ablations.calibration_domains {
-            if let Some(k) = &known {
-                if !k.contains(d) {
-                    return Err(MasaError::Invalid(format!(
-                        "spec `{}`: field `ablations.calibration_domains`: `{d}` is not a corpus domain ({})",
-                        spec.name,
-                        k.iter().cloned().collect::<Vec<_>>().join(", ")
-                    )));
-                }
-            }
             let cal = format!("domain-{d}");
             calibrations.push(CalibrationJob { label: cal.clone(), domains: Some(vec![d.clone()]) });
             let g = add_ex(e.ratio, e.lambda, &cal);
@@ -249,13 +239,6 @@ impl Plan {
     pub fn cost(&self, spec: &Spec, source: &SourceModel) -> u64 {
         estimate(spec, self, source).total_seconds.max(1.0) as u64
     }
-}
-
-fn known_domains(spec: &Spec) -> Result<Option<BTreeSet<String>>> {
-    if spec.corpus.iter().all(|c| c == "default") {
-        return Ok(Some(crate::corpus::DEFAULT_DOMAINS.iter().map(|(d, _)| d.to_string()).collect()));
-    }
-    Ok(None)
 }
 
 /// Rates measured on the 2-core machine (README's speed table): training forward+backward+AdamW

@@ -276,6 +276,12 @@ impl Spec {
                 return bad("ablations.ratios", format!("{r} must be in (0, 1]"));
             }
         }
+        if self.corpus.iter().all(|c| c == "default") {
+            let known: Vec<&str> = crate::corpus::DEFAULT_DOMAINS.iter().map(|(d, _)| *d).collect();
+            if let Some(d) = self.ablations.calibration_domains.iter().find(|d| !known.contains(&d.as_str())) {
+                return bad("ablations.calibration_domains", format!("`{d}` is not a domain of the default corpus ({})", known.join(", ")));
+            }
+        }
         let p = &self.pretrain;
         if p.budgets.is_empty() || p.budgets.contains(&0) {
             return bad("pretrain.budgets", "give one or more positive token budgets".into());
