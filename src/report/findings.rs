@@ -115,6 +115,8 @@ fn downstream_statements(cohorts: &[&Cohort]) -> Vec<String> {
         return Vec::new();
     }
     let mut out = Vec::new();
+    out.extend(tasks.iter().filter_map(|t| resolution_statement(masa, t)));
+    out.extend(tasks.iter().filter_map(|t| answer_nll_statement(cohorts, masa, t)));
     for c in cohorts.iter().filter(|c| !c.same_condition(masa)) {
         let pairs: Vec<(f64, f64)> = tasks.iter().filter_map(|t| Some((masa.task_score(t)?.mean, c.task_score(t)?.mean))).collect();
         if pairs.is_empty() {
@@ -133,6 +135,38 @@ fn downstream_statements(cohorts: &[&Cohort]) -> Vec<String> {
         ));
     }
     out
+}
+
+/// How large a difference one task can resolve: the binomial standard error of one accuracy
+/// at MASA's score and item count, and a note when a generation metric is 0 for every run.
+fn resolution_statement(masa: &Cohort, task: &str) -> Option<String> {
+    let s = masa.task_scores(task).into_iter().next()?;
+    if s.metric == "rougeL" {
+        let all_zero = masa.task_scores(task).iter().all(|x| x.value == 0.0);
+        return all_zero.then(|| format!("{task}: Rouge-L is 0 for MASA's runs (their greedy answers are empty or share no word with the references); the answer NLL below still ranks the strategies."));
+    }
+    let se = (s.value * (1.0 - s.value) / s.n.max(1) as f64).sqrt() * 100.0;
+    Some(format!(
+        "{task}: with n = {} test items one accuracy has a standard error of about {} points, so differences between strategies smaller than ~{} points are not evidence.",
+        s.n,
+        num(se, 1),
+        num(2.0 * se, 0)
+    ))
+}
+
+/// Generation tasks: MASA's teacher-forced answer NLL against the best and the worst strategy.
+fn answer_nll_statement(cohorts: &[&Cohort], masa: &Cohort, task: &str) -> Option<String> {
+    let m = masa.answer_nll(task)?;
+    let mut ranked: Vec<(&Cohort, Summary)> = cohorts.iter().filter_map(|c| Some((*c, c.answer_nll(task)?))).collect();
+    ranked.sort_by(|a, b| a.1.mean.total_cmp(&b.1.mean));
+    let rank = ranked.iter().position(|(c, _)| c.same_condition(masa))? + 1;
+    let list: Vec<String> = ranked.iter().map(|(c, s)| format!("{} {}", c.label, loss_text(s))).collect();
+    Some(format!(
+        "{task} answer NLL (nats/token, lower is better), lowest first: {}. MASA ranks {rank} of {} ({}).",
+        list.join("; "),
+        ranked.len(),
+        loss_text(&m)
+    ))
 }
 
 /// Statements comparing each variant (ablation, calibration domains) with MASA.
