@@ -4,8 +4,7 @@
 #   scripts/screenshot_report.sh DIR [OUT.png]
 #
 # DIR is a report directory (it holds report.html: that page is shot as it is) or a run
-# directory (it holds results.json: the report is rendered first with `masa report DIR`, into
-# DIR/report). OUT.png defaults to shot.png beside report.html. The window is 1200 pixels wide
+# directory holding results.json but no report yet (rendered first with `masa report DIR`). OUT.png defaults to shot.png beside report.html. The window is 1200 pixels wide
 # and SHOT_HEIGHT (default 3000) tall; MASA names the masa binary (default: target/release/masa
 # of this checkout, else masa on PATH). Needs Chromium (Debian: apt-get install chromium).
 set -euo pipefail
@@ -20,8 +19,8 @@ elif [ -f "$dir/results.json" ]; then
     if [ -z "$masa" ]; then
         if [ -x "$root/target/release/masa" ]; then masa="$root/target/release/masa"; else masa=masa; fi
     fi
-    "$masa" report "$dir" --out "$dir/report"
-    html="$dir/report/report.html"
+    "$masa" report "$dir"
+    html="$dir/report.html"
 else
     echo "error: $dir has neither report.html nor results.json" >&2
     exit 1

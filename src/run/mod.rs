@@ -72,6 +72,8 @@ pub fn run(spec: &Spec, root: &Path) -> Result<(RunResults, PathBuf)> {
         ctx.advance(job_seconds(spec, job, vocab, teachers.contains(&i)), "");
         ctx.results.wall_seconds = t0.elapsed().as_secs_f64();
         ctx.save()?;
+        // A partial report after every job (it says it is partial); rendering takes ~0.1 s.
+        crate::report::write_report(&ctx.results, &out)?;
     }
     overall.finish_and_clear();
     ctx.results.complete = true;
