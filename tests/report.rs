@@ -8,7 +8,7 @@ use std::path::Path;
 
 use masa::report::aggregate::{cohorts, data_efficiency, tokens_to_reach};
 use masa::report::{report_from_path, write_report, ReportFiles};
-use masa::run::results::{CalibrationInfo, CurvePoint, ExtractionInfo, RunResults, SourceInfo, Spectrum, TaskScore, TrainingRun, FORMAT};
+use masa::run::results::{CalibrationInfo, CurvePoint, ExtractionInfo, Invocation, RunResults, SourceInfo, Spectrum, TaskScore, TrainingRun, FORMAT};
 
 const TOKENS: [u64; 5] = [0, 250, 500, 750, 1000];
 
@@ -90,6 +90,10 @@ fn fixture() -> RunResults {
         started_unix: 1_700_000_000,
         wall_seconds: 3725.0,
         threads: 2,
+        invocations: vec![
+            Invocation { started_unix: 1_699_990_000, wall_seconds: 3725.0, stages_computed: 34, complete: true },
+            Invocation { started_unix: 1_700_000_000, wall_seconds: 0.7, stages_computed: 0, complete: true },
+        ],
         complete: true,
         source: SourceInfo { name: "smollm2-135m".into(), path: "/x".into(), fingerprint: "abcdef0123456789ffff".into(), arch: "llama".into(), layers: 30, hidden: 576, ffn: 1536, parameters: 134_515_008 },
         calibrations: vec![CalibrationInfo { label: "all-domains".into(), domains: vec!["code".into(), "web".into()], tokens: 65_536, seconds: 30.0, cache_key: "k1".into() }],
@@ -163,6 +167,8 @@ fn html_is_self_contained_with_every_figure_inline() {
         assert!(html[at..end].contains("<svg") && html[at..end].contains("</svg>"), "figure {name} has no inline svg");
     }
     assert!(html.contains("<style>") && html.contains("<table>"));
+    // Every invocation is listed: the one that computed, and the cached rerun.
+    assert!(html.contains("computed 34 stages") && html.contains("all stages cached"));
 }
 
 #[test]

@@ -171,6 +171,10 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(count(), before);
     assert!(secs < 20.0, "cached rerun took {secs:.1} s");
+    let inv: Vec<usize> = second.invocations.iter().map(|i| i.stages_computed).collect();
+    // First run: 1 calibration + 1 extraction + 6 inits + 6 pre-trainings; the rerun: none.
+    assert_eq!(inv, vec![first.invocations[0].stages_computed, 0]);
+    assert_eq!(first.invocations[0].stages_computed, 1 + 1 + 6 + 6);
     assert_eq!(serde_json::to_value(&first.trainings).unwrap(), serde_json::to_value(&second.trainings).unwrap());
     assert_eq!(serde_json::to_value(&first.spectra).unwrap(), serde_json::to_value(&second.spectra).unwrap());
 

@@ -155,9 +155,12 @@ h1{font-size:1.9em;border-bottom:2px solid #ddd;padding-bottom:.3em}
 h2{font-size:1.45em;margin-top:2em;border-bottom:1px solid #e4e4e4;padding-bottom:.2em}
 h3{font-size:1.15em;margin-top:1.5em}
 table{border-collapse:collapse;margin:1em 0 .4em;font-size:.92em;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #d0d7de;padding:.35em .7em}
+th,td{border:1px solid #d0d7de;padding:.35em .6em}
+.wide{overflow-x:auto;max-width:100%}
+.wide table{font-size:.84em}
 th{background:#f3f5f7;text-align:center}
 td.l{text-align:left}td.r{text-align:right;white-space:nowrap}
+body{max-width:1200px}
 tr:nth-child(even) td{background:#fafbfc}
 .notes{font-size:.85em;color:#555;margin:.2em 0 1.2em}
 .notes p{margin:.1em 0}
@@ -211,7 +214,8 @@ fn strip_xml_declaration(svg: &str) -> &str {
 }
 
 fn html_table(t: &Table) -> String {
-    let mut out = String::from("<table>\n");
+    // Wide tables (one column per corpus domain) scroll inside the page instead of overflowing it.
+    let mut out = String::from("<div class=\"wide\"><table>\n");
     if t.header.iter().any(|h| !h.is_empty()) {
         out.push_str("<thead><tr>");
         for h in &t.header {
@@ -230,7 +234,7 @@ fn html_table(t: &Table) -> String {
         }
         out.push_str("</tr>\n");
     }
-    out.push_str("</tbody>\n</table>\n");
+    out.push_str("</tbody>\n</table></div>\n");
     if !t.notes.is_empty() {
         out.push_str("<div class=\"notes\">");
         for n in &t.notes {

@@ -24,6 +24,7 @@ pub fn run_overview(r: &RunResults) -> Table {
         ("masa version", r.masa_version.clone()),
         ("Started", format::utc_date(r.started_unix)),
         ("Wall time of this invocation", format::duration(r.wall_seconds)),
+        ("Invocations", invocations_text(&r.invocations)),
         ("Threads", r.threads.to_string()),
         ("Students", join_or_none(students.iter().map(|s| s.to_string()))),
         ("Seeds", join_or_none(seeds.iter().map(|s| s.to_string()))),
@@ -174,6 +175,18 @@ fn distinct<T: Ord + ToString>(values: impl Iterator<Item = T>) -> String {
     values.collect::<BTreeSet<T>>().iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
 }
 
+/// `42 min 18 s (computed 34 stages); 0.7 s (all cached)`: every `masa run` of this spec.
+fn invocations_text(inv: &[crate::run::results::Invocation]) -> String {
+    if inv.is_empty() {
+        return NONE.into();
+    }
+    let one = |i: &crate::run::results::Invocation| {
+        let what = if i.stages_computed == 0 { "all stages cached".to_string() } else { format!("computed {} stages", i.stages_computed) };
+        format!("{} UTC: {} ({what})", format::utc_date(i.started_unix), format::duration(i.wall_seconds))
+    };
+    inv.iter().map(one).collect::<Vec<_>>().join("; ")
+}
+
 /// Footnotes naming each task's metric, test items and fine-tuning examples.
 fn task_notes(t: &mut Table, cohorts: &[&Cohort], tasks: &[String]) {
     for task in tasks {
@@ -198,7 +211,7 @@ pub fn answer_nll_table(cohorts: &[&Cohort], tasks: &[String]) -> Table {
     }
     t.notes.push(
         "Mean negative log-likelihood per token (nats) of the first reference answer after the prompt, teacher-forced, on the same test items; \
-         lower is better. Graded where greedy generations of small students are empty or off-task and Rouge-L is 0 for every strategy."
+         lower is better. Graded where greedy generations of small students are mostly empty or off-task and Rouge-L is near 0 for every strategy."
             .into(),
     );
     t

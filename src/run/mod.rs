@@ -50,7 +50,6 @@ pub fn default_runs_root() -> PathBuf {
 
 /// Run (or continue) a spec; returns the results and the report directory.
 pub fn run(spec: &Spec, root: &Path) -> Result<(RunResults, PathBuf)> {
-    let t0 = Instant::now();
     let out = root.join(&spec.name);
     std::fs::create_dir_all(&out).at(&out)?;
     let mut ctx = Ctx::open(spec, root, &out)?;
@@ -70,14 +69,12 @@ pub fn run(spec: &Spec, root: &Path) -> Result<(RunResults, PathBuf)> {
     for (i, job) in plan.jobs.iter().enumerate() {
         ctx.job(job)?;
         ctx.advance(job_seconds(spec, job, vocab, teachers.contains(&i)), "");
-        ctx.results.wall_seconds = t0.elapsed().as_secs_f64();
         ctx.save()?;
         // A partial report after every job (it says it is partial); rendering takes ~0.1 s.
         crate::report::write_report(&ctx.results, &out)?;
     }
     overall.finish_and_clear();
     ctx.results.complete = true;
-    ctx.results.wall_seconds = t0.elapsed().as_secs_f64();
     ctx.save()?;
     crate::report::write_report(&ctx.results, &out)?;
     Ok((ctx.results, out))
@@ -104,10 +101,20 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
         e.training_runs, plan.jobs.len() / (spec.seeds.len() * spec.pretrain.budgets.len() * spec.students.len()).max(1), spec.seeds.len(), spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
     let _ = writeln!(s, "teacher passes (distillation): {:.3e} tokens; fine-tune + eval runs: {}", e.teacher_tokens as f64, e.finetune_runs);
     let h = e.total_seconds / 3600.0;
-    let _ = writeln!(s, "estimated time on a 2-core CPU machine: {} ", if h < 1.0 { format!("{:.0} min", h * 60.0) } else { format!("{h:.1} h ({:.1} days)", h / 24.0) });
+    let _ = writeln!(s, "estimated time on a 2-core CPU machine: {}", duration_words(h));
     let gpu_h = e.training_flops / (H100_EFFECTIVE_FLOPS * 3600.0);
     let _ = writeln!(s, "pre-training on one H100 at an assumed {:.0} TFLOP/s effective (40% of bf16 dense peak): {gpu_h:.1} GPU-hours", H100_EFFECTIVE_FLOPS / 1e12);
     Ok(s)
+}
+
+/// `42 min`, `29.9 h`, `380 years`: hours in the unit that reads best.
+fn duration_words(hours: f64) -> String {
+    match hours {
+        h if h < 1.0 => format!("{:.0} min", h * 60.0),
+        h if h < 72.0 => format!("{h:.1} h"),
+        h if h < 24.0 * 365.0 => format!("{:.0} days", h / 24.0),
+        h => format!("{:.0} years", h / (24.0 * 365.0)),
+    }
 }
 
 /// An assumption, not a measurement: 40% utilisation of an H100's ~990 TFLOP/s dense bf16.
@@ -333,6 +340,10 @@ struct Ctx<'a> {
     stats: BTreeMap<String, (PathBuf, String)>,
     genes: BTreeMap<String, (PathBuf, String)>,
     overall: indicatif::ProgressBar,
+    /// Earlier invocations (from an existing results.json) and this one's computed stages.
+    history: Vec<Invocation>,
+    computed: usize,
+    t0: Instant,
 }
 
 /// Hash of a stage's kind and inputs (JSON with sorted keys).
@@ -413,10 +424,17 @@ impl<'a> Ctx<'a> {
             stats: BTreeMap::new(),
             genes: BTreeMap::new(),
             overall: indicatif::ProgressBar::hidden(),
+            history: RunResults::load(&out.join("results.json")).map(|r| r.invocations).unwrap_or_default(),
+            computed: 0,
+            t0: Instant::now(),
         })
     }
 
-    fn save(&self) -> Result<()> {
+    /// Write results.json, with this invocation appended to the history.
+    fn save(&mut self) -> Result<()> {
+        self.results.wall_seconds = self.t0.elapsed().as_secs_f64();
+        let now = Invocation { started_unix: self.results.started_unix, wall_seconds: self.results.wall_seconds, stages_computed: self.computed, complete: self.results.complete };
+        self.results.invocations = self.history.iter().cloned().chain([now]).collect();
         self.results.save(&self.results_path)
     }
 
@@ -437,6 +455,7 @@ impl<'a> Ctx<'a> {
             Some(info) => info,
             None => {
                 std::fs::create_dir_all(&dir).at(&dir)?;
+                self.computed += 1;
                 let model = Transformer::load(&self.source.weights)?;
                 let corpus = crate::corpus::load_corpus(&self.corpus)?;
                 let t0 = Instant::now();
@@ -471,6 +490,7 @@ impl<'a> Ctx<'a> {
             Some(info) => info,
             None => {
                 std::fs::create_dir_all(&dir).at(&dir)?;
+                self.computed += 1;
                 let stats = crate::stats::Stats::load(&stats_path)?;
                 let opts = ExtractOptions { rank: RankSpec::Ratio(job.ratio), lambda: job.lambda, max_iter: e.max_iter, layers: Some(layers.to_vec()), ..Default::default() };
                 let n = crate::extract::select_matrices(&self.source.weights, &stats, 1, Some(layers))?.len();
@@ -564,6 +584,7 @@ impl<'a> Ctx<'a> {
         );
         let init_dir = self.store.join(format!("init-{init_key}"));
         if read_record::<serde_json::Value>(&init_dir).is_none() {
+            self.computed += 1;
             self.overall.set_message(format!("init {what}"));
             let model_dir = init_dir.join("model");
             let cfg = crate::init::run(&InitRequest {
@@ -598,6 +619,7 @@ impl<'a> Ctx<'a> {
             // The checkpoint as a path inside this store, wherever the store is now.
             Some(r) => TrainRecord { checkpoint: train_dir.join(r.checkpoint.file_name().unwrap_or_default()), ..r },
             None => {
+                self.computed += 1;
                 self.overall.set_message(format!("pre-train {what}"));
                 let steps = j.budget.div_ceil((p.batch * p.seq_len * p.grad_accum) as u64) as usize;
                 let opts = crate::train::TrainOptions {
@@ -664,6 +686,7 @@ impl<'a> Ctx<'a> {
         if let Some(s) = read_record::<TaskScore>(&dir) {
             return Ok(s);
         }
+        self.computed += 1;
         self.overall.set_message(format!("fine-tune {} {what}", task.name));
         std::fs::create_dir_all(&dir).at(&dir)?;
         let tok = SourceModel::open(checkpoint)?.tokenizer;

@@ -24,6 +24,10 @@ pub struct RunResults {
     /// Wall seconds of this invocation (cached stages cost ~0).
     pub wall_seconds: f64,
     pub threads: usize,
+    /// Every `masa run` of this spec in this runs directory, oldest first, with how many stages
+    /// it computed (the rest came from the cache).
+    #[serde(default)]
+    pub invocations: Vec<Invocation>,
     /// True once every stage of the spec finished.
     pub complete: bool,
     pub source: SourceInfo,
@@ -34,6 +38,16 @@ pub struct RunResults {
     pub trainings: Vec<TrainingRun>,
     /// Plain statements the report must carry (what was not obtainable, deviations from the paper).
     pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Invocation {
+    pub started_unix: u64,
+    pub wall_seconds: f64,
+    /// Stages computed by this invocation (calibrations, extractions, inits, pre-trainings,
+    /// fine-tune + evaluations); 0: everything came from the cache.
+    pub stages_computed: usize,
+    pub complete: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
