@@ -101,8 +101,8 @@ fn efficiency_statement(cohorts: &[&Cohort]) -> Option<String> {
     let main = match (masa.tokens, masa.ratio) {
         (None, _) => format!("MASA does not reach {target} within its pre-training budget, so it shows no data-efficiency gain here."),
         (Some(_), None) => format!("MASA is at or below {target} already at initialisation."),
-        (Some(t), Some(q)) if q > 1.0 => format!("MASA reaches {target} after {} tokens: {q:.2}× less pre-training data than Scratch (the paper reports 2–5×).", format::tokens(t)),
-        (Some(t), Some(q)) => format!("MASA reaches {target} only after {} tokens: {q:.2}× Scratch's data efficiency, i.e. no saving (the paper reports 2–5× less data).", format::tokens(t)),
+        (Some(t), Some(q)) if q >= 1.05 => format!("MASA reaches {target} after {} tokens: {q:.2}× less pre-training data than Scratch (the paper reports 2–5×).", format::tokens(t)),
+        (Some(t), Some(q)) => format!("MASA reaches {target} only after {} tokens: {q:.2}× Scratch's data efficiency, i.e. no saving of 5% or more (the paper reports 2–5× less data).", format::tokens(t)),
     };
     Some(main + &others)
 }
