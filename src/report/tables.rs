@@ -182,7 +182,7 @@ fn invocations_text(inv: &[crate::run::results::Invocation]) -> String {
     }
     let one = |i: &crate::run::results::Invocation| {
         let what = if i.stages_computed == 0 { "all stages cached".to_string() } else { format!("computed {} stages", i.stages_computed) };
-        format!("{} UTC: {} ({what})", format::utc_date(i.started_unix), format::duration(i.wall_seconds))
+        format!("{}: {} ({what})", format::utc_date(i.started_unix), format::duration(i.wall_seconds))
     };
     inv.iter().map(one).collect::<Vec<_>>().join("; ")
 }
