@@ -105,6 +105,16 @@ pub struct GenesMeta {
 }
 
 impl GenesMeta {
+    /// Median over matrices of the relative L_out, and the mean over matrices of L_spec / r at
+    /// the output-only optimum and after alignment: the one-line summary of an extraction.
+    pub fn summary(&self) -> (f64, f64, f64) {
+        let ms = &self.matrices;
+        let mut rel: Vec<f64> = ms.iter().map(|m| m.rel_l_out).collect();
+        rel.sort_by(|a, b| a.total_cmp(b));
+        let per_r = |f: fn(&MatrixReport) -> f64| ms.iter().map(|m| f(m) / m.r as f64).sum::<f64>() / ms.len().max(1) as f64;
+        (rel.get(rel.len() / 2).copied().unwrap_or(f64::NAN), per_r(|m| m.l_spec_start), per_r(|m| m.l_spec))
+    }
+
     fn new(source: &SourceWeights, source_hash: &str, stats: &Stats, opts: &ExtractOptions, mode: &str, matrices: Vec<MatrixReport>) -> Self {
         GenesMeta {
             format: FORMAT.into(),

@@ -704,14 +704,11 @@ fn cmd_extract(
     genes.save(out)?;
     let report_path = out.with_extension("report.json");
     masa::home::write_atomic(&report_path, serde_json::to_string_pretty(&genes.meta)?.as_bytes())?;
-    let mut rel: Vec<f64> = genes.meta.matrices.iter().map(|m| m.rel_l_out).collect();
-    rel.sort_by(|a, b| a.total_cmp(b));
-    let spec0: f64 = genes.meta.matrices.iter().map(|m| m.l_spec_start / m.r as f64).sum::<f64>() / n as f64;
-    let spec1: f64 = genes.meta.matrices.iter().map(|m| m.l_spec / m.r as f64).sum::<f64>() / n as f64;
+    let (median_rel, spec0, spec1) = genes.meta.summary();
     eprintln!(
         "extracted {n} genes in {:.1} s: median relative L_out {:.4}, mean L_spec/r {:.3} -> {:.3}; {} and {}",
         t0.elapsed().as_secs_f64(),
-        rel[rel.len() / 2],
+        median_rel,
         spec0,
         spec1,
         out.display(),

@@ -500,9 +500,7 @@ impl<'a> Ctx<'a> {
                 bar.finish_and_clear();
                 genes.save(&path)?;
                 let ms = &genes.meta.matrices;
-                let mut rel: Vec<f64> = ms.iter().map(|m| m.rel_l_out).collect();
-                rel.sort_by(|a, b| a.total_cmp(b));
-                let per_r = |f: fn(&crate::extract::MatrixReport) -> f64| ms.iter().map(|m| f(m) / m.r as f64).sum::<f64>() / ms.len().max(1) as f64;
+                let (median_rel_l_out, mean_l_spec_per_r_start, mean_l_spec_per_r) = genes.meta.summary();
                 let info = ExtractionInfo {
                     label: job.label.clone(),
                     calibration: job.calibration.clone(),
@@ -511,9 +509,9 @@ impl<'a> Ctx<'a> {
                     lambda: job.lambda,
                     layers: layers.to_vec(),
                     matrices: ms.len(),
-                    median_rel_l_out: rel.get(rel.len() / 2).copied().unwrap_or(f64::NAN),
-                    mean_l_spec_per_r_start: per_r(|m| m.l_spec_start),
-                    mean_l_spec_per_r: per_r(|m| m.l_spec),
+                    median_rel_l_out,
+                    mean_l_spec_per_r_start,
+                    mean_l_spec_per_r,
                     seconds: t0.elapsed().as_secs_f64(),
                     cache_key: k.clone(),
                 };

@@ -322,12 +322,6 @@ impl Spec {
     pub fn corpus_paths(&self) -> Vec<PathBuf> {
         self.corpus.iter().map(|c| if c == "default" { crate::corpus::default_corpus_dir() } else { PathBuf::from(c) }).collect()
     }
-
-    /// Number of pre-training runs the spec asks for.
-    pub fn training_runs(&self) -> usize {
-        let variants = self.strategies.len() + self.ablations.ratios.len() + self.ablations.calibration_domains.len();
-        variants * self.students.len() * self.pretrain.budgets.len() * self.seeds.len()
-    }
 }
 
 fn has_duplicates<T: PartialEq>(v: &[T]) -> bool {
