@@ -6,6 +6,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::engine::{Device as EngineDevice, Precision};
 use crate::error::Result;
 use crate::model::{NoHooks, Transformer};
 
@@ -70,6 +71,9 @@ pub fn peak_rss_mb() -> f64 {
 #[derive(Serialize)]
 pub struct TrainBench {
     pub config: String,
+    pub device: String,
+    /// Device memory in use at the end (MiB; CUDA context included), on a device.
+    pub device_mem_mb: Option<f64>,
     pub params: usize,
     pub batch: usize,
     pub seq: usize,
@@ -85,13 +89,14 @@ pub struct TrainBench {
 }
 
 /// Median tokens/s of full training steps (forward, causal-LM cross-entropy, backward, clip
-/// 1.0, AdamW lr 4e-4 β 0.9/0.95 wd 0.1) on random tokens from a Scratch init, f32; the same
-/// step `scripts/bench_train_torch.py` times.
-pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize, steps: usize, seed: u64) -> Result<TrainBench> {
+/// 1.0, AdamW lr 4e-4 β 0.9/0.95 wd 0.1) on random tokens from a Scratch init, on `device`
+/// (the same [`crate::engine::optimizer_step`] `masa train` runs); the same step
+/// `scripts/bench_train_torch.py` times. On CUDA each timed step ends with the device idle
+/// (the step reads its loss and gradient norm back).
+#[allow(clippy::too_many_arguments)]
+pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize, steps: usize, seed: u64, device: EngineDevice, precision: Precision) -> Result<TrainBench> {
+    use crate::engine::{AdamConfig, MicroBatch};
     use crate::error::{IoContext, MasaError};
-    use crate::kernels::Targets;
-    use crate::llama::{Llama, Workspace};
-    use crate::optim::{clip_factor, grad_norm, AdamW};
     let text = std::fs::read_to_string(cfg_path).at(cfg_path)?;
     let cfg: crate::student::StudentConfig =
         serde_json::from_str(&text).map_err(|e| MasaError::bad_file(cfg_path, format!("invalid config: {e}")))?;
@@ -99,11 +104,10 @@ pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize
     if cfg.vocab_size == 0 {
         return Err(MasaError::field(cfg_path, "vocab_size", "missing or 0"));
     }
-    let model = Llama::new(&cfg);
-    let mut params = crate::llama::scratch_init(&cfg, seed);
-    let mut grads = vec![0f32; params.len()];
-    let mut opt = AdamW::new(params.len(), 0.9, 0.95, 1e-8, 0.1, crate::train::decay_ranges(&model));
-    let mut ws = Workspace::<f32>::new(&cfg, batch, seq);
+    let params = crate::llama::scratch_init(&cfg, seed);
+    let n_params = params.len();
+    let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut eng = crate::engine::open(device, precision, &cfg, params, adam, batch, seq)?;
     let mut rng = crate::corpus::SplitMix64(seed);
     let v = cfg.vocab_size;
     let seqs: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(v) as u32).collect();
@@ -118,14 +122,13 @@ pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize
     let (mut seconds, mut losses) = (Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        grads.fill(0.0);
-        model.forward(&params, &mut ws, &ids, batch, seq);
-        let loss = model.loss(&params, &mut ws, &Targets { ids: &tg, weights: &w }, None, Some(&mut grads), None);
-        model.backward(&params, &mut ws, &mut grads);
-        let n = grad_norm(&grads);
-        opt.step(&mut params, &grads, clip_factor(n, 1.0), 4e-4);
+        let mb = MicroBatch { ids: &ids, targets: &tg, weights: &w, b: batch, t: seq, teacher: None };
+        let loss = match crate::engine::optimizer_step(eng.as_mut(), &[mb], 1.0, 4e-4)? {
+            Ok(s) => s.loss,
+            Err(d) => return Err(MasaError::Invalid(format!("bench step {i} diverged (loss {}, grad norm {})", d.loss, d.grad_norm))),
+        };
         let dt = t0.elapsed().as_secs_f64();
-        eprintln!("step {i}: {:.3}s, {:.0} tokens/s, loss {loss:.4}", dt, (batch * seq) as f64 / dt);
+        eprintln!("step {i}: {:.4}s, {:.0} tokens/s, loss {loss:.4}", dt, (batch * seq) as f64 / dt);
         if i >= warmup {
             seconds.push(dt);
             losses.push(loss);
@@ -139,7 +142,9 @@ pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize
         .unwrap_or_default();
     Ok(TrainBench {
         config: cfg_path.display().to_string(),
-        params: params.len(),
+        device: eng.describe(),
+        device_mem_mb: eng.device_memory_mb(),
+        params: n_params,
         batch,
         seq,
         threads: rayon::current_num_threads(),

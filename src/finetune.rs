@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 
 use crate::corpus::epoch_order;
 use crate::error::{IoContext, MasaError, Result};
-use crate::kernels::Targets;
-use crate::llama::{Llama, Workspace};
-use crate::optim::{self, AdamW};
+use crate::engine::{self, AdamConfig, Device, MicroBatch, Precision};
+use crate::optim;
 use crate::source::SourceModel;
-use crate::train::{decay_ranges, load_params, save_student, student_config_of};
+use crate::train::{load_params, save_student, student_config_of};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FinetuneOptions {
@@ -31,6 +30,19 @@ pub struct FinetuneOptions {
     pub max_len: usize,
     pub seed: u64,
     pub progress: bool,
+    /// Where to train (`cpu`, `cuda[:N]`); left out of records when `cpu`.
+    #[serde(skip_serializing_if = "is_cpu")]
+    pub device: Device,
+    /// Matrix-product precision; left out of records when `f32`.
+    #[serde(skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_cpu(d: &Device) -> bool {
+    *d == Device::Cpu
+}
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 impl Default for FinetuneOptions {
@@ -47,6 +59,8 @@ impl Default for FinetuneOptions {
             max_len: 512,
             seed: 0,
             progress: true,
+            device: Device::Cpu,
+            precision: Precision::F32,
         }
     }
 }
@@ -110,15 +124,16 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
     }
     let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
     let cfg = student_config_of(model_dir, &weights.config)?;
-    let model = Llama::new(&cfg);
-    let mut params = load_params(&weights, &cfg)?;
+    let params = load_params(&weights, &cfg)?;
     drop(weights);
     for e in &usable {
         if let Some(&bad) = e.prompt.iter().chain(&e.response).find(|&&x| x as usize >= cfg.vocab_size) {
             return Err(MasaError::Invalid(format!("token id {bad} is outside the student's vocabulary ({})", cfg.vocab_size)));
         }
     }
-    let mut opt = AdamW::new(params.len(), 0.9, 0.95, 1e-8, opts.weight_decay, decay_ranges(&model));
+    let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: opts.weight_decay };
+    // The workspace grows to each batch's padded length on first use.
+    let mut eng = engine::open(opts.device, opts.precision, &cfg, params, adam, opts.batch, 2)?;
     let steps_per_epoch = usable.len().div_ceil(opts.batch);
     let total = steps_per_epoch * opts.epochs;
     let warmup = (opts.warmup_ratio * total as f64).round() as usize;
@@ -126,8 +141,6 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
     let mp = opts.out.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&mp).at(&mp)?;
     let bar = if opts.progress { crate::progress::count_bar(total as u64, "finetune", "steps") } else { indicatif::ProgressBar::hidden() };
-    let mut grads = vec![0f32; params.len()];
-    let mut ws: Option<Workspace<f32>> = None;
     let (mut step, mut final_loss) = (0, f64::NAN);
     for epoch in 0..opts.epochs {
         let order = epoch_order(usable.len(), opts.seed, epoch as u64);
@@ -135,20 +148,19 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
             let batch: Vec<&Example> = chunk.iter().map(|&i| usable[i]).collect();
             let (ids, tg, w, t) = build_batch(&batch, tok.eos_id(), opts.max_len);
             let b = batch.len();
-            if ws.as_ref().is_none_or(|x| x.seq != t || x.batch < b) {
-                ws = Some(Workspace::new(&cfg, opts.batch, t));
-            }
-            let ws = ws.as_mut().unwrap();
             let lr = optim::lr_at(step, total, warmup, opts.lr, opts.lr * opts.min_lr_ratio);
-            grads.fill(0.0);
-            model.forward(&params, ws, &ids, b, t);
-            let loss = model.loss(&params, ws, &Targets { ids: &tg, weights: &w }, None, Some(&mut grads), None);
-            model.backward(&params, ws, &mut grads);
-            let gn = optim::grad_norm(&grads);
-            if !loss.is_finite() || !gn.is_finite() {
-                return Err(MasaError::Invalid(format!("fine-tuning diverged at step {} (loss {loss}, grad norm {gn}); lower --lr", step + 1)));
-            }
-            opt.step(&mut params, &grads, optim::clip_factor(gn, opts.clip), lr);
+            let mb = MicroBatch { ids: &ids, targets: &tg, weights: &w, b, t, teacher: None };
+            let (loss, gn) = match engine::optimizer_step(eng.as_mut(), &[mb], opts.clip, lr)? {
+                Ok(s) => (s.loss, s.grad_norm),
+                Err(d) => {
+                    return Err(MasaError::Invalid(format!(
+                        "fine-tuning diverged at step {} (loss {}, grad norm {}); lower --lr",
+                        step + 1,
+                        d.loss,
+                        d.grad_norm
+                    )))
+                }
+            };
             step += 1;
             final_loss = loss;
             let line = serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gn});
@@ -160,7 +172,7 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
     bar.finish_and_clear();
     let ck = opts.out.join("model");
     let prov = serde_json::json!({"created_by": format!("masa {} finetune", env!("CARGO_PKG_VERSION")), "init": model_dir, "options": opts, "examples": usable.len()});
-    save_student(&ck, &cfg, &params, &tok, &prov)?;
+    save_student(&ck, &cfg, &eng.params()?, &tok, &prov)?;
     Ok(FinetuneSummary { steps: step, final_loss, checkpoint: ck })
 }
 

@@ -9,7 +9,10 @@ pub mod align;
 pub mod bench;
 pub mod calibrate;
 pub mod corpus;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod distill;
+pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod eval;

@@ -189,6 +189,13 @@ enum Command {
         seed: u64,
         #[arg(long)]
         quiet: bool,
+        /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: masa::engine::Device,
+        /// Matrix-product precision: f32, or bf16 tensor-core products with f32 accumulation
+        /// and f32 master weights (CUDA only).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: masa::engine::Precision,
     },
     /// Zero-shot evaluation (lm-evaluation-harness conventions; docs/evaluation.md): multiple
     /// choice (acc, acc_norm), Natural Instructions generation (Rouge-L), perplexity per domain.
@@ -355,10 +362,37 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: masa::engine::Device,
+    /// Matrix-product precision: f32, or bf16 tensor-core products with f32 accumulation and
+    /// f32 master weights (CUDA only).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: masa::engine::Precision,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The GPU engine against the CPU engine (f64) on fresh random weights and batches: logits,
+    /// losses, every gradient, determinism, loss curves (needs `--features cuda` and a GPU;
+    /// scripts/gpu_check.sh runs it). Exits non-zero when a check fails.
+    CudaCheck {
+        /// HF-style Llama config.json (e.g. scripts/bench_configs/cpu-6l-256.json).
+        config: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        /// Optimizer steps of the loss-curve comparison.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Seed of weights and data (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// CUDA device number.
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+    },
     /// Training steps (forward, CE, backward, clip, AdamW) of a Llama config.json on random
     /// tokens, f32 (compare with scripts/bench_train_torch.py).
     Train {
@@ -373,6 +407,13 @@ enum BenchCommand {
         steps: usize,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: masa::engine::Device,
+        /// Matrix-product precision: f32, or bf16 tensor-core products with f32 accumulation
+        /// and f32 master weights (CUDA only).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: masa::engine::Precision,
     },
     /// Forward passes (logits included) over random tokens, f32.
     Forward {
@@ -465,7 +506,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => cmd_train(a),
-        Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet } => {
+        Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet, device, precision } => {
             let tok = masa::source::SourceModel::open(&model)?.tokenizer;
             let pairs = match (data, task) {
                 (Some(d), _) => masa::finetune::read_pairs(&d, &tok)?,
@@ -475,13 +516,28 @@ fn run(cli: Cli) -> Result<()> {
                     .collect::<masa::Result<Vec<_>>>()?,
                 (None, None) => anyhow::bail!("give --data pairs.jsonl or --task NAME"),
             };
-            let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, ..Default::default() };
+            let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, device, precision, ..Default::default() };
             let s = masa::finetune::finetune(&model, &pairs, &opts)?;
             eprintln!("fine-tuned {} steps, final loss {:.4} -> {}", s.steps, s.final_loss, s.checkpoint.display());
             Ok(())
         }
-        Command::Bench { what: BenchCommand::Train { config, batch, seq, warmup, steps, json } } => {
-            let r = masa::bench::train(&config, batch, seq, warmup, steps, 1)?;
+        Command::Bench { what: BenchCommand::CudaCheck { config, batch, seq, steps, seed, ordinal } } => {
+            #[cfg(feature = "cuda")]
+            {
+                let o = masa::cuda::check::CheckOptions { config: &config, batch, seq, steps: steps.max(2), seed, ordinal };
+                if !masa::cuda::check::run(&o)? {
+                    anyhow::bail!("some CUDA checks failed (table above)");
+                }
+                Ok(())
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (config, batch, seq, steps, seed, ordinal);
+                anyhow::bail!("this masa was built without CUDA support; rebuild with `cargo build --release --features cuda`")
+            }
+        }
+        Command::Bench { what: BenchCommand::Train { config, batch, seq, warmup, steps, json, device, precision } } => {
+            let r = masa::bench::train(&config, batch, seq, warmup, steps, 1, device, precision)?;
             let line = serde_json::to_string(&r)?;
             println!("{line}");
             if let Some(p) = json {
@@ -606,6 +662,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         ckpt_every: a.ckpt_every,
         resume: a.resume,
         progress: !a.quiet,
+        device: a.device,
+        precision: a.precision,
         distill: a.distill.map(|teacher| masa::train::DistillOptions {
             teacher,
             alpha: a.alpha,

@@ -1,7 +1,8 @@
 //! `masa train`: pre-training (optionally with distillation) of a Llama student from an HF
-//! checkpoint directory. [`train`] is the whole loop, top to bottom: data, forward, loss,
-//! backward, clip, step, schedule, eval, checkpoint. The math lives in [`crate::llama`]
-//! (model), [`crate::kernels`] (fused CPU kernels) and [`crate::optim`] (AdamW, schedule).
+//! checkpoint directory. [`train`] is the whole loop, top to bottom: data, schedule, the
+//! optimizer step ([`crate::engine::optimizer_step`]: forward, loss, backward, clip, AdamW),
+//! eval, checkpoint. The step runs on the CPU engine ([`crate::llama`], [`crate::kernels`],
+//! [`crate::optim`]) or, with `--device cuda`, on the GPU engine ([`crate::cuda`]).
 //!
 //! Output directory: `metrics.jsonl` (one line per step, plus validation lines),
 //! `step-XXXXXXXX/` checkpoints (HF-format directories as `masa init` writes, with
@@ -16,15 +17,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device as CpuDevice, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{self, Split, StreamState};
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::write_atomic;
-use crate::kernels::{Targets, Teacher};
-use crate::llama::{Llama, Workspace};
-use crate::optim::{self, AdamW};
+use crate::engine::{self, AdamConfig, Device, Engine, MicroBatch, Precision};
+use crate::kernels::Teacher;
+use crate::optim;
 use crate::source::{Activation, Arch, ModelConfig, NormKind, QkNorm, SourceModel, SourceWeights};
 use crate::student::{save_checkpoint, StudentConfig};
 use crate::tokenizer::Tokenizer;
@@ -63,6 +64,19 @@ pub struct TrainOptions {
     pub resume: Option<PathBuf>,
     pub progress: bool,
     pub distill: Option<DistillOptions>,
+    /// Where to train (`cpu`, `cuda[:N]`); left out of records when `cpu`.
+    #[serde(default, skip_serializing_if = "is_cpu")]
+    pub device: Device,
+    /// Matrix-product precision (`bf16` on CUDA only); left out of records when `f32`.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_cpu(d: &Device) -> bool {
+    *d == Device::Cpu
+}
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 impl Default for TrainOptions {
@@ -89,6 +103,8 @@ impl Default for TrainOptions {
             resume: None,
             progress: true,
             distill: None,
+            device: Device::Cpu,
+            precision: Precision::F32,
         }
     }
 }
@@ -205,15 +221,10 @@ pub fn save_student(dir: &Path, cfg: &StudentConfig, params: &[f32], tok: &Token
     let mut off = 0;
     for (name, shape) in cfg.tensor_shapes() {
         let n: usize = shape.iter().product();
-        tensors.push((name, Tensor::from_slice(&params[off..off + n], shape.as_slice(), &Device::Cpu)?));
+        tensors.push((name, Tensor::from_slice(&params[off..off + n], shape.as_slice(), &CpuDevice::Cpu)?));
         off += n;
     }
     save_checkpoint(dir, cfg, &tensors, tok, provenance)
-}
-
-/// Weight-decay ranges: matrices (embeddings included) decay, norm weights do not (nanoGPT).
-pub fn decay_ranges(model: &Llama) -> Vec<(usize, usize, bool)> {
-    model.layout.tensors.iter().map(|(_, s, off)| (*off, s.iter().product(), s.len() >= 2)).collect()
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {
@@ -241,26 +252,34 @@ fn check_options(o: &TrainOptions) -> Result<()> {
 /// Train the student in `model_dir` (an HF Llama directory with tokenizer) on `opts.corpus`.
 pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     check_options(opts)?;
-    // ---- model, tokenizer, optimizer (fresh or resumed) ----
+    // ---- model, tokenizer, engine with optimizer (fresh or resumed) ----
     let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
     let cfg = student_config_of(model_dir, &weights.config)?;
-    let model = Llama::new(&cfg);
     let mut params = load_params(&weights, &cfg)?;
     drop(weights);
-    let mut opt = AdamW::new(params.len(), opts.beta1, opts.beta2, opts.adam_eps, opts.weight_decay, decay_ranges(&model));
     let tokens_per_step = (opts.batch * opts.seq_len * opts.grad_accum) as u64;
     let total_steps = opts.tokens.div_ceil(tokens_per_step) as usize;
     let (b, t) = (opts.batch, opts.seq_len);
     let mut step = 0usize;
     let mut tokens_done = 0u64;
-    let mut resumed_stream = None;
+    let mut resumed = None;
     if let Some(r) = &opts.resume {
         let ck = resolve_checkpoint(r)?;
-        let st = load_resume(&ck, &cfg, model_dir, opts, &mut params, &mut opt)?;
+        let (st, m, v) = load_resume(&ck, &cfg, model_dir, opts, total_steps, &mut params)?;
         step = st.step;
         tokens_done = st.tokens;
-        resumed_stream = Some(st.stream);
         eprintln!("resuming from {} at step {step} ({tokens_done} tokens)", ck.display());
+        resumed = Some((st, m, v));
+    }
+    let adam = AdamConfig { beta1: opts.beta1, beta2: opts.beta2, eps: opts.adam_eps, weight_decay: opts.weight_decay };
+    let mut eng = engine::open(opts.device, opts.precision, &cfg, params, adam, b, t)?;
+    if opts.device != Device::Cpu && opts.progress {
+        eprintln!("training on {}", eng.describe());
+    }
+    let mut resumed_stream = None;
+    if let Some((st, m, v)) = resumed {
+        eng.set_moments(m, v, st.adam_t)?;
+        resumed_stream = Some(st.stream);
     }
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
 
@@ -282,14 +301,12 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     // ---- metrics: keep lines up to the resumed step ----
     let metrics_path = opts.out.join("metrics.jsonl");
     let mut metrics = open_metrics(&metrics_path, step)?;
-    let mut ws = Workspace::<f32>::new(&cfg, b, t);
-    let mut grads = vec![0f32; params.len()];
-    let mut ids = vec![0u32; b * t];
-    let mut targets = vec![0u32; b * t];
+    let mut ids = vec![0u32; opts.grad_accum * b * t];
+    let mut targets = vec![0u32; opts.grad_accum * b * t];
     let weights = vec![1.0 / (b * t * opts.grad_accum) as f32; b * t];
     if step == 0 {
-        let v = evaluate(&model, &params, &mut ws, &val);
-        write_metrics(&mut metrics, &MetricsLine { step: 0, tokens: 0, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_mean: mean(&v), val: Some(v) })?;
+        let v = evaluate(eng.as_mut(), b, t, &val)?;
+        write_metrics(&mut metrics, &metrics_path, &MetricsLine { step: 0, tokens: 0, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_mean: mean(&v), val: Some(v) })?;
     }
     let bar = if opts.progress { crate::progress::count_bar(total_steps as u64 * tokens_per_step, "train", "tok") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(tokens_done);
@@ -301,9 +318,8 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         let t0 = Instant::now();
         // ---- schedule ----
         let lr = optim::lr_at(step, total_steps, opts.warmup, opts.lr, opts.lr * opts.min_lr_ratio);
-        // ---- forward, loss, backward over the micro-batches ----
-        grads.fill(0.0);
-        let mut loss = 0.0;
+        // ---- data: the step's micro-batches (and the teacher's top-k for them) ----
+        let mut top = Vec::with_capacity(opts.grad_accum);
         for micro in 0..opts.grad_accum {
             let before = stream.epoch();
             let seqs = stream.next_batch(b, t + 1)?;
@@ -314,48 +330,53 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
                     b * (t + 1)
                 )));
             }
+            let o = micro * b * t;
             for (i, s) in seqs.iter().enumerate() {
-                ids[i * t..(i + 1) * t].copy_from_slice(&s[..t]);
-                targets[i * t..(i + 1) * t].copy_from_slice(&s[1..]);
+                ids[o + i * t..o + (i + 1) * t].copy_from_slice(&s[..t]);
+                targets[o + i * t..o + (i + 1) * t].copy_from_slice(&s[1..]);
             }
-            model.forward(&params, &mut ws, &ids, b, t);
-            let tg = Targets { ids: &targets, weights: &weights };
-            let top = match teacher.as_mut() {
-                Some(tc) => Some(tc.batch(step * opts.grad_accum + micro, &seqs)?),
-                None => None,
-            };
-            let te = match (&opts.distill, &top) {
-                (Some(d), Some((tid, tlp))) => {
-                    Some(Teacher { k: d.top_k, ids: tid, logp: tlp, alpha: d.alpha, temperature: d.temperature })
-                }
-                _ => None,
-            };
-            loss += model.loss(&params, &mut ws, &tg, te.as_ref(), Some(&mut grads), None);
-            model.backward(&params, &mut ws, &mut grads);
+            if let Some(tc) = teacher.as_mut() {
+                top.push(tc.batch(step * opts.grad_accum + micro, &seqs)?);
+            }
         }
-        // ---- NaN/Inf guard, clip, step ----
-        let gnorm = optim::grad_norm(&grads);
-        if !loss.is_finite() || !gnorm.is_finite() {
-            bar.abandon();
-            return Err(nan_error(step + 1, loss, gnorm, last_ckpt.as_deref()));
-        }
-        opt.step(&mut params, &grads, optim::clip_factor(gnorm, opts.clip), lr);
-        if params.iter().any(|v| !v.is_finite()) {
-            bar.abandon();
-            return Err(nan_error(step + 1, loss, gnorm, last_ckpt.as_deref()));
-        }
+        let micro: Vec<MicroBatch> = (0..opts.grad_accum)
+            .map(|i| MicroBatch {
+                ids: &ids[i * b * t..(i + 1) * b * t],
+                targets: &targets[i * b * t..(i + 1) * b * t],
+                weights: &weights,
+                b,
+                t,
+                teacher: opts.distill.as_ref().zip(top.get(i)).map(|(d, (tid, tlp))| Teacher {
+                    k: d.top_k,
+                    ids: tid,
+                    logp: tlp,
+                    alpha: d.alpha,
+                    temperature: d.temperature,
+                }),
+            })
+            .collect();
+        // ---- forward, loss, backward, NaN/Inf guard, clip, AdamW ----
+        let stats = match engine::optimizer_step(eng.as_mut(), &micro, opts.clip, lr)? {
+            Ok(s) => s,
+            Err(d) => {
+                bar.abandon();
+                return Err(nan_error(step + 1, d.loss, d.grad_norm, last_ckpt.as_deref()));
+            }
+        };
+        let (loss, gnorm) = (stats.loss, stats.grad_norm);
         step += 1;
         tokens_done += tokens_per_step;
         let tps = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
         final_loss = loss;
         // ---- eval ----
         let eval_now = (opts.eval_every > 0 && step % opts.eval_every == 0) || step == total_steps;
-        let val_losses = if eval_now { Some(evaluate(&model, &params, &mut ws, &val)) } else { None };
+        let val_losses = if eval_now { Some(evaluate(eng.as_mut(), b, t, &val)?) } else { None };
         if let Some(v) = &val_losses {
             final_val = v.clone();
         }
         write_metrics(
             &mut metrics,
+            &metrics_path,
             &MetricsLine {
                 step,
                 tokens: tokens_done,
@@ -371,11 +392,12 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         bar.set_message(format!("step {step}/{total_steps} loss {loss:.4}"));
         // ---- checkpoint ----
         if (opts.ckpt_every > 0 && step % opts.ckpt_every == 0) || step == total_steps {
+            let (m, v, adam_t) = eng.moments()?;
             let state = TrainerState {
                 step,
                 tokens: tokens_done,
                 total_steps,
-                adam_t: opt.t,
+                adam_t,
                 stream: stream.state(),
                 batch: b,
                 seq_len: t,
@@ -383,7 +405,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
                 seed: opts.seed,
                 corpus: opts.corpus.clone(),
             };
-            last_ckpt = Some(write_checkpoint(&opts.out, &cfg, &params, &opt, &state, &tok, model_dir, opts)?);
+            last_ckpt = Some(write_checkpoint(&opts.out, &cfg, &eng.params()?, &m, &v, &state, &tok, model_dir, opts)?);
         }
     }
     bar.finish_and_clear();
@@ -414,9 +436,9 @@ fn check_vocab(cfg: &StudentConfig, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// Mean next-token loss per validation domain (natural log).
-pub fn evaluate(model: &Llama, params: &[f32], ws: &mut Workspace<f32>, val: &BTreeMap<String, Vec<Vec<u32>>>) -> BTreeMap<String, f64> {
-    let (bmax, t) = (ws.batch, ws.seq);
+/// Mean next-token loss per validation domain (natural log), in batches of up to `bmax`
+/// sequences of `t` tokens.
+pub fn evaluate(eng: &mut dyn Engine, bmax: usize, t: usize, val: &BTreeMap<String, Vec<Vec<u32>>>) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     let mut ids = Vec::with_capacity(bmax * t);
     let mut tg = Vec::with_capacity(bmax * t);
@@ -430,16 +452,14 @@ pub fn evaluate(model: &Llama, params: &[f32], ws: &mut Workspace<f32>, val: &BT
                 ids.extend_from_slice(&s[..t]);
                 tg.extend_from_slice(&s[1..t + 1]);
             }
-            let w = vec![1.0f32; chunk.len() * t];
-            model.forward(params, ws, &ids, chunk.len(), t);
-            sum += model.loss(params, ws, &Targets { ids: &tg, weights: &w }, None, None, None);
+            sum += eng.eval_loss(&ids, &tg, chunk.len(), t)?;
             count += chunk.len() * t;
         }
         if count > 0 {
             out.insert(dom.clone(), sum / count as f64);
         }
     }
-    out
+    Ok(out)
 }
 
 fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File> {
@@ -461,10 +481,10 @@ fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File> {
     std::fs::OpenOptions::new().append(true).open(path).at(path)
 }
 
-fn write_metrics(f: &mut std::fs::File, m: &MetricsLine) -> Result<()> {
+fn write_metrics(f: &mut std::fs::File, path: &Path, m: &MetricsLine) -> Result<()> {
     let mut line = serde_json::to_string(m).map_err(|e| MasaError::Invalid(e.to_string()))?;
     line.push('\n');
-    f.write_all(line.as_bytes()).map_err(|e| MasaError::Invalid(format!("writing metrics: {e}")))
+    f.write_all(line.as_bytes()).at(path)
 }
 
 /// Write `out/step-XXXXXXXX` (weights, optimizer, trainer state) under a temporary name,
@@ -474,7 +494,8 @@ fn write_checkpoint(
     out: &Path,
     cfg: &StudentConfig,
     params: &[f32],
-    opt: &AdamW,
+    exp_avg: &[f32],
+    exp_avg_sq: &[f32],
     state: &TrainerState,
     tok: &Tokenizer,
     model_dir: &Path,
@@ -491,8 +512,8 @@ fn write_checkpoint(
     });
     save_student(&tmp, cfg, params, tok, &provenance)?;
     let st = tmp.join("optimizer.safetensors");
-    let m = Tensor::from_slice(&opt.m, opt.m.len(), &Device::Cpu)?;
-    let v = Tensor::from_slice(&opt.v, opt.v.len(), &Device::Cpu)?;
+    let m = Tensor::from_slice(exp_avg, exp_avg.len(), &CpuDevice::Cpu)?;
+    let v = Tensor::from_slice(exp_avg_sq, exp_avg_sq.len(), &CpuDevice::Cpu)?;
     let map: std::collections::HashMap<&str, Tensor> = [("exp_avg", m), ("exp_avg_sq", v)].into_iter().collect();
     candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
     let sj = serde_json::to_vec_pretty(state).map_err(|e| MasaError::Invalid(e.to_string()))?;
@@ -553,9 +574,9 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
     ))
 }
 
-/// Load weights, optimizer and trainer state from `ck` into `params`/`opt`, checking that the
-/// checkpoint fits the model and the options.
-fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOptions, params: &mut Vec<f32>, opt: &mut AdamW) -> Result<TrainerState> {
+/// Load weights (into `params`), trainer state and AdamW moments from `ck`, checking that the
+/// checkpoint fits the model and the options (the data order and the LR schedule included).
+fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOptions, total_steps: usize, params: &mut Vec<f32>) -> Result<(TrainerState, Vec<f32>, Vec<f32>)> {
     let src = SourceModel::open(ck)?;
     let ck_cfg = student_config_of(ck, &src.weights.config)?;
     let shape = |c: &StudentConfig| {
@@ -590,11 +611,21 @@ fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOpt
     if st.seed != opts.seed {
         diffs.push(format!("--seed {} (checkpoint {})", opts.seed, st.seed));
     }
+    if st.total_steps != total_steps {
+        diffs.push(format!(
+            "--tokens {} gives {total_steps} steps (checkpoint: {} steps; the learning-rate schedule depends on it)",
+            opts.tokens, st.total_steps
+        ));
+    }
+    if st.corpus != opts.corpus {
+        let show = |c: &[PathBuf]| c.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        diffs.push(format!("--corpus {} (checkpoint {})", show(&opts.corpus), show(&st.corpus)));
+    }
     if !diffs.is_empty() {
         return Err(MasaError::bad_file(&sp, format!("options differ from the checkpointed run: {}", diffs.join(", "))));
     }
     let op = ck.join("optimizer.safetensors");
-    let t = candle_core::safetensors::load(&op, &Device::Cpu).map_err(|e| MasaError::bad_file(&op, e.to_string()))?;
+    let t = candle_core::safetensors::load(&op, &CpuDevice::Cpu).map_err(|e| MasaError::bad_file(&op, e.to_string()))?;
     let get = |k: &str| -> Result<Vec<f32>> {
         let v = t.get(k).ok_or_else(|| MasaError::bad_file(&op, format!("missing `{k}`")))?.to_vec1::<f32>()?;
         if v.len() != params.len() {
@@ -602,8 +633,6 @@ fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOpt
         }
         Ok(v)
     };
-    opt.m = get("exp_avg")?;
-    opt.v = get("exp_avg_sq")?;
-    opt.t = st.adam_t;
-    Ok(st)
+    let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
+    Ok((st, m, v))
 }

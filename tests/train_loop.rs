@@ -32,7 +32,7 @@ fn tiny_student_overfits_fixed_sequences() {
     let w = vec![1.0 / (b * t) as f32; b * t];
     let mut ws = Workspace::<f32>::new(&cfg, b, t);
     let mut grads = vec![0f32; params.len()];
-    let mut opt = AdamW::new(params.len(), 0.9, 0.95, 1e-8, 0.0, masa::train::decay_ranges(&model));
+    let mut opt = AdamW::new(params.len(), 0.9, 0.95, 1e-8, 0.0, masa::engine::decay_ranges(&model));
     let mut first = 0.0;
     let mut loss = 0.0;
     for step in 0..400 {

@@ -1,0 +1,218 @@
+//! `masa bench cuda-check`: the GPU engine against independent references on fresh random
+//! inputs, run on the device machine by `scripts/gpu_check.sh`.
+//!
+//! - Logits, loss and every parameter's gradient of one batch (plain CE and distillation) from
+//!   the GPU engine in f32 and bf16 against the CPU engine in f64 on the same weights and batch;
+//!   the GPU buffers are filled with NaN bytes before each run, so an element never written shows.
+//! - The same GPU step twice: bit-identical gradients (no order-dependent reductions).
+//! - Loss curves of `steps` optimizer steps (warmup + cosine, clip 1, AdamW) from the same init
+//!   on the same learnable token stream: CPU engine f32 vs GPU f32 and GPU bf16.
+//!
+//! Prints one table; returns whether every check passed.
+
+use std::path::Path;
+
+use crate::cuda::llama::{GpuLlama, TeacherTopK};
+use crate::cuda::Gpu;
+use crate::engine::{self, AdamConfig, Device, MicroBatch, Precision};
+use crate::error::{IoContext, MasaError, Result};
+use crate::kernels::{Targets, Teacher};
+use crate::llama::{Llama, Workspace};
+use crate::student::StudentConfig;
+
+/// Options of one check run.
+pub struct CheckOptions<'a> {
+    pub config: &'a Path,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    /// Seed of weights and data; `None`: a fresh one from the clock (printed).
+    pub seed: Option<u64>,
+    pub ordinal: usize,
+}
+
+struct Row {
+    check: String,
+    value: f64,
+    limit: f64,
+    /// The value must reach the limit (rather than stay under it).
+    at_least: bool,
+}
+
+fn rel(got: &[f32], want: &[f64]) -> f64 {
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Worst per-tensor relative error and its tensor.
+fn worst_tensor(layout: &crate::llama::Layout, got: &[f32], want: &[f64]) -> (f64, String) {
+    let mut worst = (0.0, String::new());
+    for (name, shape, off) in &layout.tensors {
+        let n: usize = shape.iter().product();
+        let e = rel(&got[*off..*off + n], &want[*off..*off + n]);
+        if !(e <= worst.0) {
+            worst = (e, name.clone());
+        }
+    }
+    worst
+}
+
+/// A learnable stream: each of 512 tokens is followed by one of 4 fixed successors.
+fn markov_tokens(rng: &mut crate::corpus::SplitMix64, vocab: usize, len: usize) -> Vec<u32> {
+    let states = 512.min(vocab);
+    let table: Vec<[u32; 4]> = (0..states).map(|_| [0; 4].map(|_| rng.below(states) as u32)).collect();
+    let mut out = Vec::with_capacity(len);
+    let mut cur = rng.below(states) as u32;
+    for _ in 0..len {
+        out.push(cur);
+        cur = table[cur as usize][rng.below(4)];
+    }
+    out
+}
+
+pub fn run(o: &CheckOptions) -> Result<bool> {
+    let text = std::fs::read_to_string(o.config).at(o.config)?;
+    let cfg: StudentConfig = serde_json::from_str(&text).map_err(|e| MasaError::bad_file(o.config, format!("invalid config: {e}")))?;
+    cfg.validate()?;
+    let seed = o.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    eprintln!("cuda-check: {} (L={} h={} ffn={} heads={}/{} vocab={}), batch {}x{}, seed {seed}", o.config.display(), cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size, o.batch, o.seq);
+    let (b, t, v) = (o.batch, o.seq, cfg.vocab_size);
+    let n = b * t;
+    let mut rng = crate::corpus::SplitMix64(seed);
+    // Weights: Scratch init with norm weights spread around 1 (exercises their gradients).
+    let mut params = crate::llama::scratch_init(&cfg, seed);
+    let layout = crate::llama::Layout::new(&cfg);
+    for (_, shape, off) in &layout.tensors {
+        if shape.len() == 1 {
+            for p in &mut params[*off..*off + shape[0]] {
+                *p = 1.0 + 0.2 * crate::llama::normal(&mut rng);
+            }
+        }
+    }
+    let ids: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+    let weights: Vec<f32> = (0..n).map(|_| if rng.below(8) == 0 { 0.0 } else { 1.0 / n as f32 }).collect();
+    // A teacher's top-8: distinct ids, log-probs of a random distribution.
+    let k = 8;
+    let mut t_ids = Vec::with_capacity(n * k);
+    let mut t_logp = Vec::with_capacity(n * k);
+    for _ in 0..n {
+        let mut row: Vec<u32> = Vec::with_capacity(k);
+        while row.len() < k {
+            let id = rng.below(v) as u32;
+            if !row.contains(&id) {
+                row.push(id);
+            }
+        }
+        let raw: Vec<f64> = (0..k).map(|_| (rng.below(1000) as f64 + 1.0).ln()).collect();
+        let z = raw.iter().map(|x| x.exp()).sum::<f64>().ln();
+        t_ids.extend(row);
+        t_logp.extend(raw.iter().map(|x| (x - z - 0.1) as f32));
+    }
+    let (alpha, tau) = (0.5, 2.0);
+
+    // ---- CPU f64 reference ----
+    let model = Llama::new(&cfg);
+    let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
+    let w64: Vec<f64> = weights.iter().map(|&x| x as f64).collect();
+    let mut ws = Workspace::<f64>::new(&cfg, b, t);
+    model.forward(&p64, &mut ws, &ids, b, t);
+    let logits_ref = model.logits(&p64, &ws);
+    let reference = |teacher: Option<&Teacher>, ws: &mut Workspace<f64>| {
+        let mut g = vec![0f64; p64.len()];
+        model.forward(&p64, ws, &ids, b, t);
+        let loss = model.loss(&p64, ws, &Targets { ids: &targets, weights: &w64 }, teacher, Some(&mut g), None);
+        model.backward(&p64, ws, &mut g);
+        (loss, g)
+    };
+    let (loss_ref, grads_ref) = reference(None, &mut ws);
+    let te = Teacher { k, ids: &t_ids, logp: &t_logp, alpha, temperature: tau };
+    let (loss_ref_kd, grads_ref_kd) = reference(Some(&te), &mut ws);
+
+    let mut rows = Vec::new();
+    let hyper = crate::cuda::llama::AdamHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let decay = engine::decay_ranges(&model);
+    for (precision, logit_limit, grad_limit) in [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-2, 5e-2)] {
+        let tag = format!("{precision:?}").to_lowercase();
+        let mut g = GpuLlama::new(Gpu::open(o.ordinal, precision)?, &cfg, &params, hyper, &decay)?;
+        // Logits.
+        g.poison(b, t)?;
+        g.forward(&ids, b, t)?;
+        let lg = g.logits()?;
+        rows.push(Row { check: format!("{tag}: logits rel. error vs CPU f64"), value: rel(&lg, &logits_ref), limit: logit_limit, at_least: false });
+        // Loss and gradients, plain CE and distillation.
+        let mut step = |teacher: Option<&TeacherTopK>| -> Result<(f64, Vec<f32>)> {
+            g.poison(b, t)?;
+            g.zero_grad()?;
+            g.forward(&ids, b, t)?;
+            g.loss(&targets, &weights, teacher, true, None)?;
+            g.backward()?;
+            let (loss, _) = g.loss_and_grad_norm()?;
+            Ok((loss, g.download_grads()?))
+        };
+        let (loss, grads) = step(None)?;
+        rows.push(Row { check: format!("{tag}: loss rel. error"), value: ((loss - loss_ref) / loss_ref).abs(), limit: logit_limit, at_least: false });
+        let (e, name) = worst_tensor(&layout, &grads, &grads_ref);
+        rows.push(Row { check: format!("{tag}: worst gradient rel. error ({name})"), value: e, limit: grad_limit, at_least: false });
+        let (_, again) = step(None)?;
+        let same = grads.iter().zip(&again).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        rows.push(Row { check: format!("{tag}: gradient elements differing between two runs"), value: same as f64, limit: 0.0, at_least: false });
+        let tk = TeacherTopK { k, ids: &t_ids, logp: &t_logp, alpha, temperature: tau };
+        let (loss_kd, grads_kd) = step(Some(&tk))?;
+        rows.push(Row { check: format!("{tag}: distillation loss rel. error"), value: ((loss_kd - loss_ref_kd) / loss_ref_kd).abs(), limit: logit_limit, at_least: false });
+        let (e, name) = worst_tensor(&layout, &grads_kd, &grads_ref_kd);
+        rows.push(Row { check: format!("{tag}: distillation worst gradient rel. error ({name})"), value: e, limit: grad_limit, at_least: false });
+    }
+
+    // ---- loss curves: CPU f32 vs GPU f32 / bf16, same init, same stream ----
+    let stream = markov_tokens(&mut rng, v, o.steps * b * (t + 1));
+    let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let curve = |device: Device, precision: Precision| -> Result<Vec<f64>> {
+        let mut e = engine::open(device, precision, &cfg, params.clone(), adam, b, t)?;
+        let w = vec![1.0 / n as f32; n];
+        let mut out = Vec::new();
+        for s in 0..o.steps {
+            let seqs = &stream[s * b * (t + 1)..(s + 1) * b * (t + 1)];
+            let (mut x, mut y) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for q in seqs.chunks(t + 1) {
+                x.extend_from_slice(&q[..t]);
+                y.extend_from_slice(&q[1..]);
+            }
+            let lr = crate::optim::lr_at(s, o.steps, o.steps / 10, 2e-3, 2e-4);
+            let mb = MicroBatch { ids: &x, targets: &y, weights: &w, b, t, teacher: None };
+            match engine::optimizer_step(e.as_mut(), &[mb], 1.0, lr)? {
+                Ok(st) => out.push(st.loss),
+                Err(d) => return Err(MasaError::Invalid(format!("{} diverged at step {s}: loss {}", e.describe(), d.loss))),
+            }
+        }
+        Ok(out)
+    };
+    let t0 = std::time::Instant::now();
+    let cpu = curve(Device::Cpu, Precision::F32)?;
+    eprintln!("cpu curve: {:.1} s", t0.elapsed().as_secs_f64());
+    let gf = curve(Device::Cuda(o.ordinal), Precision::F32)?;
+    let gb = curve(Device::Cuda(o.ordinal), Precision::Bf16)?;
+    let maxdiff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    eprintln!("step  cpu-f32  gpu-f32  gpu-bf16");
+    for s in (0..o.steps).step_by((o.steps / 10).max(1)).chain([o.steps - 1]) {
+        eprintln!("{s:4}  {:.4}  {:.4}  {:.4}", cpu[s], gf[s], gb[s]);
+    }
+    let learned = cpu[0] - cpu[o.steps - 1];
+    rows.push(Row { check: format!("{}-step loss curve: CPU f32 fell by (nats, at least)", o.steps), value: learned, limit: 0.5, at_least: true });
+    rows.push(Row { check: format!("{}-step curve max |GPU f32 - CPU f32| (nats)", o.steps), value: maxdiff(&cpu, &gf), limit: 0.01, at_least: false });
+    rows.push(Row { check: format!("{}-step curve max |GPU bf16 - CPU f32| (nats)", o.steps), value: maxdiff(&cpu, &gb), limit: 0.05, at_least: false });
+
+    let mut ok = true;
+    println!("| check | value | limit | |\n|---|---|---|---|");
+    for r in &rows {
+        let pass = if r.at_least { r.value >= r.limit } else { r.value <= r.limit };
+        ok &= pass;
+        println!("| {} | {:.3e} | {:.0e} | {} |", r.check, r.value, r.limit, if pass { "pass" } else { "FAIL" });
+    }
+    println!("seed {seed}: {}", if ok { "all checks passed" } else { "SOME CHECKS FAILED" });
+    Ok(ok)
+}

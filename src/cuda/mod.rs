@@ -1,0 +1,263 @@
+//! The GPU side of masa (`--features cuda`): a CUDA context, one stream, a cuBLAS handle and the
+//! kernels of `kernels.cu`, compiled at run time by NVRTC for the card found. The CUDA driver,
+//! cuBLAS and NVRTC libraries are loaded when a command first asks for `--device cuda`, so
+//! building needs no CUDA toolkit and a machine without one gets a clear error, not a crash.
+//!
+//! Memory is plain device allocations ([`DevBuf`], freed on drop); kernels take raw device
+//! pointers, as in llm.c. [`llama::GpuLlama`] is the student engine built on this.
+
+pub mod check;
+pub mod llama;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as cbs;
+use cudarc::driver::{result as dr, sys as ds, CudaContext};
+
+pub use crate::engine::Precision;
+use crate::error::{MasaError, Result};
+
+/// The kernels' CUDA C++ source.
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Names of the kernels in [`SOURCE`], loaded once.
+const KERNELS: &[&str] = &[
+    "embed_fwd",
+    "embed_bwd",
+    "rmsnorm_fwd",
+    "rmsnorm_bwd_dx",
+    "rmsnorm_dw_partial",
+    "colsum_acc",
+    "qkv_split_rope",
+    "qkv_merge_rope_bwd",
+    "heads_rows",
+    "softmax_causal",
+    "softmax_causal_bwd",
+    "swiglu_fwd",
+    "swiglu_bwd",
+    "ce_rows",
+    "sumsq_partial",
+    "sum_partials",
+    "adamw",
+];
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> MasaError {
+    MasaError::Invalid(format!("CUDA: {what}: {e:?}"))
+}
+
+/// A device, its context, a stream, cuBLAS and the compiled kernels.
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    pub precision: Precision,
+    _ctx: Arc<CudaContext>,
+    stream: ds::CUstream,
+    blas: cbs::cublasHandle_t,
+    module: ds::CUmodule,
+    funcs: HashMap<&'static str, ds::CUfunction>,
+}
+
+impl Gpu {
+    /// Open device `ordinal`: load the libraries, create the context, compile the kernels.
+    pub fn open(ordinal: usize, precision: Precision) -> Result<Gpu> {
+        // Loading a missing library would panic inside cudarc: check first.
+        let missing: Vec<&str> = [
+            ("libcuda (the NVIDIA driver)", unsafe { ds::is_culib_present() }),
+            ("libcublas", unsafe { cbs::is_culib_present() }),
+            ("libnvrtc", unsafe { cudarc::nvrtc::sys::is_culib_present() }),
+        ]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(n, _)| n)
+        .collect();
+        if !missing.is_empty() {
+            return Err(MasaError::Invalid(format!(
+                "--device cuda: cannot load {}; install the NVIDIA driver and the CUDA 12/13 runtime libraries \
+                 (cuBLAS, NVRTC) and put their directory on LD_LIBRARY_PATH, or use --device cpu",
+                missing.join(", ")
+            )));
+        }
+        dr::init().map_err(|e| cuda_err("cuInit", e))?;
+        let count = dr::device::get_count().map_err(|e| cuda_err("device count", e))? as usize;
+        if ordinal >= count {
+            return Err(MasaError::Invalid(format!("--device cuda:{ordinal}: this machine has {count} CUDA device(s) (cuda:0 … cuda:{})", count.saturating_sub(1))));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context", e))?;
+        ctx.bind_to_thread().map_err(|e| cuda_err("bind context", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "?".into());
+        let (major, minor) = ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
+        let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("stream", e))?;
+        let blas = cudarc::cublas::result::create_handle().map_err(|e| cuda_err("cuBLAS handle", e))?;
+        unsafe { cudarc::cublas::result::set_stream(blas, stream as _) }.map_err(|e| cuda_err("cuBLAS stream", e))?;
+        // Full f32 products unless bf16 is asked for (no TF32 behind the user's back).
+        let math = cbs::cublasMath_t::CUBLAS_PEDANTIC_MATH;
+        let math = if precision == Precision::F32 { math } else { cbs::cublasMath_t::CUBLAS_DEFAULT_MATH };
+        unsafe { cbs::cublasSetMathMode(blas, math) }.result().map_err(|e| cuda_err("cuBLAS math mode", e))?;
+        let arch = format!("--gpu-architecture=sm_{major}{minor}");
+        let opts = cudarc::nvrtc::CompileOptions { options: vec![arch, "--std=c++17".into()], ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| MasaError::Invalid(format!("compiling src/cuda/kernels.cu with NVRTC: {e}")))?;
+        let image = CString::new(ptx.to_src()).map_err(|e| cuda_err("PTX", e))?;
+        let module = unsafe { dr::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| cuda_err("loading the kernels", e))?;
+        let mut funcs = HashMap::new();
+        for &k in KERNELS {
+            let f = unsafe { dr::module::get_function(module, CString::new(k).unwrap()) }.map_err(|e| cuda_err(k, e))?;
+            funcs.insert(k, f);
+        }
+        Ok(Gpu { ordinal, name, precision, _ctx: ctx, stream, blas, module, funcs })
+    }
+
+    /// Allocate `len` elements (uninitialised).
+    pub fn alloc<T>(&self, len: usize) -> Result<DevBuf<T>> {
+        let bytes = (len.max(1)) * std::mem::size_of::<T>();
+        let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
+            let (free, total) = dr::mem_get_info().unwrap_or((0, 0));
+            cuda_err(&format!("allocating {:.2} GiB ({:.1} of {:.1} GiB free)", bytes as f64 / 1073741824.0, free as f64 / 1073741824.0, total as f64 / 1073741824.0), e)
+        })?;
+        Ok(DevBuf { ptr, len, _t: PhantomData })
+    }
+
+    /// Allocate and copy `src` in.
+    pub fn upload<T: Copy>(&self, src: &[T]) -> Result<DevBuf<T>> {
+        let b = self.alloc::<T>(src.len())?;
+        self.write(&b, 0, src)?;
+        Ok(b)
+    }
+
+    /// Copy `src` into `dst` at element `at` (ordered on the stream; returns when copied).
+    pub fn write<T: Copy>(&self, dst: &DevBuf<T>, at: usize, src: &[T]) -> Result<()> {
+        assert!(at + src.len() <= dst.len, "write past the end of a device buffer");
+        if src.is_empty() {
+            return Ok(());
+        }
+        unsafe {
+            dr::memcpy_htod_async(dst.at(at), src, self.stream).map_err(|e| cuda_err("copy to device", e))?;
+            dr::stream::synchronize(self.stream).map_err(|e| cuda_err("copy to device", e))
+        }
+    }
+
+    /// Copy `len` elements from `src` at `at` to the host (waits for the stream).
+    pub fn read<T: Copy + Default>(&self, src: &DevBuf<T>, at: usize, len: usize) -> Result<Vec<T>> {
+        assert!(at + len <= src.len, "read past the end of a device buffer");
+        let mut out = vec![T::default(); len];
+        if len > 0 {
+            unsafe {
+                dr::memcpy_dtoh_async(&mut out, src.at(at), self.stream).map_err(|e| cuda_err("copy to host", e))?;
+            }
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Zero `len` elements at `at`.
+    pub fn zero<T>(&self, b: &DevBuf<T>, at: usize, len: usize) -> Result<()> {
+        assert!(at + len <= b.len);
+        unsafe { dr::memset_d8_async(b.at(at), 0, len * std::mem::size_of::<T>(), self.stream) }.map_err(|e| cuda_err("memset", e))
+    }
+
+    /// Set every byte of `b` to `byte`.
+    pub fn fill_bytes<T>(&self, b: &DevBuf<T>, byte: u8) -> Result<()> {
+        unsafe { dr::memset_d8_async(b.ptr(), byte, b.len * std::mem::size_of::<T>(), self.stream) }.map_err(|e| cuda_err("memset", e))
+    }
+
+    /// Device-to-device copy of `len` elements.
+    pub fn copy<T>(&self, dst: ds::CUdeviceptr, src: ds::CUdeviceptr, len: usize) -> Result<()> {
+        unsafe { dr::memcpy_dtod_async(dst, src, len * std::mem::size_of::<T>(), self.stream) }.map_err(|e| cuda_err("device copy", e))
+    }
+
+    /// Wait for all queued work; reports any asynchronous kernel error.
+    pub fn sync(&self) -> Result<()> {
+        unsafe { dr::stream::synchronize(self.stream) }.map_err(|e| cuda_err("kernel", e))
+    }
+
+    /// Launch kernel `name` on `grid` blocks of `block` threads with `args` (pointers to each
+    /// argument's value, in the kernel's parameter order).
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) -> Result<()> {
+        let f = *self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} is not in KERNELS"));
+        unsafe { dr::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }.map_err(|e| cuda_err(name, e))
+    }
+
+    /// Row-major `C (m×n) = α op(A) op(B) + β C`, `batch` times with element strides
+    /// `(sa, sb, sc)` between the matrices. `ta`: A is stored `(k×m)` (use Aᵀ); `tb`: B is
+    /// stored `(n×k)` (use Bᵀ). Leading dimensions are the stored row lengths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: ds::CUdeviceptr, lda: usize, b: ds::CUdeviceptr, ldb: usize, c: ds::CUdeviceptr, ldc: usize, beta: f32, batch: Option<(usize, usize, usize, usize)>) -> Result<()> {
+        use cbs::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ' op(A)ᵀ': swap the operands.
+        let opb = if tb { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let opa = if ta { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let alpha = 1f32;
+        let ct = match self.precision {
+            Precision::F32 => cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC,
+            Precision::Bf16 => cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        let f32t = cbs::cudaDataType_t::CUDA_R_32F;
+        let algo = cbs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT;
+        let (ap, bp) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
+        let r = unsafe {
+            match batch {
+                None => cudarc::cublas::result::gemm_ex(
+                    self.blas, opb, opa, n as i32, m as i32, k as i32, ap, b as *const c_void, f32t, ldb as i32, a as *const c_void, f32t, lda as i32, bp,
+                    c as *mut c_void, f32t, ldc as i32, ct, algo,
+                ),
+                Some((count, sa, sb, sc)) => cudarc::cublas::result::gemm_strided_batched_ex(
+                    self.blas, opb, opa, n as i32, m as i32, k as i32, ap, b as *const c_void, f32t, ldb as i32, sb as i64, a as *const c_void, f32t,
+                    lda as i32, sa as i64, bp, c as *mut c_void, f32t, ldc as i32, sc as i64, count as i32, ct, algo,
+                ),
+            }
+        };
+        r.map_err(|e| cuda_err(&format!("cuBLAS gemm {m}x{n}x{k}"), e))
+    }
+
+    /// Device memory in use and total, in bytes.
+    pub fn memory(&self) -> (usize, usize) {
+        dr::mem_get_info().map(|(free, total)| (total - free, total)).unwrap_or((0, 0))
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::stream::synchronize(self.stream);
+            let _ = cudarc::cublas::result::destroy_handle(self.blas);
+            let _ = dr::module::unload(self.module);
+            let _ = dr::stream::destroy(self.stream);
+        }
+    }
+}
+
+/// A device allocation of `len` elements of `T`, freed on drop.
+pub struct DevBuf<T> {
+    ptr: ds::CUdeviceptr,
+    pub len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> DevBuf<T> {
+    /// Device address of element `i`.
+    pub fn at(&self, i: usize) -> ds::CUdeviceptr {
+        debug_assert!(i <= self.len);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+    pub fn ptr(&self) -> ds::CUdeviceptr {
+        self.ptr
+    }
+}
+
+impl<T> Drop for DevBuf<T> {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::free_sync(self.ptr);
+        }
+    }
+}
+
+/// Build the argument array of a kernel launch: `args!(a, b, c)` with each a local value.
+#[macro_export]
+macro_rules! cuda_args {
+    ($($x:expr),* $(,)?) => {
+        &mut [$(&$x as *const _ as *mut ::std::ffi::c_void),*]
+    };
+}
