@@ -270,7 +270,8 @@ impl Engine for crate::cuda::llama::GpuLlama {
         crate::cuda::llama::GpuLlama::set_moments(self, &m, &v, t)
     }
     fn describe(&self) -> String {
-        format!("cuda:{} ({}, {:?} products)", self.gpu.ordinal, self.gpu.name, self.gpu.precision)
+        let attn = if self.uses_flash() { ", flash attention" } else { "" };
+        format!("cuda:{} ({}, {:?} products{attn})", self.gpu.ordinal, self.gpu.name, self.gpu.precision)
     }
     fn device_memory_mb(&self) -> Option<f64> {
         Some(self.gpu.memory().0 as f64 / 1048576.0)

@@ -137,10 +137,10 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     let hyper = crate::cuda::llama::AdamHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let decay = engine::decay_ranges(&model);
     for (precision, logit_limit, grad_limit) in [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-2, 5e-2)] {
-        let tag = format!("{precision:?}").to_lowercase();
         let mut g = GpuLlama::new(Gpu::open(o.ordinal, precision)?, &cfg, &params, hyper, &decay)?;
         // Logits.
         g.poison(b, t)?;
+        let tag = format!("{}{}", format!("{precision:?}").to_lowercase(), if g.uses_flash() { " flash" } else { "" });
         g.forward(&ids, b, t)?;
         let lg = g.logits()?;
         rows.push(Row { check: format!("{tag}: logits rel. error vs CPU f64"), value: rel(&lg, &logits_ref), limit: logit_limit, at_least: false });

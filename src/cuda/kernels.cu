@@ -395,3 +395,292 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, c
     p[i] = pi;
     if (!(fabsf(pi) <= 3.402823466e38f)) *bad = 1;  // NaN or Inf
 }
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention (bf16 tensor cores, f32 accumulation and softmax), head_dim 64, causal, for
+// the bf16 engine: the (t × t) probabilities are never stored. Forward as FlashAttention-2
+// (online softmax, log-sum-exp kept per row); backward recomputes P from the log-sum-exp in two
+// kernels, one over query slabs (dQ) and one over key slabs (dK, dV), so every output element is
+// written by one warp and nothing is added atomically. One warp owns 16 rows; a block of 4 warps
+// owns 64; key/query tiles are 64 wide. Matrix products are `mma.sync.m16n8k16` in inline PTX
+// (no CUDA headers needed at run time); operand layouts per the PTX ISA: with g = lane / 4 and
+// c = lane % 4, A registers hold (row g | g+8, cols 2c..2c+1 | 2c+8..2c+9), B registers
+// (k 2c..2c+1 | 2c+8..2c+9, col g), C (row g | g+8, cols 2c..2c+1). The C layout of two
+// adjacent 8-wide tiles is the A layout of one 16-wide k-step, so P and dS feed the next product
+// straight from registers.
+
+#define HD 64
+typedef unsigned short u16;
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u16 to_bf16(float x) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+// Two adjacent bf16 (4-byte aligned).
+__device__ __forceinline__ u32 ld2(const u16* p) {
+    return *(const u32*)p;
+}
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// A operand (16 rows × 64) of rows r0..r0+15 of a row-major (·, 64) bf16 matrix, 4 k-steps.
+__device__ __forceinline__ void load_a_rows(u32 a[4][4], const u16* m, int r0, int g, int c) {
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = ld2(m + (u64)(r0 + g) * HD + kk * 16 + 2 * c);
+        a[kk][1] = ld2(m + (u64)(r0 + g + 8) * HD + kk * 16 + 2 * c);
+        a[kk][2] = ld2(m + (u64)(r0 + g) * HD + kk * 16 + 8 + 2 * c);
+        a[kk][3] = ld2(m + (u64)(r0 + g + 8) * HD + kk * 16 + 8 + 2 * c);
+    }
+}
+// acc (16 × 64, 8 tiles) = A (16 × 64) · Bᵀ where B is rows n0..n0+63 of a row-major (·, 64)
+// matrix (the products Q Kᵀ, dO Vᵀ, K Qᵀ, V dOᵀ).
+__device__ __forceinline__ void mma_abt(float acc[8][4], const u32 a[4][4], const u16* b, int n0, int g, int c) {
+    for (int nt = 0; nt < 8; nt++) {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        const u16* row = b + (u64)(n0 + nt * 8 + g) * HD;
+        for (int kk = 0; kk < 4; kk++) mma16816(acc[nt], a[kk], ld2(row + kk * 16 + 2 * c), ld2(row + kk * 16 + 8 + 2 * c));
+    }
+}
+// acc (16 × 64) += X (16 × 64, in C-layout registers x) · M where M (64 × 64) is columns
+// k0..k0+63 of a transposed (64, len) bf16 matrix mt (row d = feature d).
+__device__ __forceinline__ void mma_xm(float acc[8][4], float x[8][4], const u16* mt, int len, int k0, int g, int c) {
+    for (int ks = 0; ks < 4; ks++) {
+        u32 a[4] = {pack_bf16(x[2 * ks][0], x[2 * ks][1]), pack_bf16(x[2 * ks][2], x[2 * ks][3]), pack_bf16(x[2 * ks + 1][0], x[2 * ks + 1][1]),
+                    pack_bf16(x[2 * ks + 1][2], x[2 * ks + 1][3])};
+        for (int dt = 0; dt < 8; dt++) {
+            const u16* col = mt + (u64)(dt * 8 + g) * len + k0 + ks * 16;
+            mma16816(acc[dt], a, ld2(col + 2 * c), ld2(col + 8 + 2 * c));
+        }
+    }
+}
+
+// qkv_split_rope for the flash path: bf16 q, k, v (b, nh, t, 64) and their transposes
+// (b, nh, 64, t). Grid (b·t, nh), block 32.
+extern "C" __global__ void qkv_split_rope16(const float* qkv, const float* cos_t, const float* sin_t, u16* q, u16* qT, u16* k, u16* kT, u16* v,
+                                            u16* vT, int t, int nh, int nkv) {
+    int row = blockIdx.x, h = blockIdx.y;
+    int bi = row / t, p = row % t;
+    int kh = h / (nh / nkv), half = HD / 2;
+    u64 ld = (u64)(nh + 2 * nkv) * HD;
+    const float* src = qkv + (u64)row * ld;
+    u64 bh = (u64)bi * nh + h;
+    u64 dst = (bh * t + p) * HD, tb = bh * HD * t;
+    const float* qs = src + h * HD;
+    const float* ks = src + (u64)nh * HD + kh * HD;
+    const float* vs = src + (u64)(nh + nkv) * HD + kh * HD;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float c = cos_t[p * half + i], s = sin_t[p * half + i];
+        float a = qs[i], b = qs[i + half];
+        u16 x = to_bf16(a * c - b * s), y = to_bf16(b * c + a * s);
+        q[dst + i] = x;
+        q[dst + i + half] = y;
+        qT[tb + (u64)i * t + p] = x;
+        qT[tb + (u64)(i + half) * t + p] = y;
+        a = ks[i];
+        b = ks[i + half];
+        x = to_bf16(a * c - b * s);
+        y = to_bf16(b * c + a * s);
+        k[dst + i] = x;
+        k[dst + i + half] = y;
+        kT[tb + (u64)i * t + p] = x;
+        kT[tb + (u64)(i + half) * t + p] = y;
+        x = to_bf16(vs[i]);
+        y = to_bf16(vs[i + half]);
+        v[dst + i] = x;
+        v[dst + i + half] = y;
+        vT[tb + (u64)i * t + p] = x;
+        vT[tb + (u64)(i + half) * t + p] = y;
+    }
+}
+
+// O (rows (b·t, nh·64), f32) and log-sum-exp (b·nh·t). Grid (t/64, b·nh), block 128.
+extern "C" __global__ void flash_fwd(const u16* q, const u16* k, const u16* vT, float* o, float* lse, int t, int nh, float scale) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    int qb = blockIdx.x, bh = blockIdx.y;
+    int q0 = qb * 64 + w * 16;
+    const u16* Q = q + (u64)bh * t * HD;
+    const u16* K = k + (u64)bh * t * HD;
+    const u16* VT = vT + (u64)bh * HD * t;
+    u32 qa[4][4];
+    load_a_rows(qa, Q, q0, g, c);
+    float oacc[8][4];
+    for (int dt = 0; dt < 8; dt++) oacc[dt][0] = oacc[dt][1] = oacc[dt][2] = oacc[dt][3] = 0.f;
+    float m0 = NEG_INF_F, m1 = NEG_INF_F, l0 = 0.f, l1 = 0.f;
+    int r0 = q0 + g, r1 = q0 + g + 8;
+    for (int kb = 0; kb <= qb; kb++) {
+        float s[8][4];
+        mma_abt(s, qa, K, kb * 64, g, c);
+        float mx0 = NEG_INF_F, mx1 = NEG_INF_F;
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 2; e++) {
+                int col = kb * 64 + nt * 8 + 2 * c + e;
+                float v0 = col > r0 ? NEG_INF_F : s[nt][e] * scale;
+                float v1 = col > r1 ? NEG_INF_F : s[nt][2 + e] * scale;
+                s[nt][e] = v0;
+                s[nt][2 + e] = v1;
+                mx0 = fmaxf(mx0, v0);
+                mx1 = fmaxf(mx1, v1);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float al0 = expf(m0 - mn0), al1 = expf(m1 - mn1);
+        float rs0 = 0.f, rs1 = 0.f;
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 2; e++) {
+                float p0 = expf(s[nt][e] - mn0), p1 = expf(s[nt][2 + e] - mn1);
+                s[nt][e] = p0;
+                s[nt][2 + e] = p1;
+                rs0 += p0;
+                rs1 += p1;
+            }
+        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+        l0 = l0 * al0 + rs0;
+        l1 = l1 * al1 + rs1;
+        m0 = mn0;
+        m1 = mn1;
+        for (int dt = 0; dt < 8; dt++) {
+            oacc[dt][0] *= al0;
+            oacc[dt][1] *= al0;
+            oacc[dt][2] *= al1;
+            oacc[dt][3] *= al1;
+        }
+        mma_xm(oacc, s, VT, t, kb * 64, g, c);
+    }
+    int bi = bh / nh, h = bh % nh;
+    u64 qd = (u64)nh * HD;
+    float il0 = 1.f / l0, il1 = 1.f / l1;
+    float* o0 = o + ((u64)bi * t + r0) * qd + h * HD;
+    float* o1 = o + ((u64)bi * t + r1) * qd + h * HD;
+    for (int dt = 0; dt < 8; dt++) {
+        int col = dt * 8 + 2 * c;
+        o0[col] = oacc[dt][0] * il0;
+        o0[col + 1] = oacc[dt][1] * il0;
+        o1[col] = oacc[dt][2] * il1;
+        o1[col + 1] = oacc[dt][3] * il1;
+    }
+    if (c == 0) {
+        lse[(u64)bh * t + r0] = m0 + logf(l0);
+        lse[(u64)bh * t + r1] = m1 + logf(l1);
+    }
+}
+
+// Backward preparation: dO in bf16 (b, nh, t, 64) and transposed, and D = rowsum(dO ⊙ O) from the
+// f32 rows. Grid (b·t, nh), block 64.
+extern "C" __global__ void flash_bwd_prep(const float* dout, const float* o, u16* dO, u16* dOT, float* dd, int t, int nh) {
+    __shared__ float sh[WARP];
+    int row = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    int bi = row / t, p = row % t;
+    u64 bh = (u64)bi * nh + h;
+    u64 ri = (u64)row * nh * HD + (u64)h * HD + i;
+    float d = dout[ri];
+    u16 x = to_bf16(d);
+    dO[(bh * t + p) * HD + i] = x;
+    dOT[bh * HD * t + (u64)i * t + p] = x;
+    float s = block_sum(d * o[ri], sh);
+    if (i == 0) dd[bh * t + p] = s;
+}
+
+// dQ (b, nh, t, 64) f32 over query slabs. Grid (t/64, b·nh), block 128.
+extern "C" __global__ void flash_bwd_dq(const u16* q, const u16* k, const u16* kT, const u16* v, const u16* dO, const float* lse, const float* dd, float* dq,
+                                        int t, float scale) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    int qb = blockIdx.x, bh = blockIdx.y;
+    int q0 = qb * 64 + w * 16, r0 = q0 + g, r1 = q0 + g + 8;
+    u64 off = (u64)bh * t * HD;
+    u32 qa[4][4], da[4][4];
+    load_a_rows(qa, q + off, q0, g, c);
+    load_a_rows(da, dO + off, q0, g, c);
+    float L0 = lse[(u64)bh * t + r0], L1 = lse[(u64)bh * t + r1];
+    float D0 = dd[(u64)bh * t + r0], D1 = dd[(u64)bh * t + r1];
+    float acc[8][4];
+    for (int dt = 0; dt < 8; dt++) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    for (int kb = 0; kb <= qb; kb++) {
+        float s[8][4], dp[8][4];
+        mma_abt(s, qa, k + off, kb * 64, g, c);
+        mma_abt(dp, da, v + off, kb * 64, g, c);
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 2; e++) {
+                int col = kb * 64 + nt * 8 + 2 * c + e;
+                float p0 = col > r0 ? 0.f : expf(s[nt][e] * scale - L0);
+                float p1 = col > r1 ? 0.f : expf(s[nt][2 + e] * scale - L1);
+                s[nt][e] = p0 * (dp[nt][e] - D0) * scale;
+                s[nt][2 + e] = p1 * (dp[nt][2 + e] - D1) * scale;
+            }
+        mma_xm(acc, s, kT + off, t, kb * 64, g, c);
+    }
+    float* d0 = dq + off + (u64)r0 * HD;
+    float* d1 = dq + off + (u64)r1 * HD;
+    for (int dt = 0; dt < 8; dt++) {
+        int col = dt * 8 + 2 * c;
+        d0[col] = acc[dt][0];
+        d0[col + 1] = acc[dt][1];
+        d1[col] = acc[dt][2];
+        d1[col + 1] = acc[dt][3];
+    }
+}
+
+// dK, dV (b, nh, t, 64) f32 over key slabs. Grid (t/64, b·nh), block 128.
+extern "C" __global__ void flash_bwd_dkdv(const u16* q, const u16* qT, const u16* k, const u16* v, const u16* dO, const u16* dOT, const float* lse,
+                                          const float* dd, float* dk, float* dv, int t, float scale) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    int kb = blockIdx.x, bh = blockIdx.y;
+    int k0 = kb * 64 + w * 16, r0 = k0 + g, r1 = k0 + g + 8;
+    u64 off = (u64)bh * t * HD;
+    const float* LS = lse + (u64)bh * t;
+    const float* DD = dd + (u64)bh * t;
+    u32 ka[4][4], va[4][4];
+    load_a_rows(ka, k + off, k0, g, c);
+    load_a_rows(va, v + off, k0, g, c);
+    float dka[8][4], dva[8][4];
+    for (int dt = 0; dt < 8; dt++) {
+        dka[dt][0] = dka[dt][1] = dka[dt][2] = dka[dt][3] = 0.f;
+        dva[dt][0] = dva[dt][1] = dva[dt][2] = dva[dt][3] = 0.f;
+    }
+    for (int qb = kb; qb < t / 64; qb++) {
+        float st[8][4], dpt[8][4];
+        mma_abt(st, ka, q + off, qb * 64, g, c);
+        mma_abt(dpt, va, dO + off, qb * 64, g, c);
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 2; e++) {
+                int col = qb * 64 + nt * 8 + 2 * c + e;
+                float L = LS[col], D = DD[col];
+                float p0 = r0 > col ? 0.f : expf(st[nt][e] * scale - L);
+                float p1 = r1 > col ? 0.f : expf(st[nt][2 + e] * scale - L);
+                st[nt][e] = p0;
+                st[nt][2 + e] = p1;
+                dpt[nt][e] = p0 * (dpt[nt][e] - D) * scale;
+                dpt[nt][2 + e] = p1 * (dpt[nt][2 + e] - D) * scale;
+            }
+        mma_xm(dva, st, dOT + off, t, qb * 64, g, c);
+        mma_xm(dka, dpt, qT + off, t, qb * 64, g, c);
+    }
+    float* k0p = dk + off + (u64)r0 * HD;
+    float* k1p = dk + off + (u64)r1 * HD;
+    float* v0p = dv + off + (u64)r0 * HD;
+    float* v1p = dv + off + (u64)r1 * HD;
+    for (int dt = 0; dt < 8; dt++) {
+        int col = dt * 8 + 2 * c;
+        k0p[col] = dka[dt][0];
+        k0p[col + 1] = dka[dt][1];
+        k1p[col] = dka[dt][2];
+        k1p[col + 1] = dka[dt][3];
+        v0p[col] = dva[dt][0];
+        v0p[col + 1] = dva[dt][1];
+        v1p[col] = dva[dt][2];
+        v1p[col + 1] = dva[dt][3];
+    }
+}

@@ -37,12 +37,24 @@ struct LayerCache {
     rstd2: DevBuf<f32>,
     gu: DevBuf<f32>,
     a: DevBuf<f32>,
+    /// Flash path: bf16 q, k, v (b, nh, t, 64) and their transposes, and the softmax
+    /// log-sum-exp per row (instead of `q`, `k`, `v` in f32 and `p`).
+    q16: DevBuf<u16>,
+    qt16: DevBuf<u16>,
+    k16: DevBuf<u16>,
+    kt16: DevBuf<u16>,
+    v16: DevBuf<u16>,
+    vt16: DevBuf<u16>,
+    lse: DevBuf<f32>,
 }
 
 /// Device buffers for batches of up to `batch` sequences of exactly `seq` tokens.
 struct Workspace {
     batch: usize,
     seq: usize,
+    /// Attention by the fused flash kernels (bf16, head_dim 64, seq a multiple of 64) rather
+    /// than batched products over stored probabilities.
+    flash: bool,
     b: usize,
     ids_host: Vec<u32>,
     ids: DevBuf<u32>,
@@ -79,6 +91,10 @@ struct Workspace {
     /// Teacher top-k of the batch (distillation).
     t_ids: Option<DevBuf<u32>>,
     t_logp: Option<DevBuf<f32>>,
+    /// Flash backward: dO in bf16 (and transposed), D = rowsum(dO ⊙ O).
+    do16: DevBuf<u16>,
+    dot16: DevBuf<u16>,
+    dd: DevBuf<f32>,
 }
 
 /// A teacher's top-k for one batch (as [`crate::kernels::Teacher`]).
@@ -181,22 +197,32 @@ impl GpuLlama {
         let (qd, kd) = (nh * hd, nkv * hd);
         let w = qd + 2 * kd;
         let heads = b * nh * t * hd;
+        let flash = g.precision == crate::engine::Precision::Bf16 && hd == 64 && t % 64 == 0 && std::env::var("MASA_FLASH").map(|v| v != "0").unwrap_or(true);
+        // Sizes of the buffers only one attention path uses.
+        let (f32_heads, probs, bf_heads, rows) = if flash { (0, 0, heads, b * nh * t) } else { (heads, b * nh * t * t, 0, 0) };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
             layers.push(LayerCache {
                 x: g.alloc(n * h)?,
                 xn1: g.alloc(n * h)?,
                 rstd1: g.alloc(n)?,
-                q: g.alloc(heads)?,
-                k: g.alloc(heads)?,
-                v: g.alloc(heads)?,
-                p: g.alloc(b * nh * t * t)?,
+                q: g.alloc(f32_heads)?,
+                k: g.alloc(f32_heads)?,
+                v: g.alloc(f32_heads)?,
+                p: g.alloc(probs)?,
                 o: g.alloc(n * qd)?,
                 x2: g.alloc(n * h)?,
                 xn2: g.alloc(n * h)?,
                 rstd2: g.alloc(n)?,
                 gu: g.alloc(n * 2 * f)?,
                 a: g.alloc(n * f)?,
+                q16: g.alloc(bf_heads)?,
+                qt16: g.alloc(bf_heads)?,
+                k16: g.alloc(bf_heads)?,
+                kt16: g.alloc(bf_heads)?,
+                v16: g.alloc(bf_heads)?,
+                vt16: g.alloc(bf_heads)?,
+                lse: g.alloc(rows)?,
             });
         }
         let chunk_rows = (LOGIT_CHUNK_FLOATS / c.vocab_size.max(1)).max(64).min(n);
@@ -204,6 +230,7 @@ impl GpuLlama {
         self.ws = Some(Workspace {
             batch: b,
             seq: t,
+            flash,
             b: 0,
             ids_host: Vec::new(),
             ids: g.alloc(n)?,
@@ -211,7 +238,7 @@ impl GpuLlama {
             weights: g.alloc(n)?,
             layers,
             qkv: g.alloc(n * w)?,
-            heads: g.alloc(heads)?,
+            heads: g.alloc(f32_heads)?,
             xl: g.alloc(n * h)?,
             xf: g.alloc(n * h)?,
             rstdf: g.alloc(n)?,
@@ -225,7 +252,7 @@ impl GpuLlama {
             dattn: g.alloc(n * qd)?,
             dff: g.alloc(n * f)?,
             dgu: g.alloc(n * 2 * f)?,
-            dp: g.alloc(b * nh * t * t)?,
+            dp: g.alloc(probs)?,
             dq: g.alloc(heads)?,
             dk: g.alloc(heads)?,
             dv: g.alloc(heads)?,
@@ -238,6 +265,9 @@ impl GpuLlama {
             n_uid: 0,
             t_ids: None,
             t_logp: None,
+            do16: g.alloc(bf_heads)?,
+            dot16: g.alloc(bf_heads)?,
+            dd: g.alloc(rows)?,
         });
         Ok(())
     }
@@ -258,6 +288,16 @@ impl GpuLlama {
         }
         for buf in bufs {
             g.fill_bytes(buf, 0xFF)?;
+        }
+        g.fill_bytes(&ws.dd, 0xFF)?;
+        for buf in [&ws.do16, &ws.dot16] {
+            g.fill_bytes(buf, 0xFF)?;
+        }
+        for lc in &ws.layers {
+            g.fill_bytes(&lc.lse, 0xFF)?;
+            for buf in [&lc.q16, &lc.qt16, &lc.k16, &lc.kt16, &lc.v16, &lc.vt16] {
+                g.fill_bytes(buf, 0xFF)?;
+            }
         }
         g.sync()
     }
@@ -310,14 +350,24 @@ impl GpuLlama {
             let lc = &ws.layers[l];
             self.rmsnorm(lc.x.ptr(), pp(lo.input_norm), lc.xn1.ptr(), lc.rstd1.ptr(), n, h)?;
             g.gemm(false, true, n, w, h, lc.xn1.ptr(), h, pp(lo.wq), h, ws.qkv.ptr(), w, 0.0, None)?;
-            g.launch("qkv_split_rope", (n as u32, nh as u32, 1), 64, cuda_args!(ws.qkv.ptr(), ws.cos.ptr(), ws.sin.ptr(), lc.q.ptr(), lc.k.ptr(), lc.v.ptr(), t32, nh32, nkv32, hd32))?;
-            // S = Q Kᵀ per (sequence, head), then the causal softmax in place.
-            g.gemm(false, true, t, t, hd, lc.q.ptr(), hd, lc.k.ptr(), hd, lc.p.ptr(), t, 0.0, Some((bh, t * hd, t * hd, t * t)))?;
-            g.launch("softmax_causal", ((bh * t) as u32, 1, 1), ROW_THREADS, cuda_args!(lc.p.ptr(), t32, scale))?;
-            // O = P V, back to rows for o_proj.
-            g.gemm(false, false, t, hd, t, lc.p.ptr(), t, lc.v.ptr(), hd, ws.heads.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
-            let one = 1i32;
-            g.launch("heads_rows", (n as u32, nh as u32, 1), 64, cuda_args!(ws.heads.ptr(), lc.o.ptr(), t32, nh32, hd32, one))?;
+            if ws.flash {
+                g.launch(
+                    "qkv_split_rope16",
+                    (n as u32, nh as u32, 1),
+                    32,
+                    cuda_args!(ws.qkv.ptr(), ws.cos.ptr(), ws.sin.ptr(), lc.q16.ptr(), lc.qt16.ptr(), lc.k16.ptr(), lc.kt16.ptr(), lc.v16.ptr(), lc.vt16.ptr(), t32, nh32, nkv32),
+                )?;
+                g.launch("flash_fwd", ((t / 64) as u32, bh as u32, 1), 128, cuda_args!(lc.q16.ptr(), lc.k16.ptr(), lc.vt16.ptr(), lc.o.ptr(), lc.lse.ptr(), t32, nh32, scale))?;
+            } else {
+                g.launch("qkv_split_rope", (n as u32, nh as u32, 1), 64, cuda_args!(ws.qkv.ptr(), ws.cos.ptr(), ws.sin.ptr(), lc.q.ptr(), lc.k.ptr(), lc.v.ptr(), t32, nh32, nkv32, hd32))?;
+                // S = Q Kᵀ per (sequence, head), then the causal softmax in place.
+                g.gemm(false, true, t, t, hd, lc.q.ptr(), hd, lc.k.ptr(), hd, lc.p.ptr(), t, 0.0, Some((bh, t * hd, t * hd, t * t)))?;
+                g.launch("softmax_causal", ((bh * t) as u32, 1, 1), ROW_THREADS, cuda_args!(lc.p.ptr(), t32, scale))?;
+                // O = P V, back to rows for o_proj.
+                g.gemm(false, false, t, hd, t, lc.p.ptr(), t, lc.v.ptr(), hd, ws.heads.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
+                let one = 1i32;
+                g.launch("heads_rows", (n as u32, nh as u32, 1), 64, cuda_args!(ws.heads.ptr(), lc.o.ptr(), t32, nh32, hd32, one))?;
+            }
             g.copy::<f32>(lc.x2.ptr(), lc.x.ptr(), n * h)?;
             g.gemm(false, true, n, h, qd, lc.o.ptr(), qd, pp(lo.wo), qd, lc.x2.ptr(), h, 1.0, None)?;
             self.rmsnorm(lc.x2.ptr(), pp(lo.post_norm), lc.xn2.ptr(), lc.rstd2.ptr(), n, h)?;
@@ -456,15 +506,32 @@ impl GpuLlama {
             // Attention: x2 = x + o_proj(o)
             g.gemm(false, false, n, qd, h, dx, h, pp(lo.wo), qd, ws.dattn.ptr(), qd, 0.0, None)?;
             g.gemm(true, false, h, qd, n, dx, h, lc.o.ptr(), qd, gg(lo.wo), qd, 1.0, None)?;
-            let zero = 0i32;
-            g.launch("heads_rows", (n as u32, nh as u32, 1), 64, cuda_args!(ws.dattn.ptr(), ws.heads.ptr(), t32, nh32, hd32, zero))?;
-            let dout = ws.heads.ptr();
-            // dV = Pᵀ dO; dP = dO Vᵀ; dS; dQ = dS K; dK = dSᵀ Q
-            g.gemm(true, false, t, hd, t, lc.p.ptr(), t, dout, hd, ws.dv.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
-            g.gemm(false, true, t, t, hd, dout, hd, lc.v.ptr(), hd, ws.dp.ptr(), t, 0.0, Some((bh, t * hd, t * hd, t * t)))?;
-            g.launch("softmax_causal_bwd", ((bh * t) as u32, 1, 1), ROW_THREADS, cuda_args!(lc.p.ptr(), ws.dp.ptr(), t32, scale))?;
-            g.gemm(false, false, t, hd, t, ws.dp.ptr(), t, lc.k.ptr(), hd, ws.dq.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
-            g.gemm(true, false, t, hd, t, ws.dp.ptr(), t, lc.q.ptr(), hd, ws.dk.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
+            if ws.flash {
+                let grid = ((t / 64) as u32, bh as u32, 1);
+                g.launch("flash_bwd_prep", (n as u32, nh as u32, 1), 64, cuda_args!(ws.dattn.ptr(), lc.o.ptr(), ws.do16.ptr(), ws.dot16.ptr(), ws.dd.ptr(), t32, nh32))?;
+                g.launch(
+                    "flash_bwd_dq",
+                    grid,
+                    128,
+                    cuda_args!(lc.q16.ptr(), lc.k16.ptr(), lc.kt16.ptr(), lc.v16.ptr(), ws.do16.ptr(), lc.lse.ptr(), ws.dd.ptr(), ws.dq.ptr(), t32, scale),
+                )?;
+                g.launch(
+                    "flash_bwd_dkdv",
+                    grid,
+                    128,
+                    cuda_args!(lc.q16.ptr(), lc.qt16.ptr(), lc.k16.ptr(), lc.v16.ptr(), ws.do16.ptr(), ws.dot16.ptr(), lc.lse.ptr(), ws.dd.ptr(), ws.dk.ptr(), ws.dv.ptr(), t32, scale),
+                )?;
+            } else {
+                let zero = 0i32;
+                g.launch("heads_rows", (n as u32, nh as u32, 1), 64, cuda_args!(ws.dattn.ptr(), ws.heads.ptr(), t32, nh32, hd32, zero))?;
+                let dout = ws.heads.ptr();
+                // dV = Pᵀ dO; dP = dO Vᵀ; dS; dQ = dS K; dK = dSᵀ Q
+                g.gemm(true, false, t, hd, t, lc.p.ptr(), t, dout, hd, ws.dv.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
+                g.gemm(false, true, t, t, hd, dout, hd, lc.v.ptr(), hd, ws.dp.ptr(), t, 0.0, Some((bh, t * hd, t * hd, t * t)))?;
+                g.launch("softmax_causal_bwd", ((bh * t) as u32, 1, 1), ROW_THREADS, cuda_args!(lc.p.ptr(), ws.dp.ptr(), t32, scale))?;
+                g.gemm(false, false, t, hd, t, ws.dp.ptr(), t, lc.k.ptr(), hd, ws.dq.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
+                g.gemm(true, false, t, hd, t, ws.dp.ptr(), t, lc.q.ptr(), hd, ws.dk.ptr(), hd, 0.0, Some((bh, t * t, t * hd, t * hd)))?;
+            }
             g.launch(
                 "qkv_merge_rope_bwd",
                 (n as u32, (nh + nkv) as u32, 1),
@@ -491,6 +558,11 @@ impl GpuLlama {
         let out = self.gpu.alloc::<f32>(n * v)?;
         self.gpu.gemm(false, true, n, v, h, ws.xf.ptr(), h, self.params.at(self.layout.head), h, out.ptr(), v, 0.0, None)?;
         self.gpu.read(&out, 0, n * v)
+    }
+
+    /// Whether the last batch's attention ran on the flash kernels.
+    pub fn uses_flash(&self) -> bool {
+        self.ws.as_ref().is_some_and(|w| w.flash)
     }
 
     /// Zero the gradient and the loss sum.

@@ -42,6 +42,11 @@ const KERNELS: &[&str] = &[
     "sumsq_partial",
     "sum_partials",
     "adamw",
+    "qkv_split_rope16",
+    "flash_fwd",
+    "flash_bwd_prep",
+    "flash_bwd_dq",
+    "flash_bwd_dkdv",
 ];
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> MasaError {
