@@ -63,6 +63,10 @@ pub struct Gpu {
     blas: cbs::cublasHandle_t,
     module: ds::CUmodule,
     funcs: HashMap<&'static str, ds::CUfunction>,
+    /// `MASA_CUDA_PROFILE=1`: seconds and calls per kernel / product shape, each launch timed
+    /// between two synchronisations (slower; for finding where a step's time goes). Printed
+    /// when the device is closed.
+    profile: Option<std::cell::RefCell<std::collections::BTreeMap<String, (f64, u64)>>>,
 }
 
 impl Gpu {
@@ -111,7 +115,8 @@ impl Gpu {
             let f = unsafe { dr::module::get_function(module, CString::new(k).unwrap()) }.map_err(|e| cuda_err(k, e))?;
             funcs.insert(k, f);
         }
-        Ok(Gpu { ordinal, name, precision, _ctx: ctx, stream, blas, module, funcs })
+        let profile = std::env::var("MASA_CUDA_PROFILE").is_ok_and(|v| v == "1").then(Default::default);
+        Ok(Gpu { ordinal, name, precision, _ctx: ctx, stream, blas, module, funcs, profile })
     }
 
     /// Allocate `len` elements (uninitialised).
@@ -181,7 +186,21 @@ impl Gpu {
     /// argument's value, in the kernel's parameter order).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) -> Result<()> {
         let f = *self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} is not in KERNELS"));
-        unsafe { dr::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }.map_err(|e| cuda_err(name, e))
+        self.timed(|| name.to_string(), || unsafe { dr::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }.map_err(|e| cuda_err(name, e)))
+    }
+
+    /// Run `f`; when profiling, synchronised before and after and its time added to `key()`.
+    fn timed(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let Some(p) = &self.profile else { return f() };
+        self.sync()?;
+        let t0 = std::time::Instant::now();
+        f()?;
+        self.sync()?;
+        let mut p = p.borrow_mut();
+        let e = p.entry(key()).or_insert((0.0, 0));
+        e.0 += t0.elapsed().as_secs_f64();
+        e.1 += 1;
+        Ok(())
     }
 
     /// Row-major `C (m×n) = α op(A) op(B) + β C`, `batch` times with element strides
@@ -194,13 +213,38 @@ impl Gpu {
         let opb = if tb { CUBLAS_OP_T } else { CUBLAS_OP_N };
         let opa = if ta { CUBLAS_OP_T } else { CUBLAS_OP_N };
         let alpha = 1f32;
+        let (ap, bp) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
+        let key = || match batch {
+            None => format!("gemm {m}x{n}x{k}{}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
+            Some((count, ..)) => format!("gemm {count}x({m}x{n}x{k}){}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
+        };
+        self.timed(key, || self.gemm_raw(opa, opb, m, n, k, a, lda, b, ldb, c, ldc, ap, bp, batch))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        &self,
+        opa: cbs::cublasOperation_t,
+        opb: cbs::cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: ds::CUdeviceptr,
+        lda: usize,
+        b: ds::CUdeviceptr,
+        ldb: usize,
+        c: ds::CUdeviceptr,
+        ldc: usize,
+        ap: *const c_void,
+        bp: *const c_void,
+        batch: Option<(usize, usize, usize, usize)>,
+    ) -> Result<()> {
         let ct = match self.precision {
             Precision::F32 => cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC,
             Precision::Bf16 => cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
         };
         let f32t = cbs::cudaDataType_t::CUDA_R_32F;
         let algo = cbs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT;
-        let (ap, bp) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
         let r = unsafe {
             match batch {
                 None => cudarc::cublas::result::gemm_ex(
@@ -217,6 +261,19 @@ impl Gpu {
     }
 
     /// Device memory in use and total, in bytes.
+    /// The profile (`MASA_CUDA_PROFILE=1`) as a table, slowest first.
+    pub fn profile_table(&self) -> Option<String> {
+        let p = self.profile.as_ref()?.borrow();
+        let total: f64 = p.values().map(|v| v.0).sum();
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let mut out = format!("{:>9} {:>6} {:>8}  what (synchronised per launch; total {:.1} ms)\n", "ms", "%", "calls", total * 1e3);
+        for (k, (s, n)) in rows {
+            out.push_str(&format!("{:>9.2} {:>5.1}% {:>8}  {k}\n", s * 1e3, 100.0 * s / total.max(1e-12), n));
+        }
+        Some(out)
+    }
+
     pub fn memory(&self) -> (usize, usize) {
         dr::mem_get_info().map(|(free, total)| (total - free, total)).unwrap_or((0, 0))
     }
@@ -224,6 +281,9 @@ impl Gpu {
 
 impl Drop for Gpu {
     fn drop(&mut self) {
+        if let Some(t) = self.profile_table() {
+            eprintln!("CUDA profile of {}:\n{t}", self.name);
+        }
         unsafe {
             let _ = dr::stream::synchronize(self.stream);
             let _ = cudarc::cublas::result::destroy_handle(self.blas);
