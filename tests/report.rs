@@ -4,7 +4,7 @@
 //! hand; they are not measurements.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use masa::report::aggregate::{cohorts, data_efficiency, tokens_to_reach};
 use masa::report::{report_from_path, write_report, ReportFiles};
@@ -299,14 +299,23 @@ fn report_from_a_run_directory_writes_beside_results() {
     assert!(err.to_string().contains("/nonexistent/results.json"), "{err}");
 }
 
-/// With `MASA_REPORT_FIXTURE_DIR` set, keeps the fixture's results.json and its report there,
-/// to look at (e.g. `scripts/screenshot_report.sh`); otherwise does nothing.
+/// results.json round-trips: the fixture saved and loaded back is unchanged, and the report
+/// rendered from the file (as `masa report` does) is the one rendered from memory. Written to
+/// `MASA_REPORT_FIXTURE_DIR` when set, to look at (e.g. `scripts/screenshot_report.sh`).
 #[test]
-fn keep_fixture_report_when_asked() {
-    let Some(dir) = std::env::var_os("MASA_REPORT_FIXTURE_DIR") else { return };
-    let dir = Path::new(&dir);
-    fixture().save(&dir.join("results.json")).unwrap();
-    write_report(&fixture(), dir).unwrap();
+fn report_from_saved_results_equals_report_from_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("MASA_REPORT_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
+    let r = fixture();
+    r.save(&dir.join("results.json")).unwrap();
+    let loaded = RunResults::load(&dir.join("results.json")).unwrap();
+    assert_eq!(serde_json::to_value(&loaded).unwrap(), serde_json::to_value(&r).unwrap());
+    let from_memory = write_report(&r, &tmp.path().join("from-memory")).unwrap();
+    let from_file = report_from_path(&dir, None).unwrap();
+    assert_eq!(from_file.markdown, dir.join("report.md"));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(read(&from_file.markdown), read(&from_memory.markdown));
+    assert_eq!(read(&from_file.html), read(&from_memory.html));
 }
 
 #[test]
