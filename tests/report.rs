@@ -51,7 +51,7 @@ fn run(strategy: &str, label: &str, group: &str, seed: u64, values: &[f64], piqa
     }
 }
 
-/// Six made-up power-law spectra (3 layers × gate/up), 48 values each: the most panels shown.
+/// Six made-up power-law spectra (3 layers × gate/up), 48 values each: two rows of panels.
 fn spectra() -> Vec<Spectrum> {
     let power_law = |scale: f64, exponent: f64| (1..=48).map(|i| scale / (i as f64).powf(exponent)).collect::<Vec<f64>>();
     [0, 15, 29]
@@ -225,6 +225,35 @@ fn findings_compare_masa_with_each_baseline_and_list_notes() {
     assert!(md.contains("MASA final validation loss 6.200 ± 0.141 vs Scratch 6.600 ± 0.141 (2 seeds): MASA is lower (better) by 0.400, larger than the seed spread"), "{md}");
     assert!(md.contains("- Distillation was not run in this fixture (no teacher cache)."), "{md}");
     assert!(md.contains("masa run fixture"), "{md}");
+}
+
+/// (width, height) of a PNG, from its IHDR chunk.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    (u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap()))
+}
+
+/// The default spectra (first, middle, last layer × gate, up, down) are 9 panels: all shown, on
+/// a 3 × 3 grid that is taller than the 2-row one.
+#[test]
+fn nine_spectra_are_all_shown_on_three_rows() {
+    let mut r = fixture();
+    let (dir6, _, md, _) = render(&r);
+    assert!(!md.contains("recorded spectra"), "{md}");
+    let two_rows = png_size(&std::fs::read(dir6.path().join("plots/spectra.png")).unwrap());
+    let base = r.spectra[0].clone();
+    r.spectra = [0, 17, 29]
+        .iter()
+        .flat_map(|&layer| ["gate_proj", "up_proj", "down_proj"].map(|proj| Spectrum { layer, proj: proj.into(), ..base.clone() }))
+        .collect();
+    let (dir9, _, md, _) = render(&r);
+    assert!(!md.contains("recorded spectra"), "{md}");
+    let three_rows = png_size(&std::fs::read(dir9.path().join("plots/spectra.png")).unwrap());
+    assert_eq!(three_rows.0, two_rows.0);
+    assert!(three_rows.1 > two_rows.1, "{three_rows:?} vs {two_rows:?}");
+    r.spectra.push(Spectrum { layer: 5, ..base });
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("First 9 of 10 recorded spectra."), "{md}");
 }
 
 #[test]

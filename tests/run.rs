@@ -107,6 +107,21 @@ fn invalid_specs_name_the_field() {
 }
 
 /// A corpus of real text from this repository: Rust sources and Markdown docs, two domains.
+/// Spectra default to the first, middle and last mapped source layer; an explicit list wins.
+#[test]
+fn spectra_layers_default_to_first_middle_last() {
+    let mut e = Spec::load("default").unwrap().extraction;
+    assert!(e.spectra_layers.is_empty());
+    // The default 6-layer student reads SmolLM2 layers round(t · 29 / 5).
+    assert_eq!(e.spectra_layers_for(&[0, 6, 12, 17, 23, 29]), vec![0, 17, 29]);
+    assert_eq!(e.spectra_layers_for(&[0, 15, 29]), vec![0, 15, 29]);
+    assert_eq!(e.spectra_layers_for(&[0, 29]), vec![0, 29]);
+    assert_eq!(e.spectra_layers_for(&[4]), vec![4]);
+    assert!(e.spectra_layers_for(&[]).is_empty());
+    e.spectra_layers = vec![3, 7];
+    assert_eq!(e.spectra_layers_for(&[0, 6, 12, 17, 23, 29]), vec![3, 7]);
+}
+
 fn repo_corpus(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut lines = Vec::new();

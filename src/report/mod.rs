@@ -363,8 +363,9 @@ fn calibration_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
     variant_tables(doc, all, &cal, "Calibration domains", true)
 }
 
-/// At most this many spectrum panels (2 × 3).
-const MAX_PANELS: usize = 6;
+/// At most this many spectrum panels (3 × 3: the default first, middle and last layer × gate,
+/// up, down).
+const MAX_PANELS: usize = 9;
 
 fn spectra_section(doc: &mut Doc, r: &RunResults) -> Result<()> {
     if r.spectra.is_empty() {
@@ -390,7 +391,7 @@ fn spectra_section(doc: &mut Doc, r: &RunResults) -> Result<()> {
     if shown < r.spectra.len() {
         caption.push_str(&format!(" First {shown} of {} recorded spectra.", r.spectra.len()));
     }
-    doc.figure("spectra", caption, &SpectraPlot { title: "Singular values: source W vs gene M".into(), panels }, plots::GRID_SIZE)
+    doc.figure("spectra", caption, &SpectraPlot { title: "Singular values: source W vs gene M".into(), panels }, plots::grid_size(shown))
 }
 
 fn findings_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {

@@ -525,19 +525,13 @@ impl<'a> Ctx<'a> {
         self.save()
     }
 
-    /// Singular values of W and of its gene M for the first and last mapped layers (cached
-    /// beside the genes).
+    /// Singular values of W and of its gene M for the first, middle and last mapped layers, or
+    /// the spec's `extraction.spectra_layers` (cached beside the genes).
     fn spectra(&mut self, plan: &Plan) -> Result<()> {
         let Some(main) = plan.extractions.first() else { return Ok(()) };
         let (genes_path, _) = self.genes[&main.label].clone();
         let cache = genes_path.with_file_name("spectra.json");
-        let layers: Vec<usize> = if self.spec.extraction.spectra_layers.is_empty() {
-            let mut v = vec![plan.layers[0], plan.layers[plan.layers.len() - 1]];
-            v.dedup();
-            v
-        } else {
-            self.spec.extraction.spectra_layers.clone()
-        };
+        let layers = self.spec.extraction.spectra_layers_for(&plan.layers);
         let cached: Option<Vec<Spectrum>> = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str(&t).ok());
         let spectra = match cached.filter(|s| s.iter().map(|x| x.layer).collect::<BTreeSet<_>>() == layers.iter().copied().collect()) {
             Some(s) => s,

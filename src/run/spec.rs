@@ -77,9 +77,25 @@ pub struct ExtractionSpec {
     pub lambda: f64,
     #[serde(default = "d300")]
     pub max_iter: usize,
-    /// Source layers whose spectra the report plots (default: first, middle, last mapped).
+    /// Source layers whose spectra the report plots (default: the first, middle and last of
+    /// the layers the students map to; [`ExtractionSpec::spectra_layers_for`]).
     #[serde(default)]
     pub spectra_layers: Vec<usize>,
+}
+
+impl ExtractionSpec {
+    /// The source layers whose spectra are recorded, given the (ascending) source layers the
+    /// students map to: `spectra_layers` when set, else the first, middle (`mapped[n / 2]`)
+    /// and last of `mapped`, without repeats.
+    pub fn spectra_layers_for(&self, mapped: &[usize]) -> Vec<usize> {
+        if !self.spectra_layers.is_empty() {
+            return self.spectra_layers.clone();
+        }
+        let (Some(&first), Some(&last)) = (mapped.first(), mapped.last()) else { return vec![] };
+        let mut v = vec![first, mapped[mapped.len() / 2], last];
+        v.dedup();
+        v
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
