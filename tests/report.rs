@@ -86,6 +86,7 @@ fn fixture() -> RunResults {
         name: "fixture".into(),
         description: "Synthetic fixture for the report tests (invented numbers).".into(),
         spec: serde_json::json!({"name": "fixture"}),
+        command: "masa run specs/fixture.toml".into(),
         masa_version: "0.1.0".into(),
         started_unix: 1_700_000_000,
         wall_seconds: 3725.0,
@@ -224,7 +225,26 @@ fn findings_compare_masa_with_each_baseline_and_list_notes() {
     assert!(md.contains("MASA has the lowest final validation loss of the 3 strategies."), "{md}");
     assert!(md.contains("MASA final validation loss 6.200 ± 0.141 vs Scratch 6.600 ± 0.141 (2 seeds): MASA is lower (better) by 0.400, larger than the seed spread"), "{md}");
     assert!(md.contains("- Distillation was not run in this fixture (no teacher cache)."), "{md}");
-    assert!(md.contains("masa run fixture"), "{md}");
+    assert!(md.contains("masa run specs/fixture.toml\nmasa report runs/fixture"), "{md}");
+}
+
+/// The report's rerun command is the one that ran the spec; for results written before masa
+/// recorded it, the built-in spec's name or a placeholder for the spec file, never a made-up
+/// `masa run <name>` that would fail.
+#[test]
+fn reproduce_gives_the_command_that_ran_the_spec() {
+    let mut r = fixture();
+    r.command = "masa run 'my specs/fixture.toml'".into();
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("masa run 'my specs/fixture.toml'\nmasa report runs/fixture"), "{md}");
+    r.command.clear();
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("masa run SPEC.toml\nmasa report runs/fixture"), "{md}");
+    assert!(md.contains("SPEC.toml: the spec file this run was started from (name = \"fixture\")"), "{md}");
+    assert!(!md.contains("masa run fixture"), "{md}");
+    r.name = "quick".into();
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("masa run quick\nmasa report runs/quick") && !md.contains("SPEC.toml"), "{md}");
 }
 
 /// (width, height) of a PNG, from its IHDR chunk.

@@ -107,6 +107,24 @@ fn invalid_specs_name_the_field() {
 }
 
 /// A corpus of real text from this repository: Rust sources and Markdown docs, two domains.
+/// A spec file reruns as `masa run <file as given>` (quoted when the shell needs it); a
+/// built-in spec as `masa run <name>`.
+#[test]
+fn spec_knows_the_command_that_runs_it() {
+    assert_eq!(Spec::load("quick").unwrap().command(), "masa run quick");
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "mine.toml", &spec_text("smollm2-135m", "default", ""));
+    let s = Spec::load(p.to_str().unwrap()).unwrap();
+    assert_eq!(s.name, "e2e");
+    assert_eq!(s.command(), format!("masa run {}", p.display()));
+    let spaced = dir.path().join("my specs");
+    std::fs::create_dir(&spaced).unwrap();
+    let p = write(&spaced, "it's.toml", &spec_text("smollm2-135m", "default", ""));
+    assert_eq!(Spec::load(p.to_str().unwrap()).unwrap().command(), format!("masa run '{}/my specs/it'\\''s.toml'", dir.path().display()));
+    // Not part of the spec's content: results.json's "spec" field does not carry it.
+    assert!(serde_json::to_value(&s).unwrap().get("file").is_none());
+}
+
 /// Spectra default to the first, middle and last mapped source layer; an explicit list wins.
 #[test]
 fn spectra_layers_default_to_first_middle_last() {

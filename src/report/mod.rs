@@ -431,7 +431,18 @@ fn findings_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {
 fn reproduce_section(doc: &mut Doc, r: &RunResults) {
     doc.h(2, "Reproduce");
     doc.p("Run the whole pipeline (every stage is cached by the hash of its inputs, so a rerun only does what is missing), then render this report:");
-    doc.blocks.push(Block::Code(format!("masa run {name}\nmasa report runs/{name}", name = r.name)));
+    // Results written before the command was recorded: a built-in spec runs by its name; a
+    // spec file is not known any more, but its content is results.json's "spec" field.
+    let builtin = crate::run::spec::BUILTIN.iter().any(|(n, _)| *n == r.name);
+    let command = match r.command.as_str() {
+        "" if builtin => format!("masa run {}", r.name),
+        "" => "masa run SPEC.toml".to_string(),
+        c => c.to_string(),
+    };
+    doc.blocks.push(Block::Code(format!("{command}\nmasa report runs/{}", r.name)));
+    if r.command.is_empty() && !builtin {
+        doc.p(format!("SPEC.toml: the spec file this run was started from (name = \"{}\"); its content is the \"spec\" field of results.json.", r.name));
+    }
     doc.p(format!(
         "All numbers: runs/{}/results.json (raw, per seed; this report aggregates them; the spec as run is in its \"spec\" field).",
         r.name

@@ -449,6 +449,7 @@ impl<'a> Ctx<'a> {
                 ffn: c.intermediate_size,
                 parameters: source.weights.entries().iter().map(|e| e.shape.iter().product::<usize>() as u64).sum(),
             },
+            command: spec.command(),
             notes: notes(spec, c.arch, &source.weights.entries()),
             ..Default::default()
         };

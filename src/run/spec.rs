@@ -50,6 +50,10 @@ pub struct Spec {
     pub finetune: FinetuneSpec,
     #[serde(default)]
     pub ablations: AblationSpec,
+    /// The spec file [`Spec::load`] read, as given; `None` for a built-in spec. Not part of
+    /// the spec's content (not serialized): it only tells the report how to rerun it.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 fn default_corpus() -> Vec<String> {
@@ -210,6 +214,15 @@ fn default_ft_lr() -> f64 {
     1e-4
 }
 
+/// `s` as one shell word: unchanged when it needs no quoting, else single-quoted.
+pub fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 fn invalid(origin: &str, field: &str, msg: impl std::fmt::Display) -> MasaError {
     MasaError::Invalid(format!("{origin}: field `{field}`: {msg}"))
 }
@@ -217,8 +230,8 @@ fn invalid(origin: &str, field: &str, msg: impl std::fmt::Display) -> MasaError 
 impl Spec {
     /// A built-in spec name or a TOML file; parsed and validated.
     pub fn load(name_or_path: &str) -> Result<Spec> {
-        let (origin, text) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
-            Some((n, t)) => (format!("built-in spec `{n}`"), t.to_string()),
+        let (origin, text, file) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+            Some((n, t)) => (format!("built-in spec `{n}`"), t.to_string(), None),
             None => {
                 let p = Path::new(name_or_path);
                 if !p.exists() {
@@ -227,12 +240,22 @@ impl Spec {
                         BUILTIN.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
                     )));
                 }
-                (p.display().to_string(), std::fs::read_to_string(p).at(p)?)
+                (p.display().to_string(), std::fs::read_to_string(p).at(p)?, Some(p.to_path_buf()))
             }
         };
-        let spec: Spec = toml::from_str(&text).map_err(|e| MasaError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
+        let mut spec: Spec = toml::from_str(&text).map_err(|e| MasaError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
         spec.validate(&origin)?;
+        spec.file = file;
         Ok(spec)
+    }
+
+    /// The command that runs this spec: `masa run <file>` (as given to [`Spec::load`]) for a
+    /// spec file, `masa run <name>` for a built-in spec.
+    pub fn command(&self) -> String {
+        match &self.file {
+            Some(p) => format!("masa run {}", shell_word(&p.display().to_string())),
+            None => format!("masa run {}", self.name),
+        }
     }
 
     /// Every check that needs no model or corpus loaded (and the files the spec names exist).
