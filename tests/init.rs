@@ -491,11 +491,7 @@ fn cli_init_then_score() {
 /// select everything: `masa score` gives the source's own NLLs.
 #[test]
 fn smollm2_same_shape_selection_is_the_identity() {
-    let src = masa::home::masa_home().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !src.exists() {
-        eprintln!("skipped: {} missing; run `masa fetch smollm2-135m`", src.display());
-        return;
-    }
+    let Some(src) = common::model_asset(common::SMOLLM2.0, common::SMOLLM2.1) else { return };
     let dir = tempfile::tempdir().unwrap();
     let student = student_file(
         dir.path(),

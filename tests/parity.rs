@@ -1,27 +1,22 @@
 //! Forward-pass parity with HF transformers on the real source files: the reference NLLs in
-//! `../shared/reference/*/transformers_logits.json` were computed by transformers from the same
-//! GGUF files (dequantized to f32). Runs when the asset is present (`masa fetch smollm2-135m`).
+//! `tests/data/reference/*/transformers_logits.json` were computed by transformers from the same
+//! GGUF files (dequantized to f32; `scripts/make_reference.py`). The models come from the masa
+//! cache (`masa fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b`, which `scripts/test.sh`
+//! runs); a missing one skips its test, or fails it under `CI=true`.
+
+mod common;
 
 use std::path::PathBuf;
 
+use common::{model_asset, reference_file, GEMMA3, QWEN_CODER, SMOLLM2};
 use masa::model::Transformer;
 use masa::score::score_texts;
 use masa::source::SourceModel;
 
 fn reference(name: &str) -> Vec<serde_json::Value> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference").join(name).join("transformers_logits.json");
+    let p = reference_file(&format!("{name}/transformers_logits.json"));
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
-}
-
-fn asset(dir: &str, file: &str) -> Option<PathBuf> {
-    let p = masa::home::masa_home().join("models").join(dir).join(file);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} missing; run `masa fetch {dir}`", p.display());
-        None
-    }
 }
 
 /// `masa score`'s contract: ids identical to transformers' tokenizer, every next-token NLL
@@ -48,14 +43,14 @@ fn check_score_parity(model_path: PathBuf, reference_name: &str, bos: bool) {
 
 #[test]
 fn smollm2_forward_matches_transformers() {
-    if let Some(p) = asset("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") {
+    if let Some(p) = model_asset(SMOLLM2.0, SMOLLM2.1) {
         check_score_parity(p, "smollm2-135m", false);
     }
 }
 
 #[test]
 fn gemma3_forward_matches_transformers() {
-    if let Some(p) = asset("gemma3-270m", "gemma-3-270m-q4_k_m.gguf") {
+    if let Some(p) = model_asset(GEMMA3.0, GEMMA3.1) {
         check_score_parity(p, "gemma3-270m", true);
     }
 }
@@ -64,7 +59,7 @@ fn gemma3_forward_matches_transformers() {
 /// that of a uniform guess, ln 151936 = 11.9, and under 2 nats on this snippet).
 #[test]
 fn qwen_coder_scores_code_sensibly() {
-    let Some(p) = asset("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf") else { return };
+    let Some(p) = model_asset(QWEN_CODER.0, QWEN_CODER.1) else { return };
     let source = SourceModel::open(&p).unwrap();
     let m = Transformer::load(&source.weights).unwrap();
     let code = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\nfor i in range(10):\n    print(fibonacci(i))\n";

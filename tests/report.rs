@@ -4,7 +4,7 @@
 //! hand; they are not measurements.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use masa::report::aggregate::{cohorts, data_efficiency, tokens_to_reach};
 use masa::report::{report_from_path, write_report, ReportFiles};
@@ -51,7 +51,7 @@ fn run(strategy: &str, label: &str, group: &str, seed: u64, values: &[f64], piqa
     }
 }
 
-/// Six made-up power-law spectra (3 layers × gate/up), 48 values each: the most panels shown.
+/// Six made-up power-law spectra (3 layers × gate/up), 48 values each: two rows of panels.
 fn spectra() -> Vec<Spectrum> {
     let power_law = |scale: f64, exponent: f64| (1..=48).map(|i| scale / (i as f64).powf(exponent)).collect::<Vec<f64>>();
     [0, 15, 29]
@@ -86,6 +86,7 @@ fn fixture() -> RunResults {
         name: "fixture".into(),
         description: "Synthetic fixture for the report tests (invented numbers).".into(),
         spec: serde_json::json!({"name": "fixture"}),
+        command: "masa run specs/fixture.toml".into(),
         masa_version: "0.1.0".into(),
         started_unix: 1_700_000_000,
         wall_seconds: 3725.0,
@@ -224,7 +225,55 @@ fn findings_compare_masa_with_each_baseline_and_list_notes() {
     assert!(md.contains("MASA has the lowest final validation loss of the 3 strategies."), "{md}");
     assert!(md.contains("MASA final validation loss 6.200 ± 0.141 vs Scratch 6.600 ± 0.141 (2 seeds): MASA is lower (better) by 0.400, larger than the seed spread"), "{md}");
     assert!(md.contains("- Distillation was not run in this fixture (no teacher cache)."), "{md}");
-    assert!(md.contains("masa run fixture"), "{md}");
+    assert!(md.contains("masa run specs/fixture.toml\nmasa report runs/fixture"), "{md}");
+}
+
+/// The report's rerun command is the one that ran the spec; for results written before masa
+/// recorded it, the built-in spec's name or a placeholder for the spec file, never a made-up
+/// `masa run <name>` that would fail.
+#[test]
+fn reproduce_gives_the_command_that_ran_the_spec() {
+    let mut r = fixture();
+    r.command = "masa run 'my specs/fixture.toml'".into();
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("masa run 'my specs/fixture.toml'\nmasa report runs/fixture"), "{md}");
+    r.command.clear();
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("masa run SPEC.toml\nmasa report runs/fixture"), "{md}");
+    assert!(md.contains("SPEC.toml: the spec file this run was started from (name = \"fixture\")"), "{md}");
+    assert!(!md.contains("masa run fixture"), "{md}");
+    r.name = "quick".into();
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("masa run quick\nmasa report runs/quick") && !md.contains("SPEC.toml"), "{md}");
+}
+
+/// (width, height) of a PNG, from its IHDR chunk.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    (u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap()))
+}
+
+/// The default spectra (first, middle, last layer × gate, up, down) are 9 panels: all shown, on
+/// a 3 × 3 grid that is taller than the 2-row one.
+#[test]
+fn nine_spectra_are_all_shown_on_three_rows() {
+    let mut r = fixture();
+    let (dir6, _, md, _) = render(&r);
+    assert!(!md.contains("recorded spectra"), "{md}");
+    let two_rows = png_size(&std::fs::read(dir6.path().join("plots/spectra.png")).unwrap());
+    let base = r.spectra[0].clone();
+    r.spectra = [0, 17, 29]
+        .iter()
+        .flat_map(|&layer| ["gate_proj", "up_proj", "down_proj"].map(|proj| Spectrum { layer, proj: proj.into(), ..base.clone() }))
+        .collect();
+    let (dir9, _, md, _) = render(&r);
+    assert!(!md.contains("recorded spectra"), "{md}");
+    let three_rows = png_size(&std::fs::read(dir9.path().join("plots/spectra.png")).unwrap());
+    assert_eq!(three_rows.0, two_rows.0);
+    assert!(three_rows.1 > two_rows.1, "{three_rows:?} vs {two_rows:?}");
+    r.spectra.push(Spectrum { layer: 5, ..base });
+    let (_dir, _, md, _) = render(&r);
+    assert!(md.contains("First 9 of 10 recorded spectra."), "{md}");
 }
 
 #[test]
@@ -299,14 +348,23 @@ fn report_from_a_run_directory_writes_beside_results() {
     assert!(err.to_string().contains("/nonexistent/results.json"), "{err}");
 }
 
-/// With `MASA_REPORT_FIXTURE_DIR` set, keeps the fixture's results.json and its report there,
-/// to look at (e.g. `scripts/screenshot_report.sh`); otherwise does nothing.
+/// results.json round-trips: the fixture saved and loaded back is unchanged, and the report
+/// rendered from the file (as `masa report` does) is the one rendered from memory. Written to
+/// `MASA_REPORT_FIXTURE_DIR` when set, to look at (e.g. `scripts/screenshot_report.sh`).
 #[test]
-fn keep_fixture_report_when_asked() {
-    let Some(dir) = std::env::var_os("MASA_REPORT_FIXTURE_DIR") else { return };
-    let dir = Path::new(&dir);
-    fixture().save(&dir.join("results.json")).unwrap();
-    write_report(&fixture(), dir).unwrap();
+fn report_from_saved_results_equals_report_from_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("MASA_REPORT_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
+    let r = fixture();
+    r.save(&dir.join("results.json")).unwrap();
+    let loaded = RunResults::load(&dir.join("results.json")).unwrap();
+    assert_eq!(serde_json::to_value(&loaded).unwrap(), serde_json::to_value(&r).unwrap());
+    let from_memory = write_report(&r, &tmp.path().join("from-memory")).unwrap();
+    let from_file = report_from_path(&dir, None).unwrap();
+    assert_eq!(from_file.markdown, dir.join("report.md"));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(read(&from_file.markdown), read(&from_memory.markdown));
+    assert_eq!(read(&from_file.html), read(&from_memory.html));
 }
 
 #[test]

@@ -1,7 +1,8 @@
-//! Rouge-L against `rouge_score` 0.1.2 (with NLTK 3.10's Porter stemmer): the shared reference
-//! cases, and stems and tokenizations produced by NLTK and rouge_score, written out below.
+//! Rouge-L against `rouge_score` 0.1.2 (with NLTK 3.10's Porter stemmer): the reference cases
+//! in `tests/data/reference/rouge/` (`scripts/make_reference.py rouge`), and stems and
+//! tokenizations produced by NLTK and rouge_score, written out below.
 
-use std::path::PathBuf;
+mod common;
 
 use masa::rouge::{lcs_len, porter_stem, rouge_l, rouge_l_multi, tokenize, Score};
 
@@ -13,25 +14,10 @@ struct Case {
     rouge_l_f: f64,
 }
 
-/// `rouge/rougeL_cases.json` under `$MASA_REFERENCE_DIR`, else under `shared/reference` in or
-/// beside the crate root.
-fn cases_path() -> PathBuf {
-    let relative = "rouge/rougeL_cases.json";
-    if let Some(dir) = std::env::var_os("MASA_REFERENCE_DIR") {
-        return PathBuf::from(dir).join(relative);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [root.join("shared/reference"), root.join("../shared/reference")]
-        .into_iter()
-        .map(|dir| dir.join(relative))
-        .find(|path| path.exists())
-        .expect("rougeL_cases.json not found: set MASA_REFERENCE_DIR to the shared reference folder")
-}
-
 #[test]
 fn matches_every_reference_case() {
-    let path = cases_path();
-    let text = std::fs::read_to_string(&path).expect("reading the reference cases");
+    let path = common::reference_file("rouge/rougeL_cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let cases: Vec<Case> = serde_json::from_str(&text).expect("parsing the reference cases");
     assert_eq!(cases.len(), 273);
     let failures: Vec<String> = cases

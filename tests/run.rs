@@ -107,6 +107,71 @@ fn invalid_specs_name_the_field() {
 }
 
 /// A corpus of real text from this repository: Rust sources and Markdown docs, two domains.
+/// A spec file reruns as `masa run <file as given>` (quoted when the shell needs it); a
+/// built-in spec as `masa run <name>`.
+#[test]
+fn spec_knows_the_command_that_runs_it() {
+    assert_eq!(Spec::load("quick").unwrap().command(), "masa run quick");
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "mine.toml", &spec_text("smollm2-135m", "default", ""));
+    let s = Spec::load(p.to_str().unwrap()).unwrap();
+    assert_eq!(s.name, "e2e");
+    assert_eq!(s.command(), format!("masa run {}", p.display()));
+    let spaced = dir.path().join("my specs");
+    std::fs::create_dir(&spaced).unwrap();
+    let p = write(&spaced, "it's.toml", &spec_text("smollm2-135m", "default", ""));
+    assert_eq!(Spec::load(p.to_str().unwrap()).unwrap().command(), format!("masa run '{}/my specs/it'\\''s.toml'", dir.path().display()));
+    // Not part of the spec's content: results.json's "spec" field does not carry it.
+    assert!(serde_json::to_value(&s).unwrap().get("file").is_none());
+}
+
+/// Spectra default to the first, middle and last mapped source layer; an explicit list wins.
+#[test]
+fn spectra_layers_default_to_first_middle_last() {
+    let mut e = Spec::load("default").unwrap().extraction;
+    assert!(e.spectra_layers.is_empty());
+    // The default 6-layer student reads SmolLM2 layers round(t · 29 / 5).
+    assert_eq!(e.spectra_layers_for(&[0, 6, 12, 17, 23, 29]), vec![0, 17, 29]);
+    assert_eq!(e.spectra_layers_for(&[0, 15, 29]), vec![0, 15, 29]);
+    assert_eq!(e.spectra_layers_for(&[0, 29]), vec![0, 29]);
+    assert_eq!(e.spectra_layers_for(&[4]), vec![4]);
+    assert!(e.spectra_layers_for(&[]).is_empty());
+    e.spectra_layers = vec![3, 7];
+    assert_eq!(e.spectra_layers_for(&[0, 6, 12, 17, 23, 29]), vec![3, 7]);
+}
+
+fn entry(name: &str, dtype: &str) -> masa::source::TensorEntry {
+    masa::source::TensorEntry { name: name.into(), shape: vec![4, 4], dtype: dtype.into() }
+}
+
+/// The notes a report carries say only what applies to the spec's source, corpus and tasks.
+#[test]
+fn notes_depend_on_the_spec_source_corpus_and_tasks() {
+    use masa::source::Arch;
+    let default = Spec::load("default").unwrap();
+    let quantized = [entry("model.embed_tokens.weight", "Q8_0"), entry("model.layers.0.mlp.up_proj.weight", "Q4_1"), entry("model.layers.0.mlp.down_proj.weight", "Q4_1"), entry("model.norm.weight", "F32")];
+    let notes = masa::run::notes(&default, Arch::Llama, &quantized).join("\n");
+    assert!(notes.contains("The source (smollm2-135m, llama) is dense") && notes.contains("obtainable through the package registries"), "{notes}");
+    assert!(notes.contains("quantized (smollm2-135m: Q4_1 for 2 tensors, Q8_0 for model.embed_tokens.weight), dequantized to f32"), "{notes}");
+    assert!(notes.contains("Debian-package corpus"), "{notes}");
+    // The default spec fine-tunes on PIQA and Natural Instructions, not on MMLU professional_law.
+    assert!(notes.contains("Natural Instructions subtasks stand in") && !notes.contains("CaseHOLD"), "{notes}");
+
+    // Your own unquantized model and corpus, no fine-tuning: nothing about SmolLM2, Debian or tasks.
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write(dir.path(), "mine.jsonl", "{\"text\": \"hello\", \"domain\": \"x\"}\n");
+    let mine = Spec { source: "/models/my-llama".into(), corpus: vec![corpus.display().to_string()], ..default.clone() };
+    let mine = Spec { finetune: masa::run::spec::FinetuneSpec::default(), ..mine };
+    let plain = [entry("model.embed_tokens.weight", "BF16"), entry("model.norm.weight", "F32")];
+    let notes = masa::run::notes(&mine, Arch::Qwen2, &plain);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("The source (/models/my-llama, qwen2) is dense") && !notes[0].contains("registries"), "{notes:?}");
+    // An MoE source: no MoE note either; a task set with MMLU professional_law: the CaseHOLD note.
+    let mut law = mine.clone();
+    law.finetune.tasks = vec![masa::run::spec::TaskSpec { name: "mmlu_professional_law".into(), examples: 8, eval_limit: 8 }];
+    assert_eq!(masa::run::notes(&law, Arch::Olmoe, &plain), vec!["CaseHOLD is not obtainable: MMLU professional_law stands in for it.".to_string()]);
+}
+
 fn repo_corpus(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut lines = Vec::new();

@@ -1,5 +1,8 @@
-//! Tokenizer tests: exact agreement with HF transformers' ids on the real GGUF files (when they
-//! are in the data directory), round trips, and clear errors on bad input.
+//! Tokenizer tests: exact agreement with HF transformers' ids (`tests/data/reference/`) on the
+//! real GGUF files from the masa cache (a missing one skips, or fails under `CI=true`), round
+//! trips, and clear errors on bad input.
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,11 +10,9 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use common::{GEMMA3, SMOLLM2};
 use masa::tokenizer::Tokenizer;
 use masa::MasaError;
-
-const SMOLLM2: (&str, &str) = ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf");
-const GEMMA3: (&str, &str) = ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf");
 
 /// Texts for round trips: ASCII, code, accents, CJK, emoji, whitespace runs, chat markup.
 const ROUND_TRIP_TEXTS: [&str; 6] = [
@@ -23,8 +24,8 @@ const ROUND_TRIP_TEXTS: [&str; 6] = [
     "Ünïcödé: Привет мир, مرحبا, नमस्ते, 한국어\u{200b}\u{1F9EA}",
 ];
 
-/// The tokenizer of a model in the data directory, built once per test binary; `None` (after a
-/// line saying so) when the GGUF file has not been fetched.
+/// The tokenizer of a model in the masa cache, built once per test binary; `None` (after a
+/// line saying so) when the GGUF file has not been fetched ([`common::model_asset`]).
 fn gguf_tokenizer(model: (&str, &str)) -> Option<&'static Tokenizer> {
     static SMOLLM2_TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
     static GEMMA3_TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
@@ -33,11 +34,7 @@ fn gguf_tokenizer(model: (&str, &str)) -> Option<&'static Tokenizer> {
 }
 
 fn load_gguf_tokenizer((name, file): (&str, &str)) -> Option<Tokenizer> {
-    let path = masa::home::masa_home().join("models").join(name).join(file);
-    if !path.exists() {
-        println!("skipped: asset missing ({}), run `masa fetch {name}`", path.display());
-        return None;
-    }
+    let path = common::model_asset(name, file)?;
     let mut f = std::fs::File::open(&path).expect("open GGUF");
     let content = Content::read(&mut f).expect("read GGUF metadata");
     let start = Instant::now();
@@ -46,31 +43,23 @@ fn load_gguf_tokenizer((name, file): (&str, &str)) -> Option<Tokenizer> {
     Some(tok)
 }
 
-/// `(text, ids)` pairs that HF transformers produced, from the shared reference directory.
-fn reference_cases(name: &str) -> Option<Vec<(String, Vec<u32>)>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/reference")
-        .join(name)
-        .join("transformers_logits.json");
-    let Ok(bytes) = std::fs::read(&path) else {
-        println!("skipped: reference file missing ({})", path.display());
-        return None;
-    };
+/// `(text, ids)` pairs that HF transformers produced (`tests/data/reference/<name>/`).
+fn reference_cases(name: &str) -> Vec<(String, Vec<u32>)> {
+    let path = common::reference_file(&format!("{name}/transformers_logits.json"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let cases: Vec<serde_json::Value> = serde_json::from_slice(&bytes).expect("reference JSON");
-    Some(
-        cases
-            .iter()
-            .map(|c| {
-                let text = c["text"].as_str().expect("text").to_string();
-                let ids = c["ids"].as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect();
-                (text, ids)
-            })
-            .collect(),
-    )
+    cases
+        .iter()
+        .map(|c| {
+            let text = c["text"].as_str().expect("text").to_string();
+            let ids = c["ids"].as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect();
+            (text, ids)
+        })
+        .collect()
 }
 
 fn assert_matches_reference(tok: &Tokenizer, name: &str, add_bos: bool) {
-    let Some(cases) = reference_cases(name) else { return };
+    let cases = reference_cases(name);
     assert!(!cases.is_empty());
     for (text, want) in &cases {
         let got = tok.encode(text, add_bos).expect("encode");
@@ -136,7 +125,7 @@ fn save_hf_round_trip() {
             (loaded.bos_id(), loaded.eos_id(), loaded.default_add_bos()),
             (tok.bos_id(), tok.eos_id(), tok.default_add_bos())
         );
-        let texts = reference_cases(model.0).unwrap_or_default().into_iter().map(|(t, _)| t);
+        let texts = reference_cases(model.0).into_iter().map(|(t, _)| t);
         for text in texts.chain(ROUND_TRIP_TEXTS.iter().map(|t| t.to_string())) {
             let add_bos = tok.default_add_bos();
             assert_eq!(loaded.encode(&text, add_bos).unwrap(), tok.encode(&text, add_bos).unwrap(), "{text:?}");

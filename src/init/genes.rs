@@ -50,14 +50,6 @@ impl Genes {
         })
     }
 
-    /// Distinct source layers present.
-    pub fn layers(&self) -> Vec<usize> {
-        let mut l: Vec<usize> =
-            self.genes.keys().filter_map(|k| k.strip_prefix("layers.")?.split('.').next()?.parse().ok()).collect();
-        l.dedup();
-        l
-    }
-
     /// Write a gene file (for tests and tools; `masa extract` owns the real writer). `meta` is
     /// stored under `masa` and must hold `source_hash`.
     pub fn write(path: &Path, genes: &[(String, Mat<f64>)], meta: &serde_json::Value) -> Result<()> {

@@ -363,8 +363,9 @@ fn calibration_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
     variant_tables(doc, all, &cal, "Calibration domains", true)
 }
 
-/// At most this many spectrum panels (2 × 3).
-const MAX_PANELS: usize = 6;
+/// At most this many spectrum panels (3 × 3: the default first, middle and last layer × gate,
+/// up, down).
+const MAX_PANELS: usize = 9;
 
 fn spectra_section(doc: &mut Doc, r: &RunResults) -> Result<()> {
     if r.spectra.is_empty() {
@@ -390,7 +391,7 @@ fn spectra_section(doc: &mut Doc, r: &RunResults) -> Result<()> {
     if shown < r.spectra.len() {
         caption.push_str(&format!(" First {shown} of {} recorded spectra.", r.spectra.len()));
     }
-    doc.figure("spectra", caption, &SpectraPlot { title: "Singular values: source W vs gene M".into(), panels }, plots::GRID_SIZE)
+    doc.figure("spectra", caption, &SpectraPlot { title: "Singular values: source W vs gene M".into(), panels }, plots::grid_size(shown))
 }
 
 fn findings_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {
@@ -430,7 +431,18 @@ fn findings_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {
 fn reproduce_section(doc: &mut Doc, r: &RunResults) {
     doc.h(2, "Reproduce");
     doc.p("Run the whole pipeline (every stage is cached by the hash of its inputs, so a rerun only does what is missing), then render this report:");
-    doc.blocks.push(Block::Code(format!("masa run {name}\nmasa report runs/{name}", name = r.name)));
+    // Results written before the command was recorded: a built-in spec runs by its name; a
+    // spec file is not known any more, but its content is results.json's "spec" field.
+    let builtin = crate::run::spec::BUILTIN.iter().any(|(n, _)| *n == r.name);
+    let command = match r.command.as_str() {
+        "" if builtin => format!("masa run {}", r.name),
+        "" => "masa run SPEC.toml".to_string(),
+        c => c.to_string(),
+    };
+    doc.blocks.push(Block::Code(format!("{command}\nmasa report runs/{}", r.name)));
+    if r.command.is_empty() && !builtin {
+        doc.p(format!("SPEC.toml: the spec file this run was started from (name = \"{}\"); its content is the \"spec\" field of results.json.", r.name));
+    }
     doc.p(format!(
         "All numbers: runs/{}/results.json (raw, per seed; this report aggregates them; the spec as run is in its \"spec\" field).",
         r.name

@@ -13,8 +13,15 @@ use super::format;
 
 /// Size of a single-chart figure in pixels.
 pub const SIZE: (u32, u32) = (800, 500);
-/// Size of the spectra small multiples.
+/// Size of the spectra small multiples, up to two rows of panels.
 pub const GRID_SIZE: (u32, u32) = (900, 560);
+
+/// Size of the spectra small multiples for `n` panels: [`GRID_SIZE`] up to two rows, 280
+/// pixels taller for the third.
+pub fn grid_size(n: usize) -> (u32, u32) {
+    let (rows, _) = grid(n);
+    if rows <= 2 { GRID_SIZE } else { (GRID_SIZE.0, GRID_SIZE.1 + 280) }
+}
 
 /// The family every text style names; [`register_font`] maps it to the embedded font.
 const FONT: &str = "sans-serif";
@@ -366,14 +373,15 @@ pub struct SpectraPlot {
     pub panels: Vec<SpectrumPanel>,
 }
 
-/// Rows and columns for `n` panels (at most 2 × 3).
+/// Rows and columns for `n` panels (at most 3 × 3).
 fn grid(n: usize) -> (usize, usize) {
     match n {
         0 | 1 => (1, 1),
         2 => (1, 2),
         3 => (1, 3),
         4 => (2, 2),
-        _ => (2, 3),
+        5 | 6 => (2, 3),
+        _ => (3, 3),
     }
 }
 

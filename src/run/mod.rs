@@ -28,20 +28,63 @@ use crate::init::{InitOptions, InitRequest, Strategy};
 use crate::model::Transformer;
 use crate::run::results::*;
 use crate::run::spec::{group_and_label, Spec};
-use crate::source::SourceModel;
+use crate::source::{Arch, SourceModel, TensorEntry};
 use crate::student::StudentConfig;
 use crate::{MasaError, Result};
 
-/// Statements every report carries: what the paper used that these machines cannot obtain.
-const NOT_OBTAINABLE: &[&str] = &[
-    "No Mixture-of-Experts source is obtainable here (only quantized dense GGUF models ship through reachable registries): \
-     MoE extraction (OLMoE, DeepSeekMoE) is implemented and tested on small checkpoints the tests write, not run on a real MoE.",
-    "The source weights are quantized (SmolLM2-135M-Instruct: Q4_1 blocks, Q8_0 embeddings), dequantized to f32.",
-    "CaseHOLD, Dolly-15k, full Super-NaturalInstructions, Unnatural Instructions, Self-Instruct and Vicuna-80 are not obtainable: \
-     MMLU professional_law stands in for CaseHOLD, BIG-bench's 61 Natural Instructions subtasks for the instruction data.",
-    "The pre-training corpus is the built-in Debian-package corpus (dictionary, glosses, computing, literature, quotes, technical docs, code), \
-     tens of MB, not the paper's web-scale data; budgets are CPU-sized.",
-];
+/// What this run could not do as the paper did, as plain statements for the report: only the
+/// ones that apply to this spec's source (`arch` and stored tensor types from its weights),
+/// corpus and downstream tasks.
+pub fn notes(spec: &Spec, arch: Arch, tensors: &[TensorEntry]) -> Vec<String> {
+    let mut notes = Vec::new();
+    let known_model = crate::fetch::find_model(&spec.source).is_some();
+    if !matches!(arch, Arch::Olmoe | Arch::Deepseek) {
+        let why = if known_model {
+            " (only dense models are obtainable through the package registries `masa fetch` uses)"
+        } else {
+            ""
+        };
+        notes.push(format!(
+            "The source ({}, {}) is dense: MoE extraction (OLMoE routed experts, DeepSeekMoE shared experts) is implemented and \
+             tested on small checkpoints the tests write, but this run does not exercise it{why}.",
+            spec.source,
+            arch.name()
+        ));
+    }
+    let mut quantized: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for t in tensors.iter().filter(|t| !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16" | "F64")) {
+        quantized.entry(t.dtype.as_str()).or_default().push(t.name.as_str());
+    }
+    if !quantized.is_empty() {
+        let types: Vec<String> = quantized
+            .iter()
+            .map(|(dtype, names)| match names.as_slice() {
+                [one] => format!("{dtype} for {one}"),
+                many => format!("{dtype} for {} tensors", many.len()),
+            })
+            .collect();
+        notes.push(format!("The source weights are quantized ({}: {}), dequantized to f32.", spec.source, types.join(", ")));
+    }
+    let tasks: BTreeSet<&str> = spec.finetune.tasks.iter().map(|t| t.name.as_str()).collect();
+    if tasks.contains("mmlu_professional_law") {
+        notes.push("CaseHOLD is not obtainable: MMLU professional_law stands in for it.".into());
+    }
+    if tasks.contains("natural_instructions") {
+        notes.push(
+            "Dolly-15k, full Super-NaturalInstructions, Unnatural Instructions, Self-Instruct and Vicuna-80 are not obtainable: \
+             BIG-bench's 61 Natural Instructions subtasks stand in for the instruction data."
+                .into(),
+        );
+    }
+    if spec.corpus.iter().any(|c| c == "default") {
+        notes.push(
+            "The pre-training corpus is the built-in Debian-package corpus (dictionary, glosses, computing, literature, quotes, technical docs, code), \
+             tens of MB, not the paper's web-scale data; budgets are CPU-sized."
+                .into(),
+        );
+    }
+    notes
+}
 
 /// Where runs and the shared artifact store live.
 pub fn default_runs_root() -> PathBuf {
@@ -406,7 +449,8 @@ impl<'a> Ctx<'a> {
                 ffn: c.intermediate_size,
                 parameters: source.weights.entries().iter().map(|e| e.shape.iter().product::<usize>() as u64).sum(),
             },
-            notes: NOT_OBTAINABLE.iter().map(|s| s.to_string()).collect(),
+            command: spec.command(),
+            notes: notes(spec, c.arch, &source.weights.entries()),
             ..Default::default()
         };
         let store = root.join("artifacts");
@@ -525,19 +569,13 @@ impl<'a> Ctx<'a> {
         self.save()
     }
 
-    /// Singular values of W and of its gene M for the first and last mapped layers (cached
-    /// beside the genes).
+    /// Singular values of W and of its gene M for the first, middle and last mapped layers, or
+    /// the spec's `extraction.spectra_layers` (cached beside the genes).
     fn spectra(&mut self, plan: &Plan) -> Result<()> {
         let Some(main) = plan.extractions.first() else { return Ok(()) };
         let (genes_path, _) = self.genes[&main.label].clone();
         let cache = genes_path.with_file_name("spectra.json");
-        let layers: Vec<usize> = if self.spec.extraction.spectra_layers.is_empty() {
-            let mut v = vec![plan.layers[0], plan.layers[plan.layers.len() - 1]];
-            v.dedup();
-            v
-        } else {
-            self.spec.extraction.spectra_layers.clone()
-        };
+        let layers = self.spec.extraction.spectra_layers_for(&plan.layers);
         let cached: Option<Vec<Spectrum>> = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str(&t).ok());
         let spectra = match cached.filter(|s| s.iter().map(|x| x.layer).collect::<BTreeSet<_>>() == layers.iter().copied().collect()) {
             Some(s) => s,

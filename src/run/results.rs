@@ -18,6 +18,10 @@ pub struct RunResults {
     pub description: String,
     /// The validated spec, as parsed (TOML → JSON).
     pub spec: serde_json::Value,
+    /// The command that runs the spec again (`masa run <built-in name>` or `masa run <spec
+    /// file as given>`); empty in results written before masa recorded it.
+    #[serde(default)]
+    pub command: String,
     pub masa_version: String,
     /// Unix seconds when this invocation started.
     pub started_unix: u64,

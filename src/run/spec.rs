@@ -50,6 +50,10 @@ pub struct Spec {
     pub finetune: FinetuneSpec,
     #[serde(default)]
     pub ablations: AblationSpec,
+    /// The spec file [`Spec::load`] read, as given; `None` for a built-in spec. Not part of
+    /// the spec's content (not serialized): it only tells the report how to rerun it.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 fn default_corpus() -> Vec<String> {
@@ -77,9 +81,25 @@ pub struct ExtractionSpec {
     pub lambda: f64,
     #[serde(default = "d300")]
     pub max_iter: usize,
-    /// Source layers whose spectra the report plots (default: first, middle, last mapped).
+    /// Source layers whose spectra the report plots (default: the first, middle and last of
+    /// the layers the students map to; [`ExtractionSpec::spectra_layers_for`]).
     #[serde(default)]
     pub spectra_layers: Vec<usize>,
+}
+
+impl ExtractionSpec {
+    /// The source layers whose spectra are recorded, given the (ascending) source layers the
+    /// students map to: `spectra_layers` when set, else the first, middle (`mapped[n / 2]`)
+    /// and last of `mapped`, without repeats.
+    pub fn spectra_layers_for(&self, mapped: &[usize]) -> Vec<usize> {
+        if !self.spectra_layers.is_empty() {
+            return self.spectra_layers.clone();
+        }
+        let (Some(&first), Some(&last)) = (mapped.first(), mapped.last()) else { return vec![] };
+        let mut v = vec![first, mapped[mapped.len() / 2], last];
+        v.dedup();
+        v
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -194,6 +214,15 @@ fn default_ft_lr() -> f64 {
     1e-4
 }
 
+/// `s` as one shell word: unchanged when it needs no quoting, else single-quoted.
+pub fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 fn invalid(origin: &str, field: &str, msg: impl std::fmt::Display) -> MasaError {
     MasaError::Invalid(format!("{origin}: field `{field}`: {msg}"))
 }
@@ -201,8 +230,8 @@ fn invalid(origin: &str, field: &str, msg: impl std::fmt::Display) -> MasaError 
 impl Spec {
     /// A built-in spec name or a TOML file; parsed and validated.
     pub fn load(name_or_path: &str) -> Result<Spec> {
-        let (origin, text) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
-            Some((n, t)) => (format!("built-in spec `{n}`"), t.to_string()),
+        let (origin, text, file) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+            Some((n, t)) => (format!("built-in spec `{n}`"), t.to_string(), None),
             None => {
                 let p = Path::new(name_or_path);
                 if !p.exists() {
@@ -211,12 +240,22 @@ impl Spec {
                         BUILTIN.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
                     )));
                 }
-                (p.display().to_string(), std::fs::read_to_string(p).at(p)?)
+                (p.display().to_string(), std::fs::read_to_string(p).at(p)?, Some(p.to_path_buf()))
             }
         };
-        let spec: Spec = toml::from_str(&text).map_err(|e| MasaError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
+        let mut spec: Spec = toml::from_str(&text).map_err(|e| MasaError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
         spec.validate(&origin)?;
+        spec.file = file;
         Ok(spec)
+    }
+
+    /// The command that runs this spec: `masa run <file>` (as given to [`Spec::load`]) for a
+    /// spec file, `masa run <name>` for a built-in spec.
+    pub fn command(&self) -> String {
+        match &self.file {
+            Some(p) => format!("masa run {}", shell_word(&p.display().to_string())),
+            None => format!("masa run {}", self.name),
+        }
     }
 
     /// Every check that needs no model or corpus loaded (and the files the spec names exist).

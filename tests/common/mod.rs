@@ -1,13 +1,50 @@
-//! Helpers shared by the integration tests: a fixed-seed RNG and a writer for HF-layout
+//! Helpers shared by the integration tests: where the reference data and the cached real
+//! models are (and what a missing one means), a fixed-seed RNG, and a writer for HF-layout
 //! safetensors checkpoints (single file or sharded with an index), independent of masa.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+
+/// A file under `tests/data/reference/` (in the repository; `tests/data/README.md` says how
+/// each was produced).
+pub fn reference_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/reference").join(relative)
+}
+
+/// True when running under CI (`CI=true`, as CI services set it, or `CI=1`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// The path of a real model in the masa cache (`$MASA_HOME/models/<name>/<file>`, default
+/// `~/.cache/masa`) that a test needs. When it is missing the test cannot run: under CI
+/// ([`in_ci`]) that fails the test, naming the file and the command that fetches it
+/// (`scripts/test.sh` fetches every model a test needs); elsewhere it prints the same line as
+/// "skipped" and returns `None`, and the caller returns (the test passes without checking).
+pub fn model_asset(name: &str, file: &str) -> Option<PathBuf> {
+    let path = masa::home::masa_home().join("models").join(name).join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    let msg = format!("asset missing: {} ({name}); fetch it with `masa fetch {name}` (or run scripts/test.sh)", path.display());
+    if in_ci() {
+        panic!("{msg}; CI=true, so a missing asset fails the test instead of skipping it");
+    }
+    eprintln!("skipped: {msg}");
+    None
+}
+
+/// SmolLM2-135M-Instruct, the source most tests use.
+pub const SMOLLM2: (&str, &str) = ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf");
+/// Gemma-3-270M.
+pub const GEMMA3: (&str, &str) = ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf");
+/// Qwen2.5-Coder-0.5B-Instruct.
+pub const QWEN_CODER: (&str, &str) = ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
 
 /// xorshift64*: deterministic weights without a dependency.
 pub struct Rng(u64);
