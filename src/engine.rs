@@ -11,8 +11,9 @@ use crate::llama::{Llama, Workspace};
 use crate::optim::{self, AdamW};
 use crate::student::StudentConfig;
 
-/// `--device`: `cpu`, `cuda` or `cuda:N`.
+/// `--device`: `cpu`, `cuda` or `cuda:N` (also the string form in specs and records).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
 pub enum Device {
     #[default]
     Cpu,
@@ -31,6 +32,19 @@ impl std::str::FromStr for Device {
                 .map(Device::Cuda)
                 .ok_or_else(|| format!("unknown device `{s}`: use cpu, cuda or cuda:N (N the device number)")),
         }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
     }
 }
 

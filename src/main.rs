@@ -45,6 +45,12 @@ enum Command {
         /// Runs directory (default `runs`, or $MASA_RUNS); artifacts are shared under `<runs>/artifacts`.
         #[arg(long)]
         runs: Option<PathBuf>,
+        /// Train and fine-tune on this device (cpu, cuda, cuda:N), overriding the spec's `device`.
+        #[arg(long)]
+        device: Option<masa::engine::Device>,
+        /// Training precision (f32, bf16), overriding the spec's `precision`.
+        #[arg(long, value_enum)]
+        precision: Option<masa::engine::Precision>,
     },
     /// Download and verify assets into $MASA_HOME (default ~/.cache/masa): a model name
     /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), `models` for all of them, or `corpus`
@@ -457,7 +463,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Fetch { what } => cmd_fetch(&what),
-        Command::Run { spec, plan, runs } => cmd_run(&spec, plan, runs),
+        Command::Run { spec, plan, runs, device, precision } => cmd_run(&spec, plan, runs, device, precision),
         Command::Inspect { model, json } => {
             let p = std::path::Path::new(&model);
             match masa::inspect::artifact_kind(p) {
@@ -624,8 +630,13 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn cmd_run(spec: &str, plan_only: bool, runs: Option<PathBuf>) -> Result<()> {
-    let spec = masa::run::spec::Spec::load(spec)?;
+fn cmd_run(spec: &str, plan_only: bool, runs: Option<PathBuf>, device: Option<masa::engine::Device>, precision: Option<masa::engine::Precision>) -> Result<()> {
+    let mut spec = masa::run::spec::Spec::load(spec)?;
+    if device.is_some() || precision.is_some() {
+        spec.device = device.unwrap_or(spec.device);
+        spec.precision = precision.unwrap_or(spec.precision);
+        spec.validate(spec.file.as_ref().map(|p| p.display().to_string()).as_deref().unwrap_or(&spec.name))?;
+    }
     let root = runs.unwrap_or_else(masa::run::default_runs_root);
     if plan_only {
         print!("{}", masa::run::render_plan(&spec)?);

@@ -104,6 +104,16 @@ fn invalid_specs_name_the_field() {
 
     let e = Spec::load("no-such-spec").unwrap_err().to_string();
     assert!(e.contains("default") && e.contains("no-such-spec"), "{e}");
+
+    // Training engine: bf16 needs CUDA; CUDA needs a build with the feature; names are checked.
+    let e = load_err(dir.path(), &format!("precision = \"bf16\"\n{ok}"));
+    assert!(e.contains("`precision`") && e.contains("cuda"), "{e}");
+    let e = load_err(dir.path(), &format!("device = \"tpu\"\n{ok}"));
+    assert!(e.contains("tpu") && e.contains("cuda:N"), "{e}");
+    if !cfg!(feature = "cuda") {
+        let e = load_err(dir.path(), &format!("device = \"cuda:1\"\n{ok}"));
+        assert!(e.contains("`device`") && e.contains("--features cuda"), "{e}");
+    }
 }
 
 /// A corpus of real text from this repository: Rust sources and Markdown docs, two domains.

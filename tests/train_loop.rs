@@ -193,8 +193,37 @@ fn resume_from_another_model_shape_is_an_error() {
     let e = err_of(&model, &TrainOptions { resume: Some(dir.path().to_path_buf()), ..opts(&corpus, &dir.path().join("o3")) });
     assert!(e.contains("not a training checkpoint"), "{e}");
     // Other batch shape than the checkpointed run.
-    let e = err_of(&model, &TrainOptions { resume: Some(run), batch: 2, ..opts(&corpus, &dir.path().join("o4")) });
+    let e = err_of(&model, &TrainOptions { resume: Some(run.clone()), batch: 2, ..opts(&corpus, &dir.path().join("o4")) });
     assert!(e.contains("options differ") && e.contains("--batch"), "{e}");
+    // Another token budget (another LR schedule) or another corpus than the checkpointed run.
+    let o = opts(&corpus, &dir.path().join("o5"));
+    let e = err_of(&model, &TrainOptions { resume: Some(run.clone()), tokens: o.tokens * 2, ..o });
+    assert!(e.contains("--tokens") && e.contains("schedule"), "{e}");
+    let other_corpus = dir.path().join("other.txt");
+    std::fs::copy(&corpus, &other_corpus).unwrap();
+    let e = err_of(&model, &TrainOptions { resume: Some(run), corpus: vec![other_corpus], ..opts(&corpus, &dir.path().join("o6")) });
+    assert!(e.contains("--corpus") && e.contains("other.txt"), "{e}");
+}
+
+/// `--device cuda` without the `cuda` feature, and bf16 on the CPU, are clear errors; device
+/// names parse as documented.
+#[test]
+fn device_options_are_checked() {
+    use masa::engine::{Device, Precision};
+    assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+    assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+    assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+    let e = "gpu".parse::<Device>().unwrap_err();
+    assert!(e.contains("cpu, cuda or cuda:N"), "{e}");
+    assert_eq!(serde_json::to_string(&Device::Cuda(1)).unwrap(), "\"cuda:1\"");
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let e = err_of(&model, &TrainOptions { precision: Precision::Bf16, ..opts(&corpus, &dir.path().join("b")) });
+    assert!(e.contains("bf16") && e.contains("--device cuda"), "{e}");
+    if !cfg!(feature = "cuda") {
+        let e = err_of(&model, &TrainOptions { device: Device::Cuda(0), ..opts(&corpus, &dir.path().join("c")) });
+        assert!(e.contains("without CUDA support") && e.contains("--features cuda"), "{e}");
+    }
 }
 
 /// A diverging run stops naming the step and leaves the last good checkpoint in place.

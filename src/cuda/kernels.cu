@@ -684,3 +684,10 @@ extern "C" __global__ void flash_bwd_dkdv(const u16* q, const u16* qT, const u16
         v1p[col + 1] = dva[dt][3];
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// bf16 copies of product operands (round to nearest even), for cuBLAS's bf16 kernels.
+extern "C" __global__ void f32_to_bf16(const float* x, u16* y, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = to_bf16(x[i]);
+}

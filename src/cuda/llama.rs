@@ -197,7 +197,19 @@ impl GpuLlama {
         let (qd, kd) = (nh * hd, nkv * hd);
         let w = qd + 2 * kd;
         let heads = b * nh * t * hd;
-        let flash = g.precision == crate::engine::Precision::Bf16 && hd == 64 && t % 64 == 0 && std::env::var("MASA_FLASH").map(|v| v != "0").unwrap_or(true);
+        // Flash attention where it applies and the stored probabilities (about twice their size
+        // with the backward's dP) would take over half the free memory: measured on an H200, the
+        // flash kernels are correct but still ~20% slower than the batched products (see
+        // docs/gpu.md). MASA_FLASH=1 / 0 forces either path.
+        let probs_bytes = 2 * c.num_hidden_layers * b * nh * t * t * 4;
+        let free = g.memory().1.saturating_sub(g.memory().0);
+        let flash_fits = g.precision == crate::engine::Precision::Bf16 && hd == 64 && t % 64 == 0;
+        let flash = flash_fits
+            && match std::env::var("MASA_FLASH").as_deref() {
+                Ok("1") => true,
+                Ok("0") => false,
+                _ => probs_bytes > free / 2,
+            };
         // Sizes of the buffers only one attention path uses.
         let (f32_heads, probs, bf_heads, rows) = if flash { (0, 0, heads, b * nh * t) } else { (heads, b * nh * t * t, 0, 0) };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -225,7 +237,10 @@ impl GpuLlama {
                 lse: g.alloc(rows)?,
             });
         }
-        let chunk_rows = (LOGIT_CHUNK_FLOATS / c.vocab_size.max(1)).max(64).min(n);
+        // Equal chunks: a 1-row remainder would be a (1 × vocab × h) product, which cuBLAS runs
+        // ~30x slower per flop than the full chunks (measured: 10 ms of a 180 ms step).
+        let max_rows = (LOGIT_CHUNK_FLOATS / c.vocab_size.max(1)).max(64).min(n);
+        let chunk_rows = n.div_ceil(n.div_ceil(max_rows));
         let (cos, sin) = rope_tables::<f32>(hd, t, c.rope_theta);
         self.ws = Some(Workspace {
             batch: b,

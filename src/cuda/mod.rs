@@ -47,6 +47,7 @@ const KERNELS: &[&str] = &[
     "flash_bwd_prep",
     "flash_bwd_dq",
     "flash_bwd_dkdv",
+    "f32_to_bf16",
 ];
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> MasaError {
@@ -67,6 +68,13 @@ pub struct Gpu {
     /// between two synchronisations (slower; for finding where a step's time goes). Printed
     /// when the device is closed.
     profile: Option<std::cell::RefCell<std::collections::BTreeMap<String, (f64, u64)>>>,
+    /// bf16 products of at least this many multiply-adds take bf16 copies of their operands to
+    /// cuBLAS's bf16 kernels; smaller ones pass f32 operands with `COMPUTE_32F_FAST_16BF`. On an
+    /// H200 the copies made the paper-size step 10% faster (cuBLAS chose ~5x slower kernels for
+    /// some f32-operand shapes) and the 6-layer-256 step 15% slower (the copies cost more than
+    /// its small products); docs/gpu.md. `MASA_BF16_GEMM=fast|convert` forces one way.
+    convert_min: usize,
+    scratch16: [std::cell::RefCell<Option<DevBuf<u16>>>; 2],
 }
 
 impl Gpu {
@@ -116,7 +124,12 @@ impl Gpu {
             funcs.insert(k, f);
         }
         let profile = std::env::var("MASA_CUDA_PROFILE").is_ok_and(|v| v == "1").then(Default::default);
-        Ok(Gpu { ordinal, name, precision, _ctx: ctx, stream, blas, module, funcs, profile })
+        let convert_min = match std::env::var("MASA_BF16_GEMM").as_deref() {
+            Ok("fast") => usize::MAX,
+            Ok("convert") => 0,
+            _ => 1 << 32,
+        };
+        Ok(Gpu { ordinal, name, precision, _ctx: ctx, stream, blas, module, funcs, profile, convert_min, scratch16: Default::default() })
     }
 
     /// Allocate `len` elements (uninitialised).
@@ -218,7 +231,39 @@ impl Gpu {
             None => format!("gemm {m}x{n}x{k}{}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
             Some((count, ..)) => format!("gemm {count}x({m}x{n}x{k}){}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
         };
+        if batch.is_none() && self.precision == Precision::Bf16 && m * n * k >= self.convert_min {
+            // Stored shapes: A is (k×m) when transposed, else (m×k); B (n×k) or (k×n).
+            let a16 = self.to_bf16(0, a, if ta { k } else { m }, lda, if ta { m } else { k })?;
+            let b16 = self.to_bf16(1, b, if tb { n } else { k }, ldb, if tb { k } else { n })?;
+            let (bf, f32t) = (cbs::cudaDataType_t::CUDA_R_16BF, cbs::cudaDataType_t::CUDA_R_32F);
+            let (ct, algo) = (cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F, cbs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT);
+            return self.timed(key, || {
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        self.blas, opb, opa, n as i32, m as i32, k as i32, ap, b16 as *const c_void, bf, ldb as i32, a16 as *const c_void, bf, lda as i32, bp,
+                        c as *mut c_void, f32t, ldc as i32, ct, algo,
+                    )
+                }
+                .map_err(|e| cuda_err(&format!("cuBLAS bf16 gemm {m}x{n}x{k}"), e))
+            });
+        }
         self.timed(key, || self.gemm_raw(opa, opb, m, n, k, a, lda, b, ldb, c, ldc, ap, bp, batch))
+    }
+
+    /// A bf16 copy of a row-major f32 matrix (`rows` rows of stride `ld`, `cols` used) in
+    /// scratch buffer `slot`; returns its address (same strides).
+    fn to_bf16(&self, slot: usize, src: ds::CUdeviceptr, rows: usize, ld: usize, cols: usize) -> Result<ds::CUdeviceptr> {
+        let len = (rows.max(1) - 1) * ld + cols;
+        let mut s = self.scratch16[slot].borrow_mut();
+        if s.as_ref().is_none_or(|b| b.len < len) {
+            *s = None;
+            self.sync()?;
+            *s = Some(self.alloc::<u16>(len)?);
+        }
+        let dst = s.as_ref().unwrap().ptr();
+        let n = len as u64;
+        self.launch("f32_to_bf16", ((len.div_ceil(256)) as u32, 1, 1), 256, crate::cuda_args!(src, dst, n))?;
+        Ok(dst)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -260,7 +305,6 @@ impl Gpu {
         r.map_err(|e| cuda_err(&format!("cuBLAS gemm {m}x{n}x{k}"), e))
     }
 
-    /// Device memory in use and total, in bytes.
     /// The profile (`MASA_CUDA_PROFILE=1`) as a table, slowest first.
     pub fn profile_table(&self) -> Option<String> {
         let p = self.profile.as_ref()?.borrow();
@@ -274,6 +318,7 @@ impl Gpu {
         Some(out)
     }
 
+    /// Device memory in use and total, in bytes.
     pub fn memory(&self) -> (usize, usize) {
         dr::mem_get_info().map(|(free, total)| (total - free, total)).unwrap_or((0, 0))
     }
@@ -283,6 +328,10 @@ impl Drop for Gpu {
     fn drop(&mut self) {
         if let Some(t) = self.profile_table() {
             eprintln!("CUDA profile of {}:\n{t}", self.name);
+        }
+        // Free the scratch copies while the context is alive.
+        for s in &self.scratch16 {
+            s.borrow_mut().take();
         }
         unsafe {
             let _ = dr::stream::synchronize(self.stream);

@@ -390,6 +390,16 @@ struct Ctx<'a> {
 }
 
 /// Hash of a stage's kind and inputs (JSON with sorted keys).
+/// The key of a training stage (`train`, `finetune`): its inputs plus, off the CPU, the
+/// device and precision (their numbers differ in rounding). CPU keys are those of earlier
+/// versions, so cached CPU results stay valid.
+fn stage_key(kind: &str, mut inputs: serde_json::Value, spec: &Spec) -> String {
+    if spec.device != crate::engine::Device::Cpu {
+        inputs["engine"] = json!({"device": spec.device, "precision": spec.precision});
+    }
+    key(kind, &inputs)
+}
+
 fn key(kind: &str, inputs: &serde_json::Value) -> String {
     let mut h = Sha256::new();
     h.update(kind.as_bytes());
@@ -644,11 +654,12 @@ impl<'a> Ctx<'a> {
             top_k: spec.distill.top_k,
             cache_dir: Some(self.store.join("teacher-cache")),
         });
-        let train_key = key(
+        let train_key = stage_key(
             "train",
-            &json!({"init": init_key, "corpus": self.corpus_key, "budget": j.budget, "batch": p.batch, "seq": p.seq_len, "accum": p.grad_accum,
+            json!({"init": init_key, "corpus": self.corpus_key, "budget": j.budget, "batch": p.batch, "seq": p.seq_len, "accum": p.grad_accum,
                     "lr": p.lr, "warmup": p.warmup, "eval_every": p.eval_every, "eval_seqs": p.eval_seqs, "seed": j.seed,
                     "distill": distill.as_ref().map(|d| json!({"alpha": d.alpha, "temperature": d.temperature, "top_k": d.top_k}))}),
+            spec,
         );
         let train_dir = self.store.join(format!("train-{train_key}"));
         let rec: TrainRecord = match read_record::<TrainRecord>(&train_dir) {
@@ -674,6 +685,8 @@ impl<'a> Ctx<'a> {
                     resume: crate::train::resolve_checkpoint(&train_dir).ok().map(|_| train_dir.clone()),
                     progress: true,
                     distill,
+                    device: spec.device,
+                    precision: spec.precision,
                     ..Default::default()
                 };
                 let t0 = Instant::now();
@@ -713,10 +726,11 @@ impl<'a> Ctx<'a> {
 
     fn downstream(&mut self, checkpoint: &Path, train_key: &str, task: &spec::TaskSpec, seed: u64, what: &str) -> Result<TaskScore> {
         let f = &self.spec.finetune;
-        let k = key(
+        let k = stage_key(
             "finetune",
-            &json!({"train": train_key, "task": task.name, "eval_format": crate::eval::PROMPT_FORMAT_VERSION, "record": RECORD_VERSION, "examples": task.examples, "eval_limit": task.eval_limit, "epochs": f.epochs,
+            json!({"train": train_key, "task": task.name, "eval_format": crate::eval::PROMPT_FORMAT_VERSION, "record": RECORD_VERSION, "examples": task.examples, "eval_limit": task.eval_limit, "epochs": f.epochs,
                     "lr": f.lr, "batch": f.batch, "max_len": f.max_len, "max_new_tokens": f.max_new_tokens, "seed": seed}),
+            self.spec,
         );
         let dir = self.store.join(format!("finetune-{k}"));
         if let Some(s) = read_record::<TaskScore>(&dir) {
@@ -730,7 +744,18 @@ impl<'a> Ctx<'a> {
             .iter()
             .map(|(p, r)| Ok(crate::finetune::Example { prompt: tok.encode(p, false)?, response: tok.encode(r, false)? }))
             .collect::<Result<Vec<_>>>()?;
-        let opts = crate::finetune::FinetuneOptions { out: dir.join("sft"), epochs: f.epochs, batch: f.batch, lr: f.lr, max_len: f.max_len, seed, progress: true, ..Default::default() };
+        let opts = crate::finetune::FinetuneOptions {
+            out: dir.join("sft"),
+            epochs: f.epochs,
+            batch: f.batch,
+            lr: f.lr,
+            max_len: f.max_len,
+            seed,
+            progress: true,
+            device: self.spec.device,
+            precision: self.spec.precision,
+            ..Default::default()
+        };
         let s = crate::finetune::finetune(checkpoint, &examples, &opts)?;
         let eopt = crate::eval::EvalOptions {
             limit: crate::eval::Limit::First(task.eval_limit),

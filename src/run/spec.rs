@@ -50,6 +50,13 @@ pub struct Spec {
     pub finetune: FinetuneSpec,
     #[serde(default)]
     pub ablations: AblationSpec,
+    /// Where pre-training and fine-tuning run: `cpu` (default), `cuda` or `cuda:N` (a build
+    /// with `--features cuda`); calibration, extraction and evaluation run on the CPU.
+    #[serde(default)]
+    pub device: crate::engine::Device,
+    /// Matrix-product precision of training: `f32` (default) or `bf16` (CUDA only).
+    #[serde(default)]
+    pub precision: crate::engine::Precision,
     /// The spec file [`Spec::load`] read, as given; `None` for a built-in spec. Not part of
     /// the spec's content (not serialized): it only tells the report how to rerun it.
     #[serde(skip)]
@@ -250,17 +257,32 @@ impl Spec {
     }
 
     /// The command that runs this spec: `masa run <file>` (as given to [`Spec::load`]) for a
-    /// spec file, `masa run <name>` for a built-in spec.
+    /// spec file, `masa run <name>` for a built-in spec, with `--device`/`--precision` when not
+    /// the CPU defaults.
     pub fn command(&self) -> String {
-        match &self.file {
+        let mut c = match &self.file {
             Some(p) => format!("masa run {}", shell_word(&p.display().to_string())),
             None => format!("masa run {}", self.name),
+        };
+        // The training engine may come from the command line rather than the spec.
+        if self.device != crate::engine::Device::Cpu {
+            c.push_str(&format!(" --device {}", self.device));
         }
+        if self.precision != crate::engine::Precision::F32 {
+            c.push_str(" --precision bf16");
+        }
+        c
     }
 
     /// Every check that needs no model or corpus loaded (and the files the spec names exist).
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |field: &str, msg: String| Err(invalid(origin, field, msg));
+        if self.device != crate::engine::Device::Cpu && !cfg!(feature = "cuda") {
+            return bad("device", format!("{}: this masa was built without CUDA support; build with `cargo build --release --features cuda`", self.device));
+        }
+        if self.precision == crate::engine::Precision::Bf16 && self.device == crate::engine::Device::Cpu {
+            return bad("precision", "bf16 products need device = \"cuda\"; the CPU engine computes in f32".into());
+        }
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.') {
             return bad("name", format!("{:?}: use letters, digits, `-`, `_`, `.` (it names the directory runs/<name>)", self.name));
         }
