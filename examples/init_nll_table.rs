@@ -16,11 +16,12 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use masa::align::{rank_for_ratio, Layout, OutputAlignment};
-use masa::calibrate::{calibrate, Batch};
+use masa::calibrate::calibrate;
+use masa::corpus::Batch;
 use masa::init::genes::{gene_key, Genes};
 use masa::init::prune::Energies;
 use masa::init::{build, map_layers, GeneScale, InitOptions, LayerMap, Rest, Strategy};
-use masa::model::Transformer;
+use masa::source::model::Transformer;
 use masa::score::score_texts;
 use masa::source::SourceModel;
 use masa::stats::StatsMeta;

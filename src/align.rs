@@ -9,6 +9,8 @@
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{MasaError, Result};
 
 /// Shapes of f_c / f_d for one (W, r) pair. Eq. (1)-(3), (10)-(14).
@@ -49,6 +51,24 @@ impl Layout {
     pub fn chunk_row(&self, p: usize) -> (usize, usize) {
         let s = p % (self.n * self.r);
         (s / self.r, s % self.r)
+    }
+}
+
+/// How the gene rank is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RankSpec {
+    Rank(usize),
+    /// `r = round(sqrt(ρ d_in d_out))`.
+    Ratio(f64),
+}
+
+impl RankSpec {
+    pub fn rank(&self, d_out: usize, d_in: usize) -> usize {
+        match *self {
+            RankSpec::Rank(r) => r,
+            RankSpec::Ratio(rho) => rank_for_ratio(rho, d_out, d_in),
+        }
     }
 }
 

@@ -8,25 +8,9 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 
 use crate::error::{MasaError, Result};
-use crate::model::{Hooks, MlpId, Site, Transformer};
+use crate::source::model::{Hooks, MlpId, Site, Transformer};
 use crate::stats::{moment_key, routing_key, Moment, Stats, StatsMeta, FORMAT};
 
-/// A batch of equal-length sequences, each labelled with its dataset (index into `datasets`).
-pub struct Batch {
-    pub ids: Vec<u32>,
-    pub batch: usize,
-    pub seq_len: usize,
-    pub dataset: Vec<usize>,
-}
-
-/// The site name of one FFN input in a statistics file.
-pub fn site_name(mlp: MlpId, site: Site) -> String {
-    match mlp {
-        MlpId::Dense => site.name().to_string(),
-        MlpId::Expert(e) => format!("experts.{e}.{}", site.name()),
-        MlpId::Shared => format!("shared.{}", site.name()),
-    }
-}
 
 /// Hooks that add each FFN input's `xᵀx` (computed in f32 per batch, summed in f64).
 struct Accumulator<'a> {
@@ -45,7 +29,7 @@ struct Accumulator<'a> {
 impl Hooks for Accumulator<'_> {
     fn ffn_input(&mut self, layer: usize, mlp: MlpId, site: Site, x: &Tensor) -> Result<()> {
         if let Some(plan) = &self.rank_plan {
-            if let Some(targets) = plan.get(&(layer, site_name(mlp, site))) {
+            if let Some(targets) = plan.get(&(layer, mlp.site_name(site))) {
                 for t in targets {
                     t.accumulate(x, &mut self.moments, &mut self.cross)?;
                 }
@@ -54,7 +38,7 @@ impl Hooks for Accumulator<'_> {
         }
         let (n, d) = x.dims2()?;
         let gram = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let m = self.moments.entry(moment_key(layer, &site_name(mlp, site))).or_insert_with(|| Moment::new(d));
+        let m = self.moments.entry(moment_key(layer, &mlp.site_name(site))).or_insert_with(|| Moment::new(d));
         m.xxt.iter_mut().zip(&gram).for_each(|(acc, g)| *acc += *g as f64);
         m.count += n as f64;
         Ok(())
@@ -122,7 +106,7 @@ impl RankTarget {
 /// provenance fields; tokens and per-dataset counts are filled in here.
 pub fn calibrate(
     model: &Transformer,
-    batches: impl Iterator<Item = Result<Batch>>,
+    batches: impl Iterator<Item = Result<crate::corpus::Batch>>,
     datasets: &[String],
     meta: StatsMeta,
     on_batch: &mut dyn FnMut(usize),
@@ -133,7 +117,7 @@ pub fn calibrate(
 /// [`calibrate`], optionally in the rank-specific mode (`rank_plan`: targets by input site).
 pub fn calibrate_with(
     model: &Transformer,
-    batches: impl Iterator<Item = Result<Batch>>,
+    batches: impl Iterator<Item = Result<crate::corpus::Batch>>,
     datasets: &[String],
     mut meta: StatsMeta,
     rank_plan: Option<BTreeMap<(usize, String), Vec<RankTarget>>>,
@@ -182,22 +166,18 @@ pub struct CalibrateOptions {
     /// Restrict to these domains (e.g. a single-domain ablation); `None`: all.
     pub domains: Option<Vec<String>>,
     /// Rank-specific mode: accumulate only the sums extraction at this rank needs.
-    pub rank: Option<crate::extract::RankSpec>,
+    pub rank: Option<crate::align::RankSpec>,
 }
 
 /// The rank-specific plan: every FFN matrix of the model at its rank, grouped by input site.
-pub fn rank_plan(model: &Transformer, rank: crate::extract::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
+pub fn rank_plan(model: &Transformer, rank: crate::align::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
     let mut plan: BTreeMap<(usize, String), Vec<RankTarget>> = BTreeMap::new();
     for m in model.config.ffn_matrices() {
-        let mlp = match (m.kind, m.expert) {
-            ("expert", Some(e)) => MlpId::Expert(e),
-            ("shared", _) => MlpId::Shared,
-            _ => MlpId::Dense,
-        };
+        let mlp = m.mlp();
         let w = model.ffn_weight(m.layer, mlp, m.proj).ok_or_else(|| MasaError::Invalid(format!("no weight for {}", m.name)))?;
         let layout = crate::align::Layout::new(m.d_out, m.d_in, rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
-        let base = crate::extract::gene_name(&m);
-        plan.entry((m.layer, crate::extract::stats_site(&m))).or_default().push(RankTarget::new(base.trim_end_matches(".gene"), w, layout)?);
+        let base = m.gene_name();
+        plan.entry((m.layer, m.stats_site())).or_default().push(RankTarget::new(base.trim_end_matches(".gene"), w, layout)?);
     }
     Ok(plan)
 }
@@ -229,11 +209,11 @@ pub fn corpus_batches_with<'a>(
     Ok((datasets, streams, n_batches))
 }
 
-/// Batch `k` of the calibration stream (see [`corpus_batches_with`]).
-pub fn next_batch(streams: &mut [crate::corpus::TokenStream<'_>], k: usize, opts: &CalibrateOptions) -> Result<Batch> {
+/// crate::corpus::Batch `k` of the calibration stream (see [`corpus_batches_with`]).
+pub fn next_batch(streams: &mut [crate::corpus::TokenStream<'_>], k: usize, opts: &CalibrateOptions) -> Result<crate::corpus::Batch> {
     let d = k % streams.len();
     let seqs = streams[d].next_batch(opts.batch, opts.seq_len)?;
-    Ok(Batch { ids: seqs.concat(), batch: opts.batch, seq_len: opts.seq_len, dataset: vec![d; opts.batch] })
+    Ok(crate::corpus::Batch { ids: seqs.concat(), batch: opts.batch, seq_len: opts.seq_len, dataset: vec![d; opts.batch] })
 }
 
 /// Calibrate `source` on the training split of `corpus` over [`corpus_batches_with`].

@@ -1,7 +1,7 @@
 //! Teacher side of `masa train --distill TEACHER`: the source model's top-k next-token
 //! log-probs for every training batch, computed once per token stream and cached on disk, so
 //! several students trained on the same stream (same corpus, seed, batch and sequence length)
-//! reuse them. The student side (α·CE + (1−α)·τ²·KL) is in [`crate::kernels::lm_head_loss`].
+//! reuse them. The student side (α·CE + (1−α)·τ²·KL) is in [`crate::student::kernels::lm_head_loss`].
 //!
 //! Cache layout: `<cache>/<key>/topk.bin`, fixed-size records, record `i` = micro-batch `i` of
 //! the stream: `b·t·k` u32 token ids then `b·t·k` f32 log-probs, little endian; `meta.json`
@@ -14,11 +14,22 @@ use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::error::{IoContext, MasaError, Result};
-use crate::model::{NoHooks, Transformer};
+use crate::source::model::{NoHooks, Transformer};
 use crate::source::SourceModel;
-use crate::tokenizer::Tokenizer;
-use crate::train::DistillOptions;
+use crate::source::tokenizer::Tokenizer;
 
+/// `--distill TEACHER`: loss = α·CE + (1−α)·τ²·KL(teacher ‖ student).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DistillOptions {
+    pub teacher: PathBuf,
+    pub alpha: f64,
+    pub temperature: f64,
+    pub top_k: usize,
+    /// Where teacher top-k log-probs are cached (default `$MASA_HOME/teacher-cache`).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Teacher top-k log-probabilities per training batch, computed once and cached on disk.
 pub struct TeacherCache {
     model: Option<Transformer>,
     teacher_path: PathBuf,
@@ -103,6 +114,7 @@ fn file_size_sum(p: &Path) -> u64 {
     }
     std::fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
 }
+
 
 /// The teacher's top-k next-token log-probs at every input position.
 pub fn top_k_logprobs(model: &Transformer, seqs: &[Vec<u32>], t: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {

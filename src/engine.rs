@@ -1,4 +1,4 @@
-//! Where the student trains: the CPU engine ([`crate::llama`] + [`crate::optim`]) or, with the
+//! Where the student trains: the CPU engine ([`crate::student::llama`] + [`crate::student::optim`]) or, with the
 //! `cuda` feature, the GPU engine ([`crate::cuda::llama`]), behind one [`Engine`] interface, and
 //! the one optimizer step ([`optimizer_step`]) that `train`, `finetune` and `bench` all run:
 //! zero the gradient, forward/loss/backward over the micro-batches, global-norm clip, AdamW.
@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MasaError, Result};
-use crate::kernels::{Targets, Teacher};
-use crate::llama::{Llama, Workspace};
-use crate::optim::{self, AdamW};
+use crate::student::kernels::{Targets, Teacher};
+use crate::student::llama::{Llama, Workspace};
+use crate::student::optim::{self, AdamW};
 use crate::student::StudentConfig;
 
 /// `--device`: `cpu`, `cuda` or `cuda:N` (also the string form in specs and records).
@@ -100,7 +100,7 @@ pub trait Engine {
     fn adam_step(&mut self, gscale: f32, lr: f64) -> Result<bool>;
     /// Summed unweighted next-token loss of `b` sequences (no gradient).
     fn eval_loss(&mut self, ids: &[u32], targets: &[u32], b: usize, t: usize) -> Result<f64>;
-    /// Parameters, flat in [`crate::llama::Layout`] order.
+    /// Parameters, flat in [`crate::student::llama::Layout`] order.
     fn params(&self) -> Result<Vec<f32>>;
     /// AdamW first and second moments, and updates taken.
     fn moments(&self) -> Result<(Vec<f32>, Vec<f32>, u64)>;
@@ -174,7 +174,7 @@ pub fn open(device: Device, precision: Precision, cfg: &StudentConfig, params: V
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
-            let gpu = crate::cuda::Gpu::open(ordinal, precision)?;
+            let gpu = crate::cuda::Gpu::open(ordinal, precision == Precision::Bf16)?;
             let hyper = crate::cuda::llama::AdamHyper { beta1: adam.beta1, beta2: adam.beta2, eps: adam.eps, weight_decay: adam.weight_decay };
             Ok(Box::new(crate::cuda::llama::GpuLlama::new(gpu, cfg, &params, hyper, &decay)?))
         }
@@ -285,7 +285,7 @@ impl Engine for crate::cuda::llama::GpuLlama {
     }
     fn describe(&self) -> String {
         let attn = if self.uses_flash() { ", flash attention" } else { "" };
-        format!("cuda:{} ({}, {:?} products{attn})", self.gpu.ordinal, self.gpu.name, self.gpu.precision)
+        format!("cuda:{} ({}, {} products{attn})", self.gpu.ordinal, self.gpu.name, if self.gpu.bf16 { "Bf16" } else { "F32" })
     }
     fn device_memory_mb(&self) -> Option<f64> {
         Some(self.gpu.memory().0 as f64 / 1048576.0)

@@ -14,30 +14,12 @@ use faer::Mat;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::align::{from_mat, lbfgs, rank_for_ratio, to_mat, Layout, OutputAlignment, SpectralAlignment};
+use crate::align::{from_mat, lbfgs, to_mat, Layout, OutputAlignment, RankSpec, SpectralAlignment};
 use crate::error::{IoContext, MasaError, Result};
-use crate::source::{FfnMatrix, SourceWeights};
+use crate::source::{FfnKind, FfnMatrix, SourceWeights};
 use crate::stats::Stats;
 
 pub const FORMAT: &str = "masa-genes/1";
-
-/// How the gene rank is chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RankSpec {
-    Rank(usize),
-    /// `r = round(sqrt(ρ d_in d_out))`.
-    Ratio(f64),
-}
-
-impl RankSpec {
-    pub fn rank(&self, d_out: usize, d_in: usize) -> usize {
-        match *self {
-            RankSpec::Rank(r) => r,
-            RankSpec::Ratio(rho) => rank_for_ratio(rho, d_out, d_in),
-        }
-    }
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExtractOptions {
@@ -139,22 +121,6 @@ pub struct Genes {
     pub genes: BTreeMap<String, (usize, Vec<f32>)>,
 }
 
-/// The gene tensor name of an FFN matrix.
-pub fn gene_name(m: &FfnMatrix) -> String {
-    let base = m.name.trim_start_matches("model.").trim_end_matches(".weight");
-    format!("{base}.gene")
-}
-
-/// The calibration site whose second moment W's input has.
-pub fn stats_site(m: &FfnMatrix) -> String {
-    let site = if m.proj == "down_proj" { "ffn_mid" } else { "ffn_in" };
-    match (m.kind, m.expert) {
-        ("expert", Some(e)) => format!("experts.{e}.{site}"),
-        ("shared", _) => format!("shared.{site}"),
-        _ => site.to_string(),
-    }
-}
-
 /// The matrices to align (design.md "Gene matrix set"): every dense FFN matrix; for routed
 /// MoE layers the `k` experts with the highest routing frequency, counted per dataset,
 /// normalised per dataset, averaged over datasets; shared experts always.
@@ -191,7 +157,7 @@ pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize, la
     Ok(all
         .into_iter()
         .filter(|m| match (m.kind, m.expert) {
-            ("expert", Some(e)) => keep_experts.get(&m.layer).is_some_and(|k| k.contains(&e)),
+            (FfnKind::Expert, Some(e)) => keep_experts.get(&m.layer).is_some_and(|k| k.contains(&e)),
             _ => true,
         })
         .collect())
@@ -222,7 +188,7 @@ pub fn align_matrix(w: &[f32], s: &[f64], layout: Layout, opts: &ExtractOptions)
 /// The output-alignment objective of one matrix from whichever statistics exist: the
 /// rank-specific sums for this rank (`calibrate --rank/--ratio`) or the full moment.
 pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout) -> Result<OutputAlignment> {
-    let key = format!("{}.r{}", gene_name(m).trim_end_matches(".gene"), layout.r);
+    let key = format!("{}.r{}", m.gene_name().trim_end_matches(".gene"), layout.r);
     if let Some((_, cross)) = stats.cross.get(&format!("{key}.cross")) {
         let blocks = (0..layout.n)
             .map(|i| {
@@ -236,17 +202,17 @@ pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout)
         let cross_mean: Vec<f64> = cross.iter().map(|v| v / count).collect();
         return Ok(OutputAlignment::from_rank_stats(blocks, &cross_mean, ysq / count, layout));
     }
-    let moment = stats.moment(m.layer, &stats_site(m)).map_err(|_| {
+    let moment = stats.moment(m.layer, &m.stats_site()).map_err(|_| {
         MasaError::Invalid(format!(
             "statistics have neither `{}` nor rank-specific sums `{key}.*` for {}: calibrate with this rank or in full mode",
-            crate::stats::moment_key(m.layer, &stats_site(m)),
+            crate::stats::moment_key(m.layer, &m.stats_site()),
             m.name
         ))
     })?;
     if moment.dim != m.d_in {
         return Err(MasaError::Shape(format!(
             "statistics `{}` are {}x{} but {} reads {} inputs: statistics from another model?",
-            crate::stats::moment_key(m.layer, &stats_site(m)),
+            crate::stats::moment_key(m.layer, &m.stats_site()),
             moment.dim,
             moment.dim,
             m.name,
@@ -337,7 +303,7 @@ pub fn extract(
             rep.kind = m.kind.to_string();
             rep.expert = m.expert;
             on_matrix(&rep);
-            Ok((gene_name(m), layout.r, gene.iter().map(|&v| v as f32).collect(), rep))
+            Ok((m.gene_name(), layout.r, gene.iter().map(|&v| v as f32).collect(), rep))
         })
         .collect();
     let mut genes = BTreeMap::new();
@@ -539,9 +505,9 @@ struct ActivationCache {
     last_layer: usize,
 }
 
-impl crate::model::Hooks for ActivationCache {
-    fn ffn_input(&mut self, layer: usize, mlp: crate::model::MlpId, site: crate::model::Site, x: &Tensor) -> Result<()> {
-        if let Some(v) = self.sites.get_mut(&(layer, crate::calibrate::site_name(mlp, site))) {
+impl crate::source::model::Hooks for ActivationCache {
+    fn ffn_input(&mut self, layer: usize, mlp: crate::source::model::MlpId, site: crate::source::model::Site, x: &Tensor) -> Result<()> {
+        if let Some(v) = self.sites.get_mut(&(layer, mlp.site_name(site))) {
             v.push(x.copy()?);
         }
         Ok(())
@@ -558,17 +524,17 @@ impl crate::model::Hooks for ActivationCache {
 /// exact mode; trace times include the activation pass.
 #[allow(clippy::too_many_arguments)]
 pub fn extract_minibatch(
-    model: &crate::model::Transformer,
+    model: &crate::source::model::Transformer,
     source: &SourceWeights,
     source_hash: &str,
     stats: &Stats,
     opts: &ExtractOptions,
     mb: &MinibatchOptions,
-    batches: &[crate::calibrate::Batch],
+    batches: &[crate::corpus::Batch],
     on_epoch: &mut dyn FnMut(&EpochTrace),
 ) -> Result<(Genes, Vec<EpochTrace>)> {
     let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
-    let mut rng = crate::corpus::SplitMix64(mb.seed ^ 0x5eed_9e7e);
+    let mut rng = crate::rng::SplitMix64(mb.seed ^ 0x5eed_9e7e);
     let mut aligners = Vec::new();
     let mut exact = Vec::new();
     let mut start = Vec::new();
@@ -578,19 +544,19 @@ pub fn extract_minibatch(
         let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
         let w = source.tensor_shaped(&m.name, &[m.d_out, m.d_in])?;
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        let moment = stats.moment(m.layer, &stats_site(m))?;
+        let moment = stats.moment(m.layer, &m.stats_site())?;
         exact.push(OutputAlignment::new(&wv, &moment.mean(), layout));
         let sigma = Mat::from_fn(m.d_out, m.d_in, |p, j| wv[p * m.d_in + j] as f64)
             .singular_values()
             .map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
         let target = SpectralAlignment::new(&sigma, layout.r);
-        let m0: Vec<f64> = (0..layout.r * layout.r).map(|_| gaussian(&mut rng) * mb.init_std).collect();
+        let m0: Vec<f64> = crate::rng::normals(&mut rng, layout.r * layout.r).into_iter().map(|z| z * mb.init_std).collect();
         let ex = exact.last().ok_or_else(|| MasaError::Invalid("no exact objective".into()))?;
         start.push((ex.loss_grad(&to_mat(&m0, layout.r)).0, target.loss(&to_mat(&m0, layout.r))?));
         let spec = (opts.lambda > 0.0).then(|| (target, opts.lambda));
         aligners.push(MinibatchAligner::new(&w, layout, m0, mb.lr, spec)?);
         targets.push(SpectralAlignment::new(&sigma, layout.r));
-        cache.sites.entry((m.layer, stats_site(m))).or_default();
+        cache.sites.entry((m.layer, m.stats_site())).or_default();
         cache.last_layer = cache.last_layer.max(m.layer);
     }
     let t0 = Instant::now();
@@ -602,7 +568,7 @@ pub fn extract_minibatch(
     for epoch in 1..=mb.epochs {
         for k in 0..batches.len() {
             for (m, a) in matrices.iter().zip(aligners.iter_mut()) {
-                a.step(&cache.sites[&(m.layer, stats_site(m))][k])?;
+                a.step(&cache.sites[&(m.layer, m.stats_site())][k])?;
             }
         }
         let mut rel: Vec<f64> = aligners
@@ -627,7 +593,7 @@ pub fn extract_minibatch(
             name: m.name.clone(),
             layer: m.layer,
             proj: m.proj.into(),
-            kind: m.kind.into(),
+            kind: m.kind.to_string(),
             expert: m.expert,
             d_out: m.d_out,
             d_in: m.d_in,
@@ -642,14 +608,8 @@ pub fn extract_minibatch(
             iterations: a.steps(),
             seconds,
         });
-        genes.insert(gene_name(m), (a.layout.r, a.m.iter().map(|&v| v as f32).collect()));
+        genes.insert(m.gene_name(), (a.layout.r, a.m.iter().map(|&v| v as f32).collect()));
     }
     let meta = GenesMeta::new(source, source_hash, stats, opts, "minibatch", reports);
     Ok((Genes { meta, genes }, trace))
-}
-
-fn gaussian(rng: &mut crate::corpus::SplitMix64) -> f64 {
-    let u = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let v = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
 }

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use crate::corpus::epoch_order;
 use crate::error::{IoContext, MasaError, Result};
 use crate::engine::{self, AdamConfig, Device, MicroBatch, Precision};
-use crate::optim;
+use crate::student::optim;
 use crate::source::SourceModel;
-use crate::train::{load_params, save_student, student_config_of};
+use crate::student::{load_params, save_student, student_config_of};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FinetuneOptions {
@@ -177,7 +177,7 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
 }
 
 /// Read `{"prompt": ..., "response": ...}` lines and tokenize them with `tok` (no BOS).
-pub fn read_pairs(path: &Path, tok: &crate::tokenizer::Tokenizer) -> Result<Vec<Example>> {
+pub fn read_pairs(path: &Path, tok: &crate::source::tokenizer::Tokenizer) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).at(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use masa::fetch;
-use masa::model::Transformer;
+use masa::source::model::Transformer;
 use masa::source::SourceWeights;
 
 /// jemalloc keeps freed pages for reuse: with the system allocator every large tensor was a
@@ -530,8 +530,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what: BenchCommand::CudaCheck { config, batch, seq, steps, seed, ordinal } } => {
             #[cfg(feature = "cuda")]
             {
-                let o = masa::cuda::check::CheckOptions { config: &config, batch, seq, steps: steps.max(2), seed, ordinal };
-                if !masa::cuda::check::run(&o)? {
+                let o = masa::bench::cuda_check::CheckOptions { config: &config, batch, seq, steps: steps.max(2), seed, ordinal };
+                if !masa::bench::cuda_check::run(&o)? {
                     anyhow::bail!("some CUDA checks failed (table above)");
                 }
                 Ok(())
@@ -553,8 +553,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Calibrate { model, corpus, tokens, seq, batch, seed, domains, rank, ratio, out } => {
             let rank = match (rank, ratio) {
-                (Some(r), _) => Some(masa::extract::RankSpec::Rank(r)),
-                (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::extract::RankSpec::Ratio(rho)),
+                (Some(r), _) => Some(masa::align::RankSpec::Rank(r)),
+                (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::align::RankSpec::Ratio(rho)),
                 (None, Some(rho)) => anyhow::bail!("--ratio {rho} must be in (0, 1]"),
                 (None, None) => None,
             };
@@ -675,7 +675,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
         device: a.device,
         precision: a.precision,
-        distill: a.distill.map(|teacher| masa::train::DistillOptions {
+        distill: a.distill.map(|teacher| masa::distill::DistillOptions {
             teacher,
             alpha: a.alpha,
             temperature: a.temperature,
@@ -730,7 +730,8 @@ fn cmd_extract(
     replay: Option<(Vec<PathBuf>, masa::calibrate::CalibrateOptions, usize, f64)>,
     out: &std::path::Path,
 ) -> Result<()> {
-    use masa::extract::{ExtractOptions, RankSpec};
+    use masa::align::RankSpec;
+    use masa::extract::ExtractOptions;
     let rank = match (rank, ratio) {
         (Some(r), _) => RankSpec::Rank(r),
         (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => RankSpec::Ratio(rho),

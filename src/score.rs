@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::error::{IoContext, MasaError, Result};
-use crate::model::{next_token_nll, NoHooks, Transformer};
-use crate::tokenizer::Tokenizer;
+use crate::source::model::{next_token_nll, NoHooks, Transformer};
+use crate::source::tokenizer::Tokenizer;
 
 #[derive(Debug, Serialize)]
 pub struct ScoredText {

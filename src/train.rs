@@ -1,8 +1,8 @@
 //! `masa train`: pre-training (optionally with distillation) of a Llama student from an HF
 //! checkpoint directory. [`train`] is the whole loop, top to bottom: data, schedule, the
 //! optimizer step ([`crate::engine::optimizer_step`]: forward, loss, backward, clip, AdamW),
-//! eval, checkpoint. The step runs on the CPU engine ([`crate::llama`], [`crate::kernels`],
-//! [`crate::optim`]) or, with `--device cuda`, on the GPU engine ([`crate::cuda`]).
+//! eval, checkpoint. The step runs on the CPU engine ([`crate::student::llama`], [`crate::student::kernels`],
+//! [`crate::student::optim`]) or, with `--device cuda`, on the GPU engine ([`crate::cuda`]).
 //!
 //! Output directory: `metrics.jsonl` (one line per step, plus validation lines),
 //! `step-XXXXXXXX/` checkpoints (HF-format directories as `masa init` writes, with
@@ -23,12 +23,13 @@ use serde::{Deserialize, Serialize};
 use crate::corpus::{self, Split, StreamState};
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::write_atomic;
+use crate::distill::DistillOptions;
 use crate::engine::{self, AdamConfig, Device, Engine, MicroBatch, Precision};
-use crate::kernels::Teacher;
-use crate::optim;
-use crate::source::{Activation, Arch, ModelConfig, NormKind, QkNorm, SourceModel, SourceWeights};
-use crate::student::{save_checkpoint, StudentConfig};
-use crate::tokenizer::Tokenizer;
+use crate::student::kernels::Teacher;
+use crate::student::optim;
+use crate::source::SourceModel;
+use crate::student::{load_params, save_student, student_config_of, StudentConfig};
+use crate::source::tokenizer::Tokenizer;
 
 /// Options of `masa train` (defaults: the paper's pre-training recipe, CPU-sized batch).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -109,17 +110,6 @@ impl Default for TrainOptions {
     }
 }
 
-/// `--distill TEACHER`: loss = α·CE + (1−α)·τ²·KL(teacher ‖ student).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DistillOptions {
-    pub teacher: PathBuf,
-    pub alpha: f64,
-    pub temperature: f64,
-    pub top_k: usize,
-    /// Where teacher top-k log-probs are cached (default `$MASA_HOME/teacher-cache`).
-    pub cache_dir: Option<PathBuf>,
-}
-
 /// What is saved beside the weights to resume exactly.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -163,68 +153,6 @@ pub struct TrainSummary {
     pub final_loss: f64,
     pub final_val: BTreeMap<String, f64>,
     pub checkpoint: PathBuf,
-}
-
-/// The student config of a plain Llama model directory, or an error naming what differs.
-pub fn student_config_of(path: &Path, c: &ModelConfig) -> Result<StudentConfig> {
-    let plain = c.arch == Arch::Llama
-        && c.norm == NormKind::Rms
-        && c.activation == Activation::Silu
-        && !c.attention_bias
-        && !c.scale_embeddings
-        && c.qk_norm == QkNorm::None
-        && !c.post_norms
-        && c.clip_qkv.is_none()
-        && c.sliding_window.is_none()
-        && c.moe.is_none()
-        && c.head_dim * c.num_attention_heads == c.hidden_size;
-    if !plain {
-        return Err(MasaError::unsupported(
-            path,
-            "student architecture",
-            "masa trains plain Llama students (RMSNorm, SwiGLU, RoPE, no biases, head_dim × heads = hidden); \
-             write one with `masa init`",
-        ));
-    }
-    let cfg = StudentConfig {
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        num_hidden_layers: c.num_hidden_layers,
-        num_attention_heads: c.num_attention_heads,
-        num_key_value_heads: c.num_key_value_heads,
-        vocab_size: c.vocab_size,
-        max_position_embeddings: c.max_position_embeddings,
-        rope_theta: c.rope_theta,
-        rms_norm_eps: c.norm_eps,
-        tie_word_embeddings: c.tie_word_embeddings,
-        bos_token_id: c.bos_token_id,
-        eos_token_id: c.eos_token_id,
-        initializer_range: 0.02,
-    };
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-/// Flat f32 parameters of `cfg` read from an opened model (HF names, `tensor_shapes()` order).
-pub fn load_params(weights: &SourceWeights, cfg: &StudentConfig) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(cfg.num_parameters());
-    for (name, shape) in cfg.tensor_shapes() {
-        let t = weights.tensor_shaped(&name, &shape)?;
-        out.extend(t.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(out)
-}
-
-/// Write flat parameters as an HF checkpoint directory (atomic, via [`save_checkpoint`]).
-pub fn save_student(dir: &Path, cfg: &StudentConfig, params: &[f32], tok: &Tokenizer, provenance: &serde_json::Value) -> Result<()> {
-    let mut tensors = Vec::new();
-    let mut off = 0;
-    for (name, shape) in cfg.tensor_shapes() {
-        let n: usize = shape.iter().product();
-        tensors.push((name, Tensor::from_slice(&params[off..off + n], shape.as_slice(), &CpuDevice::Cpu)?));
-        off += n;
-    }
-    save_checkpoint(dir, cfg, &tensors, tok, provenance)
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {

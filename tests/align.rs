@@ -5,7 +5,8 @@
 use candle_core::{Device, Tensor};
 use faer::Mat;
 use masa::align::{compress, decompress, from_mat, gene_apply, to_mat, Layout, OutputAlignment, SpectralAlignment};
-use masa::extract::{align_matrix, ExtractOptions, MinibatchAligner, RankSpec};
+use masa::align::RankSpec;
+use masa::extract::{align_matrix, ExtractOptions, MinibatchAligner};
 
 struct Rng(u64);
 impl Rng {

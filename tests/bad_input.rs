@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::{write_config, Ckpt, Rng};
-use masa::model::Transformer;
+use masa::source::model::Transformer;
 use masa::source::SourceWeights;
 use safetensors::Dtype;
 use serde_json::json;

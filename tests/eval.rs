@@ -11,10 +11,10 @@ use std::sync::{Arc, OnceLock};
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use candle_core::{Device, IndexOp, Tensor, D};
 use masa::eval::multiple_choice::{build_item, encode_pair, score_item};
-use masa::model::{KvCache, NoHooks, Transformer};
+use masa::source::model::{KvCache, NoHooks, Transformer};
 use masa::source::SourceModel;
 use masa::student::{save_checkpoint, StudentConfig};
-use masa::tokenizer::Tokenizer;
+use masa::source::tokenizer::Tokenizer;
 
 fn smollm2_tokenizer() -> Option<Tokenizer> {
     let p = common::model_asset(common::SMOLLM2.0, common::SMOLLM2.1)?;
@@ -291,7 +291,7 @@ fn ni_answer_likelihood_matches_full_forward_reference() {
     let (def, input) = ("Answer with the capital of the country.", "France");
     let targets = vec!["Paris".to_string(), "paris".to_string()];
     let opt = masa::eval::generation::GenOptions { max_new_tokens: 3, ..Default::default() };
-    let mut rng = masa::corpus::SplitMix64::new(0);
+    let mut rng = masa::rng::SplitMix64::new(0);
     let got = masa::eval::generation::score_example(&m, &tok, "t", 0, def, input, &targets, &opt, &mut rng).unwrap();
     let (a, b) = encode_pair(&tok, &masa::eval::generation::ni_prompt(def, input), " Paris", false).unwrap();
     let want = reference_ll(&m, &a, &b);

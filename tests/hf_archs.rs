@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use common::{write_config, Ckpt, Rng};
-use masa::model::{Hooks, MlpId, Site, Transformer};
+use masa::source::model::{Hooks, MlpId, Site, Transformer};
 use masa::source::{Arch, SourceWeights};
 use safetensors::Dtype;
 use serde_json::json;
@@ -586,7 +586,8 @@ fn norm_eps_follows_hf() {
 
 // ---- calibration statistics on these tiny models ----
 
-use masa::calibrate::{calibrate, Batch};
+use masa::calibrate::calibrate;
+use masa::corpus::Batch;
 use masa::stats::{Stats, StatsMeta};
 
 fn empty_meta() -> StatsMeta {
@@ -689,7 +690,7 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
         let experts: Vec<_> = chosen.iter().filter(|m| m.layer == l).map(|m| m.expert).collect();
         assert_eq!(experts, vec![Some(best); 3], "layer {l}: gate/up/down of the most frequent expert");
     }
-    let opts = masa::extract::ExtractOptions { rank: masa::extract::RankSpec::Rank(4), lambda: 0.1, ..Default::default() };
+    let opts = masa::extract::ExtractOptions { rank: masa::align::RankSpec::Rank(4), lambda: 0.1, ..Default::default() };
     let genes = masa::extract::extract(&w, &hash, &stats, &opts, &|_| {}).unwrap();
     assert_eq!(genes.genes.len(), 3 * spec.layers);
     assert!(genes.genes.keys().all(|k| k.contains(".mlp.experts.") && k.ends_with(".gene")));
@@ -699,7 +700,7 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
     assert!(err.contains("other.safetensors") && err.contains("another model"), "{err}");
     // A rank the matrices cannot hold is refused before any work.
     stats.meta.source_hash = hash.clone();
-    let too_big = masa::extract::ExtractOptions { rank: masa::extract::RankSpec::Rank(spec.moe_inter + 1), ..opts };
+    let too_big = masa::extract::ExtractOptions { rank: masa::align::RankSpec::Rank(spec.moe_inter + 1), ..opts };
     let err = masa::extract::extract(&w, &hash, &stats, &too_big, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("gene rank") && err.contains("mlp.experts"), "{err}");
 }
@@ -731,7 +732,7 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     write_config(dir.path(), &spec.config_json());
     let w = SourceWeights::open(dir.path()).unwrap();
     let model = Transformer::load(&w).unwrap();
-    let rank = masa::extract::RankSpec::Rank(5);
+    let rank = masa::align::RankSpec::Rank(5);
     let datasets = vec!["a".to_string(), "b".to_string()];
     let full = run_calibration(&model, tiny_batches(&spec, 8, 6));
     let plan = masa::calibrate::rank_plan(&model, rank).unwrap();
@@ -740,7 +741,7 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     assert_eq!(small.routing, full.routing);
     let mut checked = 0;
     for m in w.config.ffn_matrices() {
-        let site = masa::stats::moment_key(m.layer, &masa::extract::stats_site(&m));
+        let site = masa::stats::moment_key(m.layer, &m.stats_site());
         if !full.moments.contains_key(&site) {
             continue; // an expert no token was routed to
         }
@@ -770,7 +771,7 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     let opts = masa::extract::ExtractOptions { rank, lambda: 0.0, ..Default::default() };
     let hash = w.fingerprint().unwrap();
     assert!(masa::extract::extract(&w, &hash, &loaded, &opts, &|_| {}).is_ok());
-    let other = masa::extract::ExtractOptions { rank: masa::extract::RankSpec::Rank(4), ..opts };
+    let other = masa::extract::ExtractOptions { rank: masa::align::RankSpec::Rank(4), ..opts };
     let err = masa::extract::extract(&w, &hash, &loaded, &other, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("rank-specific") || err.contains(".r4."), "{err}");
 }

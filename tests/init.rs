@@ -10,7 +10,7 @@ use common::{write_config, Ckpt, Rng};
 use faer::Mat;
 use masa::init::genes::{gene_key, Genes};
 use masa::init::{run, Expand, GeneScale, InitOptions, InitRequest, Rest, Strategy};
-use masa::model::Transformer;
+use masa::source::model::Transformer;
 use masa::score::score_texts;
 use masa::source::SourceModel;
 use masa::stats::{moment_key, Moment, Stats, StatsMeta};

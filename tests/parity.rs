@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{model_asset, reference_file, GEMMA3, QWEN_CODER, SMOLLM2};
-use masa::model::Transformer;
+use masa::source::model::Transformer;
 use masa::score::score_texts;
 use masa::source::SourceModel;
 

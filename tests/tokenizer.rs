@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use common::{GEMMA3, SMOLLM2};
-use masa::tokenizer::Tokenizer;
+use masa::source::tokenizer::Tokenizer;
 use masa::MasaError;
 
 /// Texts for round trips: ASCII, code, accents, CJK, emoji, whitespace runs, chat markup.

@@ -1,21 +1,20 @@
 //! The trainable student's gradients against central finite differences in f64 (every element
 //! of every parameter tensor), and its logits against the independent inference forward of
-//! `masa::model` on a checkpoint written by `save_checkpoint`.
+//! `masa::source::model` on a checkpoint written by `save_checkpoint`.
 
 mod train_common;
 
-use masa::kernels::{Targets, Teacher};
-use masa::llama::{Llama, Workspace};
+use masa::student::kernels::{Targets, Teacher};
+use masa::student::llama::{Llama, Workspace};
 use masa::student::StudentConfig;
 use train_common::{byte_tokenizer, tiny_config};
 
 fn rand_params(model: &Llama, seed: u64) -> Vec<f64> {
-    let mut rng = masa::corpus::SplitMix64(seed);
+    let mut rng = masa::rng::SplitMix64(seed);
     let mut p = vec![0f64; model.layout.total];
     for (_, shape, off) in &model.layout.tensors {
         let n: usize = shape.iter().product();
-        for v in &mut p[*off..*off + n] {
-            let z = masa::llama::normal(&mut rng) as f64;
+        for (v, z) in p[*off..*off + n].iter_mut().zip(masa::rng::normals(&mut rng, n)) {
             // Norm weights around 1, matrices large enough that attention is far from uniform.
             *v = if shape.len() == 1 { 1.0 + 0.3 * z } else { 0.4 * z };
         }
@@ -35,7 +34,7 @@ struct Problem {
 }
 
 fn problem(cfg: &StudentConfig, b: usize, t: usize) -> Problem {
-    let mut rng = masa::corpus::SplitMix64(7);
+    let mut rng = masa::rng::SplitMix64(7);
     let v = cfg.vocab_size;
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
     let targets: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
@@ -130,7 +129,7 @@ fn distillation_gradients_match_finite_differences() {
     check_gradients(&cfg, true);
 }
 
-/// f32 training forward vs `masa::model::Transformer` (candle, independent code) on a
+/// f32 training forward vs `masa::source::model::Transformer` (candle, independent code) on a
 /// checkpoint written by `save_checkpoint` and loaded back through `SourceWeights`.
 #[test]
 fn training_forward_matches_inference_forward() {
@@ -143,7 +142,7 @@ fn training_forward_matches_inference_forward() {
         cfg.num_key_value_heads = 2;
         cfg.rope_theta = 10_000.0;
         let model = Llama::new(&cfg);
-        let mut params = masa::llama::scratch_init(&cfg, 3);
+        let mut params = masa::rng::scratch_init(&cfg, 3);
         // Non-trivial norms and larger weights so attention and norms matter.
         for (_, shape, off) in &model.layout.tensors {
             let n: usize = shape.iter().product();
@@ -157,17 +156,17 @@ fn training_forward_matches_inference_forward() {
         }
         let dir = tempfile::tempdir().unwrap();
         let ck = dir.path().join("ckpt");
-        masa::train::save_student(&ck, &cfg, &params, &byte_tokenizer(), &serde_json::json!({"test": true})).unwrap();
+        masa::student::save_student(&ck, &cfg, &params, &byte_tokenizer(), &serde_json::json!({"test": true})).unwrap();
         let (b, t) = (2, 17);
         let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 260) as u32).collect();
         let mut ws = Workspace::<f32>::new(&cfg, b, t);
         model.forward(&params, &mut ws, &ids, b, t);
         let ours = model.logits(&params, &ws);
         let w = masa::source::SourceWeights::open(&ck).unwrap();
-        let reference = masa::model::Transformer::load(&w).unwrap();
+        let reference = masa::source::model::Transformer::load(&w).unwrap();
         let x = candle_core::Tensor::from_vec(ids.clone(), (b, t), &candle_core::Device::Cpu).unwrap();
         let theirs: Vec<f32> =
-            reference.forward(&x, &mut masa::model::NoHooks).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            reference.forward(&x, &mut masa::source::model::NoHooks).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(ours.len(), theirs.len());
         let scale = theirs.iter().fold(0f32, |a, &b| a.max(b.abs()));
         let err = ours.iter().zip(&theirs).fold(0f32, |a, (x, y)| a.max((x - y).abs()));

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use masa::kernels::Targets;
-use masa::llama::{Llama, Workspace};
-use masa::optim::{clip_factor, grad_norm, AdamW};
+use masa::student::kernels::Targets;
+use masa::student::llama::{Llama, Workspace};
+use masa::student::optim::{clip_factor, grad_norm, AdamW};
 use masa::train::{train, TrainOptions};
 use train_common::{small_config, write_corpus, write_scratch_student};
 
@@ -20,9 +20,9 @@ const MASA: &str = env!("CARGO_BIN_EXE_masa");
 fn tiny_student_overfits_fixed_sequences() {
     let cfg = small_config();
     let model = Llama::new(&cfg);
-    let mut params = masa::llama::scratch_init(&cfg, 1);
+    let mut params = masa::rng::scratch_init(&cfg, 1);
     let (b, t) = (4, 24);
-    let mut rng = masa::corpus::SplitMix64(3);
+    let mut rng = masa::rng::SplitMix64(3);
     let seqs: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size) as u32).collect();
     let (mut ids, mut tg) = (Vec::new(), Vec::new());
     for s in seqs.chunks(t + 1) {
@@ -268,7 +268,7 @@ fn finetune_learns_responses() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = setup(dir.path(), 1);
     // The response is the prompt reversed: learnable only from the prompt.
-    let mut rng = masa::corpus::SplitMix64(1);
+    let mut rng = masa::rng::SplitMix64(1);
     let ex: Vec<Example> = (0..16)
         .map(|_| {
             let p: Vec<u32> = (0..6).map(|_| 97 + rng.below(4) as u32).collect();
@@ -291,7 +291,7 @@ fn finetune_learns_responses() {
 /// stream; the loss differs from plain CE.
 #[test]
 fn distillation_caches_teacher_and_reuses_it() {
-    use masa::train::DistillOptions;
+    use masa::distill::DistillOptions;
     let dir = tempfile::tempdir().unwrap();
     let (model, corpus) = setup(dir.path(), 40);
     let teacher = dir.path().join("teacher");

@@ -1,5 +1,5 @@
 //! The trainable Llama student on a CUDA device: the forward and hand-written backward of
-//! [`crate::llama`], step for step, with cuBLAS products and the kernels of `kernels.cu`, plus
+//! [`crate::student::llama`], step for step, with cuBLAS products and the kernels of `kernels.cu`, plus
 //! AdamW, all on the device. Parameters, gradients and moments are flat f32 device buffers in
 //! the CPU engine's [`Layout`], so checkpoints move between the two engines unchanged.
 //!
@@ -10,8 +10,8 @@
 use crate::cuda::{DevBuf, Gpu};
 use crate::cuda_args;
 use crate::error::Result;
-use crate::kernels::rope_tables;
-use crate::llama::Layout;
+use crate::student::kernels::rope_tables;
+use crate::student::llama::Layout;
 use crate::student::StudentConfig;
 
 /// Rows per partial sum of the RMSNorm weight gradient.
@@ -97,7 +97,7 @@ struct Workspace {
     dd: DevBuf<f32>,
 }
 
-/// A teacher's top-k for one batch (as [`crate::kernels::Teacher`]).
+/// A teacher's top-k for one batch (as [`crate::student::kernels::Teacher`]).
 pub struct TeacherTopK<'a> {
     pub k: usize,
     pub ids: &'a [u32],
@@ -106,7 +106,7 @@ pub struct TeacherTopK<'a> {
     pub temperature: f64,
 }
 
-/// AdamW hyper-parameters (as [`crate::optim::AdamW`]).
+/// AdamW hyper-parameters (as [`crate::student::optim::AdamW`]).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamHyper {
     pub beta1: f64,
@@ -203,7 +203,7 @@ impl GpuLlama {
         // docs/gpu.md). MASA_FLASH=1 / 0 forces either path.
         let probs_bytes = 2 * c.num_hidden_layers * b * nh * t * t * 4;
         let free = g.memory().1.saturating_sub(g.memory().0);
-        let flash_fits = g.precision == crate::engine::Precision::Bf16 && hd == 64 && t % 64 == 0;
+        let flash_fits = g.bf16 && hd == 64 && t % 64 == 0;
         let flash = flash_fits
             && match std::env::var("MASA_FLASH").as_deref() {
                 Ok("1") => true,
@@ -603,7 +603,7 @@ impl GpuLlama {
         self.gpu.zero(&self.sums, 0, 1)
     }
 
-    /// One AdamW update (torch's formula, as [`crate::optim::AdamW::step`]) with gradient
+    /// One AdamW update (torch's formula, as [`crate::student::optim::AdamW::step`]) with gradient
     /// scale `gscale` (the clip factor); false when a parameter became NaN/Inf.
     pub fn step(&mut self, gscale: f32, lr: f64) -> Result<bool> {
         self.adam_t += 1;

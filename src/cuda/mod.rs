@@ -6,7 +6,6 @@
 //! Memory is plain device allocations ([`DevBuf`], freed on drop); kernels take raw device
 //! pointers, as in llm.c. [`llama::GpuLlama`] is the student engine built on this.
 
-pub mod check;
 pub mod llama;
 
 use std::collections::HashMap;
@@ -17,7 +16,6 @@ use std::sync::Arc;
 use cudarc::cublas::sys as cbs;
 use cudarc::driver::{result as dr, sys as ds, CudaContext};
 
-pub use crate::engine::Precision;
 use crate::error::{MasaError, Result};
 
 /// The kernels' CUDA C++ source.
@@ -58,7 +56,8 @@ fn cuda_err(what: &str, e: impl std::fmt::Debug) -> MasaError {
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
-    pub precision: Precision,
+    /// bf16 tensor-core products (else full f32 products).
+    pub bf16: bool,
     _ctx: Arc<CudaContext>,
     stream: ds::CUstream,
     blas: cbs::cublasHandle_t,
@@ -79,7 +78,7 @@ pub struct Gpu {
 
 impl Gpu {
     /// Open device `ordinal`: load the libraries, create the context, compile the kernels.
-    pub fn open(ordinal: usize, precision: Precision) -> Result<Gpu> {
+    pub fn open(ordinal: usize, bf16: bool) -> Result<Gpu> {
         // Loading a missing library would panic inside cudarc: check first.
         let missing: Vec<&str> = [
             ("libcuda (the NVIDIA driver)", unsafe { ds::is_culib_present() }),
@@ -111,7 +110,7 @@ impl Gpu {
         unsafe { cudarc::cublas::result::set_stream(blas, stream as _) }.map_err(|e| cuda_err("cuBLAS stream", e))?;
         // Full f32 products unless bf16 is asked for (no TF32 behind the user's back).
         let math = cbs::cublasMath_t::CUBLAS_PEDANTIC_MATH;
-        let math = if precision == Precision::F32 { math } else { cbs::cublasMath_t::CUBLAS_DEFAULT_MATH };
+        let math = if bf16 { cbs::cublasMath_t::CUBLAS_DEFAULT_MATH } else { math };
         unsafe { cbs::cublasSetMathMode(blas, math) }.result().map_err(|e| cuda_err("cuBLAS math mode", e))?;
         let arch = format!("--gpu-architecture=sm_{major}{minor}");
         let opts = cudarc::nvrtc::CompileOptions { options: vec![arch, "--std=c++17".into()], ..Default::default() };
@@ -129,7 +128,7 @@ impl Gpu {
             Ok("convert") => 0,
             _ => 1 << 32,
         };
-        Ok(Gpu { ordinal, name, precision, _ctx: ctx, stream, blas, module, funcs, profile, convert_min, scratch16: Default::default() })
+        Ok(Gpu { ordinal, name, bf16, _ctx: ctx, stream, blas, module, funcs, profile, convert_min, scratch16: Default::default() })
     }
 
     /// Allocate `len` elements (uninitialised).
@@ -231,7 +230,7 @@ impl Gpu {
             None => format!("gemm {m}x{n}x{k}{}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
             Some((count, ..)) => format!("gemm {count}x({m}x{n}x{k}){}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
         };
-        if batch.is_none() && self.precision == Precision::Bf16 && m * n * k >= self.convert_min {
+        if batch.is_none() && self.bf16 && m * n * k >= self.convert_min {
             // Stored shapes: A is (k×m) when transposed, else (m×k); B (n×k) or (k×n).
             let a16 = self.to_bf16(0, a, if ta { k } else { m }, lda, if ta { m } else { k })?;
             let b16 = self.to_bf16(1, b, if tb { n } else { k }, ldb, if tb { k } else { n })?;
@@ -284,10 +283,7 @@ impl Gpu {
         bp: *const c_void,
         batch: Option<(usize, usize, usize, usize)>,
     ) -> Result<()> {
-        let ct = match self.precision {
-            Precision::F32 => cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC,
-            Precision::Bf16 => cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-        };
+        let ct = if self.bf16 { cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF } else { cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC };
         let f32t = cbs::cudaDataType_t::CUDA_R_32F;
         let algo = cbs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT;
         let r = unsafe {

@@ -25,10 +25,10 @@
 use candle_core::{Device, IndexOp, Tensor};
 use serde::Serialize;
 
-use crate::corpus::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::error::Result;
-use crate::model::{KvCache, Transformer};
-use crate::tokenizer::Tokenizer;
+use crate::source::model::{KvCache, Transformer};
+use crate::source::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct GenOptions {

@@ -20,7 +20,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::error::{MasaError, Result};
-use crate::model::Transformer;
+use crate::source::model::Transformer;
 use crate::source::SourceModel;
 
 pub use data::{find_task, Split, TaskKind, TASKS};
@@ -126,7 +126,7 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
 }
 
 /// Evaluate `tasks` in order; see the module docs for the JSON layout.
-pub fn evaluate(model: &Transformer, tok: &crate::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+pub fn evaluate(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
     // Fail before any work when some task's data is missing.
     for &name in tasks {
         data::check_available(find_task(name)?)?;
@@ -178,7 +178,7 @@ fn summary(r: &Value) -> String {
     }
 }
 
-fn eval_mc(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::TaskSpec, split: Split, limit: Option<usize>, progress: bool) -> Result<Value> {
+fn eval_mc(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec: &data::TaskSpec, split: Split, limit: Option<usize>, progress: bool) -> Result<Value> {
     let rows = data::load_rows(spec)?;
     let n_shipped = rows.len();
     let items = rows
@@ -205,7 +205,7 @@ fn eval_mc(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::
     }))
 }
 
-fn eval_ni(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::TaskSpec, opt: &EvalOptions, per_subtask: Option<usize>) -> Result<Value> {
+fn eval_ni(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec: &data::TaskSpec, opt: &EvalOptions, per_subtask: Option<usize>) -> Result<Value> {
     let dir = data::task_path(spec);
     if !dir.exists() {
         return Err(MasaError::Invalid(format!("{}: task data missing; run `masa fetch tasks`", dir.display())));
@@ -218,7 +218,7 @@ fn eval_ni(model: &Transformer, tok: &crate::tokenizer::Tokenizer, spec: &data::
         }
     }
     let bar = bar(opt.progress, work.len(), spec.name, "examples");
-    let mut rng = crate::corpus::SplitMix64(opt.gen.seed);
+    let mut rng = crate::rng::SplitMix64(opt.gen.seed);
     let mut scores = Vec::with_capacity(work.len());
     for (s, i, input, targets) in work {
         scores.push(generation::score_example(model, tok, &s.name, i, &s.definition, input, targets, &opt.gen, &mut rng)?);
@@ -254,7 +254,7 @@ fn answer_nll(scores: &[generation::GenScore]) -> f64 {
     -scores.iter().map(|s| s.answer_logprob).sum::<f64>() / tokens.max(1) as f64
 }
 
-fn eval_ppl(model: &Transformer, tok: &crate::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {
+fn eval_ppl(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {
     let dir = crate::corpus::default_corpus_dir();
     if !dir.join("manifest.json").exists() {
         return Err(MasaError::Invalid(format!("{}: the default corpus is missing; run `masa fetch corpus`", dir.display())));

@@ -34,8 +34,8 @@ use serde_json::Value;
 
 use crate::error::{MasaError, Result};
 use crate::eval::data::Row;
-use crate::model::{KvCache, Transformer};
-use crate::tokenizer::Tokenizer;
+use crate::source::model::{KvCache, Transformer};
+use crate::source::tokenizer::Tokenizer;
 
 /// One multiple-choice item: a context per choice (one shared context for most tasks) and a
 /// continuation per choice.

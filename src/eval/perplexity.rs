@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::corpus::{validation_sequences, Corpus, Split};
 use crate::error::Result;
-use crate::model::{next_token_nll, NoHooks, Transformer};
-use crate::tokenizer::Tokenizer;
+use crate::source::model::{next_token_nll, NoHooks, Transformer};
+use crate::source::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DomainPpl {

@@ -18,7 +18,6 @@
 
 pub mod genes;
 pub mod prune;
-pub mod rng;
 pub mod scale;
 pub mod select;
 
@@ -222,7 +221,7 @@ fn assemble(cfg: &StudentConfig, seed: u64, mut parts: Parts) -> Result<Vec<(Str
     cfg.tensor_shapes()
         .into_iter()
         .map(|(name, shape)| {
-            let data = parts.remove(&name).unwrap_or_else(|| rng::scratch(seed, &name, &shape, cfg.initializer_range));
+            let data = parts.remove(&name).unwrap_or_else(|| crate::rng::scratch(seed, &name, &shape, cfg.initializer_range));
             if data.len() != shape.iter().product::<usize>() {
                 return Err(MasaError::Shape(format!("built {} values for `{name}` {shape:?}", data.len())));
             }
@@ -291,7 +290,7 @@ fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOption
                     GeneScale::None => 1.0,
                 };
                 let scaled = m * faer::Scale(fac);
-                (scale::truncate_pad(&scaled, &rng::scratch(opts.seed, &name, &[p, q], std), p, q), fac)
+                (scale::truncate_pad(&scaled, &crate::rng::scratch(opts.seed, &name, &[p, q], std), p, q), fac)
             };
             rec.push(serde_json::json!({ "name": name, "source_layer": ls, "gene": genes::gene_key(ls, proj), "rank": r, "scale": factor }));
             parts.insert(name, data);

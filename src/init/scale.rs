@@ -119,7 +119,7 @@ mod tests {
     use super::*;
 
     fn gene(r: usize, seed: u64) -> Mat<f64> {
-        let v = super::super::rng::normal(seed, "gene", r * r, 1.0);
+        let v = crate::rng::normal(seed, "gene", r * r, 1.0);
         Mat::from_fn(r, r, |i, j| v[i * r + j] as f64)
     }
 

@@ -23,9 +23,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::error::IoContext;
-use crate::extract::{ExtractOptions, Genes, RankSpec};
+use crate::align::RankSpec;
+use crate::extract::{ExtractOptions, Genes};
 use crate::init::{InitOptions, InitRequest, Strategy};
-use crate::model::Transformer;
+use crate::source::model::Transformer;
 use crate::run::results::*;
 use crate::run::spec::{group_and_label, Spec};
 use crate::source::{Arch, SourceModel, TensorEntry};
@@ -592,8 +593,8 @@ impl<'a> Ctx<'a> {
             None => {
                 let genes = Genes::load(&genes_path)?;
                 let mut out = Vec::new();
-                for m in self.source.weights.config.ffn_matrices().into_iter().filter(|m| layers.contains(&m.layer) && m.kind != "expert") {
-                    let Some((r, g)) = genes.genes.get(&crate::extract::gene_name(&m)) else {
+                for m in self.source.weights.config.ffn_matrices().into_iter().filter(|m| layers.contains(&m.layer) && m.kind != crate::source::FfnKind::Expert) {
+                    let Some((r, g)) = genes.genes.get(&m.gene_name()) else {
                         return Err(MasaError::Invalid(format!(
                             "field `extraction.spectra_layers`: layer {} has no gene (extracted layers: {:?})",
                             m.layer, plan.layers
@@ -647,7 +648,7 @@ impl<'a> Ctx<'a> {
         let params = read_record::<serde_json::Value>(&init_dir).and_then(|v| v["parameters"].as_u64()).unwrap_or(0);
         // ---- pre-train ----
         let p = &spec.pretrain;
-        let distill = j.distill.then(|| crate::train::DistillOptions {
+        let distill = j.distill.then(|| crate::distill::DistillOptions {
             teacher: self.source_path.clone(),
             alpha: spec.distill.alpha,
             temperature: spec.distill.temperature,

@@ -2,8 +2,10 @@
 //! HF layout and naming, read lazily from a GGUF file or an HF safetensors directory.
 
 pub mod config;
+pub mod model;
 pub mod gguf;
 pub mod hf;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -177,19 +179,62 @@ mod tests {
     }
 }
 
+/// Which kind of FFN a matrix belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKind {
+    Dense,
+    /// A routed expert of an MoE layer.
+    Expert,
+    /// A shared expert of an MoE layer (DeepSeekMoE).
+    Shared,
+}
+
+impl std::fmt::Display for FfnKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FfnKind::Dense => "dense",
+            FfnKind::Expert => "expert",
+            FfnKind::Shared => "shared",
+        })
+    }
+}
+
 /// One FFN weight matrix that MASA aligns a gene matrix to.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct FfnMatrix {
     pub layer: usize,
     /// HF tensor name, e.g. `model.layers.3.mlp.gate_proj.weight`.
     pub name: String,
-    /// `dense`, `expert`, `shared`.
-    pub kind: &'static str,
+    pub kind: FfnKind,
     pub expert: Option<usize>,
     /// `gate_proj`, `up_proj` or `down_proj`.
     pub proj: &'static str,
     pub d_out: usize,
     pub d_in: usize,
+}
+
+impl FfnMatrix {
+    /// The FFN this matrix belongs to, as the source forward's hooks name it.
+    pub fn mlp(&self) -> model::MlpId {
+        match (self.kind, self.expert) {
+            (FfnKind::Expert, Some(e)) => model::MlpId::Expert(e),
+            (FfnKind::Shared, _) => model::MlpId::Shared,
+            _ => model::MlpId::Dense,
+        }
+    }
+
+    /// The gene tensor name of this matrix (`layers.L.mlp.gate_proj.gene`, ...).
+    pub fn gene_name(&self) -> String {
+        let base = self.name.trim_start_matches("model.").trim_end_matches(".weight");
+        format!("{base}.gene")
+    }
+
+    /// The calibration site whose second moment this matrix's input has.
+    pub fn stats_site(&self) -> String {
+        let site = if self.proj == "down_proj" { model::Site::FfnMid } else { model::Site::FfnIn };
+        self.mlp().site_name(site)
+    }
 }
 
 impl ModelConfig {
@@ -199,7 +244,7 @@ impl ModelConfig {
     pub fn ffn_matrices(&self) -> Vec<FfnMatrix> {
         let mut out = Vec::new();
         let h = self.hidden_size;
-        let mut push = |layer: usize, prefix: String, kind: &'static str, expert: Option<usize>, ffn: usize| {
+        let mut push = |layer: usize, prefix: String, kind: FfnKind, expert: Option<usize>, ffn: usize| {
             for (proj, d_out, d_in) in [("gate_proj", ffn, h), ("up_proj", ffn, h), ("down_proj", h, ffn)] {
                 out.push(FfnMatrix { layer, name: format!("{prefix}.{proj}.weight"), kind, expert, proj, d_out, d_in });
             }
@@ -209,13 +254,13 @@ impl ModelConfig {
             match &self.moe {
                 Some(m) if self.is_moe_layer(l) => {
                     for e in 0..m.n_routed_experts {
-                        push(l, format!("{p}.experts.{e}"), "expert", Some(e), m.moe_intermediate_size);
+                        push(l, format!("{p}.experts.{e}"), FfnKind::Expert, Some(e), m.moe_intermediate_size);
                     }
                     if m.n_shared_experts > 0 {
-                        push(l, format!("{p}.shared_experts"), "shared", None, m.moe_intermediate_size * m.n_shared_experts);
+                        push(l, format!("{p}.shared_experts"), FfnKind::Shared, None, m.moe_intermediate_size * m.n_shared_experts);
                     }
                 }
-                _ => push(l, p, "dense", None, self.intermediate_size),
+                _ => push(l, p, FfnKind::Dense, None, self.intermediate_size),
             }
         }
         out
@@ -225,7 +270,7 @@ impl ModelConfig {
 /// A source model as a user names it: weights plus the tokenizer its authors use.
 pub struct SourceModel {
     pub weights: SourceWeights,
-    pub tokenizer: crate::tokenizer::Tokenizer,
+    pub tokenizer: crate::source::tokenizer::Tokenizer,
 }
 
 impl SourceModel {
@@ -233,8 +278,8 @@ impl SourceModel {
     pub fn open(path: &Path) -> Result<Self> {
         let weights = SourceWeights::open(path)?;
         let tokenizer = match weights.gguf() {
-            Some(g) => crate::tokenizer::Tokenizer::from_gguf_metadata(g.metadata(), path)?,
-            None => crate::tokenizer::Tokenizer::from_hf_dir(path)?,
+            Some(g) => crate::source::tokenizer::Tokenizer::from_gguf_metadata(g.metadata(), path)?,
+            None => crate::source::tokenizer::Tokenizer::from_hf_dir(path)?,
         };
         if tokenizer.vocab_size() > weights.config.vocab_size {
             return Err(MasaError::bad_file(

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use masa::student::StudentConfig;
-use masa::tokenizer::Tokenizer;
+use masa::source::tokenizer::Tokenizer;
 
 /// GPT-2's byte-to-unicode table.
 fn byte_char(b: u8) -> char {
@@ -69,15 +69,15 @@ pub fn small_config() -> StudentConfig {
 
 /// Write a Scratch-initialised student (normal std 0.02, norms 1) with the byte tokenizer.
 pub fn write_scratch_student(dir: &Path, cfg: &StudentConfig, seed: u64) {
-    let params = masa::llama::scratch_init(cfg, seed);
-    masa::train::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed}))
+    let params = masa::rng::scratch_init(cfg, seed);
+    masa::student::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed}))
         .expect("write student");
 }
 
 /// A two-domain JSONL corpus of deterministic pseudo-English, `docs` documents per domain.
 pub fn write_corpus(path: &Path, docs: usize) {
     let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it", "fn", "let", "x", "=", "1;", "return"];
-    let mut rng = masa::corpus::SplitMix64(42);
+    let mut rng = masa::rng::SplitMix64(42);
     let mut out = String::new();
     for dom in ["prose", "code"] {
         for _ in 0..docs {

@@ -3,12 +3,15 @@
 
 use std::time::Instant;
 
+#[cfg(feature = "cuda")]
+pub mod cuda_check;
+
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::engine::{Device as EngineDevice, Precision};
 use crate::error::Result;
-use crate::model::{NoHooks, Transformer};
+use crate::source::model::{NoHooks, Transformer};
 
 #[derive(Serialize)]
 pub struct ForwardBench {
@@ -104,11 +107,11 @@ pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize
     if cfg.vocab_size == 0 {
         return Err(MasaError::field(cfg_path, "vocab_size", "missing or 0"));
     }
-    let params = crate::llama::scratch_init(&cfg, seed);
+    let params = crate::rng::scratch_init(&cfg, seed);
     let n_params = params.len();
     let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut eng = crate::engine::open(device, precision, &cfg, params, adam, batch, seq)?;
-    let mut rng = crate::corpus::SplitMix64(seed);
+    let mut rng = crate::rng::SplitMix64(seed);
     let v = cfg.vocab_size;
     let seqs: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(v) as u32).collect();
     let mut ids = Vec::with_capacity(batch * seq);

@@ -16,8 +16,8 @@ use crate::cuda::llama::{GpuLlama, TeacherTopK};
 use crate::cuda::Gpu;
 use crate::engine::{self, AdamConfig, Device, MicroBatch, Precision};
 use crate::error::{IoContext, MasaError, Result};
-use crate::kernels::{Targets, Teacher};
-use crate::llama::{Llama, Workspace};
+use crate::student::kernels::{Targets, Teacher};
+use crate::student::llama::{Llama, Workspace};
 use crate::student::StudentConfig;
 
 /// Options of one check run.
@@ -49,7 +49,7 @@ fn rel(got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// Worst per-tensor relative error and its tensor.
-fn worst_tensor(layout: &crate::llama::Layout, got: &[f32], want: &[f64]) -> (f64, String) {
+fn worst_tensor(layout: &crate::student::llama::Layout, got: &[f32], want: &[f64]) -> (f64, String) {
     let mut worst = (0.0, String::new());
     for (name, shape, off) in &layout.tensors {
         let n: usize = shape.iter().product();
@@ -62,7 +62,7 @@ fn worst_tensor(layout: &crate::llama::Layout, got: &[f32], want: &[f64]) -> (f6
 }
 
 /// A learnable stream: each of 512 tokens is followed by one of 4 fixed successors.
-fn markov_tokens(rng: &mut crate::corpus::SplitMix64, vocab: usize, len: usize) -> Vec<u32> {
+fn markov_tokens(rng: &mut crate::rng::SplitMix64, vocab: usize, len: usize) -> Vec<u32> {
     let states = 512.min(vocab);
     let table: Vec<[u32; 4]> = (0..states).map(|_| [0; 4].map(|_| rng.below(states) as u32)).collect();
     let mut out = Vec::with_capacity(len);
@@ -82,14 +82,14 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     eprintln!("cuda-check: {} (L={} h={} ffn={} heads={}/{} vocab={}), batch {}x{}, seed {seed}", o.config.display(), cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size, o.batch, o.seq);
     let (b, t, v) = (o.batch, o.seq, cfg.vocab_size);
     let n = b * t;
-    let mut rng = crate::corpus::SplitMix64(seed);
+    let mut rng = crate::rng::SplitMix64(seed);
     // Weights: Scratch init with norm weights spread around 1 (exercises their gradients).
-    let mut params = crate::llama::scratch_init(&cfg, seed);
-    let layout = crate::llama::Layout::new(&cfg);
+    let mut params = crate::rng::scratch_init(&cfg, seed);
+    let layout = crate::student::llama::Layout::new(&cfg);
     for (_, shape, off) in &layout.tensors {
         if shape.len() == 1 {
-            for p in &mut params[*off..*off + shape[0]] {
-                *p = 1.0 + 0.2 * crate::llama::normal(&mut rng);
+            for (p, z) in params[*off..*off + shape[0]].iter_mut().zip(crate::rng::normals(&mut rng, shape[0])) {
+                *p = (1.0 + 0.2 * z) as f32;
             }
         }
     }
@@ -137,7 +137,7 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     let hyper = crate::cuda::llama::AdamHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let decay = engine::decay_ranges(&model);
     for (precision, logit_limit, grad_limit) in [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-2, 5e-2)] {
-        let mut g = GpuLlama::new(Gpu::open(o.ordinal, precision)?, &cfg, &params, hyper, &decay)?;
+        let mut g = GpuLlama::new(Gpu::open(o.ordinal, precision == Precision::Bf16)?, &cfg, &params, hyper, &decay)?;
         // Logits.
         g.poison(b, t)?;
         let tag = format!("{}{}", format!("{precision:?}").to_lowercase(), if g.uses_flash() { " flash" } else { "" });
@@ -182,7 +182,7 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
                 x.extend_from_slice(&q[..t]);
                 y.extend_from_slice(&q[1..]);
             }
-            let lr = crate::optim::lr_at(s, o.steps, o.steps / 10, 2e-3, 2e-4);
+            let lr = crate::student::optim::lr_at(s, o.steps, o.steps / 10, 2e-3, 2e-4);
             let mb = MicroBatch { ids: &x, targets: &y, weights: &w, b, t, teacher: None };
             match engine::optimizer_step(e.as_mut(), &[mb], 1.0, lr)? {
                 Ok(st) => out.push(st.loss),

@@ -21,6 +21,17 @@ pub enum MlpId {
     Shared,
 }
 
+impl MlpId {
+    /// The name of one of this FFN's input sites in a statistics file.
+    pub fn site_name(self, site: Site) -> String {
+        match self {
+            MlpId::Dense => site.name().to_string(),
+            MlpId::Expert(e) => format!("experts.{e}.{}", site.name()),
+            MlpId::Shared => format!("shared.{}", site.name()),
+        }
+    }
+}
+
 /// The input site of an FFN weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Site {

@@ -1,7 +1,7 @@
 //! The trainable Llama student: flat parameters in `StudentConfig::tensor_shapes()` order (HF
 //! names, `(out, in)` row-major), a forward pass that keeps what the backward needs in a
 //! preallocated [`Workspace`], and the hand-written backward through the fused kernels of
-//! [`crate::kernels`]. Generic over f32 (training) and f64 (gradient checks).
+//! [`crate::student::kernels`]. Generic over f32 (training) and f64 (gradient checks).
 //!
 //! Per layer: `x2 = x + o_proj(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)))`,
 //! `x3 = x2 + down(silu(gate(n2 x2)) ⊙ up(n2 x2))`; then `logits = norm(x) Eᵀ` with `E` the
@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::{self, AttnShape, Real, Targets, Teacher};
+use crate::student::kernels::{self, AttnShape, Real, Targets, Teacher};
 use crate::student::StudentConfig;
 
 /// Offsets of one layer's tensors in the flat parameter vector.
@@ -76,33 +76,6 @@ impl Layout {
         let head = if cfg.tie_word_embeddings { embed } else { at("lm_head.weight") };
         Layout { embed, layers, norm: at("model.norm.weight"), head, total: off, tensors }
     }
-}
-
-/// Scratch init as HF `LlamaForCausalLM._init_weights`: every matrix normal(0, std), norms 1.
-pub fn scratch_init(cfg: &StudentConfig, seed: u64) -> Vec<f32> {
-    let layout = Layout::new(cfg);
-    let mut p = vec![0f32; layout.total];
-    let mut rng = crate::corpus::SplitMix64(seed ^ 0x5EED_1A11_A000_0001);
-    let std = cfg.initializer_range as f32;
-    for (_, shape, off) in &layout.tensors {
-        let n: usize = shape.iter().product();
-        let s = &mut p[*off..*off + n];
-        if shape.len() == 1 {
-            s.fill(1.0);
-        } else {
-            for v in s.iter_mut() {
-                *v = std * normal(&mut rng);
-            }
-        }
-    }
-    p
-}
-
-/// A standard normal sample (Box-Muller).
-pub fn normal(rng: &mut crate::corpus::SplitMix64) -> f32 {
-    let u1 = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// Activations one layer keeps for the backward.

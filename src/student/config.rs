@@ -1,16 +1,11 @@
-//! Student models: Llama-architecture configs (HF `LlamaConfig` fields), the presets, and the
-//! HF-format checkpoint directory every strategy and trainer writes (`config.json`,
-//! `model.safetensors` with HF key names, `tokenizer.json`, `tokenizer_config.json`, and
-//! `masa.json` saying what produced it). HF transformers loads it as `LlamaForCausalLM`; masa
-//! loads it back as a source model (`SourceModel::open(dir)`).
+//! Student configs: Llama-architecture fields (HF `LlamaConfig` names), the named presets, the
+//! HF tensor names and shapes of a student, and its `config.json`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{IoContext, MasaError, Result};
-use crate::tokenizer::Tokenizer;
 
 /// A Llama student: RMSNorm, RoPE, SwiGLU, MHA/GQA, tied embeddings by default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,69 +191,4 @@ impl StudentConfig {
             "torch_dtype": "float32",
         })
     }
-}
-
-/// Write an HF-format checkpoint directory atomically: everything goes to a staging directory
-/// beside `dir`, which then replaces `dir`. `tensors` must match `cfg.tensor_shapes()` (names
-/// and shapes), be f32 and finite. `provenance` becomes `masa.json`.
-pub fn save_checkpoint(
-    dir: &Path,
-    cfg: &StudentConfig,
-    tensors: &[(String, Tensor)],
-    tokenizer: &Tokenizer,
-    provenance: &serde_json::Value,
-) -> Result<()> {
-    check_tensors(cfg, tensors)?;
-    let stage = staging_dir(dir);
-    if stage.exists() {
-        std::fs::remove_dir_all(&stage).at(&stage)?;
-    }
-    std::fs::create_dir_all(&stage).at(&stage)?;
-    let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
-    std::fs::write(stage.join("config.json"), json(&cfg.hf_config_json())).at(stage.join("config.json"))?;
-    std::fs::write(stage.join("masa.json"), json(provenance)).at(stage.join("masa.json"))?;
-    let st = stage.join("model.safetensors");
-    let map: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
-    tokenizer.save_hf(&stage)?;
-    if dir.exists() {
-        let old = dir.with_extension("old");
-        if old.exists() {
-            std::fs::remove_dir_all(&old).at(&old)?;
-        }
-        std::fs::rename(dir, &old).at(dir)?;
-        std::fs::rename(&stage, dir).at(dir)?;
-        std::fs::remove_dir_all(&old).at(&old)?;
-    } else {
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).at(parent)?;
-        }
-        std::fs::rename(&stage, dir).at(dir)?;
-    }
-    Ok(())
-}
-
-fn staging_dir(dir: &Path) -> PathBuf {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-    dir.with_file_name(format!(".{name}.staging"))
-}
-
-fn check_tensors(cfg: &StudentConfig, tensors: &[(String, Tensor)]) -> Result<()> {
-    let want = cfg.tensor_shapes();
-    if want.len() != tensors.len() {
-        return Err(MasaError::Shape(format!("checkpoint has {} tensors, the student config needs {}", tensors.len(), want.len())));
-    }
-    for ((wn, ws), (n, t)) in want.iter().zip(tensors) {
-        if wn != n || t.dims() != ws.as_slice() {
-            return Err(MasaError::Shape(format!("tensor `{n}` {:?} where the config needs `{wn}` {ws:?}", t.dims())));
-        }
-        if t.dtype() != candle_core::DType::F32 {
-            return Err(MasaError::Shape(format!("tensor `{n}` is {:?}, checkpoints are f32", t.dtype())));
-        }
-        let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
-        if !finite {
-            return Err(MasaError::Invalid(format!("tensor `{n}` holds NaN or Inf; refusing to write a broken checkpoint")));
-        }
-    }
-    Ok(())
 }
