@@ -495,7 +495,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { model, tasks, split, limit, temperature, seed, max_new_tokens, out } => {
             let tasks = masa::eval::parse_tasks(&tasks)?;
             let opt = masa::eval::EvalOptions {
-                split: masa::eval::Split::parse(&split)?,
+                split: masa::eval::TaskSplit::parse(&split)?,
                 limit: masa::eval::Limit::parse(&limit)?,
                 gen: masa::eval::generation::GenOptions { temperature, seed, max_new_tokens, ..Default::default() },
                 ..Default::default()

@@ -166,37 +166,38 @@ pub fn is_test(task: &str, index: usize) -> bool {
     v % 10_000 < TEST_PER_10K
 }
 
-/// Which items an evaluation uses.
+/// Which items of a task an evaluation uses (the task's own split, not the corpus's
+/// [`crate::corpus::Split`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Split {
+pub enum TaskSplit {
     Test,
     Train,
     /// The whole shipped file in its own order.
     All,
 }
 
-impl Split {
-    pub fn parse(s: &str) -> Result<Split> {
+impl TaskSplit {
+    pub fn parse(s: &str) -> Result<TaskSplit> {
         match s {
-            "test" => Ok(Split::Test),
-            "train" => Ok(Split::Train),
-            "all" => Ok(Split::All),
+            "test" => Ok(TaskSplit::Test),
+            "train" => Ok(TaskSplit::Train),
+            "all" => Ok(TaskSplit::All),
             o => Err(MasaError::Invalid(format!("unknown split `{o}`: use test, train or all"))),
         }
     }
     pub fn keeps(self, task: &str, index: usize) -> bool {
         match self {
-            Split::All => true,
-            Split::Test => is_test(task, index),
-            Split::Train => !is_test(task, index),
+            TaskSplit::All => true,
+            TaskSplit::Test => is_test(task, index),
+            TaskSplit::Train => !is_test(task, index),
         }
     }
     pub fn as_str(self) -> &'static str {
         match self {
-            Split::Test => "test",
-            Split::Train => "train",
-            Split::All => "all",
+            TaskSplit::Test => "test",
+            TaskSplit::Train => "train",
+            TaskSplit::All => "all",
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::error::{MasaError, Result};
 use crate::source::model::Transformer;
 use crate::source::SourceModel;
 
-pub use data::{find_task, Split, TaskKind, TASKS};
+pub use data::{find_task, TaskSplit, TaskKind, TASKS};
 
 /// Version of the prompt formats and decoding rules; bump when any of them changes.
 pub const PROMPT_FORMAT_VERSION: &str = "masa-eval-v1 (lm-evaluation-harness zero-shot MC formats; S-NI definition+input generation)";
@@ -73,7 +73,7 @@ impl Limit {
 }
 
 pub struct EvalOptions {
-    pub split: Split,
+    pub split: TaskSplit,
     pub limit: Limit,
     pub gen: generation::GenOptions,
     /// Perplexity: tokens per sequence and sequences per forward pass.
@@ -85,7 +85,7 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { split: Split::Test, limit: Limit::Default, gen: Default::default(), ppl_seq_len: 256, ppl_batch: 4, progress: true }
+        EvalOptions { split: TaskSplit::Test, limit: Limit::Default, gen: Default::default(), ppl_seq_len: 256, ppl_batch: 4, progress: true }
     }
 }
 
@@ -178,7 +178,7 @@ fn summary(r: &Value) -> String {
     }
 }
 
-fn eval_mc(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec: &data::TaskSpec, split: Split, limit: Option<usize>, progress: bool) -> Result<Value> {
+fn eval_mc(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec: &data::TaskSpec, split: TaskSplit, limit: Option<usize>, progress: bool) -> Result<Value> {
     let rows = data::load_rows(spec)?;
     let n_shipped = rows.len();
     let items = rows
@@ -261,7 +261,7 @@ fn eval_ppl(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, opt:
     }
     let corpus = crate::corpus::load_corpus(&[dir.clone()])?;
     let split = match opt.split {
-        Split::Train => crate::corpus::Split::Train,
+        TaskSplit::Train => crate::corpus::Split::Train,
         _ => crate::corpus::Split::Valid,
     };
     let cap = max_per_domain.unwrap_or(usize::MAX);
@@ -289,7 +289,7 @@ pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, S
             let rows = data::load_rows(spec)?;
             rows.iter()
                 .enumerate()
-                .filter(|(i, _)| Split::Train.keeps(spec.name, *i))
+                .filter(|(i, _)| TaskSplit::Train.keeps(spec.name, *i))
                 .take(limit.unwrap_or(usize::MAX))
                 .map(|(i, r)| {
                     let item = multiple_choice::build_item(spec.name, r, i)?;
@@ -303,7 +303,7 @@ pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, S
             let subs = data::read_natural_instructions(&dir)?;
             let mut out = Vec::new();
             for s in &subs {
-                let train = s.examples.iter().enumerate().filter(|(i, _)| Split::Train.keeps(&s.name, *i));
+                let train = s.examples.iter().enumerate().filter(|(i, _)| TaskSplit::Train.keeps(&s.name, *i));
                 for (_, (input, targets)) in train.take(limit.unwrap_or(usize::MAX)) {
                     if let Some(t) = targets.first() {
                         out.push((generation::ni_prompt(&s.definition, input), format!(" {}", t.trim())));
