@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{MasaError, Result};
 use crate::student::kernels::{Targets, Teacher};
 use crate::student::llama::{Llama, Workspace};
+pub use crate::student::optim::AdamConfig;
 use crate::student::optim::{self, AdamW};
 use crate::student::StudentConfig;
 
@@ -32,6 +33,18 @@ impl std::str::FromStr for Device {
                 .map(Device::Cuda)
                 .ok_or_else(|| format!("unknown device `{s}`: use cpu, cuda or cuda:N (N the device number)")),
         }
+    }
+}
+
+impl Device {
+    pub fn is_cpu(&self) -> bool {
+        *self == Device::Cpu
+    }
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
     }
 }
 
@@ -65,15 +78,6 @@ pub enum Precision {
     #[default]
     F32,
     Bf16,
-}
-
-/// AdamW hyper-parameters of a run.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
 }
 
 /// One micro-batch: `b` sequences of `t` input tokens, their targets and per-token loss
@@ -175,8 +179,7 @@ pub fn open(device: Device, precision: Precision, cfg: &StudentConfig, params: V
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let gpu = crate::cuda::Gpu::open(ordinal, precision == Precision::Bf16)?;
-            let hyper = crate::cuda::llama::AdamHyper { beta1: adam.beta1, beta2: adam.beta2, eps: adam.eps, weight_decay: adam.weight_decay };
-            Ok(Box::new(crate::cuda::llama::GpuLlama::new(gpu, cfg, &params, hyper, &decay)?))
+            Ok(Box::new(crate::cuda::llama::GpuLlama::new(gpu, cfg, &params, adam, &decay)?))
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(MasaError::Invalid(
@@ -256,8 +259,7 @@ impl Engine for crate::cuda::llama::GpuLlama {
     }
     fn accumulate(&mut self, mb: &MicroBatch) -> Result<()> {
         self.forward(mb.ids, mb.b, mb.t)?;
-        let te = mb.teacher.as_ref().map(|t| crate::cuda::llama::TeacherTopK { k: t.k, ids: t.ids, logp: t.logp, alpha: t.alpha, temperature: t.temperature });
-        self.loss(mb.targets, mb.weights, te.as_ref(), true, None)?;
+        self.loss(mb.targets, mb.weights, mb.teacher.as_ref(), true, None)?;
         self.backward()
     }
     fn loss_and_grad_norm(&mut self) -> Result<(f64, f64)> {

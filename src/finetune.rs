@@ -31,19 +31,13 @@ pub struct FinetuneOptions {
     pub seed: u64,
     pub progress: bool,
     /// Where to train (`cpu`, `cuda[:N]`); left out of records when `cpu`.
-    #[serde(skip_serializing_if = "is_cpu")]
+    #[serde(skip_serializing_if = "Device::is_cpu")]
     pub device: Device,
     /// Matrix-product precision; left out of records when `f32`.
-    #[serde(skip_serializing_if = "is_f32")]
+    #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
 }
 
-fn is_cpu(d: &Device) -> bool {
-    *d == Device::Cpu
-}
-fn is_f32(p: &Precision) -> bool {
-    *p == Precision::F32
-}
 
 impl Default for FinetuneOptions {
     fn default() -> Self {

@@ -66,19 +66,13 @@ pub struct TrainOptions {
     pub progress: bool,
     pub distill: Option<DistillOptions>,
     /// Where to train (`cpu`, `cuda[:N]`); left out of records when `cpu`.
-    #[serde(default, skip_serializing_if = "is_cpu")]
+    #[serde(default, skip_serializing_if = "Device::is_cpu")]
     pub device: Device,
     /// Matrix-product precision (`bf16` on CUDA only); left out of records when `f32`.
-    #[serde(default, skip_serializing_if = "is_f32")]
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
 }
 
-fn is_cpu(d: &Device) -> bool {
-    *d == Device::Cpu
-}
-fn is_f32(p: &Precision) -> bool {
-    *p == Precision::F32
-}
 
 impl Default for TrainOptions {
     fn default() -> Self {

@@ -17,49 +17,33 @@ typedef unsigned long long u64;
 
 #define WARP 32
 
-// Sum / max over the block; every thread gets the result. `sh` holds 32 floats.
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Sum / max over the block; every thread gets the result. `sh` holds 32 values. A fixed tree
+// for a fixed block size, so the result does not change from run to run.
+struct SumOp {
+    template <class T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+template <class T, class Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int o = WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ float block_sum(float v, float* sh) {
+template <class T, class Op>
+__device__ T block_reduce(T v, T* sh, T identity, Op op) {
     int lane = threadIdx.x & (WARP - 1), w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) sh[w] = v;
     __syncthreads();
-    v = lane < nw ? sh[lane] : 0.f;
-    v = warp_sum(v);
-    return v;
+    v = lane < nw ? sh[lane] : identity;
+    return warp_reduce(v, op);
 }
-__device__ float block_max(float v, float* sh) {
-    int lane = threadIdx.x & (WARP - 1), w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    v = lane < nw ? sh[lane] : NEG_INF_F;
-    v = warp_max(v);
-    return v;
-}
-__device__ double block_sum_d(double v, double* sh) {
-    int lane = threadIdx.x & (WARP - 1), w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    v = lane < nw ? sh[lane] : 0.0;
-    v = warp_sum_d(v);
-    return v;
-}
+__device__ float block_sum(float v, float* sh) { return block_reduce(v, sh, 0.f, SumOp()); }
+__device__ float block_max(float v, float* sh) { return block_reduce(v, sh, NEG_INF_F, MaxOp()); }
+__device__ double block_sum_d(double v, double* sh) { return block_reduce(v, sh, 0.0, SumOp()); }
 
 // ---------------------------------------------------------------------------------------------
 // Embedding: gather rows; the backward adds rows per distinct id in token order (the host sorts
@@ -139,29 +123,36 @@ extern "C" __global__ void colsum_acc(const float* part, float* out, int chunks,
 // attention (head h reads kv head h / (nh/nkv), HF repeat_kv); RoPE (rotate-half, cos/sin
 // tables (t, hd/2)) is applied to q and k on the way. Grid (b·t, nh).
 
-extern "C" __global__ void qkv_split_rope(const float* qkv, const float* cos_t, const float* sin_t, float* q, float* k, float* v,
-                                          int t, int nh, int nkv, int hd) {
-    int row = blockIdx.x, h = blockIdx.y;
-    int bi = row / t, p = row % t;
-    int kh = h / (nh / nkv), half = hd / 2;
-    u64 ld = (u64)(nh + 2 * nkv) * hd;
-    const float* src = qkv + (u64)row * ld;
-    u64 dst = (((u64)bi * nh + h) * t + p) * hd;
+// One (row, head) of the packed q/k/v rows with RoPE applied to q and k, handed to
+// `put(which, feature, value)` (which: 0 q, 1 k, 2 v); k and v from kv head h / (nh/nkv).
+template <class Put>
+__device__ __forceinline__ void split_rope_row(const float* qkv, const float* cos_t, const float* sin_t, int row, int h, int t, int nh, int nkv, int hd,
+                                               Put put) {
+    int p = row % t, kh = h / (nh / nkv), half = hd / 2;
+    const float* src = qkv + (u64)row * (nh + 2 * nkv) * hd;
     const float* qs = src + h * hd;
     const float* ks = src + (u64)nh * hd + kh * hd;
     const float* vs = src + (u64)(nh + nkv) * hd + kh * hd;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float c = cos_t[p * half + i], s = sin_t[p * half + i];
         float a = qs[i], b = qs[i + half];
-        q[dst + i] = a * c - b * s;
-        q[dst + i + half] = b * c + a * s;
+        put(0, i, a * c - b * s);
+        put(0, i + half, b * c + a * s);
         a = ks[i];
         b = ks[i + half];
-        k[dst + i] = a * c - b * s;
-        k[dst + i + half] = b * c + a * s;
-        v[dst + i] = vs[i];
-        v[dst + i + half] = vs[i + half];
+        put(1, i, a * c - b * s);
+        put(1, i + half, b * c + a * s);
+        put(2, i, vs[i]);
+        put(2, i + half, vs[i + half]);
     }
+}
+
+extern "C" __global__ void qkv_split_rope(const float* qkv, const float* cos_t, const float* sin_t, float* q, float* k, float* v,
+                                          int t, int nh, int nkv, int hd) {
+    int row = blockIdx.x, h = blockIdx.y;
+    u64 dst = (((u64)(row / t) * nh + h) * t + row % t) * hd;
+    float* out[3] = {q, k, v};
+    split_rope_row(qkv, cos_t, sin_t, row, h, t, nh, nkv, hd, [&](int w, int i, float x) { out[w][dst + i] = x; });
 }
 
 // The backward of qkv_split_rope: dq, dk, dv (b, nh, t, hd) into packed rows dqkv, dk and dv
@@ -462,43 +453,31 @@ __device__ __forceinline__ void mma_xm(float acc[8][4], float x[8][4], const u16
     }
 }
 
+// Store a 16 × 64 C-layout accumulator: row g to `row0`, row g+8 to `row1`, scaled per row.
+__device__ __forceinline__ void store_rows(float acc[8][4], float* row0, float* row1, float s0, float s1, int c) {
+    for (int dt = 0; dt < 8; dt++) {
+        int col = dt * 8 + 2 * c;
+        row0[col] = acc[dt][0] * s0;
+        row0[col + 1] = acc[dt][1] * s0;
+        row1[col] = acc[dt][2] * s1;
+        row1[col + 1] = acc[dt][3] * s1;
+    }
+}
+
 // qkv_split_rope for the flash path: bf16 q, k, v (b, nh, t, 64) and their transposes
 // (b, nh, 64, t). Grid (b·t, nh), block 32.
 extern "C" __global__ void qkv_split_rope16(const float* qkv, const float* cos_t, const float* sin_t, u16* q, u16* qT, u16* k, u16* kT, u16* v,
                                             u16* vT, int t, int nh, int nkv) {
-    int row = blockIdx.x, h = blockIdx.y;
-    int bi = row / t, p = row % t;
-    int kh = h / (nh / nkv), half = HD / 2;
-    u64 ld = (u64)(nh + 2 * nkv) * HD;
-    const float* src = qkv + (u64)row * ld;
-    u64 bh = (u64)bi * nh + h;
+    int row = blockIdx.x, h = blockIdx.y, p = row % t;
+    u64 bh = (u64)(row / t) * nh + h;
     u64 dst = (bh * t + p) * HD, tb = bh * HD * t;
-    const float* qs = src + h * HD;
-    const float* ks = src + (u64)nh * HD + kh * HD;
-    const float* vs = src + (u64)(nh + nkv) * HD + kh * HD;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float c = cos_t[p * half + i], s = sin_t[p * half + i];
-        float a = qs[i], b = qs[i + half];
-        u16 x = to_bf16(a * c - b * s), y = to_bf16(b * c + a * s);
-        q[dst + i] = x;
-        q[dst + i + half] = y;
-        qT[tb + (u64)i * t + p] = x;
-        qT[tb + (u64)(i + half) * t + p] = y;
-        a = ks[i];
-        b = ks[i + half];
-        x = to_bf16(a * c - b * s);
-        y = to_bf16(b * c + a * s);
-        k[dst + i] = x;
-        k[dst + i + half] = y;
-        kT[tb + (u64)i * t + p] = x;
-        kT[tb + (u64)(i + half) * t + p] = y;
-        x = to_bf16(vs[i]);
-        y = to_bf16(vs[i + half]);
-        v[dst + i] = x;
-        v[dst + i + half] = y;
-        vT[tb + (u64)i * t + p] = x;
-        vT[tb + (u64)(i + half) * t + p] = y;
-    }
+    u16* out[3] = {q, k, v};
+    u16* outT[3] = {qT, kT, vT};
+    split_rope_row(qkv, cos_t, sin_t, row, h, t, nh, nkv, HD, [&](int w, int i, float x) {
+        u16 y = to_bf16(x);
+        out[w][dst + i] = y;
+        outT[w][tb + (u64)i * t + p] = y;
+    });
 }
 
 // O (rows (b·t, nh·64), f32) and log-sum-exp (b·nh·t). Grid (t/64, b·nh), block 128.
@@ -562,16 +541,7 @@ extern "C" __global__ void flash_fwd(const u16* q, const u16* k, const u16* vT, 
     }
     int bi = bh / nh, h = bh % nh;
     u64 qd = (u64)nh * HD;
-    float il0 = 1.f / l0, il1 = 1.f / l1;
-    float* o0 = o + ((u64)bi * t + r0) * qd + h * HD;
-    float* o1 = o + ((u64)bi * t + r1) * qd + h * HD;
-    for (int dt = 0; dt < 8; dt++) {
-        int col = dt * 8 + 2 * c;
-        o0[col] = oacc[dt][0] * il0;
-        o0[col + 1] = oacc[dt][1] * il0;
-        o1[col] = oacc[dt][2] * il1;
-        o1[col + 1] = oacc[dt][3] * il1;
-    }
+    store_rows(oacc, o + ((u64)bi * t + r0) * qd + h * HD, o + ((u64)bi * t + r1) * qd + h * HD, 1.f / l0, 1.f / l1, c);
     if (c == 0) {
         lse[(u64)bh * t + r0] = m0 + logf(l0);
         lse[(u64)bh * t + r1] = m1 + logf(l1);
@@ -622,15 +592,7 @@ extern "C" __global__ void flash_bwd_dq(const u16* q, const u16* k, const u16* k
             }
         mma_xm(acc, s, kT + off, t, kb * 64, g, c);
     }
-    float* d0 = dq + off + (u64)r0 * HD;
-    float* d1 = dq + off + (u64)r1 * HD;
-    for (int dt = 0; dt < 8; dt++) {
-        int col = dt * 8 + 2 * c;
-        d0[col] = acc[dt][0];
-        d0[col + 1] = acc[dt][1];
-        d1[col] = acc[dt][2];
-        d1[col + 1] = acc[dt][3];
-    }
+    store_rows(acc, dq + off + (u64)r0 * HD, dq + off + (u64)r1 * HD, 1.f, 1.f, c);
 }
 
 // dK, dV (b, nh, t, 64) f32 over key slabs. Grid (t/64, b·nh), block 128.
@@ -668,21 +630,8 @@ extern "C" __global__ void flash_bwd_dkdv(const u16* q, const u16* qT, const u16
         mma_xm(dva, st, dOT + off, t, qb * 64, g, c);
         mma_xm(dka, dpt, qT + off, t, qb * 64, g, c);
     }
-    float* k0p = dk + off + (u64)r0 * HD;
-    float* k1p = dk + off + (u64)r1 * HD;
-    float* v0p = dv + off + (u64)r0 * HD;
-    float* v1p = dv + off + (u64)r1 * HD;
-    for (int dt = 0; dt < 8; dt++) {
-        int col = dt * 8 + 2 * c;
-        k0p[col] = dka[dt][0];
-        k0p[col + 1] = dka[dt][1];
-        k1p[col] = dka[dt][2];
-        k1p[col + 1] = dka[dt][3];
-        v0p[col] = dva[dt][0];
-        v0p[col + 1] = dva[dt][1];
-        v1p[col] = dva[dt][2];
-        v1p[col + 1] = dva[dt][3];
-    }
+    store_rows(dka, dk + off + (u64)r0 * HD, dk + off + (u64)r1 * HD, 1.f, 1.f, c);
+    store_rows(dva, dv + off + (u64)r0 * HD, dv + off + (u64)r1 * HD, 1.f, 1.f, c);
 }
 
 // ---------------------------------------------------------------------------------------------

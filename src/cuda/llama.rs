@@ -10,7 +10,8 @@
 use crate::cuda::{DevBuf, Gpu};
 use crate::cuda_args;
 use crate::error::Result;
-use crate::student::kernels::rope_tables;
+use crate::student::kernels::{rope_tables, Teacher};
+use crate::student::optim::AdamConfig;
 use crate::student::llama::Layout;
 use crate::student::StudentConfig;
 
@@ -97,24 +98,6 @@ struct Workspace {
     dd: DevBuf<f32>,
 }
 
-/// A teacher's top-k for one batch (as [`crate::student::kernels::Teacher`]).
-pub struct TeacherTopK<'a> {
-    pub k: usize,
-    pub ids: &'a [u32],
-    pub logp: &'a [f32],
-    pub alpha: f64,
-    pub temperature: f64,
-}
-
-/// AdamW hyper-parameters (as [`crate::student::optim::AdamW`]).
-#[derive(Clone, Copy, Debug)]
-pub struct AdamHyper {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
 /// The student on the device: parameters, gradients, AdamW moments and a workspace.
 pub struct GpuLlama {
     pub cfg: StudentConfig,
@@ -124,7 +107,7 @@ pub struct GpuLlama {
     m: DevBuf<f32>,
     v: DevBuf<f32>,
     decay: DevBuf<u8>,
-    hyper: AdamHyper,
+    hyper: AdamConfig,
     /// AdamW updates taken (bias correction).
     pub adam_t: u64,
     /// `[summed loss since zero_grad, squared gradient norm]` and partial sums.
@@ -142,7 +125,7 @@ fn grid1(n: usize, threads: u32) -> (u32, u32, u32) {
 
 impl GpuLlama {
     /// Upload `params` (flat, [`Layout`] order) with AdamW state zero.
-    pub fn new(gpu: Gpu, cfg: &StudentConfig, params: &[f32], hyper: AdamHyper, decay_ranges: &[(usize, usize, bool)]) -> Result<Self> {
+    pub fn new(gpu: Gpu, cfg: &StudentConfig, params: &[f32], hyper: AdamConfig, decay_ranges: &[(usize, usize, bool)]) -> Result<Self> {
         let layout = Layout::new(cfg);
         assert_eq!(params.len(), layout.total, "parameter count does not match the config");
         let n = layout.total;
@@ -401,7 +384,7 @@ impl GpuLlama {
     /// the loss sum (read with [`Self::sums`]); with `grad`, also the gradient of the final
     /// hidden states (kept for [`Self::backward`]) and the lm head's (added to the gradient).
     /// `nll`: per-row NLL copied back when given.
-    pub fn loss(&mut self, targets: &[u32], weights: &[f32], teacher: Option<&TeacherTopK>, grad: bool, nll: Option<&mut [f32]>) -> Result<()> {
+    pub fn loss(&mut self, targets: &[u32], weights: &[f32], teacher: Option<&Teacher>, grad: bool, nll: Option<&mut [f32]>) -> Result<()> {
         let c = self.cfg.clone();
         let (h, v) = (c.hidden_size, c.vocab_size);
         let ws = self.ws.as_mut().expect("forward before loss");

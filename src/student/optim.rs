@@ -3,6 +3,15 @@
 
 use rayon::prelude::*;
 
+/// AdamW hyper-parameters of a run (both engines).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
 /// Elements per parallel chunk of the optimizer update.
 const CHUNK: usize = 1 << 14;
 
