@@ -84,19 +84,8 @@ enum Command {
     /// Σ x xᵀ and token counts (and MoE routing counts) for `masa extract`.
     Calibrate {
         model: String,
-        /// Corpus files/directories (.txt, .jsonl, or the default corpus dir); default: the
-        /// built-in multi-domain corpus, built on first use.
-        #[arg(long)]
-        corpus: Vec<PathBuf>,
-        /// Calibration tokens (split equally over domains).
-        #[arg(long, default_value_t = 262_144)]
-        tokens: u64,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        stream: StreamArgs,
         /// Only these domains (comma-separated), e.g. for the single-domain ablation.
         #[arg(long, value_delimiter = ',')]
         domains: Option<Vec<String>>,
@@ -142,16 +131,8 @@ enum Command {
         #[arg(long, default_value = "exact")]
         mode: String,
         /// Minibatch mode: the calibration stream to replay (same options as `masa calibrate`).
-        #[arg(long)]
-        corpus: Vec<PathBuf>,
-        #[arg(long, default_value_t = 65_536)]
-        tokens: u64,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        stream: StreamArgs,
         /// Minibatch mode: passes over the tokens, Adam learning rate.
         #[arg(long, default_value_t = 10)]
         epochs: usize,
@@ -195,13 +176,8 @@ enum Command {
         seed: u64,
         #[arg(long)]
         quiet: bool,
-        /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-        #[arg(long, default_value = "cpu")]
-        device: masa::engine::Device,
-        /// Matrix-product precision: f32, or bf16 tensor-core products with f32 accumulation
-        /// and f32 master weights (CUDA only).
-        #[arg(long, value_enum, default_value = "f32")]
-        precision: masa::engine::Precision,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Zero-shot evaluation (lm-evaluation-harness conventions; docs/evaluation.md): multiple
     /// choice (acc, acc_norm), Natural Instructions generation (Rouge-L), perplexity per domain.
@@ -368,7 +344,47 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// A calibration token stream: `masa calibrate`, and the stream `masa extract --mode
+/// minibatch` replays.
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// Corpus files/directories (.txt, .jsonl, or the default corpus dir); default: the
+    /// built-in multi-domain corpus, built on first use.
+    #[arg(long)]
+    corpus: Vec<PathBuf>,
+    /// Tokens, split equally over domains [default: 262,144 for `calibrate`, 65,536 for the
+    /// replay of `extract --mode minibatch`].
+    #[arg(long)]
+    tokens: Option<u64>,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl StreamArgs {
+    fn options(&self, default_tokens: u64) -> masa::calibrate::CalibrateOptions {
+        masa::calibrate::CalibrateOptions {
+            tokens: self.tokens.unwrap_or(default_tokens),
+            seq_len: self.seq,
+            batch: self.batch,
+            seed: self.seed,
+            domains: None,
+            rank: None,
+        }
+    }
+}
+
+/// Where a training command computes.
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: masa::engine::Device,
     /// Matrix-product precision: f32, or bf16 tensor-core products with f32 accumulation and
@@ -413,13 +429,8 @@ enum BenchCommand {
         steps: usize,
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-        #[arg(long, default_value = "cpu")]
-        device: masa::engine::Device,
-        /// Matrix-product precision: f32, or bf16 tensor-core products with f32 accumulation
-        /// and f32 master weights (CUDA only).
-        #[arg(long, value_enum, default_value = "f32")]
-        precision: masa::engine::Precision,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Forward passes (logits included) over random tokens, f32.
     Forward {
@@ -512,7 +523,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => cmd_train(a),
-        Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet, device, precision } => {
+        Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet, engine } => {
             let tok = masa::source::SourceModel::open(&model)?.tokenizer;
             let pairs = match (data, task) {
                 (Some(d), _) => masa::finetune::read_pairs(&d, &tok)?,
@@ -522,7 +533,7 @@ fn run(cli: Cli) -> Result<()> {
                     .collect::<masa::Result<Vec<_>>>()?,
                 (None, None) => anyhow::bail!("give --data pairs.jsonl or --task NAME"),
             };
-            let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, device, precision, ..Default::default() };
+            let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, device: engine.device, precision: engine.precision, ..Default::default() };
             let s = masa::finetune::finetune(&model, &pairs, &opts)?;
             eprintln!("fine-tuned {} steps, final loss {:.4} -> {}", s.steps, s.final_loss, s.checkpoint.display());
             Ok(())
@@ -542,8 +553,8 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("this masa was built without CUDA support; rebuild with `cargo build --release --features cuda`")
             }
         }
-        Command::Bench { what: BenchCommand::Train { config, batch, seq, warmup, steps, json, device, precision } } => {
-            let r = masa::bench::train(&config, batch, seq, warmup, steps, 1, device, precision)?;
+        Command::Bench { what: BenchCommand::Train { config, batch, seq, warmup, steps, json, engine } } => {
+            let r = masa::bench::train(&config, batch, seq, warmup, steps, 1, engine.device, engine.precision)?;
             let line = serde_json::to_string(&r)?;
             println!("{line}");
             if let Some(p) = json {
@@ -551,7 +562,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Calibrate { model, corpus, tokens, seq, batch, seed, domains, rank, ratio, out } => {
+        Command::Calibrate { model, stream, domains, rank, ratio, out } => {
             let rank = match (rank, ratio) {
                 (Some(r), _) => Some(masa::align::RankSpec::Rank(r)),
                 (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::align::RankSpec::Ratio(rho)),
@@ -560,8 +571,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
             let m = Transformer::load(&source.weights)?;
-            let (corpus, desc) = masa::corpus::resolve_corpus(&corpus)?;
-            let opts = masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains, rank };
+            let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
+            let opts = masa::calibrate::CalibrateOptions { domains, rank, ..stream.options(262_144) };
             let t0 = std::time::Instant::now();
             let stats = masa::calibrate::calibrate_on_corpus(&source, &m, &corpus, &desc, &opts)?;
             let secs = t0.elapsed().as_secs_f64();
@@ -584,10 +595,10 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged {} shards, {} tokens -> {}", inputs.len(), acc.meta.tokens, out.display());
             Ok(())
         }
-        Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, layers, mode, corpus, tokens, seq, batch, seed, epochs, lr, out } => {
+        Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, layers, mode, stream, epochs, lr, out } => {
             let replay = match mode.as_str() {
                 "exact" => None,
-                "minibatch" => Some((corpus, masa::calibrate::CalibrateOptions { tokens, seq_len: seq, batch, seed, domains: None, rank: None }, epochs, lr)),
+                "minibatch" => Some((stream.corpus.clone(), stream.options(65_536), epochs, lr)),
                 other => anyhow::bail!("--mode {other}: expected `exact` or `minibatch`"),
             };
             cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, layers, replay, &out)
@@ -673,8 +684,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         ckpt_every: a.ckpt_every,
         resume: a.resume,
         progress: !a.quiet,
-        device: a.device,
-        precision: a.precision,
+        device: a.engine.device,
+        precision: a.engine.precision,
         distill: a.distill.map(|teacher| masa::distill::DistillOptions {
             teacher,
             alpha: a.alpha,

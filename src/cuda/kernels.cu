@@ -431,11 +431,14 @@ __device__ __forceinline__ void load_a_rows(u32 a[4][4], const u16* m, int r0, i
         a[kk][3] = ld2(m + (u64)(r0 + g + 8) * HD + kk * 16 + 8 + 2 * c);
     }
 }
+__device__ __forceinline__ void zero_acc(float acc[8][4]) {
+    for (int dt = 0; dt < 8; dt++) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+}
 // acc (16 × 64, 8 tiles) = A (16 × 64) · Bᵀ where B is rows n0..n0+63 of a row-major (·, 64)
 // matrix (the products Q Kᵀ, dO Vᵀ, K Qᵀ, V dOᵀ).
 __device__ __forceinline__ void mma_abt(float acc[8][4], const u32 a[4][4], const u16* b, int n0, int g, int c) {
+    zero_acc(acc);
     for (int nt = 0; nt < 8; nt++) {
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
         const u16* row = b + (u64)(n0 + nt * 8 + g) * HD;
         for (int kk = 0; kk < 4; kk++) mma16816(acc[nt], a[kk], ld2(row + kk * 16 + 2 * c), ld2(row + kk * 16 + 8 + 2 * c));
     }
@@ -462,6 +465,25 @@ __device__ __forceinline__ void store_rows(float acc[8][4], float* row0, float* 
         row1[col] = acc[dt][2] * s1;
         row1[col + 1] = acc[dt][3] * s1;
     }
+}
+
+// From scores S and dP of one 16 × 64 tile, P = exp(S·scale − lse) and dS = P ⊙ (dP − D)·scale
+// in place (s ← P, dp ← dS), zero where key > query. Queries are the rows (`QROWS`, the dQ
+// kernel) or the columns (the dK/dV kernel); `lse` and `dd` are indexed by query.
+template <bool QROWS>
+__device__ __forceinline__ void p_ds(float s[8][4], float dp[8][4], int col0, int r0, int r1, const float* lse, const float* dd, float scale, int c) {
+    for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 2; e++) {
+            int col = col0 + nt * 8 + 2 * c + e;
+            for (int half = 0; half < 2; half++) {
+                int r = half ? r1 : r0, i = 2 * half + e;
+                int q = QROWS ? r : col;
+                bool masked = QROWS ? col > r : r > col;
+                float p = masked ? 0.f : expf(s[nt][i] * scale - lse[q]);
+                s[nt][i] = p;
+                dp[nt][i] = p * (dp[nt][i] - dd[q]) * scale;
+            }
+        }
 }
 
 // qkv_split_rope for the flash path: bf16 q, k, v (b, nh, t, 64) and their transposes
@@ -491,7 +513,7 @@ extern "C" __global__ void flash_fwd(const u16* q, const u16* k, const u16* vT, 
     u32 qa[4][4];
     load_a_rows(qa, Q, q0, g, c);
     float oacc[8][4];
-    for (int dt = 0; dt < 8; dt++) oacc[dt][0] = oacc[dt][1] = oacc[dt][2] = oacc[dt][3] = 0.f;
+    zero_acc(oacc);
     float m0 = NEG_INF_F, m1 = NEG_INF_F, l0 = 0.f, l1 = 0.f;
     int r0 = q0 + g, r1 = q0 + g + 8;
     for (int kb = 0; kb <= qb; kb++) {
@@ -574,23 +596,14 @@ extern "C" __global__ void flash_bwd_dq(const u16* q, const u16* k, const u16* k
     u32 qa[4][4], da[4][4];
     load_a_rows(qa, q + off, q0, g, c);
     load_a_rows(da, dO + off, q0, g, c);
-    float L0 = lse[(u64)bh * t + r0], L1 = lse[(u64)bh * t + r1];
-    float D0 = dd[(u64)bh * t + r0], D1 = dd[(u64)bh * t + r1];
     float acc[8][4];
-    for (int dt = 0; dt < 8; dt++) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    zero_acc(acc);
     for (int kb = 0; kb <= qb; kb++) {
         float s[8][4], dp[8][4];
         mma_abt(s, qa, k + off, kb * 64, g, c);
         mma_abt(dp, da, v + off, kb * 64, g, c);
-        for (int nt = 0; nt < 8; nt++)
-            for (int e = 0; e < 2; e++) {
-                int col = kb * 64 + nt * 8 + 2 * c + e;
-                float p0 = col > r0 ? 0.f : expf(s[nt][e] * scale - L0);
-                float p1 = col > r1 ? 0.f : expf(s[nt][2 + e] * scale - L1);
-                s[nt][e] = p0 * (dp[nt][e] - D0) * scale;
-                s[nt][2 + e] = p1 * (dp[nt][2 + e] - D1) * scale;
-            }
-        mma_xm(acc, s, kT + off, t, kb * 64, g, c);
+        p_ds<true>(s, dp, kb * 64, r0, r1, lse + (u64)bh * t, dd + (u64)bh * t, scale, c);
+        mma_xm(acc, dp, kT + off, t, kb * 64, g, c);
     }
     store_rows(acc, dq + off + (u64)r0 * HD, dq + off + (u64)r1 * HD, 1.f, 1.f, c);
 }
@@ -608,25 +621,13 @@ extern "C" __global__ void flash_bwd_dkdv(const u16* q, const u16* qT, const u16
     load_a_rows(ka, k + off, k0, g, c);
     load_a_rows(va, v + off, k0, g, c);
     float dka[8][4], dva[8][4];
-    for (int dt = 0; dt < 8; dt++) {
-        dka[dt][0] = dka[dt][1] = dka[dt][2] = dka[dt][3] = 0.f;
-        dva[dt][0] = dva[dt][1] = dva[dt][2] = dva[dt][3] = 0.f;
-    }
+    zero_acc(dka);
+    zero_acc(dva);
     for (int qb = kb; qb < t / 64; qb++) {
         float st[8][4], dpt[8][4];
         mma_abt(st, ka, q + off, qb * 64, g, c);
         mma_abt(dpt, va, dO + off, qb * 64, g, c);
-        for (int nt = 0; nt < 8; nt++)
-            for (int e = 0; e < 2; e++) {
-                int col = qb * 64 + nt * 8 + 2 * c + e;
-                float L = LS[col], D = DD[col];
-                float p0 = r0 > col ? 0.f : expf(st[nt][e] * scale - L);
-                float p1 = r1 > col ? 0.f : expf(st[nt][2 + e] * scale - L);
-                st[nt][e] = p0;
-                st[nt][2 + e] = p1;
-                dpt[nt][e] = p0 * (dpt[nt][e] - D) * scale;
-                dpt[nt][2 + e] = p1 * (dpt[nt][2 + e] - D) * scale;
-            }
+        p_ds<false>(st, dpt, qb * 64, r0, r1, LS, DD, scale, c);
         mma_xm(dva, st, dOT + off, t, qb * 64, g, c);
         mma_xm(dka, dpt, qT + off, t, qb * 64, g, c);
     }

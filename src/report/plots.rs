@@ -41,6 +41,18 @@ pub trait Plot {
 }
 
 /// Any plotters error as text.
+/// The legend box every plot uses, at `pos`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>, pos: SeriesLabelPosition) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.9))
+        .border_style(RGBColor(190, 190, 190))
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(fail)
+}
+
 fn fail<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
@@ -174,14 +186,7 @@ impl Plot for CurvesPlot {
             let visible = mean.into_iter().filter(|p| p.1 >= lo && p.1 <= hi);
             chart.draw_series(visible.map(|p| Circle::new(p, 3, color.filled()))).map_err(fail)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(RGBColor(190, 190, 190))
-            .label_font((FONT, 14))
-            .draw()
-            .map_err(fail)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     }
 }
@@ -345,14 +350,7 @@ impl Plot for BarsPlot {
                 .map_err(fail)?
                 .label(label)
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], BLACK.stroke_width(1)));
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.9))
-                .border_style(RGBColor(190, 190, 190))
-                .label_font((FONT, 14))
-                .draw()
-                .map_err(fail)?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         Ok(())
     }
@@ -447,14 +445,7 @@ impl Plot for SpectraPlot {
             let gene_line = chart.draw_series(LineSeries::new(gene, gene_color.stroke_width(2))).map_err(fail)?;
             if k == 0 {
                 gene_line.label("gene M").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], gene_color.stroke_width(3)));
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::LowerLeft)
-                    .background_style(WHITE.mix(0.9))
-                    .border_style(RGBColor(190, 190, 190))
-                    .label_font((FONT, 14))
-                    .draw()
-                    .map_err(fail)?;
+                legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
             }
         }
         Ok(())
