@@ -1,7 +1,8 @@
 //! `masa extract`: one gene matrix per aligned FFN matrix of the source (Sec. 3.1).
 //!
-//! Exact mode (default): output alignment solved in closed form from the calibration
-//! statistics, then `L_align = L_out + λ L_spec` minimised with full-batch exact gradients
+//! Exact mode (default): output alignment L_out solved in closed form from the calibration
+//! statistics, then `L_align = L_out + λ L_spec` (Sec. 3.1; design.md gives these losses no
+//! equation numbers, see [`crate::align`]) minimised with full-batch exact gradients
 //! (L-BFGS) until the relative improvement stalls. Minibatch mode (the paper's procedure):
 //! Adam on streamed `(x, W x)` pairs; see [`MinibatchAligner`].
 
@@ -256,7 +257,10 @@ pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout)
     Ok(OutputAlignment::new(w, &moment.mean(), layout))
 }
 
-/// Alignment of one gene given its output-alignment objective (see [`align_matrix`]).
+/// Alignment of one gene given its output-alignment objective (see [`align_matrix`]): start
+/// at the output-only optimum, then minimise `L_align = L_out + λ L_spec` (Sec. 3.1; design.md
+/// gives no equation number), each term normalised per matrix (design.md "Spectral
+/// alignment").
 pub fn align_with(out: OutputAlignment, w: &[f32], layout: Layout, opts: &ExtractOptions) -> Result<(Vec<f64>, MatrixReport)> {
     let t0 = Instant::now();
     let wmat = Mat::from_fn(layout.d_out, layout.d_in, |p, j| w[p * layout.d_in + j] as f64);
@@ -410,8 +414,9 @@ pub fn read_gene_file(path: &Path) -> Result<(String, BTreeMap<String, (usize, V
     Ok((meta_json, genes))
 }
 
-/// The paper's procedure, kept for comparison: Adam on minibatches of streamed `(x, W x)`
-/// pairs, minimising the mean of `‖W x − f_d(M f_c(x))‖² / d_out` (plus `λ L_spec`).
+/// The paper's procedure (Sec. 3.1), kept for comparison: Adam on minibatches of streamed
+/// `(x, W x)` pairs, minimising L_out, the mean of `‖W x − f_d(M f_c(x))‖² / d_out` with f_c,
+/// f_d of Eq. (1)-(3), plus `λ L_spec` (L_out and L_spec: no equation numbers in design.md).
 pub struct MinibatchAligner {
     pub layout: Layout,
     w_t: Tensor,
