@@ -13,6 +13,7 @@
 
 pub mod results;
 pub mod spec;
+pub mod strategies;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -27,7 +28,8 @@ use crate::extract::{ExtractOptions, Genes, RankSpec};
 use crate::init::{InitOptions, InitRequest, Strategy};
 use crate::model::Transformer;
 use crate::run::results::*;
-use crate::run::spec::{group_and_label, Spec};
+use crate::run::spec::Spec;
+use crate::run::strategies::{Group, Variant};
 use crate::source::{Arch, SourceModel, TensorEntry};
 use crate::student::StudentConfig;
 use crate::{MasaError, Result};
@@ -193,7 +195,7 @@ pub struct TrainingJob {
     pub seed: u64,
     /// Spec strategy name (`masa-ratio-0.06` and `masa-domain-code` for sweep runs).
     pub strategy: String,
-    pub group: String,
+    pub group: Group,
     pub label: String,
     pub ratio: Option<f64>,
     /// Extraction label the init reads (masa variants).
@@ -221,35 +223,27 @@ impl Plan {
             label
         };
         let main_genes = add_ex(e.ratio, e.lambda, ALL);
-        let mut variants: Vec<(String, String, String, Option<f64>, Option<String>, InitOptions, bool)> = Vec::new();
+        // (variant, gene ratio, extraction label) per strategy the spec names, then the sweeps.
+        let mut variants: Vec<(Variant, Option<f64>, Option<String>)> = Vec::new();
         for s in &spec.strategies {
-            let (group, label) = group_and_label(s);
-            let (init, genes, distill) = match s.as_str() {
-                "masa" => (InitOptions::new(Strategy::Masa), Some(main_genes.clone()), false),
-                "scratch" => (InitOptions::new(Strategy::Scratch), None, false),
-                "weight-selection" => (InitOptions::new(Strategy::WeightSelection), None, false),
-                "prune" => (InitOptions::new(Strategy::Prune), None, false),
-                "distill" => (InitOptions::new(Strategy::Scratch), None, true),
-                "hybrid" => (InitOptions { rest: crate::init::Rest::WeightSelection, ..InitOptions::new(Strategy::Masa) }, Some(main_genes.clone()), false),
-                "masa-paper-scale" => {
-                    (InitOptions { gene_scale: crate::init::GeneScale::None, ..InitOptions::new(Strategy::Masa) }, Some(main_genes.clone()), false)
-                }
-                "masa-no-spectral" => (InitOptions::new(Strategy::Masa), Some(add_ex(e.ratio, 0.0, ALL)), false),
-                "naive" => (InitOptions::new(Strategy::Naive), Some(main_genes.clone()), false),
-                other => return Err(MasaError::Invalid(format!("unknown strategy `{other}`"))),
+            let def = strategies::find(s).ok_or_else(|| MasaError::Invalid(format!("unknown strategy `{s}`")))?;
+            let v = Variant::from(def);
+            let genes = match (v.needs_genes, v.spectral) {
+                (false, _) => None,
+                (true, true) => Some(main_genes.clone()),
+                (true, false) => Some(add_ex(e.ratio, 0.0, ALL)),
             };
-            let ratio = genes.as_ref().map(|_| e.ratio);
-            variants.push((s.clone(), group.into(), label.into(), ratio, genes, init, distill));
+            variants.push((v, genes.as_ref().map(|_| e.ratio), genes));
         }
         for &r in &spec.ablations.ratios {
             let g = add_ex(r, e.lambda, ALL);
-            variants.push((format!("masa-ratio-{r}"), "ratio".into(), format!("MASA, ratio {r}"), Some(r), Some(g), InitOptions::new(Strategy::Masa), false));
+            variants.push((strategies::ratio_variant(r), Some(r), Some(g)));
         }
         for d in &spec.ablations.calibration_domains {
             let cal = format!("domain-{d}");
             calibrations.push(CalibrationJob { label: cal.clone(), domains: Some(vec![d.clone()]) });
             let g = add_ex(e.ratio, e.lambda, &cal);
-            variants.push((format!("masa-domain-{d}"), "calibration".into(), format!("MASA, calibrated on {d} only"), Some(e.ratio), Some(g), InitOptions::new(Strategy::Masa), false));
+            variants.push((strategies::domain_variant(d), Some(e.ratio), Some(g)));
         }
         let l_s = source.weights.config.num_hidden_layers;
         let mut layers = BTreeSet::new();
@@ -260,19 +254,19 @@ impl Plan {
         let mut jobs = Vec::new();
         for st in &spec.students {
             for &budget in &spec.pretrain.budgets {
-                for (s, group, label, ratio, genes, init, distill) in &variants {
+                for (v, ratio, genes) in &variants {
                     for &seed in &spec.seeds {
                         jobs.push(TrainingJob {
                             student: st.clone(),
                             budget,
                             seed,
-                            strategy: s.clone(),
-                            group: group.clone(),
-                            label: label.clone(),
+                            strategy: v.name.clone(),
+                            group: v.group,
+                            label: v.label.clone(),
                             ratio: *ratio,
                             genes: genes.clone(),
-                            init: InitOptions { seed, ..init.clone() },
-                            distill: *distill,
+                            init: InitOptions { seed, ..v.init.clone() },
+                            distill: v.distill,
                         });
                     }
                 }
@@ -702,7 +696,7 @@ impl<'a> Ctx<'a> {
             student: j.student.clone(),
             student_parameters: params,
             strategy: j.strategy.clone(),
-            group: j.group.clone(),
+            group: j.group.name().into(),
             label: j.label.clone(),
             ratio: j.ratio,
             seed: j.seed,
