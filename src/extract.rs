@@ -357,6 +357,40 @@ pub fn extract(
     })
 }
 
+/// The singular values of one source matrix W and of its gene M, to see how well spectral
+/// alignment matched them (`results.json`'s `spectra`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spectrum {
+    /// Label of the gene set (`masa run`'s extraction label).
+    pub extraction: String,
+    pub layer: usize,
+    /// `gate_proj`, `up_proj` or `down_proj`.
+    pub proj: String,
+    /// Top-r singular values of W, descending.
+    pub source: Vec<f64>,
+    /// Singular values of M, descending.
+    pub gene: Vec<f64>,
+}
+
+/// Spectra of W and M for every dense or shared-expert FFN matrix of `layers` (routed
+/// experts left out), labelled `extraction`. Every such matrix must have a gene in `genes`.
+pub fn spectra(source: &SourceWeights, genes: &Genes, layers: &[usize], extraction: &str) -> Result<Vec<Spectrum>> {
+    let mut out = Vec::new();
+    for m in source.config.ffn_matrices().into_iter().filter(|m| layers.contains(&m.layer) && m.kind != "expert") {
+        let Some((r, g)) = genes.genes.get(&gene_name(&m)) else {
+            return Err(MasaError::Invalid(format!("layer {} has no gene `{}` in these genes", m.layer, gene_name(&m))));
+        };
+        let w = source.tensor(&m.name)?.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+        let wm = Mat::<f64>::from_fn(m.d_out, m.d_in, |i, j| w[i][j]);
+        let gm = Mat::<f64>::from_fn(*r, *r, |i, j| g[i * r + j] as f64);
+        let mut sw = crate::align::singular_values(&wm)?;
+        sw.truncate(*r);
+        let gene = crate::align::singular_values(&gm)?;
+        out.push(Spectrum { extraction: extraction.into(), layer: m.layer, proj: m.proj.into(), source: sw, gene });
+    }
+    Ok(out)
+}
+
 impl Genes {
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes: Vec<(String, usize, Vec<u8>)> =

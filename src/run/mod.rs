@@ -573,33 +573,23 @@ impl<'a> Ctx<'a> {
         self.save()
     }
 
-    /// Singular values of W and of its gene M for the first, middle and last mapped layers, or
-    /// the spec's `extraction.spectra_layers` (cached beside the genes).
+    /// Singular values of W and of its gene M ([`crate::extract::spectra`]) for the first,
+    /// middle and last mapped layers, or the spec's `extraction.spectra_layers`, of the main
+    /// extraction (cached beside its genes).
     fn spectra(&mut self, plan: &Plan) -> Result<()> {
         let Some(main) = plan.extractions.first() else { return Ok(()) };
         let (genes_path, _) = self.genes[&main.label].clone();
         let cache = genes_path.with_file_name("spectra.json");
         let layers = self.spec.extraction.spectra_layers_for(&plan.layers);
+        if let Some(l) = layers.iter().find(|l| !plan.layers.contains(l)) {
+            return Err(MasaError::Invalid(format!("field `extraction.spectra_layers`: layer {l} has no gene (extracted layers: {:?})", plan.layers)));
+        }
         let cached: Option<Vec<Spectrum>> = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str(&t).ok());
         let spectra = match cached.filter(|s| s.iter().map(|x| x.layer).collect::<BTreeSet<_>>() == layers.iter().copied().collect()) {
             Some(s) => s,
             None => {
                 let genes = Genes::load(&genes_path)?;
-                let mut out = Vec::new();
-                for m in self.source.weights.config.ffn_matrices().into_iter().filter(|m| layers.contains(&m.layer) && m.kind != "expert") {
-                    let Some((r, g)) = genes.genes.get(&crate::extract::gene_name(&m)) else {
-                        return Err(MasaError::Invalid(format!(
-                            "field `extraction.spectra_layers`: layer {} has no gene (extracted layers: {:?})",
-                            m.layer, plan.layers
-                        )));
-                    };
-                    let w = self.source.weights.tensor(&m.name)?.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
-                    let wm = faer::Mat::<f64>::from_fn(m.d_out, m.d_in, |i, j| w[i][j]);
-                    let gm = faer::Mat::<f64>::from_fn(*r, *r, |i, j| g[i * r + j] as f64);
-                    let mut sw = crate::align::singular_values(&wm)?;
-                    sw.truncate(*r);
-                    out.push(Spectrum { extraction: main.label.clone(), layer: m.layer, proj: m.proj.into(), source: sw, gene: crate::align::singular_values(&gm)? });
-                }
+                let out = crate::extract::spectra(&self.source.weights, &genes, &layers, &main.label)?;
                 let json = serde_json::to_string(&out).map_err(|e| MasaError::Invalid(e.to_string()))?;
                 crate::home::write_atomic(&cache, json.as_bytes())?;
                 out

@@ -97,17 +97,8 @@ pub struct ExtractionInfo {
     pub cache_key: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Spectrum {
-    pub extraction: String,
-    pub layer: usize,
-    /// `gate_proj`, `up_proj` or `down_proj`.
-    pub proj: String,
-    /// Top-r singular values of W, descending.
-    pub source: Vec<f64>,
-    /// Singular values of M, descending.
-    pub gene: Vec<f64>,
-}
+/// Singular values of W and M, as the extraction stage computes them ([`crate::extract::spectra`]).
+pub use crate::extract::Spectrum;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainingRun {
