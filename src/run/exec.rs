@@ -1,6 +1,6 @@
 //! Stage execution: each stage of a [`Plan`] as one call of the library function its
 //! subcommand calls, its result kept in the artifact store ([`crate::run::store`]) under the
-//! key of its inputs and options, so a rerun reads the record instead.
+//! key of its inputs and complete options, so a rerun reads the record instead.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use crate::model::Transformer;
 use crate::run::plan::{CalibrationJob, ExtractionJob, Plan, TrainingJob, ALL, SECONDS_PER_GENE, SOURCE_TOKENS_PER_S};
 use crate::run::results::*;
 use crate::run::spec::{Spec, TaskSpec};
-use crate::run::store::{self, read_record, stage_key, write_record};
+use crate::run::store::{self, read_record, write_record, Stage};
 use crate::source::SourceModel;
 use crate::student::StudentConfig;
 use crate::{MasaError, Result};
@@ -54,8 +54,13 @@ struct TrainRecord {
     tokens_per_s: f64,
 }
 
-/// Bumped when what a fine-tune/eval record holds changes (2: generation tasks' answer NLL).
-const RECORD_VERSION: u32 = 2;
+/// Everything the fine-tune + evaluation stage of one task is given, as its key sees it.
+#[derive(Serialize)]
+struct DownstreamOptions<'o> {
+    task: &'o TaskSpec,
+    finetune: &'o crate::finetune::FinetuneOptions,
+    eval: &'o crate::eval::EvalOptions,
+}
 
 impl<'a> Ctx<'a> {
     /// Resolve and open the source, fetch what the spec needs, start the results.
@@ -142,8 +147,8 @@ impl<'a> Ctx<'a> {
     pub(crate) fn calibration(&mut self, job: &CalibrationJob) -> Result<()> {
         let c = &self.spec.calibration;
         let opts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None };
-        let k = store::hash("calibrate", &json!({"source": self.source_hash, "corpus": self.corpus_key, "tokens": c.tokens, "seq": c.seq_len, "batch": c.batch, "seed": c.seed, "domains": job.domains}));
-        let dir = self.store.join(format!("calibrate-{k}"));
+        let k = Stage::Calibrate.key(json!({"source": self.source_hash, "corpus": self.corpus_key}), &opts)?;
+        let dir = Stage::Calibrate.dir(&self.store, &k);
         let path = dir.join("stats.safetensors");
         self.overall.set_message(format!("calibrating {} ({} tokens)", job.label, c.tokens));
         let info = match read_record::<CalibrationInfo>(&dir) {
@@ -178,8 +183,8 @@ impl<'a> Ctx<'a> {
         let e = &self.spec.extraction;
         let (stats_path, stats_key) = self.stats.get(&job.calibration).cloned().ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
         let opts = ExtractOptions { rank: RankSpec::Ratio(job.ratio), lambda: job.lambda, max_iter: e.max_iter, layers: Some(layers.to_vec()), ..Default::default() };
-        let k = store::hash("extract", &json!({"stats": stats_key, "ratio": job.ratio, "lambda": job.lambda, "max_iter": e.max_iter, "layers": layers}));
-        let dir = self.store.join(format!("extract-{k}"));
+        let k = Stage::Extract.key(json!({"stats": stats_key}), &opts)?;
+        let dir = Stage::Extract.dir(&self.store, &k);
         let path = dir.join("genes.safetensors");
         self.overall.set_message(format!("extracting genes {}", job.label));
         let info = match read_record::<ExtractionInfo>(&dir) {
@@ -283,11 +288,11 @@ impl<'a> Ctx<'a> {
         let student = StudentConfig::from_spec(&j.student)?;
         let genes = j.genes.as_ref().map(|g| self.genes[g].clone());
         let stats = (j.init.strategy == Strategy::Prune).then(|| self.stats[ALL].clone());
-        let k = store::hash(
-            "init",
-            &json!({"source": self.source_hash, "student": student, "options": j.init, "genes": genes.as_ref().map(|g| &g.1), "stats": stats.as_ref().map(|s| &s.1)}),
-        );
-        let dir = self.store.join(format!("init-{k}"));
+        let k = Stage::Init.key(
+            json!({"source": self.source_hash, "student": student, "genes": genes.as_ref().map(|g| &g.1), "stats": stats.as_ref().map(|s| &s.1)}),
+            &j.init,
+        )?;
+        let dir = Stage::Init.dir(&self.store, &k);
         let model = dir.join("model");
         if read_record::<serde_json::Value>(&dir).is_none() {
             self.computed += 1;
@@ -336,14 +341,8 @@ impl<'a> Ctx<'a> {
             precision: spec.precision,
             ..Default::default()
         };
-        let k = stage_key(
-            "train",
-            json!({"init": init_key, "corpus": self.corpus_key, "budget": j.budget, "batch": p.batch, "seq": p.seq_len, "accum": p.grad_accum,
-                    "lr": p.lr, "warmup": p.warmup, "eval_every": p.eval_every, "eval_seqs": p.eval_seqs, "seed": j.seed,
-                    "distill": opts.distill.as_ref().map(|d| json!({"alpha": d.alpha, "temperature": d.temperature, "top_k": d.top_k}))}),
-            spec,
-        );
-        let dir = self.store.join(format!("train-{k}"));
+        let k = Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key}), &opts)?;
+        let dir = Stage::Train.dir(&self.store, &k);
         let rec = match read_record::<TrainRecord>(&dir) {
             // The checkpoint as a path inside this store, wherever the store is now.
             Some(r) => TrainRecord { checkpoint: dir.join(r.checkpoint.file_name().unwrap_or_default()), ..r },
@@ -382,13 +381,11 @@ impl<'a> Ctx<'a> {
             gen: crate::eval::generation::GenOptions { max_new_tokens: f.max_new_tokens, ..Default::default() },
             ..Default::default()
         };
-        let k = stage_key(
-            "finetune",
-            json!({"train": train_key, "task": task.name, "eval_format": crate::eval::PROMPT_FORMAT_VERSION, "record": RECORD_VERSION, "examples": task.examples, "eval_limit": task.eval_limit, "epochs": f.epochs,
-                    "lr": f.lr, "batch": f.batch, "max_len": f.max_len, "max_new_tokens": f.max_new_tokens, "seed": seed}),
-            self.spec,
-        );
-        let dir = self.store.join(format!("finetune-{k}"));
+        let k = Stage::Finetune.key(
+            json!({"train": train_key, "eval_format": crate::eval::PROMPT_FORMAT_VERSION}),
+            &DownstreamOptions { task, finetune: &ft, eval: &eval },
+        )?;
+        let dir = Stage::Finetune.dir(&self.store, &k);
         if let Some(s) = read_record::<TaskScore>(&dir) {
             return Ok(s);
         }

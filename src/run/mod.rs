@@ -12,7 +12,8 @@
 //! - [`plan`]: what a spec expands to and what it costs (`masa run --plan`);
 //! - [`exec`]: each stage as a library call, cached in the store;
 //! - [`store`]: artifacts in `<runs>/artifacts/<stage>-<key>/`, `key` = hash of the stage's
-//!   inputs' keys and options, so a rerun, or another spec sharing stages, reuses them. A stage is finished when its `record.json` exists (written last,
+//!   record version, inputs' keys and complete options, so a rerun, or another spec sharing
+//!   stages, reuses them. A stage is finished when its `record.json` exists (written last,
 //!   atomically); an interrupted training resumes from its latest checkpoint;
 //! - [`results`]: `results.json`, what the report renders.
 
