@@ -1,10 +1,24 @@
 //! Gene matrices and their alignment to a source FFN matrix (Sec. 3.1; design.md).
 //!
+//! The paper, function by function (equation numbers as docs/design.md gives them; where it
+//! gives none, the section):
+//!
+//! | paper | here |
+//! |---|---|
+//! | f_c, Eq. (1)-(2); its index form, Eq. (10)-(14) | [`compress`], [`Layout::padded_index`] |
+//! | f_d, Eq. (3); its index form, Eq. (10)-(14) | [`decompress`], [`Layout::chunk_row`] |
+//! | `x̃ = f_d(M f_c(x))`, Eq. (1)-(3) | [`gene_apply`] |
+//! | L_out, Sec. 3.1 (no equation number in design.md) | [`OutputAlignment::loss_grad`] |
+//! | L_spec, Sec. 3.1 (no equation number in design.md) | [`SpectralAlignment::loss_grad`] |
+//! | L_align = L_out + λ L_spec, Sec. 3.1 (no equation number in design.md) | [`crate::extract::align_with`] |
+//! | r from the M/W ratio, Table 5 | [`rank_for_ratio`] |
+//!
 //! A gene `M ∈ R^{r×r}` stands in for `W ∈ R^{d_out×d_in}` through compression `f_c` (split
 //! the tail-padded input into `n` chunks of `r`) and decompression `f_d` (concatenate
 //! `M x^(i)`, truncate or tile to `d_out`). Output alignment is quadratic in `M` and depends
 //! on the data only through `S = Σ x xᵀ / N`, so it is solved exactly from calibration
-//! statistics; spectral alignment matches the log singular values of `M` to the top-r of `W`.
+//! statistics (design.md "Output alignment, exactly"); spectral alignment matches the log
+//! singular values of `M` to the top-r of `W`.
 
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
@@ -37,7 +51,8 @@ impl Layout {
         Ok(Layout { d_in, d_out, r, n, pad: n * r - d_in })
     }
 
-    /// Source index of padded coordinate `j` of `x̄ = [x ; x[d_in−pad..d_in]]`.
+    /// Source index of padded coordinate `j` of `x̄ = [x ; x[d_in−pad..d_in]]`: the tail
+    /// padding of f_c, Eq. (10)-(14) (design.md "Compression f_c and decompression f_d").
     pub fn padded_index(&self, j: usize) -> usize {
         if j < self.d_in {
             j
@@ -47,7 +62,8 @@ impl Layout {
     }
 
     /// Output coordinate `p` reads chunk `i(p)` through row `a(p)` of M: `s = p mod nr`,
-    /// `i = s div r`, `a = s mod r`.
+    /// `i = s div r`, `a = s mod r`. The truncate-or-tile of f_d as an index map, Eq. (10)-(14)
+    /// (design.md "Compression f_c and decompression f_d").
     pub fn chunk_row(&self, p: usize) -> (usize, usize) {
         let s = p % (self.n * self.r);
         (s / self.r, s % self.r)
@@ -72,7 +88,8 @@ impl RankSpec {
     }
 }
 
-/// `r = round(sqrt(ρ · d_in · d_out))`: the M/W ratio of Table 5 read as parameter share.
+/// `r = round(sqrt(ρ · d_in · d_out))`: the M/W ratio of Table 5 read as parameter share
+/// (design.md "Gene matrix set G_M").
 pub fn rank_for_ratio(ratio: f64, d_out: usize, d_in: usize) -> usize {
     (ratio * d_in as f64 * d_out as f64).sqrt().round() as usize
 }
@@ -92,7 +109,7 @@ pub fn decompress(z: &[Vec<f64>], l: &Layout) -> Vec<f64> {
         .collect()
 }
 
-/// `x̃ = f_d(M f_c(x))` for one input vector; `m` row-major `r×r`.
+/// `x̃ = f_d(M f_c(x))` for one input vector, Eq. (1)-(3); `m` row-major `r×r`.
 pub fn gene_apply(m: &[f64], x: &[f64], l: &Layout) -> Vec<f64> {
     let z: Vec<Vec<f64>> = compress(x, l)
         .iter()
@@ -101,7 +118,8 @@ pub fn gene_apply(m: &[f64], x: &[f64], l: &Layout) -> Vec<f64> {
     decompress(&z, l)
 }
 
-/// The exact output-alignment objective for one W (design.md "Output alignment, exactly"):
+/// The output-alignment objective L_out for one W (Sec. 3.1; design.md gives no equation
+/// number), in its exact quadratic form (design.md "Output alignment, exactly"):
 /// `L_out(M) = (tr(W S Wᵀ) − 2 Σ_a m_aᵀ b_a + Σ_a m_aᵀ A_a m_a) / d_out` with
 /// `A_a = Σ_i c_{a,i} S_ii` (S_ii the i-th diagonal r×r block of the padded moment, c_{a,i} how
 /// many output coordinates read chunk i through row a) and `b_a = Σ_{p: a(p)=a} S̄_{i(p)} w_p`.
@@ -194,7 +212,8 @@ impl OutputAlignment {
         out
     }
 
-    /// `L_out(M)` and its gradient `2 (A_a m_a − b_a) / d_out` (row a).
+    /// `L_out(M)` (Sec. 3.1; no equation number in design.md) and its gradient
+    /// `2 (A_a m_a − b_a) / d_out` (row a).
     pub fn loss_grad(&self, m: &Mat<f64>) -> (f64, Mat<f64>) {
         let am = self.a_times(m);
         let r = self.layout.r;
@@ -250,8 +269,9 @@ impl OutputAlignment {
     }
 }
 
-/// Spectral alignment: `L_spec = Σ_i (log σ_i − log σ'_i)²` between the top-r singular values
-/// of W and those of M, gradient `Σ_i 2 (log σ'_i − log σ_i)/σ'_i · u'_i v'_iᵀ`.
+/// Spectral alignment L_spec (Sec. 3.1; design.md "Spectral alignment" gives no equation
+/// number): `L_spec = Σ_i (log σ_i − log σ'_i)²` between the top-r singular values of W and
+/// those of M, gradient `Σ_i 2 (log σ'_i − log σ_i)/σ'_i · u'_i v'_iᵀ`.
 pub struct SpectralAlignment {
     pub log_sigma: Vec<f64>,
 }

@@ -156,8 +156,8 @@ pub fn calibrate_with(
     Ok(Stats { meta, moments: acc.moments, routing: acc.routing, cross: acc.cross })
 }
 
-/// Options of a calibration run over a corpus.
-#[derive(Clone, Debug)]
+/// Options of a calibration run over a corpus (serialized into `masa run`'s cache keys).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct CalibrateOptions {
     pub tokens: u64,
     pub seq_len: usize,

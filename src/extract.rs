@@ -1,7 +1,8 @@
 //! `masa extract`: one gene matrix per aligned FFN matrix of the source (Sec. 3.1).
 //!
-//! Exact mode (default): output alignment solved in closed form from the calibration
-//! statistics, then `L_align = L_out + λ L_spec` minimised with full-batch exact gradients
+//! Exact mode (default): output alignment L_out solved in closed form from the calibration
+//! statistics, then `L_align = L_out + λ L_spec` (Sec. 3.1; design.md gives these losses no
+//! equation numbers, see [`crate::align`]) minimised with full-batch exact gradients
 //! (L-BFGS) until the relative improvement stalls. Minibatch mode (the paper's procedure):
 //! Adam on streamed `(x, W x)` pairs; see [`MinibatchAligner`].
 
@@ -222,7 +223,10 @@ pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout)
     Ok(OutputAlignment::new(w, &moment.mean(), layout))
 }
 
-/// Alignment of one gene given its output-alignment objective (see [`align_matrix`]).
+/// Alignment of one gene given its output-alignment objective (see [`align_matrix`]): start
+/// at the output-only optimum, then minimise `L_align = L_out + λ L_spec` (Sec. 3.1; design.md
+/// gives no equation number), each term normalised per matrix (design.md "Spectral
+/// alignment").
 pub fn align_with(out: OutputAlignment, w: &[f32], layout: Layout, opts: &ExtractOptions) -> Result<(Vec<f64>, MatrixReport)> {
     let t0 = Instant::now();
     let wmat = Mat::from_fn(layout.d_out, layout.d_in, |p, j| w[p * layout.d_in + j] as f64);
@@ -319,6 +323,40 @@ pub fn extract(
     })
 }
 
+/// The singular values of one source matrix W and of its gene M, to see how well spectral
+/// alignment matched them (`results.json`'s `spectra`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spectrum {
+    /// Label of the gene set (`masa run`'s extraction label).
+    pub extraction: String,
+    pub layer: usize,
+    /// `gate_proj`, `up_proj` or `down_proj`.
+    pub proj: String,
+    /// Top-r singular values of W, descending.
+    pub source: Vec<f64>,
+    /// Singular values of M, descending.
+    pub gene: Vec<f64>,
+}
+
+/// Spectra of W and M for every dense or shared-expert FFN matrix of `layers` (routed
+/// experts left out), labelled `extraction`. Every such matrix must have a gene in `genes`.
+pub fn spectra(source: &SourceWeights, genes: &Genes, layers: &[usize], extraction: &str) -> Result<Vec<Spectrum>> {
+    let mut out = Vec::new();
+    for m in source.config.ffn_matrices().into_iter().filter(|m| layers.contains(&m.layer) && m.kind != FfnKind::Expert) {
+        let Some((r, g)) = genes.genes.get(&m.gene_name()) else {
+            return Err(MasaError::Invalid(format!("layer {} has no gene `{}` in these genes", m.layer, m.gene_name())));
+        };
+        let w = source.tensor(&m.name)?.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+        let wm = Mat::<f64>::from_fn(m.d_out, m.d_in, |i, j| w[i][j]);
+        let gm = Mat::<f64>::from_fn(*r, *r, |i, j| g[i * r + j] as f64);
+        let mut sw = crate::align::singular_values(&wm)?;
+        sw.truncate(*r);
+        let gene = crate::align::singular_values(&gm)?;
+        out.push(Spectrum { extraction: extraction.into(), layer: m.layer, proj: m.proj.into(), source: sw, gene });
+    }
+    Ok(out)
+}
+
 impl Genes {
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes: Vec<(String, usize, Vec<u8>)> =
@@ -376,8 +414,9 @@ pub fn read_gene_file(path: &Path) -> Result<(String, BTreeMap<String, (usize, V
     Ok((meta_json, genes))
 }
 
-/// The paper's procedure, kept for comparison: Adam on minibatches of streamed `(x, W x)`
-/// pairs, minimising the mean of `‖W x − f_d(M f_c(x))‖² / d_out` (plus `λ L_spec`).
+/// The paper's procedure (Sec. 3.1), kept for comparison: Adam on minibatches of streamed
+/// `(x, W x)` pairs, minimising L_out, the mean of `‖W x − f_d(M f_c(x))‖² / d_out` with f_c,
+/// f_d of Eq. (1)-(3), plus `λ L_spec` (L_out and L_spec: no equation numbers in design.md).
 pub struct MinibatchAligner {
     pub layout: Layout,
     w_t: Tensor,

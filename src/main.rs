@@ -654,7 +654,7 @@ fn cmd_run(spec: &str, plan_only: bool, runs: Option<PathBuf>, device: Option<ma
         return Ok(());
     }
     let t0 = std::time::Instant::now();
-    let (results, dir) = masa::run::run(&spec, &root)?;
+    let (results, dir) = masa::run::run(&spec, &root, &|r, d| masa::report::write_report(r, d).map(|_| ()))?;
     eprintln!(
         "masa run {}: {} training runs in {:.1} min -> {}",
         spec.name,

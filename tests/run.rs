@@ -207,7 +207,7 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     let spec = Spec::load(spec_path.to_str().unwrap()).unwrap();
     let runs = dir.path().join("runs");
 
-    let (first, out) = masa::run::run(&spec, &runs).unwrap();
+    let (first, out) = masa::run::run(&spec, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
     assert!(first.complete);
     assert_eq!(first.trainings.len(), 3 * 2);
     assert_eq!(first.calibrations.len(), 1);
@@ -242,7 +242,7 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     let count = || std::fs::read_dir(runs.join("artifacts")).unwrap().count();
     let before = count();
     let t0 = std::time::Instant::now();
-    let (second, _) = masa::run::run(&spec, &runs).unwrap();
+    let (second, _) = masa::run::run(&spec, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(count(), before);
     assert!(secs < 20.0, "cached rerun took {secs:.1} s");
@@ -256,7 +256,7 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     // Same inputs from scratch (fresh store): the same numbers (determinism).
     let runs2 = dir.path().join("runs2");
     let spec2 = Spec { name: "e2e".into(), ..spec.clone() };
-    let (third, _) = masa::run::run(&spec2, &runs2).unwrap();
+    let (third, _) = masa::run::run(&spec2, &runs2, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
     let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
     assert_eq!(curves(&first), curves(&third));
 }

@@ -48,7 +48,7 @@ pub fn default_limit(task: &str) -> Option<usize> {
 }
 
 /// How many items: the task's default, everything, or the first N.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Limit {
     Default,
     All,
@@ -72,6 +72,8 @@ impl Limit {
     }
 }
 
+/// Serialized into `masa run`'s cache keys.
+#[derive(serde::Serialize)]
 pub struct EvalOptions {
     pub split: TaskSplit,
     pub limit: Limit,

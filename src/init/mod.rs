@@ -132,7 +132,8 @@ impl InitOptions {
     }
 }
 
-/// Source layer of each student layer: `round(t·(L_s−1)/(L_t−1))` (uniform) or `t` (first).
+/// Source layer of each student layer: `round(t·(L_s−1)/(L_t−1))` (uniform) or `t` (first);
+/// design.md "Adaptive scaling" (a decision of masa's, not an equation of the paper).
 pub fn map_layers(l_t: usize, l_s: usize, map: LayerMap) -> Result<Vec<usize>> {
     match map {
         LayerMap::Uniform if l_t == 1 => Ok(vec![0]),
@@ -234,7 +235,8 @@ fn assemble(cfg: &StudentConfig, seed: u64, mut parts: Parts) -> Result<Vec<(Str
 const PROJS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 /// The FFN of every student layer from the genes of its mapped source layer: Sec. 3.2
-/// adaptive scaling (`masa`) or truncation/padding (`naive`), then `--gene-scale`.
+/// adaptive scaling ([`scale::adaptive_scale`], `masa`; with `--coupled` one joint row
+/// selection) or truncation/padding (`naive`), then `--gene-scale`.
 fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOptions, parts: &mut Parts) -> Result<serde_json::Value> {
     let (h, f, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
     let mut rec = Vec::new();
@@ -244,29 +246,19 @@ fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOption
         let mut out: Vec<Vec<f64>> = Vec::with_capacity(3);
         if opts.strategy == Strategy::Masa {
             let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components)).collect::<Result<_>>()?;
-            let mut sel: Vec<(Vec<usize>, Vec<usize>)> = svds
-                .iter()
-                .zip(&shapes)
-                .zip(&ms)
-                .map(|((s, &(p, q)), m)| {
-                    scale::check_expansion(m.nrows(), p, q, opts.expand == Expand::Cyclic)?;
-                    Ok((scale::select_rows(&scale::row_scores(&s.u), p), scale::select_rows(&scale::row_scores(&s.v), q)))
-                })
-                .collect::<Result<_>>()?;
-            if opts.coupled {
-                let r = ms[0].nrows();
-                if ms.iter().any(|m| m.nrows() != r) {
-                    return Err(MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank (layer {ls})")));
-                }
-                let (sg, su, td) = (scale::row_scores(&svds[0].u), scale::row_scores(&svds[1].u), scale::row_scores(&svds[2].v));
-                let joint: Vec<f64> = (0..r).map(|i| (sg[i].powi(2) + su[i].powi(2) + td[i].powi(2)).sqrt()).collect();
-                let idx = scale::select_rows(&joint, f);
-                sel[0].0 = idx.clone();
-                sel[1].0 = idx.clone();
-                sel[2].1 = idx;
-            }
-            for (s, (rows, cols)) in svds.iter().zip(&sel) {
-                out.push(scale::compose(s, rows, cols));
+            // --coupled: one selection of the intermediate dimension, the rows of gate and up
+            // and the columns of down; otherwise each gene selects by its own scores.
+            let joint = if opts.coupled {
+                let scores = scale::coupled_scores(&svds[0], &svds[1], &svds[2])
+                    .ok_or_else(|| MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank (layer {ls})")))?;
+                Some(scale::select_rows(&scores, f))
+            } else {
+                None
+            };
+            let joint = joint.as_deref();
+            let overrides = [(joint, None), (joint, None), (None, joint)];
+            for ((svd, &(p, q)), (rows, cols)) in svds.iter().zip(&shapes).zip(overrides) {
+                out.push(scale::adaptive_scale(svd, p, q, opts.expand == Expand::Cyclic, rows, cols)?);
             }
         }
         for (k, proj) in PROJS.iter().enumerate() {

@@ -2,6 +2,10 @@
 //! student matrix `M̂ ∈ R^{p×q}` through its SVD. Rows and columns are scored by the norms of
 //! their singular-vector coordinates, the best are kept (compression) or replicated cyclically
 //! (expansion), and `M̂ = U_p Σ_{r'} V_qᵀ`. Also the "w/o adaptive scaling" ablation (`naive`).
+//!
+//! design.md gives the equations of Sec. 3.2 no numbers, so the functions cite the section:
+//! SVD [`gene_svd`], scores [`row_scores`], selection [`select_rows`], composition [`compose`],
+//! and [`adaptive_scale`], the one function `masa init` calls per gene, built from them.
 
 use faer::Mat;
 
@@ -44,9 +48,10 @@ pub fn ranking(scores: &[f64]) -> Vec<usize> {
     idx
 }
 
-/// Which `p` of the `r` rows make the target (design.md): `p ≤ r` keeps the `p` highest-scoring
-/// rows in their original order (compression); `p > r` keeps all `r` and appends the highest
-/// scoring rows again, cycling through the ranking, until there are `p` (expansion).
+/// Which `p` of the `r` rows make the target (Sec. 3.2; design.md "Adaptive scaling"): `p ≤ r`
+/// keeps the `p` highest-scoring rows in their original order (compression); `p > r` keeps all
+/// `r` and appends the highest scoring rows again, cycling through the ranking, until there
+/// are `p` (expansion).
 pub fn select_rows(scores: &[f64], p: usize) -> Vec<usize> {
     let r = scores.len();
     let rank = ranking(scores);
@@ -69,14 +74,30 @@ pub fn compose(svd: &GeneSvd, rows: &[usize], cols: &[usize]) -> Vec<f64> {
     (0..rows.len() * q).map(|x| m[(x / q, x % q)]).collect()
 }
 
-/// The whole of Sec. 3.2 for one gene: SVD, scores, selection, `M̂ ∈ R^{p×q}` row-major.
+/// Adaptive scaling of one gene (Sec. 3.2; design.md gives this step no equation number): from
+/// its SVD ([`gene_svd`]), `M̂ = U_p Σ_{r'} V_qᵀ ∈ R^{p×q}`, row-major. The `p` rows of U are the
+/// gene's own choice by row score ([`row_scores`], [`select_rows`]) unless `rows` overrides it,
+/// and likewise the `q` rows of V with `cols`: `--coupled` passes one joint selection of the
+/// intermediate dimension as the rows of gate/up and the columns of down ([`coupled_scores`]).
 /// `expand = false` refuses `p > r` or `q > r` instead of replicating rows.
-pub fn adaptive_scale(m: &Mat<f64>, p: usize, q: usize, components: Option<usize>, expand: bool) -> Result<Vec<f64>> {
-    let svd = gene_svd(m, components)?;
-    check_expansion(m.nrows(), p, q, expand)?;
-    let rows = select_rows(&row_scores(&svd.u), p);
-    let cols = select_rows(&row_scores(&svd.v), q);
-    Ok(compose(&svd, &rows, &cols))
+pub fn adaptive_scale(svd: &GeneSvd, p: usize, q: usize, expand: bool, rows: Option<&[usize]>, cols: Option<&[usize]>) -> Result<Vec<f64>> {
+    check_expansion(svd.u.nrows(), p, q, expand)?;
+    let own = |u: &Mat<f64>, n: usize| select_rows(&row_scores(u), n);
+    let rows = rows.map_or_else(|| own(&svd.u, p), <[usize]>::to_vec);
+    let cols = cols.map_or_else(|| own(&svd.v, q), <[usize]>::to_vec);
+    Ok(compose(svd, &rows, &cols))
+}
+
+/// `--coupled` (design.md "Adaptive scaling", an experiment, not the paper): one score per
+/// intermediate neuron `i`, `sqrt(s_gate,i² + s_up,i² + t_down,i²)`, from the row scores of gate's
+/// and up's U and the column scores of down's V. `None` when the three genes differ in rank.
+pub fn coupled_scores(gate: &GeneSvd, up: &GeneSvd, down: &GeneSvd) -> Option<Vec<f64>> {
+    let r = gate.u.nrows();
+    if up.u.nrows() != r || down.v.nrows() != r {
+        return None;
+    }
+    let (sg, su, td) = (row_scores(&gate.u), row_scores(&up.u), row_scores(&down.v));
+    Some((0..r).map(|i| (sg[i].powi(2) + su[i].powi(2) + td[i].powi(2)).sqrt()).collect())
 }
 
 /// With expansion off, a target side longer than the gene rank is an error.
@@ -126,7 +147,7 @@ mod tests {
     #[test]
     fn full_rank_identity_selection_gives_m_back() {
         let m = gene(7, 1);
-        let out = adaptive_scale(&m, 7, 7, None, true).unwrap();
+        let out = adaptive_scale(&gene_svd(&m, None).unwrap(), 7, 7, true, None, None).unwrap();
         for i in 0..7 {
             for j in 0..7 {
                 assert!((out[i * 7 + j] - m[(i, j)]).abs() < 1e-10);
@@ -171,7 +192,7 @@ mod tests {
     fn result_has_rank_at_most_components() {
         let m = gene(8, 3);
         let (p, q, rp) = (20, 13, 3);
-        let out = adaptive_scale(&m, p, q, Some(rp), true).unwrap();
+        let out = adaptive_scale(&gene_svd(&m, Some(rp)).unwrap(), p, q, true, None, None).unwrap();
         let mh = Mat::from_fn(p, q, |i, j| out[i * q + j]);
         let s = mh.singular_values().unwrap();
         assert!(s[rp - 1] > 1e-6 * s[0]);
@@ -181,9 +202,38 @@ mod tests {
     #[test]
     fn components_beyond_rank_and_expansion_off_are_errors() {
         let m = gene(4, 4);
-        assert!(adaptive_scale(&m, 4, 4, Some(5), true).unwrap_err().to_string().contains("--components"));
-        let e = adaptive_scale(&m, 6, 4, None, false).unwrap_err().to_string();
+        assert!(gene_svd(&m, Some(5)).err().unwrap().to_string().contains("--components"));
+        let e = adaptive_scale(&gene_svd(&m, None).unwrap(), 6, 4, false, None, None).unwrap_err().to_string();
         assert!(e.contains("without expansion") && e.contains("r = 4"), "{e}");
+    }
+
+    #[test]
+    fn overridden_rows_and_columns_are_taken_as_given() {
+        // A selection passed in (coupled mode) replaces the gene's own, on either side; with
+        // r' = r, M̂ is then exactly that submatrix of M.
+        let m = gene(5, 5);
+        let svd = gene_svd(&m, None).unwrap();
+        let (rows, cols) = ([4, 0, 4], [1, 3]);
+        let out = adaptive_scale(&svd, 3, 2, true, Some(&rows), Some(&cols)).unwrap();
+        for (i, &ri) in rows.iter().enumerate() {
+            for (j, &cj) in cols.iter().enumerate() {
+                assert!((out[i * 2 + j] - m[(ri, cj)]).abs() < 1e-10);
+            }
+        }
+        // Only one side overridden: the other is the gene's own choice.
+        let own_cols = select_rows(&row_scores(&svd.v), 2);
+        assert_eq!(adaptive_scale(&svd, 3, 2, true, Some(&rows), None).unwrap(), compose(&svd, &rows, &own_cols));
+    }
+
+    #[test]
+    fn coupled_scores_add_the_squared_scores_of_the_three_genes() {
+        let (g, u, d) = (gene_svd(&gene(4, 6), Some(2)).unwrap(), gene_svd(&gene(4, 7), Some(2)).unwrap(), gene_svd(&gene(4, 8), Some(2)).unwrap());
+        let joint = coupled_scores(&g, &u, &d).unwrap();
+        let (sg, su, td) = (row_scores(&g.u), row_scores(&u.u), row_scores(&d.v));
+        for i in 0..4 {
+            assert!((joint[i] * joint[i] - (sg[i] * sg[i] + su[i] * su[i] + td[i] * td[i])).abs() < 1e-12);
+        }
+        assert!(coupled_scores(&g, &u, &gene_svd(&gene(3, 9), None).unwrap()).is_none());
     }
 
     #[test]

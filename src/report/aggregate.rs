@@ -56,12 +56,11 @@ pub struct Setting {
     pub budget_tokens: u64,
 }
 
-/// Baselines first, MASA last, as in the paper's tables; strategies not listed keep their order
-/// of appearance after these.
-const STRATEGY_ORDER: &[&str] = &["scratch", "weight-selection", "prune", "distill", "hybrid", "naive", "masa-no-spectral", "masa-paper-scale", "masa"];
-
+/// Baselines first, MASA last, as in the paper's tables (the order of
+/// [`crate::run::strategies::STRATEGIES`]); strategies not listed keep their order of
+/// appearance after these.
 fn strategy_rank(strategy: &str) -> usize {
-    STRATEGY_ORDER.iter().position(|s| *s == strategy).unwrap_or(STRATEGY_ORDER.len())
+    crate::run::strategies::report_rank(strategy)
 }
 
 /// Groups runs into cohorts, ordered by group appearance, then setting, then the paper's

@@ -23,6 +23,7 @@ use document::{Block, Table};
 use plots::{Bar, BarsPlot, CurveSeries, CurvesPlot, Figure, Plot, SpectraPlot, SpectrumPanel};
 
 use crate::run::results::{RunResults, TrainingRun};
+use crate::run::strategies::Group;
 use crate::{MasaError, Result};
 
 /// The files a report consists of.
@@ -97,7 +98,7 @@ pub fn build(r: &RunResults) -> Result<Report> {
     let all = cohorts(&r.trainings);
     let mut doc = Doc::default();
     header(&mut doc, r);
-    let main = group(&all, "main");
+    let main = group(&all, Group::Main);
     curves_section(&mut doc, &main)?;
     efficiency_section(&mut doc, &main)?;
     domains_section(&mut doc, &main);
@@ -144,8 +145,8 @@ impl Doc {
 }
 
 /// The cohorts of one group.
-fn group<'c, 'r>(all: &'c [Cohort<'r>], name: &str) -> Vec<&'c Cohort<'r>> {
-    all.iter().filter(|c| c.group == name).collect()
+fn group<'c, 'r>(all: &'c [Cohort<'r>], g: Group) -> Vec<&'c Cohort<'r>> {
+    all.iter().filter(|c| c.group == g.name()).collect()
 }
 
 /// The distinct (student, budget) settings of `cohorts`, in order.
@@ -173,7 +174,7 @@ fn setting_slug(s: &Setting) -> String {
 
 /// The main-group MASA and Scratch cohorts of a setting (references for the ablation tables).
 fn references<'c, 'r>(all: &'c [Cohort<'r>], s: &Setting) -> Vec<&'c Cohort<'r>> {
-    let main = group(all, "main");
+    let main = group(all, Group::Main);
     ["masa", "scratch"].iter().filter_map(|k| in_setting(&main, s).into_iter().find(|c| c.strategy == *k)).collect()
 }
 
@@ -311,7 +312,7 @@ fn variant_tables(doc: &mut Doc, all: &[Cohort], variants: &[&Cohort], kind: &st
         doc.h(3, setting_title(&s));
         let mut rows = references(all, &s);
         rows.extend(in_setting(variants, &s));
-        let masa = rows.iter().copied().find(|c| c.strategy == "masa" && c.group == "main");
+        let masa = rows.iter().copied().find(|c| c.strategy == "masa" && c.group == Group::Main.name());
         let tasks = tasks_of(&rows);
         doc.table(tables::ablation_table(&rows, masa, &tasks));
         if per_domain {
@@ -327,7 +328,7 @@ fn variant_tables(doc: &mut Doc, all: &[Cohort], variants: &[&Cohort], kind: &st
 }
 
 fn ablation_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
-    let ablation = group(all, "ablation");
+    let ablation = group(all, Group::Ablation);
     if ablation.is_empty() {
         return Ok(());
     }
@@ -337,7 +338,7 @@ fn ablation_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
 }
 
 fn ratio_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) -> Result<()> {
-    let ratio = group(all, "ratio");
+    let ratio = group(all, Group::Ratio);
     if ratio.is_empty() {
         return Ok(());
     }
@@ -354,7 +355,7 @@ fn ratio_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) -> Result<()> {
 }
 
 fn calibration_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
-    let cal = group(all, "calibration");
+    let cal = group(all, Group::Calibration);
     if cal.is_empty() {
         return Ok(());
     }
@@ -399,21 +400,21 @@ fn findings_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {
     if !r.complete {
         doc.blocks.push(Block::Callout("The run is partial: these statements describe the stages finished so far.".into()));
     }
-    let main = group(all, "main");
+    let main = group(all, Group::Main);
     let main_settings = settings(&main);
     let mut items = Vec::new();
     for s in &main_settings {
         let prefix = if main_settings.len() > 1 { format!("[{}] ", setting_title(s)) } else { String::new() };
         items.extend(findings::main_statements(&in_setting(&main, s)).into_iter().map(|x| format!("{prefix}{x}")));
     }
-    for (g, what) in [("ablation", "Ablation"), ("calibration", "Calibration domains")] {
+    for (g, what) in [(Group::Ablation, "Ablation"), (Group::Calibration, "Calibration domains")] {
         let variants = group(all, g);
         for s in settings(&variants) {
             let masa = references(all, &s).into_iter().find(|c| c.strategy == "masa");
             items.extend(findings::variant_statements(what, &in_setting(&variants, &s), masa));
         }
     }
-    let ratio = group(all, "ratio");
+    let ratio = group(all, Group::Ratio);
     for s in settings(&ratio) {
         items.extend(findings::ratio_statement(&in_setting(&ratio, &s)));
     }

@@ -2,11 +2,18 @@
 //!
 //! Written by [`crate::run`] after every finished stage (so a partial run still reports what
 //! it has), read by [`crate::report`]. Numbers here are raw per seed; aggregation over seeds
-//! (mean, spread) happens in the report.
+//! (mean, spread) happens in the report. Also what fills them from the stages' own files:
+//! [`read_curve`] and [`task_score`], and the [`notes`] on what a run could not do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::IoContext;
+use crate::run::spec::Spec;
+use crate::source::{Arch, TensorEntry};
+use crate::MasaError;
 
 pub const FORMAT: &str = "masa-results/1";
 
@@ -97,17 +104,8 @@ pub struct ExtractionInfo {
     pub cache_key: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Spectrum {
-    pub extraction: String,
-    pub layer: usize,
-    /// `gate_proj`, `up_proj` or `down_proj`.
-    pub proj: String,
-    /// Top-r singular values of W, descending.
-    pub source: Vec<f64>,
-    /// Singular values of M, descending.
-    pub gene: Vec<f64>,
-}
+/// Singular values of W and M, as the extraction stage computes them ([`crate::extract::spectra`]).
+pub use crate::extract::Spectrum;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainingRun {
@@ -176,4 +174,96 @@ impl RunResults {
         let json = serde_json::to_string_pretty(self).map_err(|e| crate::MasaError::Invalid(format!("serialising results: {e}")))?;
         crate::home::write_atomic(path, json.as_bytes())
     }
+}
+
+/// What this run could not do as the paper did, as plain statements for the report: only the
+/// ones that apply to this spec's source (`arch` and stored tensor types from its weights),
+/// corpus and downstream tasks.
+pub fn notes(spec: &Spec, arch: Arch, tensors: &[TensorEntry]) -> Vec<String> {
+    let mut notes = Vec::new();
+    let known_model = crate::fetch::find_model(&spec.source).is_some();
+    if !matches!(arch, Arch::Olmoe | Arch::Deepseek) {
+        let why = if known_model {
+            " (only dense models are obtainable through the package registries `masa fetch` uses)"
+        } else {
+            ""
+        };
+        notes.push(format!(
+            "The source ({}, {}) is dense: MoE extraction (OLMoE routed experts, DeepSeekMoE shared experts) is implemented and \
+             tested on small checkpoints the tests write, but this run does not exercise it{why}.",
+            spec.source,
+            arch.name()
+        ));
+    }
+    let mut quantized: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for t in tensors.iter().filter(|t| !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16" | "F64")) {
+        quantized.entry(t.dtype.as_str()).or_default().push(t.name.as_str());
+    }
+    if !quantized.is_empty() {
+        let types: Vec<String> = quantized
+            .iter()
+            .map(|(dtype, names)| match names.as_slice() {
+                [one] => format!("{dtype} for {one}"),
+                many => format!("{dtype} for {} tensors", many.len()),
+            })
+            .collect();
+        notes.push(format!("The source weights are quantized ({}: {}), dequantized to f32.", spec.source, types.join(", ")));
+    }
+    let tasks: BTreeSet<&str> = spec.finetune.tasks.iter().map(|t| t.name.as_str()).collect();
+    if tasks.contains("mmlu_professional_law") {
+        notes.push("CaseHOLD is not obtainable: MMLU professional_law stands in for it.".into());
+    }
+    if tasks.contains("natural_instructions") {
+        notes.push(
+            "Dolly-15k, full Super-NaturalInstructions, Unnatural Instructions, Self-Instruct and Vicuna-80 are not obtainable: \
+             BIG-bench's 61 Natural Instructions subtasks stand in for the instruction data."
+                .into(),
+        );
+    }
+    if spec.corpus.iter().any(|c| c == "default") {
+        notes.push(
+            "The pre-training corpus is the built-in Debian-package corpus (dictionary, glosses, computing, literature, quotes, technical docs, code), \
+             tens of MB, not the paper's web-scale data; budgets are CPU-sized."
+                .into(),
+        );
+    }
+    notes
+}
+
+/// The headline metric of one task's evaluation: acc_norm where the harness reports it for
+/// the task (HellaSwag, PIQA, ...), else acc; Rouge-L for generation.
+pub(crate) fn task_score(r: &serde_json::Value, finetune_examples: usize) -> TaskScore {
+    let m = &r["metrics"];
+    let all: BTreeMap<String, f64> = m.as_object().map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect()).unwrap_or_default();
+    let n = r["n_items"].as_u64().unwrap_or(0) as usize;
+    let (metric, stderr) = if all.contains_key("rouge_l") {
+        ("rougeL", all.get("rouge_l_stderr").copied())
+    } else if all.contains_key("acc_norm") {
+        ("acc_norm", all.get("acc_norm_stderr").copied())
+    } else {
+        ("acc", all.get("acc_stderr").copied())
+    };
+    let key = if metric == "rougeL" { "rouge_l" } else { metric };
+    TaskScore { metric: metric.into(), value: all.get(key).copied().unwrap_or(f64::NAN), stderr, n, all, finetune_examples }
+}
+
+/// Validation points of a `masa train` metrics.jsonl.
+pub fn read_curve(path: &Path) -> crate::Result<Vec<CurvePoint>> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let m: crate::train::MetricsLine = serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("line {}: {e}", i + 1)))?;
+        if let (Some(val), Some(mean)) = (m.val, m.val_mean) {
+            out.push(CurvePoint { tokens: m.tokens, val_mean: mean, val });
+        }
+    }
+    Ok(out)
+}
+
+/// Median training throughput (tokens/s) of a metrics.jsonl.
+pub(crate) fn curve_rate(path: &Path) -> f64 {
+    let Ok(text) = std::fs::read_to_string(path) else { return f64::NAN };
+    let mut v: Vec<f64> = text.lines().filter_map(|l| serde_json::from_str::<crate::train::MetricsLine>(l).ok()?.tokens_per_s).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }

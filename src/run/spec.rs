@@ -18,11 +18,6 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("paper", include_str!("../../specs/paper.toml")),
 ];
 
-/// Strategies of the main comparison (Tables 1 and 3, the curves).
-pub const MAIN: &[&str] = &["masa", "scratch", "weight-selection", "prune", "distill", "hybrid"];
-/// Ablations of Table 4.
-pub const ABLATIONS: &[&str] = &["masa-paper-scale", "masa-no-spectral", "naive"];
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
@@ -37,7 +32,7 @@ pub struct Spec {
     pub corpus: Vec<String>,
     /// Student presets (`masa init --student` names) or student.toml paths.
     pub students: Vec<String>,
-    /// Strategies compared, from [`MAIN`] and [`ABLATIONS`].
+    /// Strategies compared: names of [`crate::run::strategies::STRATEGIES`].
     pub strategies: Vec<String>,
     /// Seeds: each seeds the init and the pre-training data order of one run per strategy.
     pub seeds: Vec<u64>,
@@ -311,8 +306,8 @@ impl Spec {
             return bad("strategies", "name at least one strategy".into());
         }
         for s in &self.strategies {
-            if !MAIN.contains(&s.as_str()) && !ABLATIONS.contains(&s.as_str()) {
-                return bad("strategies", format!("unknown strategy `{s}`; known: {}, {}", MAIN.join(", "), ABLATIONS.join(", ")));
+            if crate::run::strategies::find(s).is_none() {
+                return bad("strategies", format!("unknown strategy `{s}`; known: {}", crate::run::strategies::names().join(", ")));
             }
         }
         if has_duplicates(&self.strategies) {
@@ -387,22 +382,6 @@ impl Spec {
 
 fn has_duplicates<T: PartialEq>(v: &[T]) -> bool {
     v.iter().enumerate().any(|(i, a)| v[..i].contains(a))
-}
-
-/// The group and table label of a strategy name.
-pub fn group_and_label(strategy: &str) -> (&'static str, &'static str) {
-    match strategy {
-        "masa" => ("main", "MASA"),
-        "scratch" => ("main", "Scratch"),
-        "weight-selection" => ("main", "Weight selection"),
-        "prune" => ("main", "Pruning"),
-        "distill" => ("main", "Distillation"),
-        "hybrid" => ("main", "MASA + selected rest"),
-        "masa-paper-scale" => ("ablation", "MASA, paper-literal gene scale"),
-        "masa-no-spectral" => ("ablation", "MASA w/o spectral alignment (λ = 0)"),
-        "naive" => ("ablation", "MASA w/o adaptive scaling"),
-        _ => ("main", "?"),
-    }
 }
 
 #[cfg(test)]

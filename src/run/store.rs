@@ -1,0 +1,157 @@
+//! The artifact store of `masa run`: `<runs>/artifacts/<stage>-<key>/`, one directory per
+//! finished (or interrupted) stage, its `record.json` written last, atomically.
+//!
+//! A stage's key hashes its kind, its record version, the keys of the stages it reads, and the
+//! complete options struct the stage's library function is given, serialized. So a changed
+//! default (a new AdamW β, another ridge) changes the key and the stage recomputes rather than
+//! reusing a stale result. Left out of the hash are only the fields that say where the stage
+//! writes or how it reports progress, never what it computes ([`Stage::invocation_fields`]).
+//!
+//! The training engine reaches the train and fine-tune keys through those options too:
+//! `TrainOptions`/`FinetuneOptions` serialize `device` only when not `cpu` and `precision` only
+//! when not `f32`, so CPU keys hold no engine and a CUDA run gets its own keys.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::{MasaError, Result};
+
+/// The stages whose results the store keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Calibrate,
+    Extract,
+    Init,
+    Train,
+    /// Fine-tuning on one task and evaluating on its test items.
+    Finetune,
+}
+
+impl Stage {
+    /// The directory prefix, `<name>-<key>`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Calibrate => "calibrate",
+            Stage::Extract => "extract",
+            Stage::Init => "init",
+            Stage::Train => "train",
+            Stage::Finetune => "finetune",
+        }
+    }
+
+    /// Bumped when what the stage writes or its record holds changes, so older artifacts are
+    /// not read as new ones. Finetune 2: generation tasks' answer NLL in the record.
+    pub fn record_version(self) -> u32 {
+        match self {
+            Stage::Finetune => 2,
+            _ => 1,
+        }
+    }
+
+    /// Option fields (dotted paths into the serialized options) that do not change what the
+    /// stage computes: where it writes, where it resumes, progress display, checkpoint
+    /// cadence (resume is exact), and paths whose content the upstream keys already stand for
+    /// (the corpus, the distillation teacher = the source, its top-k cache).
+    pub fn invocation_fields(self) -> &'static [&'static str] {
+        match self {
+            Stage::Calibrate | Stage::Extract | Stage::Init => &[],
+            Stage::Train => &["out", "resume", "progress", "ckpt_every", "corpus", "distill.teacher", "distill.cache_dir"],
+            Stage::Finetune => &["finetune.out", "finetune.progress", "eval.progress"],
+        }
+    }
+
+    /// The key of this stage: a hash of its kind, record version, `inputs` (upstream keys and
+    /// what else it reads) and `options` without [`Stage::invocation_fields`].
+    pub fn key(self, inputs: Value, options: &impl Serialize) -> Result<String> {
+        let mut options = serde_json::to_value(options).map_err(|e| MasaError::Invalid(format!("serialising {} options: {e}", self.name())))?;
+        for path in self.invocation_fields() {
+            remove(&mut options, path);
+        }
+        Ok(hash(self.name(), &json!({"version": self.record_version(), "inputs": inputs, "options": options})))
+    }
+
+    /// The artifact directory of `key` in `store`.
+    pub fn dir(self, store: &Path, key: &str) -> std::path::PathBuf {
+        store.join(format!("{}-{key}", self.name()))
+    }
+}
+
+/// Remove the field at a dotted path, if there.
+fn remove(v: &mut Value, path: &str) {
+    match path.split_once('.') {
+        Some((head, rest)) => {
+            if let Some(inner) = v.get_mut(head) {
+                remove(inner, rest);
+            }
+        }
+        None => {
+            if let Some(o) = v.as_object_mut() {
+                o.remove(path);
+            }
+        }
+    }
+}
+
+/// First 8 bytes of the SHA-256 of `kind` and the JSON of `inputs` (keys sorted), in hex.
+pub fn hash(kind: &str, inputs: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update(inputs.to_string().as_bytes());
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A finished stage's record, `None` while the stage has not finished.
+pub fn read_record<T: DeserializeOwned>(dir: &Path) -> Option<T> {
+    let p = dir.join("record.json");
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+/// Mark a stage finished: its record, written atomically and last.
+pub fn write_record<T: Serialize>(dir: &Path, rec: &T) -> Result<()> {
+    let json = serde_json::to_string_pretty(rec).map_err(|e| MasaError::Invalid(format!("serialising a record: {e}")))?;
+    crate::home::write_atomic(&dir.join("record.json"), json.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Serialize)]
+    struct Opts {
+        lr: f64,
+        out: String,
+        distill: Option<Value>,
+    }
+
+    #[test]
+    fn every_option_but_the_invocation_fields_changes_the_key() {
+        let a = Opts { lr: 1e-3, out: "a".into(), distill: Some(json!({"alpha": 0.5, "teacher": "/x"})) };
+        let k = |o: &Opts| Stage::Train.key(json!({"init": "k"}), o).unwrap();
+        // Where it writes, and the teacher's path: the same key.
+        assert_eq!(k(&a), k(&Opts { out: "b".into(), distill: Some(json!({"alpha": 0.5, "teacher": "/y"})), ..a.clone() }));
+        // Any other option, an upstream key, another stage: another key.
+        assert_ne!(k(&a), k(&Opts { lr: 2e-3, ..a.clone() }));
+        assert_ne!(k(&a), k(&Opts { distill: Some(json!({"alpha": 0.6, "teacher": "/x"})), ..a.clone() }));
+        assert_ne!(k(&a), Stage::Train.key(json!({"init": "j"}), &a).unwrap());
+        assert_ne!(k(&a), Stage::Finetune.key(json!({"init": "k"}), &a).unwrap());
+    }
+
+    #[test]
+    fn the_engine_enters_training_keys_only_off_the_cpu_defaults() {
+        use crate::engine::{Device, Precision};
+        let cpu = crate::train::TrainOptions::default();
+        let v = serde_json::to_value(&cpu).unwrap();
+        assert!(v.get("device").is_none() && v.get("precision").is_none(), "{v}");
+        let key = |o: &crate::train::TrainOptions| Stage::Train.key(json!({}), o).unwrap();
+        let cuda = crate::train::TrainOptions { device: Device::Cuda(0), ..cpu.clone() };
+        let bf16 = crate::train::TrainOptions { precision: Precision::Bf16, ..cuda.clone() };
+        assert_ne!(key(&cpu), key(&cuda));
+        assert_ne!(key(&cuda), key(&bf16));
+        let ft = crate::finetune::FinetuneOptions::default();
+        let v = serde_json::to_value(&ft).unwrap();
+        assert!(v.get("device").is_none() && v.get("precision").is_none(), "{v}");
+    }
+}

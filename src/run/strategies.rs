@@ -1,0 +1,160 @@
+//! The strategies a spec can compare: one table that spec validation ([`crate::run::spec`]),
+//! the plan ([`crate::run::plan`]) and the report ([`crate::report`]) all read, so a strategy
+//! is added or renamed in one place.
+//!
+//! Each row says what the strategy is called in specs and `results.json`, how tables and
+//! legends label it, which report group it belongs to, and how its student is made: the
+//! `masa init` options, whether its genes are extracted without spectral alignment, and
+//! whether it pre-trains with distillation. The sweeps of `[ablations]` add generated variants
+//! of MASA ([`ratio_variant`], [`domain_variant`]).
+
+use crate::init::{GeneScale, InitOptions, Rest, Strategy};
+
+/// Where a run's results appear in the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    /// The main comparison (Tables 1 and 3, the curves).
+    Main,
+    /// Table 4's ablations.
+    Ablation,
+    /// Table 5: MASA at other M/W ratios (`ablations.ratios`).
+    Ratio,
+    /// Fig. 4: MASA calibrated on one domain (`ablations.calibration_domains`).
+    Calibration,
+}
+
+impl Group {
+    /// The name `results.json` and the report use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Main => "main",
+            Group::Ablation => "ablation",
+            Group::Ratio => "ratio",
+            Group::Calibration => "calibration",
+        }
+    }
+}
+
+/// One row of [`STRATEGIES`].
+#[derive(Clone, Copy, Debug)]
+pub struct StrategyDef {
+    /// The name in specs' `strategies` and in `results.json`.
+    pub name: &'static str,
+    /// Table and legend label.
+    pub label: &'static str,
+    pub group: Group,
+    /// `masa init --strategy`.
+    pub init: Strategy,
+    /// `masa init --rest` (masa/naive only).
+    pub rest: Rest,
+    /// `masa init --gene-scale` (masa/naive only).
+    pub gene_scale: GeneScale,
+    /// False: the genes are extracted with λ = 0 (no spectral alignment).
+    pub spectral: bool,
+    /// Pre-train with distillation from the source (spec `[distill]`).
+    pub distill: bool,
+}
+
+impl StrategyDef {
+    const fn new(name: &'static str, label: &'static str, group: Group, init: Strategy) -> Self {
+        StrategyDef { name, label, group, init, rest: Rest::Scratch, gene_scale: GeneScale::Frobenius, spectral: true, distill: false }
+    }
+
+    /// The `masa init` options of this strategy (seed 0; each run sets its own).
+    pub fn init_options(&self) -> InitOptions {
+        InitOptions { rest: self.rest, gene_scale: self.gene_scale, ..InitOptions::new(self.init) }
+    }
+
+    /// Whether the student is made from gene matrices (so the run needs an extraction).
+    pub fn needs_genes(&self) -> bool {
+        matches!(self.init, Strategy::Masa | Strategy::Naive)
+    }
+}
+
+/// Every strategy a spec may name, in the order the report shows them: baselines first, MASA
+/// last, as in the paper's tables.
+pub const STRATEGIES: &[StrategyDef] = &[
+    StrategyDef::new("scratch", "Scratch", Group::Main, Strategy::Scratch),
+    StrategyDef::new("weight-selection", "Weight selection", Group::Main, Strategy::WeightSelection),
+    StrategyDef::new("prune", "Pruning", Group::Main, Strategy::Prune),
+    StrategyDef { distill: true, ..StrategyDef::new("distill", "Distillation", Group::Main, Strategy::Scratch) },
+    StrategyDef { rest: Rest::WeightSelection, ..StrategyDef::new("hybrid", "MASA + selected rest", Group::Main, Strategy::Masa) },
+    StrategyDef::new("naive", "MASA w/o adaptive scaling", Group::Ablation, Strategy::Naive),
+    StrategyDef { spectral: false, ..StrategyDef::new("masa-no-spectral", "MASA w/o spectral alignment (λ = 0)", Group::Ablation, Strategy::Masa) },
+    StrategyDef { gene_scale: GeneScale::None, ..StrategyDef::new("masa-paper-scale", "MASA, paper-literal gene scale", Group::Ablation, Strategy::Masa) },
+    StrategyDef::new("masa", "MASA", Group::Main, Strategy::Masa),
+];
+
+/// The row of a strategy name.
+pub fn find(name: &str) -> Option<&'static StrategyDef> {
+    STRATEGIES.iter().find(|s| s.name == name)
+}
+
+/// Position in the report's order; strategies not in the table (the sweeps' variants) after
+/// every listed one.
+pub fn report_rank(name: &str) -> usize {
+    STRATEGIES.iter().position(|s| s.name == name).unwrap_or(STRATEGIES.len())
+}
+
+/// The names in table order, for messages.
+pub fn names() -> Vec<&'static str> {
+    STRATEGIES.iter().map(|s| s.name).collect()
+}
+
+/// A strategy as a plan runs it: a table row, or a variant of MASA a sweep generates.
+#[derive(Clone, Debug)]
+pub struct Variant {
+    /// The spec's strategy name, or `masa-ratio-<ρ>` / `masa-domain-<d>` for sweep variants.
+    pub name: String,
+    pub label: String,
+    pub group: Group,
+    pub init: InitOptions,
+    pub needs_genes: bool,
+    /// False: genes extracted with λ = 0.
+    pub spectral: bool,
+    pub distill: bool,
+}
+
+impl From<&StrategyDef> for Variant {
+    fn from(s: &StrategyDef) -> Self {
+        Variant {
+            name: s.name.into(),
+            label: s.label.into(),
+            group: s.group,
+            init: s.init_options(),
+            needs_genes: s.needs_genes(),
+            spectral: s.spectral,
+            distill: s.distill,
+        }
+    }
+}
+
+/// Table 5's sweep: MASA with genes at M/W ratio `ratio`.
+pub fn ratio_variant(ratio: f64) -> Variant {
+    Variant { name: format!("masa-ratio-{ratio}"), label: format!("MASA, ratio {ratio}"), group: Group::Ratio, ..masa() }
+}
+
+/// Fig. 4's sweep: MASA with genes from statistics of one corpus domain.
+pub fn domain_variant(domain: &str) -> Variant {
+    Variant { name: format!("masa-domain-{domain}"), label: format!("MASA, calibrated on {domain} only"), group: Group::Calibration, ..masa() }
+}
+
+fn masa() -> Variant {
+    find("masa").expect("the table has masa").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_every_gene_strategy_is_masa_or_naive() {
+        let names = names();
+        assert!(names.iter().enumerate().all(|(i, n)| !names[..i].contains(n)), "{names:?}");
+        assert_eq!(names.last(), Some(&"masa"), "MASA is shown last");
+        for s in STRATEGIES {
+            assert_eq!(s.init_options().strategy, s.init);
+            assert!(s.spectral || s.needs_genes(), "{}: λ = 0 only means something with genes", s.name);
+        }
+    }
+}
