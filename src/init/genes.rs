@@ -9,8 +9,9 @@ use faer::Mat;
 
 use crate::error::{MasaError, Result};
 
+/// The gene name of a dense layer's FFN matrix ([`crate::source::gene_name_of`]).
 pub fn gene_key(layer: usize, proj: &str) -> String {
-    format!("layers.{layer}.mlp.{proj}.gene")
+    crate::source::gene_name_of(&format!("model.layers.{layer}.mlp.{proj}.weight"))
 }
 
 pub struct Genes {

@@ -214,6 +214,13 @@ pub struct FfnMatrix {
     pub d_in: usize,
 }
 
+/// The gene tensor name for an FFN weight's HF name: `model.layers.3.mlp.up_proj.weight` →
+/// `layers.3.mlp.up_proj.gene` (experts: `layers.L.mlp.experts.E.up_proj.gene`). The one naming
+/// rule extraction writes and initialisation reads.
+pub fn gene_name_of(weight: &str) -> String {
+    format!("{}.gene", weight.trim_start_matches("model.").trim_end_matches(".weight"))
+}
+
 impl FfnMatrix {
     /// The FFN this matrix belongs to, as the source forward's hooks name it.
     pub fn mlp(&self) -> model::MlpId {
@@ -226,8 +233,7 @@ impl FfnMatrix {
 
     /// The gene tensor name of this matrix (`layers.L.mlp.gate_proj.gene`, ...).
     pub fn gene_name(&self) -> String {
-        let base = self.name.trim_start_matches("model.").trim_end_matches(".weight");
-        format!("{base}.gene")
+        gene_name_of(&self.name)
     }
 
     /// The calibration site whose second moment this matrix's input has.
