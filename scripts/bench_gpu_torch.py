@@ -16,10 +16,7 @@ import time
 
 import torch
 
-CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rope_theta",
-               "rms_norm_eps", "max_position_embeddings", "head_dim", "initializer_range",
-               "hidden_act", "attention_bias", "mlp_bias")
+from bench_train_torch import CONFIG_KEYS  # the HF config fields both benchmarks build from
 
 
 def log(msg):
