@@ -11,7 +11,7 @@ use masa::student::kernels::Targets;
 use masa::student::llama::{Llama, Workspace};
 use masa::student::optim::{clip_factor, grad_norm, AdamW};
 use masa::train::{train, TrainOptions};
-use train_common::{small_config, write_corpus, write_scratch_student};
+use train_common::{byte_tokenizer, small_config, write_corpus, write_scratch_student};
 
 const MASA: &str = env!("CARGO_BIN_EXE_masa");
 
@@ -310,4 +310,40 @@ fn distillation_caches_teacher_and_reuses_it() {
     assert_eq!(a.final_loss, b.final_loss);
     let plain = train(&model, &opts(&corpus, &dir.path().join("c"))).unwrap();
     assert_ne!(plain.final_loss, a.final_loss);
+}
+
+/// Writing a checkpoint replaces only what masa wrote: a neighbouring `student.old/` survives
+/// two writes of `student.v2`; a file or a foreign non-empty directory at the output path is
+/// refused and left as it was; an empty directory is used.
+#[test]
+fn checkpoint_writes_never_delete_what_masa_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config();
+    let keep = dir.path().join("student.old");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("b.txt"), "keep").unwrap();
+    let out = dir.path().join("student.v2");
+    write_scratch_student(&out, &cfg, 1);
+    write_scratch_student(&out, &cfg, 2);
+    assert_eq!(std::fs::read_to_string(keep.join("b.txt")).unwrap(), "keep");
+    assert!(out.join("masa.json").is_file());
+    let params = masa::rng::scratch_init(&cfg, 1);
+    let save = |p: &Path| masa::student::save_student(p, &cfg, &params, &byte_tokenizer(), &serde_json::json!({})).map_err(|e| e.to_string());
+    let file = dir.path().join("mine");
+    std::fs::write(&file, "mine").unwrap();
+    let e = save(&file).unwrap_err();
+    assert!(e.contains("not a directory"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("x.txt"), "x").unwrap();
+    let e = save(&foreign).unwrap_err();
+    assert!(e.contains("masa will not replace it"), "{e}");
+    assert_eq!(std::fs::read_to_string(foreign.join("x.txt")).unwrap(), "x");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    save(&empty).unwrap();
+    assert!(empty.join("masa.json").is_file());
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.ends_with(".replaced") && !n.ends_with(".staging")), "{names:?}");
 }

@@ -86,7 +86,8 @@ pub fn save_checkpoint(
     provenance: &serde_json::Value,
 ) -> Result<()> {
     check_tensors(cfg, tensors)?;
-    let stage = staging_dir(dir);
+    check_replaceable(dir)?;
+    let stage = sibling(dir, "staging");
     if stage.exists() {
         std::fs::remove_dir_all(&stage).at(&stage)?;
     }
@@ -99,7 +100,9 @@ pub fn save_checkpoint(
     candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
     tokenizer.save_hf(&stage)?;
     if dir.exists() {
-        let old = dir.with_extension("old");
+        // Moved aside under a name masa owns (never `dir.with_extension(..)`, which can name a
+        // user's directory), then deleted once the new checkpoint is in place.
+        let old = sibling(dir, "replaced");
         if old.exists() {
             std::fs::remove_dir_all(&old).at(&old)?;
         }
@@ -115,9 +118,28 @@ pub fn save_checkpoint(
     Ok(())
 }
 
-fn staging_dir(dir: &Path) -> PathBuf {
+/// `.{name}.{what}` beside `dir`: the scratch names masa owns.
+fn sibling(dir: &Path, what: &str) -> PathBuf {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-    dir.with_file_name(format!(".{name}.staging"))
+    dir.with_file_name(format!(".{name}.{what}"))
+}
+
+/// `dir` may be written: absent, an empty directory, or a checkpoint masa wrote (`masa.json`).
+/// Anything else is the user's, and masa does not replace it.
+fn check_replaceable(dir: &Path) -> Result<()> {
+    let Ok(md) = std::fs::symlink_metadata(dir) else { return Ok(()) };
+    if !md.is_dir() {
+        return Err(MasaError::bad_file(dir, "exists and is not a directory: masa writes a checkpoint directory here and will not replace it; choose another output path"));
+    }
+    let empty = std::fs::read_dir(dir).at(dir)?.next().is_none();
+    if empty || dir.join("masa.json").is_file() {
+        Ok(())
+    } else {
+        Err(MasaError::bad_file(
+            dir,
+            "is not empty and holds no masa.json (not a checkpoint masa wrote): masa will not replace it; choose another output path or remove it yourself",
+        ))
+    }
 }
 
 fn check_tensors(cfg: &StudentConfig, tensors: &[(String, Tensor)]) -> Result<()> {
