@@ -169,6 +169,23 @@ pub struct CalibrateOptions {
     pub rank: Option<crate::align::RankSpec>,
 }
 
+impl CalibrateOptions {
+    /// The options' ranges, checked before any work (`max_positions`: the source's context).
+    pub fn check(&self, max_positions: usize) -> Result<()> {
+        let bad = |m: String| Err(MasaError::Invalid(m));
+        if self.tokens == 0 || self.tokens > crate::MAX_TOKENS {
+            return bad(format!("--tokens {}: must be in 1..={}", self.tokens, crate::MAX_TOKENS));
+        }
+        if self.batch == 0 || self.batch > 4096 {
+            return bad(format!("--batch {}: must be in 1..=4096", self.batch));
+        }
+        if self.seq_len == 0 || self.seq_len > max_positions {
+            return bad(format!("--seq {}: must be in 1..={max_positions} (the source's positions)", self.seq_len));
+        }
+        Ok(())
+    }
+}
+
 /// The rank-specific plan: every FFN matrix of the model at its rank, grouped by input site.
 pub fn rank_plan(model: &Transformer, rank: crate::align::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
     let mut plan: BTreeMap<(usize, String), Vec<RankTarget>> = BTreeMap::new();
@@ -192,6 +209,7 @@ pub fn corpus_batches_with<'a>(
     encode: crate::corpus::Encode<'a>,
 ) -> Result<(Vec<String>, Vec<crate::corpus::TokenStream<'a>>, usize)> {
     use crate::corpus::{token_stream, Split};
+    opts.check(source.weights.config.max_position_embeddings)?;
     let datasets: Vec<String> = match &opts.domains {
         Some(d) => d.clone(),
         None => corpus.iter(Split::Train, None).map(|d| d.domain.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
@@ -245,4 +263,25 @@ pub fn calibrate_on_corpus(
     let stats = calibrate_with(model, batches, &datasets, meta, plan, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_options_have_ranges() {
+        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None };
+        ok.check(2048).unwrap();
+        for (o, want) in [
+            (CalibrateOptions { tokens: 0, ..ok.clone() }, "--tokens 0"),
+            (CalibrateOptions { tokens: u64::MAX, ..ok.clone() }, "--tokens"),
+            (CalibrateOptions { batch: 0, ..ok.clone() }, "--batch 0"),
+            (CalibrateOptions { seq_len: 0, ..ok.clone() }, "--seq 0"),
+            (CalibrateOptions { seq_len: 100_000_000, ..ok.clone() }, "positions"),
+        ] {
+            let e = o.check(2048).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
 }

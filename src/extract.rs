@@ -290,6 +290,7 @@ pub fn extract(
     opts: &ExtractOptions,
     on_matrix: &(dyn Fn(&MatrixReport) + Sync),
 ) -> Result<Genes> {
+    opts.check()?;
     let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
     for m in &matrices {
         let r = opts.rank.rank(m.d_out, m.d_in);
@@ -519,6 +520,19 @@ impl MinibatchAligner {
     }
 }
 
+impl ExtractOptions {
+    /// The options' ranges, checked before any work.
+    pub fn check(&self) -> Result<()> {
+        if self.max_iter == 0 {
+            return Err(MasaError::Invalid("--max-iter 0: spectral alignment needs at least one iteration".into()));
+        }
+        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
+            return Err(MasaError::Invalid(format!("--lambda {}: must be finite and ≥ 0", self.lambda)));
+        }
+        Ok(())
+    }
+}
+
 /// Options of the paper's minibatch procedure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MinibatchOptions {
@@ -572,6 +586,10 @@ pub fn extract_minibatch(
     batches: &[crate::corpus::Batch],
     on_epoch: &mut dyn FnMut(&EpochTrace),
 ) -> Result<(Genes, Vec<EpochTrace>)> {
+    opts.check()?;
+    if mb.epochs == 0 || !(mb.lr > 0.0 && mb.lr.is_finite()) {
+        return Err(MasaError::Invalid(format!("--epochs {} must be ≥ 1 and --lr {} positive and finite", mb.epochs, mb.lr)));
+    }
     let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
     let mut rng = crate::rng::SplitMix64(mb.seed ^ 0x5eed_9e7e);
     let mut aligners = Vec::new();
@@ -651,4 +669,18 @@ pub fn extract_minibatch(
     }
     let meta = GenesMeta::new(source, source_hash, stats, opts, "minibatch", reports);
     Ok((Genes { meta, genes }, trace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extraction_options_have_ranges() {
+        ExtractOptions::default().check().unwrap();
+        let e = ExtractOptions { max_iter: 0, ..Default::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("--max-iter 0"), "{e}");
+        let e = ExtractOptions { lambda: f64::NAN, ..Default::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("--lambda"), "{e}");
+    }
 }

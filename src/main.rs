@@ -458,6 +458,10 @@ fn main() {
 }
 
 fn set_threads(n: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    if n == 0 || n > 8 * cores {
+        anyhow::bail!("--threads {n}: must be in 1..={} (8 × the {cores} cores here)", 8 * cores);
+    }
     // candle reads RAYON_NUM_THREADS for its matmul parallelism; rayon's pool does the rest.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")

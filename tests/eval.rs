@@ -298,3 +298,30 @@ fn ni_answer_likelihood_matches_full_forward_reference() {
     assert!((got.answer_logprob - want).abs() < 1e-3, "{} vs {want}", got.answer_logprob);
     assert_eq!(got.answer_tokens, b.len());
 }
+
+/// `--limit 0`, a NaN temperature, more new tokens than the model has positions and a thread
+/// count far beyond the cores are refused with the option named.
+#[test]
+fn out_of_range_eval_options_are_errors() {
+    assert!(masa::eval::Limit::parse("0").unwrap_err().to_string().contains("--limit 0"));
+    let Some((d, _)) = student(0) else { return };
+    let run = |args: &[&str]| {
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_masa"))
+            .env("MASA_HOME", home())
+            .args(args)
+            .arg(d.path().join("ckpt"))
+            .args(["--tasks", "piqa", "--out"])
+            .arg(d.path().join("r.json"))
+            .output()
+            .unwrap();
+        assert!(!st.status.success());
+        String::from_utf8_lossy(&st.stderr).into_owned()
+    };
+    let e = run(&["eval", "--temperature", "NaN"]);
+    assert!(e.contains("--temperature NaN"), "{e}");
+    let e = run(&["eval", "--max-new-tokens", "100000000"]);
+    assert!(e.contains("--max-new-tokens 100000000"), "{e}");
+    let e = run(&["--threads", "100000", "eval"]);
+    assert!(e.contains("--threads 100000"), "{e}");
+    assert!(!d.path().join("r.json").exists());
+}

@@ -347,3 +347,22 @@ fn checkpoint_writes_never_delete_what_masa_did_not_write() {
     let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".replaced") && !n.ends_with(".staging")), "{names:?}");
 }
+
+/// Numeric options outside their range are refused before any work, naming the option.
+#[test]
+fn out_of_range_training_options_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let o = |out: &str| opts(&corpus, &dir.path().join(out));
+    let cases: Vec<(TrainOptions, &str)> = vec![
+        (TrainOptions { clip: f64::NAN, ..o("a") }, "--clip"),
+        (TrainOptions { eval_seqs: 0, ..o("b") }, "--eval-seqs 0"),
+        (TrainOptions { warmup: usize::MAX, ..o("c") }, "--warmup"),
+        (TrainOptions { tokens: u64::MAX, ..o("d") }, "--tokens"),
+        (TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("e") }, "positions"),
+    ];
+    for (opt, want) in cases {
+        let e = err_of(&model, &opt);
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}

@@ -60,7 +60,11 @@ impl Limit {
         match s {
             "default" => Ok(Limit::Default),
             "all" => Ok(Limit::All),
-            n => n.parse().map(Limit::First).map_err(|_| MasaError::Invalid(format!("--limit {n:?}: expected a number, `all` or `default`"))),
+            n => match n.parse() {
+                Ok(0) => Err(MasaError::Invalid("--limit 0: evaluating no items gives no score; give a positive number, `all` or `default`".into())),
+                Ok(k) => Ok(Limit::First(k)),
+                Err(_) => Err(MasaError::Invalid(format!("--limit {n:?}: expected a positive number, `all` or `default`"))),
+            },
         }
     }
     fn resolve(self, task: &str) -> Option<usize> {
@@ -129,6 +133,14 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
 
 /// Evaluate `tasks` in order; see the module docs for the JSON layout.
 pub fn evaluate(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+    let g = &opt.gen;
+    if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
+        return Err(MasaError::Invalid(format!("--temperature {}: must be finite and ≥ 0 (0: greedy)", g.temperature)));
+    }
+    let positions = model.config.max_position_embeddings;
+    if g.max_new_tokens == 0 || g.max_new_tokens > positions {
+        return Err(MasaError::Invalid(format!("--max-new-tokens {}: must be in 1..={positions} (the model's positions)", g.max_new_tokens)));
+    }
     // Fail before any work when some task's data is missing.
     for &name in tasks {
         data::check_available(find_task(name)?)?;
