@@ -108,7 +108,7 @@ pub fn artifact_kind(path: &std::path::Path) -> Option<&'static str> {
 /// and the spectrum of the second moment (largest/median/smallest eigenvalue, effective rank).
 pub fn render_stats(s: &crate::stats::Stats) -> crate::Result<String> {
     let m = &s.meta;
-    let mut o = format!("statistics ({})\nsource  {} ({}, hash {}…)\n", m.format, m.source, m.arch, &m.source_hash[..12.min(m.source_hash.len())]);
+    let mut o = format!("statistics ({})\nsource  {} ({}, hash {}…)\n", m.format, m.source, m.arch, m.source_hash.chars().take(12).collect::<String>());
     o += &format!("tokens  {} (sequence length {}, seeds {:?})\n", m.tokens, m.seq_len, m.seeds);
     for c in &m.corpus {
         o += &format!("corpus  {c}\n");
@@ -118,6 +118,10 @@ pub fn render_stats(s: &crate::stats::Stats) -> crate::Result<String> {
     }
     o += "sites (eigenvalues of the mean second moment S: max / median / min, effective rank exp(entropy))\n";
     for (k, mo) in &s.moments {
+        if mo.dim == 0 || mo.xxt.len() != mo.dim * mo.dim {
+            o += &format!("  {k:32} no second moment (d={}, {} values)\n", mo.dim, mo.xxt.len());
+            continue;
+        }
         let sm = mo.mean();
         let mat = faer::Mat::from_fn(mo.dim, mo.dim, |i, j| sm[i * mo.dim + j]);
         let mut ev = mat
@@ -149,7 +153,7 @@ pub fn render_stats(s: &crate::stats::Stats) -> crate::Result<String> {
 /// Summary of a gene file: provenance, options, and per matrix r, relative L_out and L_spec.
 pub fn render_genes(g: &crate::extract::Genes) -> String {
     let m = &g.meta;
-    let mut o = format!("genes ({}, {} mode)\nsource  {} ({}, hash {}…)\n", m.format, m.mode, m.source, m.arch, &m.source_hash[..12.min(m.source_hash.len())]);
+    let mut o = format!("genes ({}, {} mode)\nsource  {} ({}, hash {}…)\n", m.format, m.mode, m.source, m.arch, m.source_hash.chars().take(12).collect::<String>());
     o += &format!("options rank {:?}, λ {}, experts {}\nstats   {} tokens\n", m.options.rank, m.options.lambda, m.options.experts, m.stats_tokens);
     o += &format!("{:44} {:>5} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7}\n", "matrix", "r", "relLout0", "relLout", "Lspec0/r", "Lspec/r", "iters", "secs");
     for r in &m.matrices {

@@ -130,12 +130,18 @@ impl Stats {
                 return Err(MasaError::bad_file(path, format!("tensor `{name}` holds a non-finite value at index {bad}; recompute the statistics")));
             }
             if let Some(k) = name.strip_suffix(".xxt") {
-                let d = view.shape()[0];
+                let d = match view.shape() {
+                    [a, b] if a == b && a * b == data.len() => *a,
+                    sh => return Err(MasaError::bad_file(path, format!("tensor `{name}` has shape {sh:?}; a second moment is square (d, d)"))),
+                };
                 let m = moments.entry(k.to_string()).or_insert_with(|| Moment::new(d));
                 m.dim = d;
                 m.xxt = data;
             } else if let Some(k) = name.strip_suffix(".count") {
-                moments.entry(k.to_string()).or_insert_with(|| Moment::new(0)).count = data[0];
+                let [count] = data[..] else {
+                    return Err(MasaError::bad_file(path, format!("tensor `{name}` holds {} values; a token count is one", data.len())));
+                };
+                moments.entry(k.to_string()).or_insert_with(|| Moment::new(0)).count = count;
             } else if name.contains(".routing.") {
                 routing.insert(name.clone(), data);
             } else if name.ends_with(".cross") || name.ends_with(".ysq") {

@@ -723,6 +723,51 @@ fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
     assert!(err.contains("no tokens"), "{err}");
 }
 
+/// Crafted statistics files (a second moment that is not square, a token count with no value,
+/// a non-ASCII source hash) are clear errors or render, never a panic (issue 17).
+#[test]
+fn crafted_statistics_are_clear_errors_not_panics() {
+    let spec = Spec::olmoe();
+    let dir = tempfile::tempdir().unwrap();
+    spec.weights(3).write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &spec.config_json());
+    let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
+    let mut stats = run_calibration(&model, tiny_batches(&spec, 2, 2));
+    let good = dir.path().join("good.safetensors");
+    stats.save(&good).unwrap();
+    // Rewrite the file with one tensor replaced by `(shape, values)`.
+    let rewrite = |suffix: &str, shape: Vec<usize>, values: Vec<f64>, out: &str| {
+        let bytes = std::fs::read(&good).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut done = false;
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            if !done && name.ends_with(suffix) {
+                done = true;
+                owned.push((name, shape.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            } else {
+                owned.push((name, view.shape().to_vec(), view.data().to_vec()));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            owned.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F64, s.clone(), d).unwrap())).collect();
+        let p = dir.path().join(out);
+        std::fs::write(&p, safetensors::serialize(views, header.metadata().clone()).unwrap()).unwrap();
+        p
+    };
+    let e = Stats::load(&rewrite(".xxt", vec![4], vec![1.0; 4], "flat.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("flat.safetensors") && e.contains("square"), "{e}");
+    let e = Stats::load(&rewrite(".count", vec![0], vec![], "nocount.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("nocount.safetensors") && e.contains("token count"), "{e}");
+    // Byte 12 falls inside a two-byte character: slicing the hash by bytes would panic.
+    stats.meta.source_hash = "aéééééééééééééé".into();
+    let odd = dir.path().join("odd.safetensors");
+    stats.save(&odd).unwrap();
+    let text = masa::inspect::render_stats(&Stats::load(&odd).unwrap()).unwrap();
+    assert!(text.contains("aééééééééééé…"), "{text}");
+}
+
 #[test]
 fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     // OLMoE: dense-free, so experts (top-k routed rows) and both sites are exercised.
