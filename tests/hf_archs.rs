@@ -723,6 +723,23 @@ fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
     assert!(err.contains("no tokens"), "{err}");
 }
 
+/// NaN or Inf in a source's weights is an error naming the tensor, not a silent wrong answer
+/// (issue 17): here an RMSNorm weight and an attention matrix.
+#[test]
+fn non_finite_source_weights_are_errors() {
+    let spec = Spec::olmoe();
+    for (name, bad) in [("model.layers.0.input_layernorm.weight", f32::NAN), ("model.layers.1.self_attn.q_proj.weight", f32::INFINITY)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ck = spec.weights(3);
+        ck.tensors.get_mut(name).unwrap_or_else(|| panic!("no {name}")).1[1] = bad;
+        ck.write(dir.path(), Dtype::F32, 1);
+        write_config(dir.path(), &spec.config_json());
+        let w = SourceWeights::open(dir.path()).unwrap();
+        let e = Transformer::load(&w).err().expect("corrupt weights must be refused").to_string();
+        assert!(e.contains(name) && e.contains("NaN or Inf") && e.contains("element 1"), "{e}");
+    }
+}
+
 /// Crafted statistics files (a second moment that is not square, a token count with no value,
 /// a non-ASCII source hash) are clear errors or render, never a panic (issue 17).
 #[test]

@@ -108,6 +108,19 @@ impl SourceWeights {
     /// llama.cpp's conventions: llama q/k rows un-permuted (the converter interleaves RoPE
     /// halves), Gemma norm weights shifted back by −1 (the converter stores `1 + w`).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let t = self.tensor_unchecked(name)?;
+        // NaN or Inf weights would flow silently into scores, statistics and students: refuse
+        // them here, where every consumer reads. A sum is cheap; an exact scan confirms.
+        let sum = t.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            if let Some(i) = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite()) {
+                return Err(MasaError::bad_file(&self.path, format!("tensor `{name}` holds NaN or Inf (element {i}): the weights are corrupt")));
+            }
+        }
+        Ok(t)
+    }
+
+    fn tensor_unchecked(&self, name: &str) -> Result<Tensor> {
         match &self.backing {
             Backing::Hf(t) => t.tensor_f32(name),
             Backing::Gguf { file, hf_to_gguf } => {
