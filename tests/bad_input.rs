@@ -241,6 +241,17 @@ fn hf_config_field_of_wrong_type() {
     assert_names(&load_error(dir.path()), &dir.path().join("config.json"), &["num_hidden_layers", "integer"]);
 }
 
+/// Config values outside their physical range are refused, naming the field (issue 17).
+#[test]
+fn hf_config_values_out_of_range() {
+    for (field, value, want) in [("rms_norm_eps", json!(-1e-5), "epsilon"), ("rope_theta", json!(0.0), "RoPE base"), ("num_attention_heads", json!(0), "positive")] {
+        let mut cfg = llama_config();
+        cfg[field] = value;
+        let dir = hf_dir(&cfg, &llama_weights(), 1);
+        assert_names(&load_error(dir.path()), &dir.path().join("config.json"), &[field, want]);
+    }
+}
+
 #[test]
 fn hf_config_not_json() {
     let dir = hf_dir(&llama_config(), &llama_weights(), 1);

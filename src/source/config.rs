@@ -169,6 +169,21 @@ impl ModelConfig {
         if self.head_dim % 2 != 0 {
             return bad("head_dim", format!("head_dim {} must be even for RoPE", self.head_dim));
         }
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 || self.head_dim == 0 {
+            return bad(
+                "hidden_size",
+                format!(
+                    "sizes must be positive (hidden {}, layers {}, vocab {}, FFN {}, head_dim {})",
+                    self.hidden_size, self.num_hidden_layers, self.vocab_size, self.intermediate_size, self.head_dim
+                ),
+            );
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            return bad("rms_norm_eps", format!("{}: the normalisation epsilon must be positive and finite", self.norm_eps));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad("rope_theta", format!("{}: the RoPE base must be positive and finite", self.rope_theta));
+        }
         if let Some(m) = &self.moe {
             if m.top_k == 0 || m.top_k > m.n_routed_experts {
                 return bad("num_experts_per_tok", format!("top-k {} must be in 1..={}", m.top_k, m.n_routed_experts));
