@@ -705,14 +705,20 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
     assert!(err.contains("gene rank") && err.contains("mlp.experts"), "{err}");
 }
 
-#[test]
-fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
+/// A small OLMoE checkpoint in a temporary directory, its model and statistics of 2 batches.
+fn small_olmoe_statistics() -> (tempfile::TempDir, Transformer, Stats) {
     let spec = Spec::olmoe();
     let dir = tempfile::tempdir().unwrap();
     spec.weights(3).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &spec.config_json());
     let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
-    let mut stats = run_calibration(&model, tiny_batches(&spec, 2, 2));
+    let stats = run_calibration(&model, tiny_batches(&spec, 2, 2));
+    (dir, model, stats)
+}
+
+#[test]
+fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
+    let (dir, model, mut stats) = small_olmoe_statistics();
     stats.moments.values_mut().next().unwrap().xxt[3] = f64::NAN;
     let f = dir.path().join("nan.safetensors");
     stats.save(&f).unwrap();
@@ -744,12 +750,7 @@ fn non_finite_source_weights_are_errors() {
 /// a non-ASCII source hash) are clear errors or render, never a panic (issue 17).
 #[test]
 fn crafted_statistics_are_clear_errors_not_panics() {
-    let spec = Spec::olmoe();
-    let dir = tempfile::tempdir().unwrap();
-    spec.weights(3).write(dir.path(), Dtype::F32, 1);
-    write_config(dir.path(), &spec.config_json());
-    let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
-    let mut stats = run_calibration(&model, tiny_batches(&spec, 2, 2));
+    let (dir, _, mut stats) = small_olmoe_statistics();
     let good = dir.path().join("good.safetensors");
     stats.save(&good).unwrap();
     // Rewrite the file with one tensor replaced by `(shape, values)`.
