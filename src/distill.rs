@@ -1,6 +1,6 @@
 //! Teacher side of `masa train --distill TEACHER`: the source model's top-k next-token
-//! log-probs for every training batch, computed once per token stream and cached on disk, so
-//! several students trained on the same stream (same corpus, seed, batch and sequence length)
+//! log-probs for every training batch, computed once per training-data order and cached on disk, so
+//! several students trained on the same data (same corpus, seed, batch and sequence length)
 //! reuse them. The student side (α·CE + (1−α)·τ²·KL) is in [`crate::student::kernels::lm_head_loss`].
 //!
 //! Cache layout: `<cache>/<key>/topk.bin`, fixed-size records, record `i` = micro-batch `i` of
@@ -58,7 +58,7 @@ impl TeacherCache {
         let canon = d.teacher.canonicalize().unwrap_or_else(|_| d.teacher.clone());
         id.update(canon.to_string_lossy().as_bytes());
         id.update(file_size_sum(&d.teacher).to_le_bytes());
-        let key_json = serde_json::json!({"format": 1, "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
+        let key_json = serde_json::json!({"format": 2, "sampling": "chunks", "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
         id.update(key_json.to_string().as_bytes());
         let key: String = id.finalize().iter().take(8).map(|x| format!("{x:02x}")).collect();
         let root = d.cache_dir.clone().unwrap_or_else(|| crate::home::masa_home().join("teacher-cache"));

@@ -148,6 +148,10 @@ enum Command {
     /// AdamW, warmup + cosine schedule, clipping, accumulation, per-domain validation,
     /// metrics.jsonl, atomic checkpoints, exact --resume, optional --distill.
     Train(TrainArgs),
+    /// Export what `masa train` with these options reads, as flat token files for another
+    /// trainer: train.bin (the training sequences in the trainer's order), valid.bin (the
+    /// validation sequences) and manifest.json.
+    Tokens(TokensArgs),
     /// Supervised fine-tuning with the loss on the response only, on an evaluation task's
     /// training part (`--task piqa`) or a JSONL of {"prompt": ..., "response": ...} (`--data`).
     Finetune {
@@ -348,6 +352,36 @@ struct TrainArgs {
     engine: EngineArgs,
 }
 
+#[derive(clap::Args)]
+struct TokensArgs {
+    /// Student model directory (its tokenizer is used).
+    model: PathBuf,
+    /// Corpus: the default corpus directory, .txt/.jsonl files or directories (repeatable).
+    #[arg(long, required = true)]
+    corpus: Vec<PathBuf>,
+    /// Training tokens (rounded up to whole optimizer steps), as for `masa train`.
+    #[arg(long)]
+    tokens: u64,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validation sequences per domain.
+    #[arg(long, default_value_t = 16)]
+    eval_seqs: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
 /// A calibration token stream: `masa calibrate`, and the stream `masa extract --mode
 /// minibatch` replays.
 #[derive(clap::Args)]
@@ -527,6 +561,24 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => cmd_train(a),
+        Command::Tokens(a) => {
+            let opts = masa::train::TrainOptions {
+                corpus: a.corpus,
+                out: a.out,
+                tokens: a.tokens,
+                batch: a.batch,
+                seq_len: a.seq,
+                grad_accum: a.grad_accum,
+                seed: a.seed,
+                eval_seqs: a.eval_seqs,
+                warmup: 0,
+                progress: !a.quiet,
+                ..Default::default()
+            };
+            let m = masa::train::export_tokens(&a.model, &opts)?;
+            eprintln!("{} training sequences, {} validation domains -> {}", m["train"]["sequences"], m["valid"]["domains"].as_array().map_or(0, |d| d.len()), opts.out.display());
+            Ok(())
+        }
         Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet, engine } => {
             let tok = masa::source::SourceModel::open(&model)?.tokenizer;
             let pairs = match (data, task) {

@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::{Device as CpuDevice, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{self, Split, StreamState};
+use crate::corpus::{self, ChunkSampler, SamplerState, Split, TokenSplit};
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::write_atomic;
 use crate::distill::DistillOptions;
@@ -111,7 +111,8 @@ pub struct TrainerState {
     pub tokens: u64,
     pub total_steps: usize,
     pub adam_t: u64,
-    pub stream: StreamState,
+    /// Where the training-data sampler is ([`crate::corpus::ChunkSampler`]).
+    pub sampler: SamplerState,
     /// Options that fix the data order and batch shape; a resumed run must match them.
     pub batch: usize,
     pub seq_len: usize,
@@ -211,23 +212,20 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     if opts.device != Device::Cpu && opts.progress {
         eprintln!("training on {}", eng.describe());
     }
-    let mut resumed_stream = None;
+    let mut resumed_sampler = None;
     if let Some((st, m, v)) = resumed {
         eng.set_moments(m, v, st.adam_t)?;
-        resumed_stream = Some(st.stream);
+        resumed_sampler = Some(st.sampler);
     }
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
 
-    // ---- data: a seeded token stream over the train split, fixed validation sequences ----
-    let corpus = corpus::load_corpus(&opts.corpus)?;
-    let encode = |s: &str| tok.encode(s, false);
-    let eos = tok.eos_id();
-    let mut stream = corpus::token_stream(&corpus, Split::Train, None, opts.seed, &encode, eos)?;
-    if let Some(s) = &resumed_stream {
-        stream.restore(s)?;
-    }
-    let val = corpus::validation_sequences(&corpus, Split::Valid, t + 1, opts.eval_seqs, &encode, eos)?;
+    // ---- data: shuffled chunks of the tokenized train split, fixed validation sequences ----
     check_vocab(&cfg, &tok)?;
+    let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
+    let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
+    if let Some(s) = &resumed_sampler {
+        sampler.restore(s)?;
+    }
     let mut teacher = match &opts.distill {
         Some(d) => Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.progress)?),
         None => None,
@@ -256,15 +254,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         // ---- data: the step's micro-batches (and the teacher's top-k for them) ----
         let mut top = Vec::with_capacity(opts.grad_accum);
         for micro in 0..opts.grad_accum {
-            let before = stream.epoch();
-            let seqs = stream.next_batch(b, t + 1)?;
-            if step == 0 && stream.epoch() > before {
-                return Err(MasaError::Invalid(format!(
-                    "the corpus is shorter than one batch: its train split holds fewer than --batch × (--seq + 1) = {} tokens; \
-                     use a larger corpus or a smaller --batch/--seq",
-                    b * (t + 1)
-                )));
-            }
+            let seqs = sampler.next_batch(b);
             let o = micro * b * t;
             for (i, s) in seqs.iter().enumerate() {
                 ids[o + i * t..o + (i + 1) * t].copy_from_slice(&s[..t]);
@@ -333,7 +323,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
                 tokens: tokens_done,
                 total_steps,
                 adam_t,
-                stream: stream.state(),
+                sampler: sampler.state(),
                 batch: b,
                 seq_len: t,
                 grad_accum: opts.grad_accum,
@@ -346,6 +336,101 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     bar.finish_and_clear();
     let checkpoint = last_ckpt.ok_or_else(|| MasaError::Invalid("no training step was run (already complete?)".into()))?;
     Ok(TrainSummary { steps: step, tokens: tokens_done, final_loss, final_val, checkpoint })
+}
+
+/// What a training run reads: the tokenized train split (cut into batches by a
+/// [`ChunkSampler`] of `seq_len + 1`-token chunks seeded by `seed`) and up to `eval_seqs`
+/// validation sequences of `seq_len + 1` tokens per domain.
+pub struct TrainData {
+    pub train_tokens: TokenSplit,
+    pub val: BTreeMap<String, Vec<Vec<u32>>>,
+}
+
+impl TrainData {
+    pub fn open(opts: &TrainOptions, tok: &Tokenizer) -> Result<TrainData> {
+        let corpus = corpus::load_corpus(&opts.corpus)?;
+        let train_tokens = TokenSplit::open(&corpus, Split::Train, tok, None, opts.progress)?;
+        let need = opts.batch * (opts.seq_len + 1);
+        if train_tokens.len() < need + opts.seq_len {
+            return Err(MasaError::Invalid(format!(
+                "the corpus is shorter than one batch: its train split holds {} tokens, fewer than --batch × (--seq + 1) = {need} \
+                 (plus one sequence of slack for the chunk offset); use a larger corpus or a smaller --batch/--seq",
+                train_tokens.len()
+            )));
+        }
+        let encode = |s: &str| tok.encode(s, false);
+        let val = corpus::validation_sequences(&corpus, Split::Valid, opts.seq_len + 1, opts.eval_seqs, &encode, tok.eos_id())?;
+        Ok(TrainData { train_tokens, val })
+    }
+}
+
+/// `masa tokens`: what `masa train` with these options would read, as flat token files for
+/// another trainer (`docs/training.md`, "Training elsewhere"): `train.bin`, every training
+/// sequence (`seq_len + 1` tokens) in the order the trainer draws them, micro-batch after
+/// micro-batch; `valid.bin`, the validation sequences, domain after domain; `manifest.json`,
+/// what they hold. Token ids are uint16 when the vocabulary fits, else uint32, little endian.
+pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json::Value> {
+    check_options(opts)?;
+    let tok = crate::source::SourceModel::open(model_dir)?.tokenizer;
+    let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
+    let (b, t) = (opts.batch, opts.seq_len);
+    let wide = tok.vocab_size() > u16::MAX as usize + 1;
+    let put = |buf: &mut Vec<u8>, seq: &[u32]| {
+        for &x in seq {
+            if wide {
+                buf.extend_from_slice(&x.to_le_bytes());
+            } else {
+                buf.extend_from_slice(&(x as u16).to_le_bytes());
+            }
+        }
+    };
+    std::fs::create_dir_all(&opts.out).at(&opts.out)?;
+    let steps = opts.tokens.div_ceil((b * t * opts.grad_accum) as u64);
+    let sequences = steps * (opts.grad_accum * b) as u64;
+    let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
+    let mut buf = Vec::with_capacity(sequences as usize * (t + 1) * if wide { 4 } else { 2 });
+    for _ in 0..sequences {
+        put(&mut buf, &sampler.next_sequence());
+    }
+    write_atomic(&opts.out.join("train.bin"), &buf)?;
+    buf.clear();
+    let mut valid = Vec::new();
+    let mut first = 0usize;
+    for (dom, seqs) in &val {
+        seqs.iter().for_each(|s| put(&mut buf, s));
+        valid.push(serde_json::json!({"domain": dom, "first": first, "sequences": seqs.len()}));
+        first += seqs.len();
+    }
+    write_atomic(&opts.out.join("valid.bin"), &buf)?;
+    let manifest = serde_json::json!({
+        "format": 1,
+        "created_by": format!("masa {} tokens", env!("CARGO_PKG_VERSION")),
+        "model": model_dir,
+        "tokenizer": tok.fingerprint()?,
+        "corpus": opts.corpus,
+        "token_split": {
+            "path": train_tokens.dir.join("tokens.bin"),
+            "dtype": train_tokens.manifest.dtype,
+            "tokens": train_tokens.len(),
+            "sha256": train_tokens.manifest.sha256,
+            "domains": train_tokens.manifest.domains,
+            "documents": train_tokens.manifest.documents.len(),
+        },
+        "sampler": "shuffled non-overlapping chunks of seq_len + 1 tokens of the tokenized train split (EOS after each document), re-cut at a seeded offset and reshuffled every epoch",
+        "seed": opts.seed,
+        "dtype": if wide { "uint32" } else { "uint16" },
+        "batch": b,
+        "seq_len": t,
+        "grad_accum": opts.grad_accum,
+        "steps": steps,
+        "sequence_tokens": t + 1,
+        "train": {"file": "train.bin", "sequences": sequences, "order": "step-major: sequence (step * grad_accum + micro) * batch + row"},
+        "valid": {"file": "valid.bin", "domains": valid},
+        "drawn_per_domain": sampler.drawn_per_domain(),
+    });
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| MasaError::Invalid(e.to_string()))?;
+    write_atomic(&opts.out.join("manifest.json"), &text)?;
+    Ok(manifest)
 }
 
 fn mean(v: &BTreeMap<String, f64>) -> Option<f64> {
@@ -532,7 +617,14 @@ fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOpt
     *params = load_params(&src.weights, cfg)?;
     let sp = ck.join("trainer_state.json");
     let text = std::fs::read_to_string(&sp).at(&sp)?;
-    let st: TrainerState = serde_json::from_str(&text).map_err(|e| MasaError::bad_file(&sp, format!("invalid trainer state: {e}")))?;
+    let st: TrainerState = serde_json::from_str(&text).map_err(|e| {
+        let why = if text.contains("\"stream\"") {
+            "it was written by an earlier masa, whose contiguous document stream cannot be continued by today's chunk sampler; start the run afresh".to_string()
+        } else {
+            format!("invalid trainer state: {e}")
+        };
+        MasaError::bad_file(&sp, why)
+    })?;
     let mut diffs = Vec::new();
     if st.batch != opts.batch {
         diffs.push(format!("--batch {} (checkpoint {})", opts.batch, st.batch));

@@ -366,3 +366,138 @@ fn out_of_range_training_options_are_errors() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+/// The tokenized train split of the test corpus, cached under `root`.
+fn token_split(dir: &Path, root: &Path) -> masa::corpus::TokenSplit {
+    let corpus_path = dir.join("corpus.jsonl");
+    write_corpus(&corpus_path, 200);
+    let corpus = masa::corpus::load_corpus(&[corpus_path]).unwrap();
+    masa::corpus::TokenSplit::open(&corpus, masa::corpus::Split::Train, &byte_tokenizer(), Some(root), false).unwrap()
+}
+
+/// Every epoch of the chunk sampler hands out each non-overlapping chunk of its cut exactly once,
+/// in an order where neighbours in a batch are not neighbours in the corpus, and the next epoch
+/// is cut and ordered differently; per-domain counts add up to the tokens drawn.
+#[test]
+fn chunk_sampler_covers_each_epoch_once_in_independent_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = token_split(dir.path(), &dir.path().join("tokens"));
+    let mut all = Vec::new();
+    split.copy_to(0, split.len(), &mut all);
+    let len = 65;
+    let mut s = masa::corpus::ChunkSampler::new(&split, len, 3).unwrap();
+    let per_epoch = s.chunks_per_epoch();
+    assert!(per_epoch > 50, "{per_epoch} chunks");
+    let start_of = |c: &[u32]| -> Vec<usize> { (0..=all.len() - len).filter(|&i| all[i..i + len] == *c).collect() };
+    let mut epochs = Vec::new();
+    for _ in 0..2 {
+        let starts: Vec<usize> = (0..per_epoch)
+            .map(|_| {
+                let c = s.next_sequence();
+                let found = start_of(&c);
+                assert!(!found.is_empty(), "a chunk that is not a window of the split");
+                found[0]
+            })
+            .collect();
+        epochs.push(starts);
+        // the next epoch may have one chunk more or less, cut at another offset
+        if s.chunks_per_epoch() != per_epoch {
+            break;
+        }
+    }
+    let e0 = &epochs[0];
+    let shift = e0[0] % len;
+    assert!(e0.iter().all(|&p| p % len == shift), "chunks of one epoch share one cut");
+    let mut sorted = e0.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), per_epoch, "each chunk once per epoch");
+    assert_eq!(per_epoch, (all.len() - shift) / len, "every chunk of the cut");
+    let adjacent = e0.windows(2).filter(|w| w[1] == w[0] + len).count();
+    assert!(adjacent * 10 < per_epoch, "{adjacent} of {per_epoch} consecutive draws are corpus neighbours");
+    if epochs.len() == 2 {
+        assert_ne!(epochs[0], epochs[1], "the second epoch repeats the first");
+    }
+    let st = s.state();
+    assert_eq!(st.drawn_per_domain.values().sum::<u64>(), st.tokens_drawn);
+    assert!(st.drawn_per_domain.values().all(|&n| n > 0), "{:?}", st.drawn_per_domain);
+}
+
+/// A sampler restored from a saved state continues exactly as the original, across epochs.
+#[test]
+fn chunk_sampler_restores_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = token_split(dir.path(), &dir.path().join("tokens"));
+    let mut a = masa::corpus::ChunkSampler::new(&split, 33, 7).unwrap();
+    let per_epoch = a.chunks_per_epoch();
+    a.next_batch(per_epoch - 5);
+    let st = a.state();
+    let mut b = masa::corpus::ChunkSampler::new(&split, 33, 7).unwrap();
+    b.restore(&st).unwrap();
+    assert_eq!(a.next_batch(20), b.next_batch(20), "restored sampler diverged (across the epoch boundary)");
+    assert_eq!(a.state(), b.state());
+    let mut other = st.clone();
+    other.split_tokens += 1;
+    let e = b.restore(&other).unwrap_err().to_string();
+    assert!(e.contains("resume with the run's corpus"), "{e}");
+}
+
+/// A truncated or altered token cache is detected and rebuilt, giving the same tokens.
+#[test]
+fn damaged_token_cache_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tokens");
+    let split = token_split(dir.path(), &root);
+    let mut want = Vec::new();
+    split.copy_to(0, split.len(), &mut want);
+    let file = split.dir.join("tokens.bin");
+    drop(split);
+    let bytes = std::fs::read(&file).unwrap();
+    let mut altered = bytes.clone();
+    altered[100] ^= 1;
+    for damaged in [bytes[..bytes.len() - 2].to_vec(), altered] {
+        std::fs::write(&file, &damaged).unwrap();
+        let again = token_split(dir.path(), &root);
+        let mut got = Vec::new();
+        again.copy_to(0, again.len(), &mut got);
+        assert_eq!(got, want);
+        assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    }
+}
+
+/// `masa tokens` writes the training sequences in the trainer's order and the validation
+/// sequences, with a manifest that says how to read them.
+#[test]
+fn token_export_matches_the_trainer_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 100);
+    let out = dir.path().join("export");
+    let st = Command::new(MASA)
+        .args(["tokens"])
+        .arg(&model)
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&out)
+        .args(["--tokens", "2000", "--batch", "3", "--seq", "16", "--grad-accum", "2", "--seed", "5", "--eval-seqs", "2", "--quiet"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["dtype"], "uint16");
+    let steps = 2000u64.div_ceil(3 * 16 * 2);
+    assert_eq!(m["steps"], steps);
+    let train: Vec<u32> = std::fs::read(out.join("train.bin")).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
+    assert_eq!(train.len() as u64, steps * 6 * 17);
+    let opts = TrainOptions { corpus: vec![corpus.clone()], seq_len: 16, batch: 3, eval_seqs: 2, progress: false, ..Default::default() };
+    let tok = byte_tokenizer();
+    let data = masa::train::TrainData::open(&opts, &tok).unwrap();
+    let mut s = masa::corpus::ChunkSampler::new(&data.train_tokens, 17, 5).unwrap();
+    let want: Vec<u32> = (0..steps * 6).flat_map(|_| s.next_sequence()).collect();
+    assert_eq!(train, want);
+    let valid: Vec<u32> = std::fs::read(out.join("valid.bin")).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
+    let want: Vec<u32> = data.val.values().flatten().flatten().copied().collect();
+    assert_eq!(valid, want);
+    assert_eq!(m["valid"]["domains"][1]["domain"], "prose");
+    assert_eq!(m["valid"]["domains"][1]["first"], 2);
+}

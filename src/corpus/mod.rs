@@ -32,10 +32,12 @@ use crate::rng::SplitMix64;
 mod debian;
 mod parsers;
 mod stream;
+mod tokens;
 
 pub use debian::*;
 pub use parsers::*;
 pub use stream::*;
+pub use tokens::*;
 use crate::home::{masa_home, write_atomic};
 
 /// Version of the default corpus layout and extraction rules; bump when the output changes.

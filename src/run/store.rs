@@ -43,10 +43,11 @@ impl Stage {
     }
 
     /// Bumped when what the stage writes or its record holds changes, so older artifacts are
-    /// not read as new ones. Finetune 2: generation tasks' answer NLL in the record.
+    /// not read as new ones. Finetune 2: generation tasks' answer NLL in the record. Train 2:
+    /// batches of shuffled chunks of the tokenized split instead of a contiguous stream.
     pub fn record_version(self) -> u32 {
         match self {
-            Stage::Finetune => 2,
+            Stage::Finetune | Stage::Train => 2,
             _ => 1,
         }
     }

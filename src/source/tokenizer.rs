@@ -218,6 +218,17 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// sha256 of the tokenizer definition (its `tokenizer.json` serialization) and of the
+    /// BOS/EOS facts: equal fingerprints encode every text to the same ids.
+    pub fn fingerprint(&self) -> Result<String> {
+        let json = self.inner.to_string(false).map_err(|e| MasaError::Invalid(format!("cannot serialize tokenizer: {e}")))?;
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(json.as_bytes());
+        h.update(format!("{:?} {:?} {}", self.bos_id, self.eos_id, self.add_bos).as_bytes());
+        Ok(h.finalize().iter().map(|x| format!("{x:02x}")).collect())
+    }
+
     /// Write `tokenizer.json` and `tokenizer_config.json` (HF layout, loadable by HF
     /// `AutoTokenizer` / `PreTrainedTokenizerFast`) into `dir`, each atomically.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
