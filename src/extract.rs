@@ -29,8 +29,13 @@ pub struct ExtractOptions {
     /// `E = tr(W S Wᵀ)/d_out` (design.md's `L_out + λ L_spec`, normalised per matrix so one λ
     /// fits matrices of any output scale and rank).
     pub lambda: f64,
-    /// Routed-MoE sources: experts kept per layer (most frequently routed).
+    /// MoE layers without shared experts (OLMoE): routed experts kept per layer, the most
+    /// frequently routed across the calibration datasets.
     pub experts: usize,
+    /// MoE layers with shared experts (DeepSeekMoE): routed experts kept beside the shared
+    /// experts (paper: 0, the shared experts only).
+    #[serde(default)]
+    pub routed_with_shared: usize,
     /// Ridge added to each `A_a`, relative to its mean diagonal.
     pub ridge: f64,
     pub max_iter: usize,
@@ -43,7 +48,7 @@ pub struct ExtractOptions {
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { rank: RankSpec::Ratio(0.12), lambda: DEFAULT_LAMBDA, experts: 1, ridge: 1e-6, max_iter: 300, layers: None, tol: 1e-5 }
+        ExtractOptions { rank: RankSpec::Ratio(0.12), lambda: DEFAULT_LAMBDA, experts: 1, routed_with_shared: 0, ridge: 1e-6, max_iter: 300, layers: None, tol: 1e-5 }
     }
 }
 
@@ -84,6 +89,10 @@ pub struct GenesMeta {
     pub options: ExtractOptions,
     pub mode: String,
     pub matrices: Vec<MatrixReport>,
+    /// MoE layers: the routed experts that have genes, most frequently routed first (the order
+    /// in which `masa init` fills a dense student FFN from them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub experts_kept: BTreeMap<usize, Vec<usize>>,
     pub masa_version: String,
 }
 
@@ -98,7 +107,7 @@ impl GenesMeta {
         (rel.get(rel.len() / 2).copied().unwrap_or(f64::NAN), per_r(|m| m.l_spec_start), per_r(|m| m.l_spec))
     }
 
-    fn new(source: &SourceWeights, source_hash: &str, stats: &Stats, opts: &ExtractOptions, mode: &str, matrices: Vec<MatrixReport>) -> Self {
+    fn new(source: &SourceWeights, source_hash: &str, stats: &Stats, opts: &ExtractOptions, mode: &str, sel: Selection, matrices: Vec<MatrixReport>) -> Self {
         GenesMeta {
             format: FORMAT.into(),
             source: source.path.display().to_string(),
@@ -109,6 +118,7 @@ impl GenesMeta {
             options: opts.clone(),
             mode: mode.into(),
             matrices,
+            experts_kept: sel.experts,
             masa_version: env!("CARGO_PKG_VERSION").into(),
         }
     }
@@ -122,10 +132,20 @@ pub struct Genes {
     pub genes: BTreeMap<String, (usize, Vec<f32>)>,
 }
 
-/// The matrices to align (design.md "Gene matrix set"): every dense FFN matrix; for routed
-/// MoE layers the `k` experts with the highest routing frequency, counted per dataset,
-/// normalised per dataset, averaged over datasets; shared experts always.
-pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize, layers: Option<&[usize]>) -> Result<Vec<FfnMatrix>> {
+/// The matrices to align and, for MoE layers, which routed experts they cover.
+pub struct Selection {
+    pub matrices: Vec<FfnMatrix>,
+    /// MoE layer -> the routed experts kept, most frequently routed first.
+    pub experts: BTreeMap<usize, Vec<usize>>,
+}
+
+/// The matrices to align (design.md "Gene matrix set"): every dense FFN matrix; the shared
+/// experts of MoE layers that have them (DeepSeekMoE), plus `opts.routed_with_shared` routed
+/// experts (paper: none); in MoE layers without shared experts (OLMoE) the `opts.experts`
+/// routed experts with the highest routing frequency, counted per dataset, normalised per
+/// dataset, averaged over datasets, so an expert must be active across tasks, not in one.
+pub fn select_matrices(source: &SourceWeights, stats: &Stats, opts: &ExtractOptions) -> Result<Selection> {
+    let layers = opts.layers.as_deref();
     if let Some(bad) = layers.and_then(|ls| ls.iter().find(|&&l| l >= source.config.num_hidden_layers)) {
         return Err(MasaError::Invalid(format!("layer {bad} does not exist: the source has {} layers", source.config.num_hidden_layers)));
     }
@@ -133,8 +153,9 @@ pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize, la
         source.config.ffn_matrices().into_iter().filter(|m| layers.is_none_or(|ls| ls.contains(&m.layer))).collect();
     let mut keep_experts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     if let Some(moe) = &source.config.moe {
-        for l in 0..source.config.num_hidden_layers {
-            if !source.config.is_moe_layer(l) {
+        let k = if moe.n_shared_experts > 0 { opts.routed_with_shared } else { opts.experts.max(1) };
+        for l in (0..source.config.num_hidden_layers).filter(|&l| source.config.is_moe_layer(l) && layers.is_none_or(|ls| ls.contains(&l))) {
+            if k == 0 {
                 continue;
             }
             let prefix = format!("layers.{l}.routing.");
@@ -152,16 +173,17 @@ pub fn select_matrices(source: &SourceWeights, stats: &Stats, experts: usize, la
             }
             let mut order: Vec<usize> = (0..moe.n_routed_experts).collect();
             order.sort_by(|&a, &b| freq[b].total_cmp(&freq[a]).then(a.cmp(&b)));
-            keep_experts.insert(l, order.into_iter().take(experts.max(1)).collect());
+            keep_experts.insert(l, order.into_iter().take(k).collect());
         }
     }
-    Ok(all
+    let matrices = all
         .into_iter()
         .filter(|m| match (m.kind, m.expert) {
             (FfnKind::Expert, Some(e)) => keep_experts.get(&m.layer).is_some_and(|k| k.contains(&e)),
             _ => true,
         })
-        .collect())
+        .collect();
+    Ok(Selection { matrices, experts: keep_experts })
 }
 
 /// Check that `stats` were computed for `source`.
@@ -291,7 +313,8 @@ pub fn extract(
     on_matrix: &(dyn Fn(&MatrixReport) + Sync),
 ) -> Result<Genes> {
     opts.check()?;
-    let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
+    let mut sel = select_matrices(source, stats, opts)?;
+    let matrices = std::mem::take(&mut sel.matrices);
     for m in &matrices {
         let r = opts.rank.rank(m.d_out, m.d_in);
         Layout::new(m.d_out, m.d_in, r).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
@@ -319,7 +342,7 @@ pub fn extract(
         reports.push(rep);
     }
     Ok(Genes {
-        meta: GenesMeta::new(source, source_hash, stats, opts, "exact", reports),
+        meta: GenesMeta::new(source, source_hash, stats, opts, "exact", sel, reports),
         genes,
     })
 }
@@ -416,8 +439,10 @@ pub fn read_gene_file(path: &Path) -> Result<(String, BTreeMap<String, (usize, V
 }
 
 /// The paper's procedure (Sec. 3.1), kept for comparison: Adam on minibatches of streamed
-/// `(x, W x)` pairs, minimising L_out, the mean of `‖W x − f_d(M f_c(x))‖² / d_out` with f_c,
-/// f_d of Eq. (1)-(3), plus `λ L_spec` (L_out and L_spec: no equation numbers in design.md).
+/// `(x, W x)` pairs, minimising `L_out / E + λ L_spec / r` (the exact mode's objective, so one
+/// `--lambda` means the same trade-off in both modes), L_out the mean of
+/// `‖W x − f_d(M f_c(x))‖² / d_out` with f_c, f_d of Eq. (1)-(3) and `E = tr(W S Wᵀ)/d_out`
+/// from the calibration statistics (L_out and L_spec: no equation numbers in design.md).
 pub struct MinibatchAligner {
     pub layout: Layout,
     w_t: Tensor,
@@ -430,12 +455,16 @@ pub struct MinibatchAligner {
     adam_v: Vec<f64>,
     step: usize,
     pub lr: f64,
+    /// Weight of L_out's gradient (`1 / E`).
+    out_weight: f64,
+    /// L_spec and its weight (`λ / r`).
     spec: Option<(SpectralAlignment, f64)>,
 }
 
 impl MinibatchAligner {
-    /// `w`: (d_out, d_in) f32; `m0`: starting gene (the paper starts from random init).
-    pub fn new(w: &Tensor, layout: Layout, m0: Vec<f64>, lr: f64, spec: Option<(SpectralAlignment, f64)>) -> Result<Self> {
+    /// `w`: (d_out, d_in) f32; `m0`: starting gene (the paper starts from random init);
+    /// `out_weight`: the weight of L_out (`1 / E`); `spec`: L_spec's target and weight (`λ / r`).
+    pub fn new(w: &Tensor, layout: Layout, m0: Vec<f64>, lr: f64, out_weight: f64, spec: Option<(SpectralAlignment, f64)>) -> Result<Self> {
         let dev = w.device();
         let chunk_idx = (0..layout.n)
             .map(|i| {
@@ -461,6 +490,7 @@ impl MinibatchAligner {
             adam_v: vec![0.0; k],
             step: 0,
             lr,
+            out_weight,
             spec,
         })
     }
@@ -473,7 +503,7 @@ impl MinibatchAligner {
         let mt = Tensor::from_vec(self.m.iter().map(|&v| v as f32).collect::<Vec<_>>(), (l.r, l.r), x.device())?.t()?;
         let mut grad = vec![0.0f64; l.r * l.r];
         let mut loss = 0.0;
-        let scale = 2.0 / (l.d_out as f64 * n as f64);
+        let scale = 2.0 * self.out_weight / (l.d_out as f64 * n as f64);
         for (i, idx) in self.chunk_idx.iter().enumerate() {
             let (ps, rows) = &self.chunk_outputs[i];
             if rows.is_empty() {
@@ -590,7 +620,8 @@ pub fn extract_minibatch(
     if mb.epochs == 0 || !(mb.lr > 0.0 && mb.lr.is_finite()) {
         return Err(MasaError::Invalid(format!("--epochs {} must be ≥ 1 and --lr {} positive and finite", mb.epochs, mb.lr)));
     }
-    let matrices = select_matrices(source, stats, opts.experts, opts.layers.as_deref())?;
+    let mut sel = select_matrices(source, stats, opts)?;
+    let matrices = std::mem::take(&mut sel.matrices);
     let mut rng = crate::rng::SplitMix64(mb.seed ^ 0x5eed_9e7e);
     let mut aligners = Vec::new();
     let mut exact = Vec::new();
@@ -610,8 +641,9 @@ pub fn extract_minibatch(
         let m0: Vec<f64> = crate::rng::normals(&mut rng, layout.r * layout.r).into_iter().map(|z| z * mb.init_std).collect();
         let ex = exact.last().ok_or_else(|| MasaError::Invalid("no exact objective".into()))?;
         start.push((ex.loss_grad(&to_mat(&m0, layout.r)).0, target.loss(&to_mat(&m0, layout.r))?));
-        let spec = (opts.lambda > 0.0).then(|| (target, opts.lambda));
-        aligners.push(MinibatchAligner::new(&w, layout, m0, mb.lr, spec)?);
+        let spec = (opts.lambda > 0.0).then(|| (target, opts.lambda / layout.r as f64));
+        let energy = ex.trace_wsw / layout.d_out as f64;
+        aligners.push(MinibatchAligner::new(&w, layout, m0, mb.lr, 1.0 / energy.max(f64::MIN_POSITIVE), spec)?);
         targets.push(SpectralAlignment::new(&sigma, layout.r));
         cache.sites.entry((m.layer, m.stats_site())).or_default();
         cache.last_layer = cache.last_layer.max(m.layer);
@@ -667,7 +699,7 @@ pub fn extract_minibatch(
         });
         genes.insert(m.gene_name(), (a.layout.r, a.m.iter().map(|&v| v as f32).collect()));
     }
-    let meta = GenesMeta::new(source, source_hash, stats, opts, "minibatch", reports);
+    let meta = GenesMeta::new(source, source_hash, stats, opts, "minibatch", sel, reports);
     Ok((Genes { meta, genes }, trace))
 }
 

@@ -118,9 +118,14 @@ enum Command {
         /// Spectral alignment weight λ (see docs/extraction.md for the sweep behind the default).
         #[arg(long, default_value_t = masa::extract::DEFAULT_LAMBDA)]
         lambda: f64,
-        /// Routed-MoE sources: experts kept per layer (most frequently routed).
+        /// MoE layers without shared experts (OLMoE): routed experts kept per layer, the most
+        /// frequently routed across calibration datasets.
         #[arg(long, default_value_t = 1)]
         experts: usize,
+        /// MoE layers with shared experts (DeepSeekMoE): routed experts kept beside the shared
+        /// ones (paper: 0).
+        #[arg(long, default_value_t = 0)]
+        routed_with_shared: usize,
         #[arg(long, default_value_t = 300)]
         max_iter: usize,
         /// Only these source layers (comma-separated), e.g. for sweeps.
@@ -253,9 +258,10 @@ struct InitArgs {
     /// Layer mapping: uniform or first (default: first for weight-selection, else uniform).
     #[arg(long)]
     layers: Option<masa::init::LayerMap>,
-    /// r': singular components kept by adaptive scaling (default: all).
+    /// r': singular components kept by adaptive scaling: all (default), a count, or
+    /// energy:F (per gene, the fewest components holding the fraction F of Σσ²).
     #[arg(long)]
-    components: Option<usize>,
+    components: Option<masa::init::scale::Components>,
     /// Experiment: one selection of the FFN dimension shared by gate, up and down.
     #[arg(long)]
     coupled: bool,
@@ -651,13 +657,13 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged {} shards, {} tokens -> {}", inputs.len(), acc.meta.tokens, out.display());
             Ok(())
         }
-        Command::Extract { model, stats, rank, ratio, lambda, experts, max_iter, layers, mode, stream, epochs, lr, out } => {
+        Command::Extract { model, stats, rank, ratio, lambda, experts, routed_with_shared, max_iter, layers, mode, stream, epochs, lr, out } => {
             let replay = match mode.as_str() {
                 "exact" => None,
                 "minibatch" => Some((stream.corpus.clone(), stream.options(65_536), epochs, lr)),
                 other => anyhow::bail!("--mode {other}: expected `exact` or `minibatch`"),
             };
-            cmd_extract(&model, &stats, rank, ratio, lambda, experts, max_iter, layers, replay, &out)
+            cmd_extract(&model, &stats, rank, ratio, lambda, (experts, routed_with_shared), max_iter, layers, replay, &out)
         }
         Command::Init(a) => {
             let options = masa::init::InitOptions {
@@ -791,7 +797,7 @@ fn cmd_extract(
     rank: Option<usize>,
     ratio: Option<f64>,
     lambda: f64,
-    experts: usize,
+    (experts, routed_with_shared): (usize, usize),
     max_iter: usize,
     layers: Option<Vec<usize>>,
     replay: Option<(Vec<PathBuf>, masa::calibrate::CalibrateOptions, usize, f64)>,
@@ -813,8 +819,8 @@ fn cmd_extract(
     let hash = masa::source::SourceModel::open(&path)?.fingerprint()?;
     let stats = masa::stats::Stats::load(stats_path)?;
     masa::extract::check_stats_match(&source, &hash, &stats, stats_path)?;
-    let opts = ExtractOptions { rank, lambda, experts, max_iter, layers, ..Default::default() };
-    let n = masa::extract::select_matrices(&source, &stats, experts, opts.layers.as_deref())?.len();
+    let opts = ExtractOptions { rank, lambda, experts, routed_with_shared, max_iter, layers, ..Default::default() };
+    let n = masa::extract::select_matrices(&source, &stats, &opts)?.matrices.len();
     let t0 = std::time::Instant::now();
     let genes = match replay {
         None => {

@@ -237,7 +237,7 @@ fn minibatch_adam_reaches_the_exact_loss_on_the_same_tokens() {
     let dev = Device::Cpu;
     let wt = Tensor::from_vec(w.clone(), (d_out, d_in), &dev).unwrap();
     let m0: Vec<f64> = (0..r * r).map(|_| rng.normal() * 0.01).collect();
-    let mut mb = MinibatchAligner::new(&wt, l, m0, 3e-3, None).unwrap();
+    let mut mb = MinibatchAligner::new(&wt, l, m0, 3e-3, 1.0, None).unwrap();
     let batches: Vec<Tensor> = xs
         .chunks(64)
         .map(|c| Tensor::from_vec(c.concat().iter().map(|&v| v as f32).collect::<Vec<_>>(), (c.len(), d_in), &dev).unwrap())
@@ -254,4 +254,46 @@ fn minibatch_adam_reaches_the_exact_loss_on_the_same_tokens() {
     eprintln!("exact L_out {:.6}, minibatch L_out {:.6}", exact.l_out, final_loss);
     assert!(final_loss <= exact.l_out * 1.02, "minibatch {final_loss} vs exact {}", exact.l_out);
     assert!(final_loss >= exact.l_out * (1.0 - 1e-6), "nothing beats the exact optimum");
+}
+
+/// With λ > 0 both extraction modes minimise one objective, `L_out / E + λ L_spec / r`: the
+/// paper's minibatch Adam ends where the exact mode's closed form + L-BFGS does (a second
+/// implementation of the same objective; before, the same `--lambda` meant two trade-offs).
+#[test]
+fn minibatch_and_exact_modes_minimise_the_same_objective() {
+    let mut rng = Rng(7);
+    let (d_out, d_in, r) = (24, 16, 6);
+    let xs = activations(&mut rng, 512, d_in);
+    let w: Vec<f32> = rng.vec(d_out * d_in).iter().map(|&v| v as f32 * 0.1).collect();
+    let l = Layout::new(d_out, d_in, r).unwrap();
+    let lambda = 0.5;
+    let opts = ExtractOptions { rank: RankSpec::Rank(r), lambda, ..Default::default() };
+    let (_, exact) = align_matrix(&w, &second_moment(&xs), l, &opts).unwrap();
+    let energy = exact.output_energy;
+    let sigma = Mat::from_fn(d_out, d_in, |p, j| w[p * d_in + j] as f64).singular_values().unwrap();
+    let target = SpectralAlignment::new(&sigma, r);
+    let objective = |m: &[f64]| explicit_loss(m, &w, &xs, &l) / energy + lambda * target.loss(&to_mat(m, r)).unwrap() / r as f64;
+    let j_exact = exact.l_out / energy + lambda * exact.l_spec / r as f64;
+    let dev = Device::Cpu;
+    let wt = Tensor::from_vec(w.clone(), (d_out, d_in), &dev).unwrap();
+    let m0: Vec<f64> = (0..r * r).map(|_| rng.normal() * 0.01).collect();
+    let mut mb = MinibatchAligner::new(&wt, l, m0, 3e-3, 1.0 / energy, Some((SpectralAlignment::new(&sigma, r), lambda / r as f64))).unwrap();
+    let batches: Vec<Tensor> = xs
+        .chunks(64)
+        .map(|c| Tensor::from_vec(c.concat().iter().map(|&v| v as f32).collect::<Vec<_>>(), (c.len(), d_in), &dev).unwrap())
+        .collect();
+    for epoch in 0..600 {
+        if epoch == 400 {
+            mb.lr = 3e-4;
+        }
+        for b in &batches {
+            mb.step(b).unwrap();
+        }
+    }
+    let j_mb = objective(&mb.m);
+    eprintln!("objective: exact {j_exact:.6}, minibatch {j_mb:.6}; L_spec/r exact {:.4}", exact.l_spec / r as f64);
+    assert!((j_mb / j_exact - 1.0).abs() < 0.02, "minibatch {j_mb} vs exact {j_exact}");
+    // λ mattered: the exact optimum of L_out alone scores worse on this objective.
+    let (m_out, _) = align_matrix(&w, &second_moment(&xs), l, &ExtractOptions { lambda: 0.0, ..opts }).unwrap();
+    assert!(objective(&m_out) > j_exact * 1.01, "{} vs {j_exact}", objective(&m_out));
 }

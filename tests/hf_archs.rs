@@ -673,7 +673,7 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
     let mut stats = run_calibration(&model, tiny_batches(&spec, 5, 40));
     let hash = w.fingerprint().unwrap();
     stats.meta.source_hash = hash.clone();
-    let chosen = masa::extract::select_matrices(&w, &stats, 1, None).unwrap();
+    let chosen = masa::extract::select_matrices(&w, &stats, &Default::default()).unwrap().matrices;
     for l in 0..spec.layers {
         let freq: Vec<f64> = (0..spec.experts)
             .map(|e| {
@@ -837,4 +837,100 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     let other = masa::extract::ExtractOptions { rank: masa::align::RankSpec::Rank(4), ..opts };
     let err = masa::extract::extract(&w, &hash, &loaded, &other, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("rank-specific") || err.contains(".r4."), "{err}");
+}
+
+#[path = "train_common/mod.rs"]
+mod train_common;
+
+/// MoE sources end to end (issue 12): calibrate → extract → `masa init` of a dense student →
+/// 10 training steps. OLMoE's genes come from its most routed experts, DeepSeekMoE's from its
+/// shared experts (routed ones only when asked) and its leading dense layer; each student FFN
+/// records which gene fills which block of its intermediate dimension.
+#[test]
+fn moe_genes_reach_a_dense_student_that_trains() {
+    use masa::init::{InitOptions, InitRequest, Strategy};
+    for (spec, experts, routed_with_shared, sets) in [
+        (Spec { vocab: 257, ..Spec::olmoe() }, 2, 0, [2, 2]),
+        (Spec { vocab: 257, ..Spec::deepseek() }, 1, 0, [1, 1]),
+        (Spec { vocab: 257, ..Spec::deepseek() }, 1, 1, [1, 2]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        spec.weights(31).write(dir.path(), Dtype::F32, 1);
+        write_config(dir.path(), &spec.config_json());
+        train_common::byte_tokenizer().save_hf(dir.path()).unwrap();
+        let source = masa::source::SourceModel::open(dir.path()).unwrap();
+        let hash = source.fingerprint().unwrap();
+        let model = Transformer::load(&source.weights).unwrap();
+        let mut stats = run_calibration(&model, tiny_batches(&spec, 7, 20));
+        stats.meta.source_hash = hash.clone();
+        let opts = masa::extract::ExtractOptions {
+            rank: masa::align::RankSpec::Rank(4),
+            lambda: 0.1,
+            experts,
+            routed_with_shared,
+            ..Default::default()
+        };
+        let genes = masa::extract::extract(&source.weights, &hash, &stats, &opts, &|_| {}).unwrap();
+        let names: Vec<&String> = genes.genes.keys().collect();
+        let routed = names.iter().filter(|n| n.contains(".experts.")).count();
+        let shared = names.iter().filter(|n| n.contains(".shared_experts.")).count();
+        let dense = names.len() - routed - shared;
+        match spec.family {
+            Family::Olmoe => assert_eq!((dense, shared, routed), (0, 0, 3 * experts * spec.layers)),
+            _ => assert_eq!((dense, shared, routed), (3, 3 * (spec.layers - 1), 3 * routed_with_shared * (spec.layers - 1))),
+        }
+        for (l, kept) in &genes.meta.experts_kept {
+            assert_eq!(kept.len(), if spec.family == Family::Olmoe { experts } else { routed_with_shared }, "layer {l}");
+        }
+        let gene_path = dir.path().join("genes.safetensors");
+        genes.save(&gene_path).unwrap();
+
+        let student = dir.path().join("student.toml");
+        std::fs::write(&student, "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n").unwrap();
+        let out = dir.path().join("student");
+        let req = InitRequest {
+            student: student.to_string_lossy().into_owned(),
+            out: out.clone(),
+            source: dir.path().to_path_buf(),
+            genes: Some(gene_path),
+            stats: None,
+            options: InitOptions::new(Strategy::Masa),
+        };
+        masa::init::run(&req).unwrap();
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("masa.json")).unwrap()).unwrap();
+        let text = record.to_string();
+        let matrices = text.matches("\"source_layer\"").count();
+        assert_eq!(matrices, 6, "{text}");
+        // student layer t <- source layer round(t (L_s - 1) / (L_t - 1)): 0 and L_s - 1.
+        let found = |needle: &str| text.contains(needle);
+        match spec.family {
+            Family::Olmoe => {
+                let best = &genes.meta.experts_kept[&1][0];
+                assert!(found(&format!("\"gene\":\"layers.1.mlp.experts.{best}.gate_proj.gene\",\"rank\":4,\"rows\":[0,12]")), "{text}");
+            }
+            _ => {
+                assert!(found("\"gene\":\"layers.0.mlp.gate_proj.gene\",\"rank\":4,\"rows\":[0,24]"), "{text}");
+                let last = spec.layers - 1;
+                let block = if sets[1] == 1 { 24 } else { 12 };
+                assert!(found(&format!("\"gene\":\"layers.{last}.mlp.shared_experts.down_proj.gene\",\"rank\":4,\"scale\"")), "{text}");
+                assert!(found(&format!("\"columns\":[0,{block}]")), "{text}");
+            }
+        }
+        let corpus = dir.path().join("corpus.jsonl");
+        train_common::write_corpus(&corpus, 40);
+        let t = masa::train::TrainOptions {
+            corpus: vec![corpus],
+            out: dir.path().join("run"),
+            tokens: 10 * 2 * 16,
+            batch: 2,
+            seq_len: 16,
+            warmup: 1,
+            eval_seqs: 1,
+            progress: false,
+            ..Default::default()
+        };
+        let s = masa::train::train(&out, &t).unwrap();
+        assert_eq!(s.steps, 10);
+        assert!(s.final_loss.is_finite() && s.final_val.values().all(|v| v.is_finite()));
+    }
 }

@@ -98,7 +98,7 @@ impl Fixture {
         let mut gs = Vec::new();
         for l in 0..L {
             for p in ["gate_proj", "up_proj", "down_proj"] {
-                gs.push((gene_key(l, p), Mat::from_fn(r, r, |_, _| rng.uniform() as f64 * 3.0)));
+                gs.push((gene_key(&format!("model.layers.{l}.mlp"), p), Mat::from_fn(r, r, |_, _| rng.uniform() as f64 * 3.0)));
             }
         }
         let path = self.path(&format!("genes-{r}-{}.safetensors", &source_hash[..8]));
@@ -137,6 +137,17 @@ impl Fixture {
         let p = self.path("stats.safetensors");
         Stats { meta, moments, routing: Default::default(), cross: Default::default() }.save(&p).unwrap();
         p
+    }
+}
+
+/// The gene of matrix `proj` of the dense FFN of source layer `layer`.
+fn gene<'a>(g: &'a Genes, layer: usize, proj: &str) -> &'a Mat<f64> {
+    let sets = g.ffn_genes(layer).unwrap();
+    assert_eq!(sets.len(), 1);
+    match proj {
+        "gate_proj" => sets[0].gate,
+        "up_proj" => sets[0].up,
+        _ => sets[0].down,
     }
 }
 
@@ -252,7 +263,7 @@ fn masa_with_full_rank_square_target_is_the_gene_itself() {
     let t = tensors(&req.out);
     for (lt, ls) in [(0, 0), (1, 2)] {
         for p in ["gate_proj", "up_proj", "down_proj"] {
-            let m = g.get(ls, p).unwrap();
+            let m = gene(&g, ls, p);
             let w = &t[&format!("model.layers.{lt}.mlp.{p}.weight")].1;
             for i in 0..r {
                 for j in 0..r {
@@ -294,7 +305,7 @@ fn naive_truncates_and_pads_with_scratch() {
     // gate (20, 16) of student layer 1 <- source layer 2: 12x12 gene block, Scratch elsewhere.
     let w = &t["model.layers.1.mlp.gate_proj.weight"].1;
     let sw = &s["model.layers.1.mlp.gate_proj.weight"].1;
-    let m = g.get(2, "gate_proj").unwrap();
+    let m = gene(&g, 2, "gate_proj");
     for i in 0..20 {
         for j in 0..16 {
             let want = if i < 12 && j < 12 { m[(i, j)] as f32 } else { sw[i * 16 + j] };

@@ -178,7 +178,7 @@ fn notes_depend_on_the_spec_source_corpus_and_tasks() {
     assert!(notes[0].contains("The source (/models/my-llama, qwen2) is dense") && !notes[0].contains("registries"), "{notes:?}");
     // An MoE source: no MoE note either; a task set with MMLU professional_law: the CaseHOLD note.
     let mut law = mine.clone();
-    law.finetune.tasks = vec![masa::run::spec::TaskSpec { name: "mmlu_professional_law".into(), examples: 8, eval_limit: 8 }];
+    law.finetune.tasks = vec![masa::run::spec::TaskSpec { name: "mmlu_professional_law".into(), examples: 8, eval_limit: 8, epochs: None, lr: None }];
     assert_eq!(masa::run::notes(&law, Arch::Olmoe, &plain), vec!["CaseHOLD is not obtainable: MMLU professional_law stands in for it.".to_string()]);
 }
 
@@ -259,4 +259,24 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     let (third, _) = masa::run::run(&spec2, &runs2, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
     let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
     assert_eq!(curves(&first), curves(&third));
+}
+
+/// The plan lists student × strategy pairs that cannot run (selection or pruning of a student
+/// larger than the source) and flags a distillation teacher smaller than the student; `masa
+/// run` refuses such a spec before any work, naming the fields.
+#[test]
+fn plan_lists_infeasible_combinations_and_run_refuses_them() {
+    let source = masa::fetch::resolve_model("smollm2-135m").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = repo_corpus(dir.path());
+    let text = spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), ", \"paper-12l-1024\"")
+        .replace(r#"strategies = ["masa", "scratch", "prune"]"#, r#"strategies = ["masa", "scratch", "prune", "distill"]"#);
+    let spec = Spec::load(write(dir.path(), "big.toml", &text).to_str().unwrap()).unwrap();
+    let plan_text = masa::run::plan::render_plan(&spec).unwrap();
+    assert!(plan_text.contains("cannot run (1;"), "{plan_text}");
+    assert!(plan_text.contains("student `paper-12l-1024` × strategy `prune`: the student is larger than the source (hidden size 1024 > 576"), "{plan_text}");
+    assert!(plan_text.contains("note: student `paper-12l-1024`") && plan_text.contains("larger than its distillation teacher"), "{plan_text}");
+    assert!(!plan_text.contains("student `tiny` ×"), "{plan_text}");
+    let err = masa::run::run(&spec, &dir.path().join("runs"), &|_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("`students` × `strategies`") && err.contains("paper-12l-1024") && err.contains("--plan"), "{err}");
 }

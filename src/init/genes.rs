@@ -1,5 +1,6 @@
 //! Gene files as `masa extract` writes them: safetensors with F32 `r×r` tensors
-//! `layers.{l}.mlp.{gate,up,down}_proj.gene` and JSON metadata under the `masa` key holding at
+//! `layers.{l}.mlp.{gate,up,down}_proj.gene` (MoE: `layers.{l}.mlp.shared_experts.…`,
+//! `layers.{l}.mlp.experts.{e}.…`) and JSON metadata under the `masa` key holding at
 //! least `source_hash` (the source's `fingerprint()`) and `rank`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,9 +10,18 @@ use faer::Mat;
 
 use crate::error::{MasaError, Result};
 
-/// The gene name of a dense layer's FFN matrix ([`crate::source::gene_name_of`]).
-pub fn gene_key(layer: usize, proj: &str) -> String {
-    crate::source::gene_name_of(&format!("model.layers.{layer}.mlp.{proj}.weight"))
+/// The gene name of matrix `proj` of the FFN at HF prefix `mlp` (`model.layers.3.mlp`,
+/// `model.layers.3.mlp.experts.5`, ...), by [`crate::source::gene_name_of`].
+pub fn gene_key(mlp: &str, proj: &str) -> String {
+    crate::source::gene_name_of(&format!("{mlp}.{proj}.weight"))
+}
+
+/// The three genes (gate, up, down) of one source FFN, and the HF prefix it came from.
+pub struct FfnGenes<'a> {
+    pub mlp: String,
+    pub gate: &'a Mat<f64>,
+    pub up: &'a Mat<f64>,
+    pub down: &'a Mat<f64>,
 }
 
 pub struct Genes {
@@ -43,12 +53,53 @@ impl Genes {
         Ok(Genes { path: path.to_path_buf(), meta, source_hash, sha256, genes })
     }
 
-    /// The gene of one source FFN matrix (`proj`: `gate_proj`, `up_proj`, `down_proj`).
-    pub fn get(&self, layer: usize, proj: &str) -> Result<&Mat<f64>> {
-        let k = gene_key(layer, proj);
-        self.genes.get(&k).ok_or_else(|| {
-            MasaError::bad_file(&self.path, format!("no gene `{k}`: extract genes for every source layer the layer mapping uses"))
-        })
+    /// The gene of matrix `proj` (`gate_proj`, `up_proj`, `down_proj`) of the FFN at `mlp`.
+    fn get(&self, mlp: &str, proj: &str) -> Result<&Mat<f64>> {
+        let k = gene_key(mlp, proj);
+        self.genes.get(&k).ok_or_else(|| MasaError::bad_file(&self.path, format!("no gene `{k}`: the file holds gate, up and down genes of every FFN it covers")))
+    }
+
+    /// The source FFNs whose genes feed a student FFN mapped to source layer `layer`, in the
+    /// order they fill it: the dense FFN; else (MoE layers) the shared experts (DeepSeekMoE),
+    /// then the routed experts kept by extraction, most frequently routed first (the file's
+    /// `experts_kept`; expert index order in files without it).
+    pub fn ffn_genes(&self, layer: usize) -> Result<Vec<FfnGenes<'_>>> {
+        let dense = format!("model.layers.{layer}.mlp");
+        let has = |mlp: &str| self.genes.contains_key(&gene_key(mlp, "gate_proj"));
+        let mut mlps = Vec::new();
+        if has(&dense) {
+            mlps.push(dense.clone());
+        } else {
+            let shared = format!("{dense}.shared_experts");
+            if has(&shared) {
+                mlps.push(shared);
+            }
+            let ranked: Vec<usize> = match self.meta.get("experts_kept").and_then(|m| m.get(layer.to_string())) {
+                Some(v) => serde_json::from_value(v.clone())
+                    .map_err(|e| MasaError::field(&self.path, &format!("masa.experts_kept.{layer}"), format!("not a list of expert indices: {e}")))?,
+                None => {
+                    let prefix = format!("layers.{layer}.mlp.experts.");
+                    let mut found: Vec<usize> = self
+                        .genes
+                        .keys()
+                        .filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()?.parse().ok())
+                        .collect();
+                    found.sort_unstable();
+                    found.dedup();
+                    found
+                }
+            };
+            mlps.extend(ranked.iter().map(|e| format!("{dense}.experts.{e}")));
+        }
+        if mlps.is_empty() {
+            return Err(MasaError::bad_file(
+                &self.path,
+                format!("no genes for source layer {layer}: extract genes for every source layer the layer mapping uses"),
+            ));
+        }
+        mlps.into_iter()
+            .map(|mlp| Ok(FfnGenes { gate: self.get(&mlp, "gate_proj")?, up: self.get(&mlp, "up_proj")?, down: self.get(&mlp, "down_proj")?, mlp }))
+            .collect()
     }
 
     /// Write a gene file (for tests and tools; `masa extract` owns the real writer). `meta` is

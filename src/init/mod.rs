@@ -87,6 +87,9 @@ cli_enum!(
     Expand { Cyclic = "cyclic", None = "none" }
 );
 
+/// `r'` when `--components` is not given: all r components (design.md "Adaptive scaling").
+pub const DEFAULT_COMPONENTS: scale::Components = scale::Components::All;
+
 /// Everything that changes the output besides the input files; recorded in `masa.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct InitOptions {
@@ -94,8 +97,8 @@ pub struct InitOptions {
     pub seed: u64,
     /// `None`: the strategy's default (`first` for weight-selection, else `uniform`).
     pub layers: Option<LayerMap>,
-    /// `r'` of Sec. 3.2 (default: all r components).
-    pub components: Option<usize>,
+    /// `r'` of Sec. 3.2 ([`scale::Components`]); `None`: [`DEFAULT_COMPONENTS`].
+    pub components: Option<scale::Components>,
     /// Experiment: one selection of the intermediate dimension shared by gate rows, up rows
     /// and down columns (scores `sqrt(s_gate² + s_up² + t_down²)`) instead of one per matrix.
     pub coupled: bool,
@@ -130,6 +133,25 @@ impl InitOptions {
             Strategy::Scratch => false,
         }
     }
+}
+
+/// Why `student` cannot inherit weights from `source` by selection or pruning (every
+/// dimension must be at most the source's: hidden size, FFN width, layers, attention heads,
+/// head dim; KV heads may be more, they are duplicated), or `None` when it can. Checked before any work by `masa run`'s plan.
+pub fn inheritance_misfit(student: &StudentConfig, source: &crate::source::ModelConfig) -> Option<String> {
+    let ffn = match &source.moe {
+        Some(m) if (0..source.num_hidden_layers).all(|l| source.is_moe_layer(l)) => m.moe_intermediate_size * m.n_routed_experts.max(1),
+        _ => source.intermediate_size,
+    };
+    let dims = [
+        ("hidden size", student.hidden_size, source.hidden_size),
+        ("FFN width", student.intermediate_size, ffn),
+        ("layers", student.num_hidden_layers, source.num_hidden_layers),
+        ("attention heads", student.num_attention_heads, source.num_attention_heads),
+        ("head dim", student.head_dim(), source.head_dim),
+    ];
+    let wider: Vec<String> = dims.iter().filter(|d| d.1 > d.2).map(|(n, t, s)| format!("{n} {t} > {s}")).collect();
+    (!wider.is_empty()).then(|| format!("the student is larger than the source ({})", wider.join(", ")))
 }
 
 /// Source layer of each student layer: `round(t·(L_s−1)/(L_t−1))` (uniform) or `t` (first);
@@ -235,56 +257,88 @@ fn assemble(cfg: &StudentConfig, seed: u64, mut parts: Parts) -> Result<Vec<(Str
 const PROJS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 /// The FFN of every student layer from the genes of its mapped source layer: Sec. 3.2
-/// adaptive scaling ([`scale::adaptive_scale`], `masa`; with `--coupled` one joint row
-/// selection) or truncation/padding (`naive`), then `--gene-scale`.
+/// adaptive scaling ([`scale::adaptive_scale`], `masa`; with `--coupled` one joint selection of
+/// the intermediate dimension) or truncation/padding (`naive`), then `--gene-scale`. When the
+/// source layer has several gene sets (MoE: shared experts, kept routed experts;
+/// [`Genes::ffn_genes`]) the student's intermediate dimension is split into that many
+/// contiguous blocks, one per gene set in its order, each scaled to its block: the dense FFN is
+/// the concatenation of the experts, as an MoE layer's output is their (weighted) sum.
 fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOptions, parts: &mut Parts) -> Result<serde_json::Value> {
     let (h, f, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
     let mut rec = Vec::new();
     for (t, &ls) in map.iter().enumerate() {
-        let ms: Vec<&faer::Mat<f64>> = PROJS.iter().map(|p| genes.get(ls, p)).collect::<Result<_>>()?;
-        let shapes = [(f, h), (f, h), (h, f)];
-        let mut out: Vec<Vec<f64>> = Vec::with_capacity(3);
-        if opts.strategy == Strategy::Masa {
-            let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components)).collect::<Result<_>>()?;
-            // --coupled: one selection of the intermediate dimension, the rows of gate and up
-            // and the columns of down; otherwise each gene selects by its own scores.
-            let joint = if opts.coupled {
-                let scores = scale::coupled_scores(&svds[0], &svds[1], &svds[2])
-                    .ok_or_else(|| MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank (layer {ls})")))?;
-                Some(scale::select_rows(&scores, f))
+        let sets = genes.ffn_genes(ls)?;
+        let k = sets.len();
+        if k > f {
+            return Err(MasaError::Invalid(format!(
+                "source layer {ls} has {k} gene sets (experts) for a student FFN of width {f}: extract fewer experts"
+            )));
+        }
+        // Block j of the intermediate dimension: rows of gate/up, columns of down.
+        let blocks: Vec<(usize, usize)> = (0..k).map(|j| (j * f / k, (j + 1) * f / k)).collect();
+        let names: Vec<String> = PROJS.iter().map(|p| format!("model.layers.{t}.mlp.{p}.weight")).collect();
+        // gate and up are (f, h) row-major: blocks are row ranges; down is (h, f): column ranges.
+        let mut full: Vec<Vec<f32>> = if opts.strategy == Strategy::Naive {
+            names.iter().zip([(f, h), (f, h), (h, f)]).map(|(n, (p, q))| crate::rng::scratch(opts.seed, n, &[p, q], std)).collect()
+        } else {
+            vec![vec![0f32; f * h]; 3]
+        };
+        let mut matrices: Vec<Vec<serde_json::Value>> = vec![Vec::new(); 3];
+        for (set, &(b0, b1)) in sets.iter().zip(&blocks) {
+            let fb = b1 - b0;
+            let ms = [set.gate, set.up, set.down];
+            let shapes = [(fb, h), (fb, h), (h, fb)];
+            // Each matrix's new values as a row-major (rows, cols) piece placed at the top-left of
+            // its block: all of it for `masa`, the gene's top-left corner for `naive`.
+            let mut components = [None; 3];
+            let pieces: Vec<(usize, usize, Vec<f64>)> = if opts.strategy == Strategy::Masa {
+                let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components.unwrap_or(DEFAULT_COMPONENTS))).collect::<Result<_>>()?;
+                components = [0, 1, 2].map(|k| Some(svds[k].sigma.len()));
+                // --coupled: one selection of the block's neurons, the rows of gate and up and
+                // the columns of down; otherwise each gene selects by its own scores.
+                let joint = if opts.coupled {
+                    let scores = scale::coupled_scores(&svds[0], &svds[1], &svds[2])
+                        .ok_or_else(|| MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank ({})", set.mlp)))?;
+                    Some(scale::select_rows(&scores, fb))
+                } else {
+                    None
+                };
+                let joint = joint.as_deref();
+                let overrides = [(joint, None), (joint, None), (None, joint)];
+                svds.iter()
+                    .zip(&shapes)
+                    .zip(overrides)
+                    .map(|((svd, &(p, q)), (rows, cols))| Ok((p, q, scale::adaptive_scale(svd, p, q, opts.expand == Expand::Cyclic, rows, cols)?)))
+                    .collect::<Result<_>>()?
             } else {
-                None
+                // Ablation "w/o adaptive scaling": the gene's top-left corner, Scratch around it.
+                ms.iter()
+                    .zip(&shapes)
+                    .map(|(m, &(p, q))| {
+                        let (bp, bq) = (p.min(m.nrows()), q.min(m.ncols()));
+                        (bp, bq, (0..bp * bq).map(|x| m[(x / bq, x % bq)]).collect())
+                    })
+                    .collect()
             };
-            let joint = joint.as_deref();
-            let overrides = [(joint, None), (joint, None), (None, joint)];
-            for ((svd, &(p, q)), (rows, cols)) in svds.iter().zip(&shapes).zip(overrides) {
-                out.push(scale::adaptive_scale(svd, p, q, opts.expand == Expand::Cyclic, rows, cols)?);
+            for (kk, (pr, pc, v)) in pieces.iter().enumerate() {
+                let fac = match opts.gene_scale {
+                    GeneScale::Frobenius => scale::frobenius_factor(v.iter().copied(), v.len(), std),
+                    GeneScale::None => 1.0,
+                };
+                for i in 0..*pr {
+                    for j in 0..*pc {
+                        let at = if kk < 2 { (b0 + i) * h + j } else { i * f + b0 + j };
+                        full[kk][at] = (v[i * pc + j] * fac) as f32;
+                    }
+                }
+                let span = if kk < 2 { "rows" } else { "columns" };
+                matrices[kk].push(serde_json::json!({
+                    "gene": genes::gene_key(&set.mlp, PROJS[kk]), span: [b0, b1], "rank": ms[kk].nrows(), "components": components[kk], "scale": fac, "shape": shapes[kk],
+                }));
             }
         }
-        for (k, proj) in PROJS.iter().enumerate() {
-            let name = format!("model.layers.{t}.mlp.{proj}.weight");
-            let (p, q) = shapes[k];
-            let m = ms[k];
-            let r = m.nrows();
-            let (data, factor) = if opts.strategy == Strategy::Masa {
-                let v = &out[k];
-                let fac = match opts.gene_scale {
-                    GeneScale::Frobenius => scale::frobenius_factor(v.iter().copied(), p * q, std),
-                    GeneScale::None => 1.0,
-                };
-                (v.iter().map(|x| (x * fac) as f32).collect::<Vec<f32>>(), fac)
-            } else {
-                let (bp, bq) = (p.min(r), q.min(r));
-                let fac = match opts.gene_scale {
-                    GeneScale::Frobenius => {
-                        scale::frobenius_factor((0..bp * bq).map(|x| m[(x / bq, x % bq)]), bp * bq, std)
-                    }
-                    GeneScale::None => 1.0,
-                };
-                let scaled = m * faer::Scale(fac);
-                (scale::truncate_pad(&scaled, &crate::rng::scratch(opts.seed, &name, &[p, q], std), p, q), fac)
-            };
-            rec.push(serde_json::json!({ "name": name, "source_layer": ls, "gene": genes::gene_key(ls, proj), "rank": r, "scale": factor }));
+        for ((name, data), genes_used) in names.into_iter().zip(full).zip(matrices) {
+            rec.push(serde_json::json!({ "name": name, "source_layer": ls, "genes": genes_used }));
             parts.insert(name, data);
         }
     }

@@ -1,7 +1,8 @@
 //! Adaptive scaling (Sec. 3.2; design.md "Adaptive scaling"): a gene `M ∈ R^{r×r}` becomes a
 //! student matrix `M̂ ∈ R^{p×q}` through its SVD. Rows and columns are scored by the norms of
 //! their singular-vector coordinates, the best are kept (compression) or replicated cyclically
-//! (expansion), and `M̂ = U_p Σ_{r'} V_qᵀ`. Also the "w/o adaptive scaling" ablation (`naive`).
+//! (expansion), and `M̂ = U_p Σ_{r'} V_qᵀ`. (The "w/o adaptive scaling" ablation, `naive`, is
+//! placed by `masa init` itself.)
 //!
 //! design.md gives the equations of Sec. 3.2 no numbers, so the functions cite the section:
 //! SVD [`gene_svd`], scores [`row_scores`], selection [`select_rows`], composition [`compose`],
@@ -20,15 +21,101 @@ pub struct GeneSvd {
     pub v: Mat<f64>,
 }
 
-/// Sec. 3.2: `M = U Σ Vᵀ`, keeping `r'` components (`--components`; default all r).
-pub fn gene_svd(m: &Mat<f64>, components: Option<usize>) -> Result<GeneSvd> {
-    let r = m.nrows();
-    let rp = components.unwrap_or(r);
-    if rp == 0 || rp > r {
-        return Err(MasaError::Invalid(format!("--components {rp} must be in 1..={r} (the gene rank r)")));
+/// `r'` of Sec. 3.2, "the number of principal components retained" (the paper gives no
+/// value; design.md "Adaptive scaling"): all `r` (then every row score is 1 and `M̂` is a
+/// submatrix of `M`), a fixed count, or the smallest count whose singular values hold a
+/// fraction of `Σσ²` (chosen per gene). Written `all`, `64`, `energy:0.9`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Components {
+    All,
+    Rank(usize),
+    Energy(f64),
+}
+
+impl Components {
+    /// `r'` for a gene with singular values `sigma` (descending).
+    pub fn count(self, sigma: &[f64]) -> Result<usize> {
+        let r = sigma.len();
+        match self {
+            Components::All => Ok(r),
+            Components::Rank(k) if (1..=r).contains(&k) => Ok(k),
+            Components::Rank(k) => Err(MasaError::Invalid(format!("--components {k} must be in 1..={r} (the gene rank r)"))),
+            Components::Energy(e) => {
+                let total: f64 = sigma.iter().map(|s| s * s).sum();
+                let mut acc = 0.0;
+                for (k, s) in sigma.iter().enumerate() {
+                    acc += s * s;
+                    if acc >= e * total {
+                        return Ok(k + 1);
+                    }
+                }
+                Ok(r)
+            }
+        }
     }
+}
+
+impl std::str::FromStr for Components {
+    type Err = MasaError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || MasaError::Invalid(format!("components `{s}`: expected `all`, a count ≥ 1, or `energy:F` with F in (0, 1]"));
+        if s == "all" {
+            return Ok(Components::All);
+        }
+        if let Some(f) = s.strip_prefix("energy:") {
+            let e: f64 = f.parse().map_err(|_| bad())?;
+            return if e > 0.0 && e <= 1.0 { Ok(Components::Energy(e)) } else { Err(bad()) };
+        }
+        match s.parse::<usize>() {
+            Ok(k) if k >= 1 => Ok(Components::Rank(k)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Components {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Components::All => f.write_str("all"),
+            Components::Rank(k) => write!(f, "{k}"),
+            Components::Energy(e) => write!(f, "energy:{e}"),
+        }
+    }
+}
+
+/// Records and spec files: a count as a number (as `--components N` always was), the rest as
+/// their string form.
+impl serde::Serialize for Components {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Components::Rank(k) => s.serialize_u64(*k as u64),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Components {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(k) => format!("{k}").parse(),
+            Raw::S(s) => s.parse(),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Sec. 3.2: `M = U Σ Vᵀ`, keeping `r'` components ([`Components`]).
+pub fn gene_svd(m: &Mat<f64>, components: Components) -> Result<GeneSvd> {
+    let r = m.nrows();
     let svd = m.thin_svd().map_err(|e| MasaError::Invalid(format!("SVD of a gene matrix failed: {e:?}")))?;
     let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
+    let rp = components.count(&(0..r).map(|k| s[k]).collect::<Vec<_>>())?;
     Ok(GeneSvd {
         u: Mat::from_fn(r, rp, |i, k| u[(i, k)]),
         sigma: (0..rp).map(|k| s[k]).collect(),
@@ -112,18 +199,6 @@ pub fn check_expansion(r: usize, p: usize, q: usize, expand: bool) -> Result<()>
     Ok(())
 }
 
-/// Ablation "w/o adaptive scaling": the top-left `min(p,r) × min(q,r)` block of M over a
-/// Scratch matrix `scratch` (`p × q`, row-major), which keeps the rest (padding).
-pub fn truncate_pad(m: &Mat<f64>, scratch: &[f32], p: usize, q: usize) -> Vec<f32> {
-    let mut out = scratch.to_vec();
-    for i in 0..p.min(m.nrows()) {
-        for j in 0..q.min(m.ncols()) {
-            out[i * q + j] = m[(i, j)] as f32;
-        }
-    }
-    out
-}
-
 /// `--gene-scale frobenius` (design.md "Init scale"): the factor that brings `x` to the
 /// Frobenius norm a Scratch init of `n` entries has in expectation, `std · sqrt(n)`.
 pub fn frobenius_factor(x: impl Iterator<Item = f64>, n: usize, std: f64) -> f64 {
@@ -147,7 +222,7 @@ mod tests {
     #[test]
     fn full_rank_identity_selection_gives_m_back() {
         let m = gene(7, 1);
-        let out = adaptive_scale(&gene_svd(&m, None).unwrap(), 7, 7, true, None, None).unwrap();
+        let out = adaptive_scale(&gene_svd(&m, Components::All).unwrap(), 7, 7, true, None, None).unwrap();
         for i in 0..7 {
             for j in 0..7 {
                 assert!((out[i * 7 + j] - m[(i, j)]).abs() < 1e-10);
@@ -177,7 +252,7 @@ mod tests {
     fn compressed_rows_match_rows_of_m_when_all_components_kept() {
         // With r' = r and all columns, row i of M̂ is row rows[i] of M.
         let m = gene(6, 2);
-        let svd = gene_svd(&m, None).unwrap();
+        let svd = gene_svd(&m, Components::All).unwrap();
         let rows = select_rows(&row_scores(&svd.u), 4);
         let cols: Vec<usize> = (0..6).collect();
         let out = compose(&svd, &rows, &cols);
@@ -192,7 +267,7 @@ mod tests {
     fn result_has_rank_at_most_components() {
         let m = gene(8, 3);
         let (p, q, rp) = (20, 13, 3);
-        let out = adaptive_scale(&gene_svd(&m, Some(rp)).unwrap(), p, q, true, None, None).unwrap();
+        let out = adaptive_scale(&gene_svd(&m, Components::Rank(rp)).unwrap(), p, q, true, None, None).unwrap();
         let mh = Mat::from_fn(p, q, |i, j| out[i * q + j]);
         let s = mh.singular_values().unwrap();
         assert!(s[rp - 1] > 1e-6 * s[0]);
@@ -202,8 +277,8 @@ mod tests {
     #[test]
     fn components_beyond_rank_and_expansion_off_are_errors() {
         let m = gene(4, 4);
-        assert!(gene_svd(&m, Some(5)).err().unwrap().to_string().contains("--components"));
-        let e = adaptive_scale(&gene_svd(&m, None).unwrap(), 6, 4, false, None, None).unwrap_err().to_string();
+        assert!(gene_svd(&m, Components::Rank(5)).err().unwrap().to_string().contains("--components"));
+        let e = adaptive_scale(&gene_svd(&m, Components::All).unwrap(), 6, 4, false, None, None).unwrap_err().to_string();
         assert!(e.contains("without expansion") && e.contains("r = 4"), "{e}");
     }
 
@@ -212,7 +287,7 @@ mod tests {
         // A selection passed in (coupled mode) replaces the gene's own, on either side; with
         // r' = r, M̂ is then exactly that submatrix of M.
         let m = gene(5, 5);
-        let svd = gene_svd(&m, None).unwrap();
+        let svd = gene_svd(&m, Components::All).unwrap();
         let (rows, cols) = ([4, 0, 4], [1, 3]);
         let out = adaptive_scale(&svd, 3, 2, true, Some(&rows), Some(&cols)).unwrap();
         for (i, &ri) in rows.iter().enumerate() {
@@ -227,21 +302,50 @@ mod tests {
 
     #[test]
     fn coupled_scores_add_the_squared_scores_of_the_three_genes() {
-        let (g, u, d) = (gene_svd(&gene(4, 6), Some(2)).unwrap(), gene_svd(&gene(4, 7), Some(2)).unwrap(), gene_svd(&gene(4, 8), Some(2)).unwrap());
+        let (g, u, d) = (gene_svd(&gene(4, 6), Components::Rank(2)).unwrap(), gene_svd(&gene(4, 7), Components::Rank(2)).unwrap(), gene_svd(&gene(4, 8), Components::Rank(2)).unwrap());
         let joint = coupled_scores(&g, &u, &d).unwrap();
         let (sg, su, td) = (row_scores(&g.u), row_scores(&u.u), row_scores(&d.v));
         for i in 0..4 {
             assert!((joint[i] * joint[i] - (sg[i] * sg[i] + su[i] * su[i] + td[i] * td[i])).abs() < 1e-12);
         }
-        assert!(coupled_scores(&g, &u, &gene_svd(&gene(3, 9), None).unwrap()).is_none());
+        assert!(coupled_scores(&g, &u, &gene_svd(&gene(3, 9), Components::All).unwrap()).is_none());
     }
 
+
+    /// `r'` parses from `all`, a count and `energy:F`; the energy rule keeps the fewest leading
+    /// components whose σ² reach the fraction; records write a count as a number.
     #[test]
-    fn truncate_pad_keeps_scratch_outside_the_gene_block() {
-        let m = Mat::from_fn(2, 2, |i, j| (10 * i + j) as f64 + 1.0);
-        let out = truncate_pad(&m, &[0.5; 6], 3, 2);
-        assert_eq!(out, vec![1.0, 2.0, 11.0, 12.0, 0.5, 0.5]);
-        let out = truncate_pad(&m, &[0.5; 1], 1, 1);
-        assert_eq!(out, vec![1.0]);
+    fn components_parse_count_and_serialise() {
+        assert_eq!("all".parse::<Components>().unwrap(), Components::All);
+        assert_eq!("64".parse::<Components>().unwrap(), Components::Rank(64));
+        assert_eq!("energy:0.9".parse::<Components>().unwrap(), Components::Energy(0.9));
+        for bad in ["0", "energy:0", "energy:1.5", "energy:x", "-3", "most"] {
+            assert!(bad.parse::<Components>().is_err(), "{bad}");
+        }
+        let sigma = [4.0, 2.0, 1.0, 1.0]; // σ²: 16, 4, 1, 1 of 22
+        assert_eq!(Components::Energy(0.7).count(&sigma).unwrap(), 1);
+        assert_eq!(Components::Energy(0.9).count(&sigma).unwrap(), 2);
+        assert_eq!(Components::Energy(0.95).count(&sigma).unwrap(), 3);
+        assert_eq!(Components::Energy(1.0).count(&sigma).unwrap(), 4);
+        assert_eq!(Components::All.count(&sigma).unwrap(), 4);
+        assert!(Components::Rank(5).count(&sigma).is_err());
+        assert_eq!(serde_json::to_string(&Components::Rank(32)).unwrap(), "32");
+        assert_eq!(serde_json::to_string(&Components::Energy(0.9)).unwrap(), "\"energy:0.9\"");
+        assert_eq!(serde_json::from_str::<Components>("\"all\"").unwrap(), Components::All);
+        assert_eq!(serde_json::from_str::<Components>("16").unwrap(), Components::Rank(16));
+    }
+
+    /// Eq. 6's row scores: all 1 at r' = r (the selection falls to rounding), spread out and
+    /// informative at r' < r.
+    #[test]
+    fn row_scores_are_degenerate_at_full_rank_and_informative_below() {
+        let m = gene(40, 5);
+        let full = row_scores(&gene_svd(&m, Components::All).unwrap().u);
+        assert!(full.iter().all(|s| (s - 1.0).abs() < 1e-12), "{full:?}");
+        let part = row_scores(&gene_svd(&m, Components::Rank(8)).unwrap().u);
+        let (lo, hi) = part.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        assert!(hi - lo > 0.2, "scores {lo}..{hi}");
+        // Σ s_i² = r' (U has r' orthonormal columns).
+        assert!((part.iter().map(|s| s * s).sum::<f64>() - 8.0).abs() < 1e-9);
     }
 }

@@ -105,6 +105,7 @@ pub fn build(r: &RunResults) -> Result<Report> {
     downstream_section(&mut doc, &main);
     ablation_section(&mut doc, &all)?;
     ratio_section(&mut doc, &all, r)?;
+    scaling_section(&mut doc, &all)?;
     calibration_section(&mut doc, &all)?;
     spectra_section(&mut doc, r)?;
     findings_section(&mut doc, &all, r);
@@ -354,6 +355,21 @@ fn ratio_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) -> Result<()> {
     Ok(())
 }
 
+fn scaling_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
+    let sc = group(all, Group::Scaling);
+    if sc.is_empty() {
+        return Ok(());
+    }
+    doc.h(2, "Adaptive scaling settings (Sec. 3.2)");
+    doc.p(
+        "MASA with other numbers r′ of singular components kept by adaptive scaling (r′ = r makes every row score 1, so each \
+         student matrix is a submatrix of its gene; energy:F keeps, per gene, the fewest components holding the fraction F of \
+         Σσ²), and with one selection of FFN neurons shared by gate, up and down (coupled), against MASA and Scratch of the main \
+         comparison.",
+    );
+    variant_tables(doc, all, &sc, "Adaptive scaling", false)
+}
+
 fn calibration_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
     let cal = group(all, Group::Calibration);
     if cal.is_empty() {
@@ -407,7 +423,7 @@ fn findings_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {
         let prefix = if main_settings.len() > 1 { format!("[{}] ", setting_title(s)) } else { String::new() };
         items.extend(findings::main_statements(&in_setting(&main, s)).into_iter().map(|x| format!("{prefix}{x}")));
     }
-    for (g, what) in [(Group::Ablation, "Ablation"), (Group::Calibration, "Calibration domains")] {
+    for (g, what) in [(Group::Ablation, "Ablation"), (Group::Scaling, "Adaptive scaling"), (Group::Calibration, "Calibration domains")] {
         let variants = group(all, g);
         for s in settings(&variants) {
             let masa = references(all, &s).into_iter().find(|c| c.strategy == "masa");

@@ -183,7 +183,15 @@ impl<'a> Ctx<'a> {
     pub(crate) fn extraction(&mut self, job: &ExtractionJob, layers: &[usize]) -> Result<()> {
         let e = &self.spec.extraction;
         let (stats_path, stats_key) = self.stats.get(&job.calibration).cloned().ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
-        let opts = ExtractOptions { rank: RankSpec::Ratio(job.ratio), lambda: job.lambda, max_iter: e.max_iter, layers: Some(layers.to_vec()), ..Default::default() };
+        let opts = ExtractOptions {
+            rank: RankSpec::Ratio(job.ratio),
+            lambda: job.lambda,
+            max_iter: e.max_iter,
+            layers: Some(layers.to_vec()),
+            experts: e.experts,
+            routed_with_shared: e.routed_with_shared,
+            ..Default::default()
+        };
         let k = Stage::Extract.key(json!({"stats": stats_key}), &opts)?;
         let dir = Stage::Extract.dir(&self.store, &k);
         let path = dir.join("genes.safetensors");
@@ -194,7 +202,7 @@ impl<'a> Ctx<'a> {
                 std::fs::create_dir_all(&dir).at(&dir)?;
                 self.computed += 1;
                 let stats = crate::stats::Stats::load(&stats_path)?;
-                let n = crate::extract::select_matrices(&self.source.weights, &stats, opts.experts, Some(layers))?.len();
+                let n = crate::extract::select_matrices(&self.source.weights, &stats, &opts)?.matrices.len();
                 let bar = crate::progress::count_bar(n as u64, "extracting", "matrices");
                 let t0 = Instant::now();
                 let genes = crate::extract::extract(&self.source.weights, &self.source_hash, &stats, &opts, &|_| bar.inc(1))?;
@@ -367,9 +375,9 @@ impl<'a> Ctx<'a> {
     fn downstream(&mut self, checkpoint: &Path, train_key: &str, task: &TaskSpec, seed: u64, what: &str) -> Result<TaskScore> {
         let f = &self.spec.finetune;
         let mut ft = crate::finetune::FinetuneOptions {
-            epochs: f.epochs,
+            epochs: task.epochs.unwrap_or(f.epochs),
             batch: f.batch,
-            lr: f.lr,
+            lr: task.lr.unwrap_or(f.lr),
             max_len: f.max_len,
             seed,
             progress: true,

@@ -27,7 +27,7 @@ pub mod strategies;
 use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
-use crate::Result;
+use crate::{MasaError, Result};
 use exec::Ctx;
 pub use plan::{estimate, render_plan, Estimate, Plan};
 pub use results::{notes, read_curve};
@@ -48,6 +48,17 @@ pub fn run(spec: &Spec, root: &Path, report: &dyn Fn(&RunResults, &Path) -> Resu
     std::fs::create_dir_all(&out).at(&out)?;
     let mut ctx = Ctx::open(spec, root, &out)?;
     let plan = Plan::of(spec, &ctx.source)?;
+    if !plan.infeasible.is_empty() {
+        return Err(MasaError::Invalid(format!(
+            "spec `{}`: fields `students` × `strategies`: {} combination(s) cannot run: {}. Remove those strategies or students \
+             (`masa run {} --plan` lists them all)",
+            spec.name,
+            plan.infeasible.len(),
+            plan.infeasible.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+            spec.name
+        )));
+    }
+    ctx.results.notes.extend(plan.warnings.iter().cloned());
     let overall = crate::progress::overall_bar(plan.cost(spec, &ctx.source), &format!("masa run {}", spec.name));
     ctx.overall = overall.clone();
 

@@ -35,6 +35,15 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
     let _ = writeln!(s, "pre-training runs: {} ({} strategies/variants × {} seeds × {} budgets × {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
         e.training_runs, plan.jobs.len() / (spec.seeds.len() * spec.pretrain.budgets.len() * spec.students.len()).max(1), spec.seeds.len(), spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
     let _ = writeln!(s, "teacher passes (distillation): {:.3e} tokens; fine-tune + eval runs: {}", e.teacher_tokens as f64, e.finetune_runs);
+    if !plan.infeasible.is_empty() {
+        let _ = writeln!(s, "cannot run ({}; remove these strategies or students):", plan.infeasible.len());
+        for x in &plan.infeasible {
+            let _ = writeln!(s, "  - {x}");
+        }
+    }
+    for x in &plan.warnings {
+        let _ = writeln!(s, "note: {x}");
+    }
     let h = e.total_seconds / 3600.0;
     let _ = writeln!(s, "estimated time on a 2-core CPU machine: {}", duration_words(h));
     let gpu_h = e.training_flops / (H100_EFFECTIVE_FLOPS * 3600.0);
@@ -62,6 +71,12 @@ pub struct Plan {
     /// Source layers to extract: every layer some student's uniform layer map reads.
     pub layers: Vec<usize>,
     pub jobs: Vec<TrainingJob>,
+    /// Student × strategy pairs that cannot run, with the reason (selection or pruning of a
+    /// student larger than the source); `masa run` refuses to start while there are any.
+    pub infeasible: Vec<String>,
+    /// Combinations that run but differ from the paper's setting (a distillation teacher
+    /// smaller than the student), for the plan and the report.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -123,17 +138,20 @@ impl Plan {
                 (true, true) => Some(main_genes.clone()),
                 (true, false) => Some(add_ex(e.ratio, 0.0, ALL)),
             };
-            variants.push((v, genes.as_ref().map(|_| e.ratio), genes));
+            variants.push((v.with_scaling(&spec.scaling), genes.as_ref().map(|_| e.ratio), genes));
+        }
+        for sc in &spec.ablations.scaling {
+            variants.push((strategies::scaling_variant(sc), Some(e.ratio), Some(main_genes.clone())));
         }
         for &r in &spec.ablations.ratios {
             let g = add_ex(r, e.lambda, ALL);
-            variants.push((strategies::ratio_variant(r), Some(r), Some(g)));
+            variants.push((strategies::ratio_variant(r).with_scaling(&spec.scaling), Some(r), Some(g)));
         }
         for d in &spec.ablations.calibration_domains {
             let cal = format!("domain-{d}");
             calibrations.push(CalibrationJob { label: cal.clone(), domains: Some(vec![d.clone()]) });
             let g = add_ex(e.ratio, e.lambda, &cal);
-            variants.push((strategies::domain_variant(d), Some(e.ratio), Some(g)));
+            variants.push((strategies::domain_variant(d).with_scaling(&spec.scaling), Some(e.ratio), Some(g)));
         }
         let l_s = source.weights.config.num_hidden_layers;
         let mut layers = BTreeSet::new();
@@ -142,6 +160,25 @@ impl Plan {
             layers.extend(crate::init::map_layers(cfg.num_hidden_layers, l_s, crate::init::LayerMap::Uniform)?);
         }
         let mut jobs = Vec::new();
+        let mut infeasible = Vec::new();
+        let mut warnings = Vec::new();
+        let source_params: f64 = source.weights.entries().iter().map(|t| t.shape.iter().product::<usize>() as f64).sum();
+        for st in &spec.students {
+            let misfit = crate::init::inheritance_misfit(&StudentConfig::from_spec(st)?, &source.weights.config);
+            for (v, _, _) in &variants {
+                if let (true, Some(why)) = (v.init.inherits_rest(), &misfit) {
+                    infeasible.push(format!("student `{st}` × strategy `{}`: {why}", v.name));
+                }
+            }
+            let n = student_parameters(st, source.weights.config.vocab_size);
+            if variants.iter().any(|(v, _, _)| v.distill) && n > source_params {
+                warnings.push(format!(
+                    "student `{st}` ({:.0}M parameters) is larger than its distillation teacher, the source ({:.0}M); the paper distils from a larger teacher",
+                    n / 1e6,
+                    source_params / 1e6
+                ));
+            }
+        }
         for st in &spec.students {
             for &budget in &spec.pretrain.budgets {
                 for (v, ratio, genes) in &variants {
@@ -168,7 +205,7 @@ impl Plan {
         calibrations.retain(|c| needed.contains(c.label.as_str()) || (prune && c.label == ALL));
         let used: BTreeSet<&str> = jobs.iter().filter_map(|j| j.genes.as_deref()).collect();
         extractions.retain(|x| used.contains(x.label.as_str()));
-        Ok(Plan { calibrations, extractions, layers: layers.into_iter().collect(), jobs })
+        Ok(Plan { calibrations, extractions, layers: layers.into_iter().collect(), jobs, infeasible, warnings })
     }
 
     /// Estimated cost in seconds on the 2-core machine, for the overall bar.

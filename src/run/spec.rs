@@ -44,6 +44,8 @@ pub struct Spec {
     #[serde(default)]
     pub finetune: FinetuneSpec,
     #[serde(default)]
+    pub scaling: ScalingSpec,
+    #[serde(default)]
     pub ablations: AblationSpec,
     /// Where pre-training and fine-tuning run: `cpu` (default), `cuda` or `cuda:N` (a build
     /// with `--features cuda`); calibration, extraction and evaluation run on the CPU.
@@ -83,6 +85,13 @@ pub struct ExtractionSpec {
     pub lambda: f64,
     #[serde(default = "d300")]
     pub max_iter: usize,
+    /// MoE layers without shared experts (OLMoE): routed experts kept per layer.
+    #[serde(default = "one")]
+    pub experts: usize,
+    /// MoE layers with shared experts (DeepSeekMoE): routed experts kept beside the shared
+    /// ones (paper: 0).
+    #[serde(default)]
+    pub routed_with_shared: usize,
     /// Source layers whose spectra the report plots (default: the first, middle and last of
     /// the layers the students map to; [`ExtractionSpec::spectra_layers_for`]).
     #[serde(default)]
@@ -172,6 +181,25 @@ pub struct TaskSpec {
     pub name: String,
     pub examples: usize,
     pub eval_limit: usize,
+    /// Fine-tuning epochs for this task (default `[finetune] epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    /// Fine-tuning learning rate for this task (default `[finetune] lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+}
+
+/// Adaptive scaling of the MASA strategies' genes (Sec. 3.2; `masa init --components`,
+/// `--coupled`); a strategy that fixes its own r' (`masa-submatrix`) keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingSpec {
+    /// r': `"all"`, a count, or `"energy:F"`; default [`crate::init::DEFAULT_COMPONENTS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<crate::init::scale::Components>,
+    /// One selection of the intermediate dimension shared by gate, up and down.
+    #[serde(default)]
+    pub coupled: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -183,6 +211,10 @@ pub struct AblationSpec {
     /// Fig. 4: extra `masa` runs with genes calibrated on one corpus domain each.
     #[serde(default)]
     pub calibration_domains: Vec<String>,
+    /// Extra `masa` runs, one per adaptive-scaling setting (r', coupled), e.g.
+    /// `scaling = [{components = 16}, {components = "energy:0.9", coupled = true}]`.
+    #[serde(default)]
+    pub scaling: Vec<ScalingSpec>,
 }
 
 fn d8() -> usize {
@@ -327,6 +359,9 @@ impl Spec {
         if !(e.lambda >= 0.0 && e.lambda.is_finite()) {
             return bad("extraction.lambda", format!("{} must be a finite number ≥ 0", e.lambda));
         }
+        if has_duplicates(&self.ablations.scaling) || self.ablations.scaling.contains(&self.scaling) {
+            return bad("ablations.scaling", "a setting is listed twice, or repeats the main `[scaling]`".into());
+        }
         for &r in &self.ablations.ratios {
             if !(r > 0.0 && r <= 1.0) {
                 return bad("ablations.ratios", format!("{r} must be in (0, 1]"));
@@ -366,6 +401,9 @@ impl Spec {
             }
             if t.examples == 0 || t.eval_limit == 0 {
                 return bad("finetune.tasks", format!("`{}`: examples and eval_limit must be positive", t.name));
+            }
+            if t.epochs == Some(0) || t.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+                return bad("finetune.tasks", format!("`{}`: epochs and lr, when given, must be positive", t.name));
             }
         }
         if !f.tasks.is_empty() && (f.epochs == 0 || f.batch == 0 || f.max_len < 2 || !(f.lr > 0.0)) {

@@ -8,7 +8,9 @@
 //! whether it pre-trains with distillation. The sweeps of `[ablations]` add generated variants
 //! of MASA ([`ratio_variant`], [`domain_variant`]).
 
+use crate::init::scale::Components;
 use crate::init::{GeneScale, InitOptions, Rest, Strategy};
+use crate::run::spec::ScalingSpec;
 
 /// Where a run's results appear in the report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +23,8 @@ pub enum Group {
     Ratio,
     /// Fig. 4: MASA calibrated on one domain (`ablations.calibration_domains`).
     Calibration,
+    /// MASA at other adaptive-scaling settings (`ablations.scaling`).
+    Scaling,
 }
 
 impl Group {
@@ -31,6 +35,7 @@ impl Group {
             Group::Ablation => "ablation",
             Group::Ratio => "ratio",
             Group::Calibration => "calibration",
+            Group::Scaling => "scaling",
         }
     }
 }
@@ -53,16 +58,18 @@ pub struct StrategyDef {
     pub spectral: bool,
     /// Pre-train with distillation from the source (spec `[distill]`).
     pub distill: bool,
+    /// `masa init --components` fixed by the strategy (else the spec's `[scaling]`).
+    pub components: Option<Components>,
 }
 
 impl StrategyDef {
     const fn new(name: &'static str, label: &'static str, group: Group, init: Strategy) -> Self {
-        StrategyDef { name, label, group, init, rest: Rest::Scratch, gene_scale: GeneScale::Frobenius, spectral: true, distill: false }
+        StrategyDef { name, label, group, init, rest: Rest::Scratch, gene_scale: GeneScale::Frobenius, spectral: true, distill: false, components: None }
     }
 
     /// The `masa init` options of this strategy (seed 0; each run sets its own).
     pub fn init_options(&self) -> InitOptions {
-        InitOptions { rest: self.rest, gene_scale: self.gene_scale, ..InitOptions::new(self.init) }
+        InitOptions { rest: self.rest, gene_scale: self.gene_scale, components: self.components, ..InitOptions::new(self.init) }
     }
 
     /// Whether the student is made from gene matrices (so the run needs an extraction).
@@ -82,6 +89,10 @@ pub const STRATEGIES: &[StrategyDef] = &[
     StrategyDef::new("naive", "MASA w/o adaptive scaling", Group::Ablation, Strategy::Naive),
     StrategyDef { spectral: false, ..StrategyDef::new("masa-no-spectral", "MASA w/o spectral alignment (λ = 0)", Group::Ablation, Strategy::Masa) },
     StrategyDef { gene_scale: GeneScale::None, ..StrategyDef::new("masa-paper-scale", "MASA, paper-literal gene scale", Group::Ablation, Strategy::Masa) },
+    StrategyDef {
+        components: Some(Components::All),
+        ..StrategyDef::new("masa-submatrix", "MASA, r′ = r (a submatrix of each gene)", Group::Ablation, Strategy::Masa)
+    },
     StrategyDef::new("masa", "MASA", Group::Main, Strategy::Masa),
 ];
 
@@ -139,6 +150,39 @@ pub fn domain_variant(domain: &str) -> Variant {
     Variant { name: format!("masa-domain-{domain}"), label: format!("MASA, calibrated on {domain} only"), group: Group::Calibration, ..masa() }
 }
 
+/// `[ablations] scaling`: MASA with another adaptive-scaling setting.
+pub fn scaling_variant(sc: &ScalingSpec) -> Variant {
+    let r = sc.components.unwrap_or(crate::init::DEFAULT_COMPONENTS);
+    let coupled = if sc.coupled { "-coupled" } else { "" };
+    let slug = match r {
+        Components::All => "rall".to_string(),
+        Components::Rank(k) => format!("r{k}"),
+        Components::Energy(e) => format!("energy{e}"),
+    };
+    let mut v = Variant {
+        name: format!("masa-{slug}{coupled}"),
+        label: format!("MASA, r′ = {r}{}", if sc.coupled { ", coupled" } else { "" }),
+        group: Group::Scaling,
+        ..masa()
+    };
+    v.init.components = Some(r);
+    v.init.coupled = sc.coupled;
+    v
+}
+
+impl Variant {
+    /// The spec's `[scaling]` for the MASA-family variants, where the variant does not fix r'.
+    pub fn with_scaling(mut self, sc: &ScalingSpec) -> Self {
+        if self.init.strategy == Strategy::Masa && self.group != Group::Scaling {
+            if self.init.components.is_none() {
+                self.init.components = sc.components;
+            }
+            self.init.coupled |= sc.coupled;
+        }
+        self
+    }
+}
+
 fn masa() -> Variant {
     find("masa").expect("the table has masa").into()
 }
@@ -156,5 +200,24 @@ mod tests {
             assert_eq!(s.init_options().strategy, s.init);
             assert!(s.spectral || s.needs_genes(), "{}: λ = 0 only means something with genes", s.name);
         }
+    }
+
+    /// `[scaling]` reaches every MASA-family run except one that fixes its own r'; the sweep's
+    /// variants carry their own setting and name it.
+    #[test]
+    fn scaling_spec_reaches_masa_variants() {
+        let sc = ScalingSpec { components: Some(Components::Rank(64)), coupled: true };
+        let v = |n: &str| Variant::from(find(n).unwrap()).with_scaling(&sc);
+        for n in ["masa", "hybrid", "masa-no-spectral", "masa-paper-scale"] {
+            assert_eq!((v(n).init.components, v(n).init.coupled), (Some(Components::Rank(64)), true), "{n}");
+        }
+        assert_eq!(v("masa-submatrix").init.components, Some(Components::All));
+        for n in ["scratch", "weight-selection", "prune", "naive"] {
+            assert_eq!((v(n).init.components, v(n).init.coupled), (None, false), "{n}");
+        }
+        let e = scaling_variant(&ScalingSpec { components: Some(Components::Energy(0.9)), coupled: false });
+        assert_eq!((e.name.as_str(), e.group, e.init.components), ("masa-energy0.9", Group::Scaling, Some(Components::Energy(0.9))));
+        let c = scaling_variant(&ScalingSpec { components: None, coupled: true }).with_scaling(&sc);
+        assert_eq!((c.name.as_str(), c.init.components, c.init.coupled), ("masa-rall-coupled", Some(Components::All), true));
     }
 }
