@@ -60,3 +60,37 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|e| MasaError::io(path, e))
     }
 }
+
+thread_local! {
+    /// Set while this thread runs a third-party parser under [`parser_guard`].
+    static IN_PARSER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run a third-party parser (candle's GGUF reader and dequantizer) on the content of `path`:
+/// a panic inside it, on a malformed file the parser does not validate (a GGUF whose
+/// `general.alignment` is 0, a tensor whose type and extent disagree), becomes an error naming
+/// the file instead of a crash. The panic message is not printed: a process-wide hook installed
+/// on first use stays silent on threads inside a guard and defers to the previous hook
+/// elsewhere, so concurrent threads keep their normal panic reports.
+pub fn parser_guard<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_PARSER.with(|p| p.get()) {
+                previous(info)
+            }
+        }));
+    });
+    let outer = IN_PARSER.with(|p| p.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_PARSER.with(|p| p.set(outer));
+    r.unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(MasaError::bad_file(path, format!("malformed {what}: the reader failed on it ({msg}); the file is corrupt or not what its header says")))
+    })
+}

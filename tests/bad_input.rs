@@ -102,6 +102,31 @@ fn gguf_wrong_magic() {
     assert_names(&load_error(&p), &p, &["not a GGUF file", "GGML"]);
 }
 
+/// A GGUF whose `general.alignment` is 0 made candle's reader panic (division by zero): now a
+/// one-line error naming the file, and no panic report on stderr.
+#[test]
+fn gguf_zero_alignment_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = tiny_gguf("llama");
+    let mut with = Vec::new();
+    // Rewrite the header with one more metadata entry: general.alignment = 0 (u32).
+    let n_kv = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    with.extend_from_slice(&bytes[..16]);
+    with.extend_from_slice(&(n_kv + 1).to_le_bytes());
+    let key = b"general.alignment";
+    with.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    with.extend_from_slice(key);
+    with.extend_from_slice(&4u32.to_le_bytes()); // GGUF value type u32
+    with.extend_from_slice(&0u32.to_le_bytes());
+    with.extend_from_slice(&bytes[24..]);
+    let p = write_file(dir.path(), "model.gguf", &with);
+    assert_names(&load_error(&p), &p, &["malformed GGUF header"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).arg("inspect").arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("malformed GGUF header") && !stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn gguf_shorter_than_magic() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,7 +38,7 @@ impl GgufFile {
         }
         use std::io::Seek;
         file.rewind().at(path)?;
-        let content = Content::read(&mut file).map_err(|e| classify_read_error(path, e))?;
+        let content = crate::error::parser_guard(path, "GGUF header", || Content::read(&mut file).map_err(|e| classify_read_error(path, e)))?;
         validate_extents(path, &content, len)?;
         Ok(GgufFile { path: path.to_path_buf(), content, file: Mutex::new(file) })
     }
@@ -102,10 +102,12 @@ impl GgufFile {
             MasaError::bad_file(&self.path, format!("tensor `{gguf_name}` not found in the GGUF file"))
         })?;
         let mut file = self.file.lock().map_err(|_| MasaError::bad_file(&self.path, "file handle poisoned"))?;
-        let q = info
-            .read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| MasaError::bad_file(&self.path, format!("reading tensor `{gguf_name}`: {}", candle_message(&e))))?;
-        Ok(q.dequantize(&Device::Cpu)?)
+        crate::error::parser_guard(&self.path, &format!("GGUF tensor `{gguf_name}`"), || {
+            let q = info
+                .read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+                .map_err(|e| MasaError::bad_file(&self.path, format!("reading tensor `{gguf_name}`: {}", candle_message(&e))))?;
+            Ok(q.dequantize(&Device::Cpu)?)
+        })
     }
 }
 
