@@ -253,11 +253,27 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     assert_eq!(serde_json::to_value(&first.trainings).unwrap(), serde_json::to_value(&second.trainings).unwrap());
     assert_eq!(serde_json::to_value(&first.spectra).unwrap(), serde_json::to_value(&second.spectra).unwrap());
 
+    // A damaged file of a finished stage (a truncated checkpoint) is detected: that stage alone
+    // is recomputed, to the same numbers.
+    let train_dir = std::fs::read_dir(runs.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("train-"))
+        .min()
+        .unwrap();
+    let ck = std::fs::read_dir(&train_dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.join("model.safetensors").is_file()).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(ck.join("model.safetensors")).unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+    drop(f);
+    let (fourth, _) = masa::run::run(&spec, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
+    assert_eq!(fourth.invocations.last().unwrap().stages_computed, 1);
+    let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
+    assert_eq!(curves(&first), curves(&fourth));
+
     // Same inputs from scratch (fresh store): the same numbers (determinism).
     let runs2 = dir.path().join("runs2");
     let spec2 = Spec { name: "e2e".into(), ..spec.clone() };
     let (third, _) = masa::run::run(&spec2, &runs2, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
-    let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
     assert_eq!(curves(&first), curves(&third));
 }
 

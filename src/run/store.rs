@@ -11,6 +11,7 @@
 //! `TrainOptions`/`FinetuneOptions` serialize `device` only when not `cpu` and `precision` only
 //! when not `f32`, so CPU keys hold no engine and a CUDA run gets its own keys.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -104,15 +105,69 @@ pub fn hash(kind: &str, inputs: &Value) -> String {
     h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// A finished stage's record, `None` while the stage has not finished.
-pub fn read_record<T: DeserializeOwned>(dir: &Path) -> Option<T> {
-    let p = dir.join("record.json");
-    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+/// The stage's files and their sizes, written beside the record: a finished stage whose files
+/// no longer match (a truncated checkpoint, a deleted gene file) is not trusted.
+const FILES: &str = "record.files.json";
+
+/// Every file under `dir` but the record and its file list, as `relative path -> size`.
+fn file_sizes(dir: &Path) -> BTreeMap<String, u64> {
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<String, u64>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.metadata() {
+                Ok(m) if m.is_dir() => walk(root, &p, out),
+                Ok(m) => {
+                    let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
+                    if rel != "record.json" && rel != FILES && !rel.ends_with(".tmp") {
+                        out.insert(rel, m.len());
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }
 
-/// Mark a stage finished: its record, written atomically and last.
+/// A finished stage's record, `None` while the stage has not finished. A stage whose files
+/// differ from the list written with its record (missing, truncated, grown) is not finished: a
+/// warning names the file, the directory is cleared, and the caller recomputes it. Records
+/// from before the file lists get one now (trust on first use).
+pub fn read_record<T: DeserializeOwned>(dir: &Path) -> Option<T> {
+    let p = dir.join("record.json");
+    let rec = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+    let now = file_sizes(dir);
+    // Files added later (the extraction's spectra cache) are allowed; recorded ones must match.
+    match std::fs::read_to_string(dir.join(FILES)).ok().and_then(|t| serde_json::from_str::<BTreeMap<String, u64>>(&t).ok()) {
+        Some(want) => match want.iter().find(|(f, n)| now.get(*f) != Some(n)) {
+            None => Some(rec),
+            Some((f, n)) => {
+                let is = now.get(f).map_or("missing".to_string(), |x| format!("{x} bytes"));
+                eprintln!("warning: cached stage {} is damaged ({f}: {is}, recorded {n} bytes); recomputing it", dir.display());
+                let _ = std::fs::remove_dir_all(dir);
+                None
+            }
+        },
+        None => {
+            let _ = write_file_list(dir, &now);
+            Some(rec)
+        }
+    }
+}
+
+fn write_file_list(dir: &Path, files: &BTreeMap<String, u64>) -> Result<()> {
+    let json = serde_json::to_string_pretty(files).map_err(|e| MasaError::Invalid(format!("serialising a file list: {e}")))?;
+    crate::home::write_atomic(&dir.join(FILES), json.as_bytes())
+}
+
+/// Mark a stage finished: the list of its files with their sizes, then its record, each
+/// written atomically, the record last.
 pub fn write_record<T: Serialize>(dir: &Path, rec: &T) -> Result<()> {
     let json = serde_json::to_string_pretty(rec).map_err(|e| MasaError::Invalid(format!("serialising a record: {e}")))?;
+    write_file_list(dir, &file_sizes(dir))?;
     crate::home::write_atomic(&dir.join("record.json"), json.as_bytes())
 }
 
