@@ -50,7 +50,7 @@ fn load_err(dir: &Path, text: &str) -> String {
 
 #[test]
 fn builtin_specs_validate() {
-    for name in ["default", "quick", "extended", "paper"] {
+    for name in ["default", "quick", "extended", "paper", "medium", "scaling"] {
         let s = Spec::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(s.name, name);
         assert!(s.seeds.len() >= if name == "quick" { 1 } else { 2 }, "{name}");

@@ -1,5 +1,5 @@
-//! Experiment specs: what `masa run` does, as TOML. Four ship embedded (`default`, `quick`,
-//! `extended`, `paper`); any other TOML file with the same fields works. [`Spec::load`]
+//! Experiment specs: what `masa run` does, as TOML. Six ship embedded (`default`, `quick`,
+//! `extended`, `paper`, `medium`, `scaling`); any other TOML file with the same fields works. [`Spec::load`]
 //! validates everything that can be checked before work starts (strategy names, student
 //! shapes, budgets, tasks, files) and names the offending field.
 
@@ -16,6 +16,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("quick", include_str!("../../specs/quick.toml")),
     ("extended", include_str!("../../specs/extended.toml")),
     ("paper", include_str!("../../specs/paper.toml")),
+    ("medium", include_str!("../../specs/medium.toml")),
+    ("scaling", include_str!("../../specs/scaling.toml")),
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
