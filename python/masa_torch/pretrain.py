@@ -120,11 +120,15 @@ def open_export(data_dir, student_dir, config):
     if n_valid and int(valid.max()) >= vocab:
         raise DataError(f"{os.path.join(data_dir, 'valid.bin')}: token id {int(valid.max())} >= vocab_size "
                         f"{vocab} of {cfg_path} (export made with another tokenizer?)")
-    # The export records the model directory whose tokenizer made it; if it is still there, its
-    # tokenizer.json must be the student's (masa's fingerprint hashes it with BOS/EOS facts).
-    src_tok = os.path.join(str(m.get("model", "")), "tokenizer.json")
+    # The export records the model directory whose tokenizer made it (as given on masa's command
+    # line); if that is an absolute path still there, its tokenizer.json must be the student's.
+    # (masa's `tokenizer` fingerprint hashes the tokenizer with its BOS/EOS facts; it is not
+    # recomputed here.)
+    src = str(m.get("model", ""))
+    src_tok = os.path.join(src, "tokenizer.json")
     own_tok = os.path.join(student_dir, "tokenizer.json")
-    if os.path.isfile(src_tok) and os.path.isfile(own_tok) and open(src_tok, "rb").read() != open(own_tok, "rb").read():
+    if (os.path.isabs(src) and os.path.isfile(src_tok) and os.path.isfile(own_tok)
+            and open(src_tok, "rb").read() != open(own_tok, "rb").read()):
         raise DataError(f"{own_tok} differs from {src_tok}, the tokenizer {man_path} was made with")
     return m, train, valid
 
