@@ -185,7 +185,8 @@ def wrap(model, a, device, world):
 def make_optimizer(model, a, device):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    kw = {"fused": True} if device.type == "cuda" and not a.fsdp else {"foreach": False}
+    # cuda: fused kernels (foreach for FSDP's DTensors); cpu: the plain per-parameter loop.
+    kw = ({"foreach": True} if a.fsdp else {"fused": True}) if device.type == "cuda" else {"foreach": False}
     return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **kw)
@@ -308,10 +309,11 @@ def main(argv=None):
             sys.exit("error: --device cuda but torch.cuda.is_available() is False")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (a.dtype == "bf16")
     else:
         device = torch.device("cpu")
     dtype = a.dtype or ("bf16" if device.type == "cuda" else "f32")
+    if device.type == "cuda":  # TF32 matmuls only when bf16 was asked for; --dtype f32 means f32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "bf16"
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
