@@ -5,20 +5,25 @@ Checks, all f32 on CPU (gloo), from one `masa init` student and one `masa tokens
   export  the export is what the trainer reads: manifest/file sizes agree, and sampled training
           sequences are contiguous windows of the tokenized train split (manifest token_split)
   (a)     masa train vs torchrun --nproc_per_node=1 (and =2): per-step train loss and val_mean
-  floor   the f32 noise floor: the same torchrun x1 run with another thread count
+  floor   the f32 noise floor: the same torchrun x1 run with SDPA instead of eager attention
+          (the same math, another f32 evaluation order; another thread count changed nothing
+          at all on this tiny student: 0.0 over 100 steps)
   (b)     DDP with 2 processes vs 1 process, same global batch
   (c)     FSDP2 (fully_shard) with 2 processes vs DDP with 2 processes
   (d)     resume: DDP x2 stopped at half way and resumed vs uninterrupted (bit-exact expected)
   (e)     gradient accumulation: masa train --batch B/2 --grad-accum 2 vs torchrun x2, fewer steps
 
 Tolerances (nats, max over steps of |train loss difference|):
-  (a)  --tol-masa, 0.02 (the issue's bound). Two f32 implementations on the same data and
-       schedule differ by rounding only; training amplifies it (see the floor row: PyTorch vs
-       itself with another thread count drifts by the same order as masa vs PyTorch).
+  (a)  --tol-masa, default 1e-3 (the issue asks for 0.02). Two f32 implementations of the same
+       recipe on the same data differ by rounding only, which training amplifies; the floor row
+       measures that amplification for PyTorch against itself. 1e-3 leaves a wide margin over
+       it and over the measured masa-vs-PyTorch gap on this student (both ~1e-5), and is the
+       bound scripts/check_train_torch.py uses on the larger cpu-6l-256 (~2e-3 drift there by
+       step 100 at lr 1e-3, so use --tol-masa 0.02 for bigger students).
   (b), (c)  same implementation, only the reduction order differs (two half-batch gradients
-       averaged by gloo vs one full batch): step 1 must agree within 1e-5 (a wrong row slice or
-       loss scaling is off by >1e-2 there), every step within --tol-dist (default 5e-3, the
-       order of the measured thread-count floor at step 100).
+       averaged by gloo vs one full batch; sharded vs replicated parameters): step 1 within
+       1e-5 (a wrong row slice or loss scaling is off by >1e-2 there), every step within
+       --tol-dist (default 1e-4, ten times the measured floor).
   (d)  exact: 0.
 usage: .venv-bench/bin/python scripts/check_torchrun.py --work /tmp/torchrun-check
 (scripts/test_torch.sh runs it with the venv made by scripts/setup_torch.sh). Exits 1 on failure.
@@ -67,8 +72,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-seqs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="threads per process (masa and torch)")
-    ap.add_argument("--tol-masa", type=float, default=0.02)
-    ap.add_argument("--tol-dist", type=float, default=5e-3)
+    ap.add_argument("--tol-masa", type=float, default=1e-3)
+    ap.add_argument("--tol-dist", type=float, default=1e-4)
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     w = lambda *p: os.path.join(a.work, *p)
@@ -77,13 +82,13 @@ def main():
                     "--eval-every", a.eval_every]
     port = [29600]
 
-    def torch_run(name, nproc, data, *extra, threads=a.threads, fresh=True):
+    def torch_run(name, nproc, data, *extra, threads=a.threads, fresh=True, attn="eager"):
         out = w(name)
         if fresh and os.path.isdir(out):
             subprocess.run(["rm", "-rf", out], check=True)
         port[0] += 1
         secs = sh([torchrun, f"--nproc_per_node={nproc}", f"--master_port={port[0]}", PRETRAIN, w("student"),
-                   "--data", data, "--out", out, *common_train, "--threads", threads, "--attn", "eager", "--quiet", *extra],
+                   "--data", data, "--out", out, *common_train, "--threads", threads, "--attn", attn, "--quiet", *extra],
                   env={"OMP_NUM_THREADS": str(threads)})
         return out, secs
 
@@ -135,7 +140,7 @@ def main():
     ml, mv, _ = curve(masa_train("masa", a.batch, 1, a.steps))
     secs = {}
     r1, secs["torchrun x1"] = torch_run("ddp1", 1, data)
-    r1b, secs["torchrun x1, other threads"] = torch_run("ddp1-threads", 1, data, threads=2 if a.threads == 1 else 1)
+    r1b, secs["torchrun x1, SDPA"] = torch_run("ddp1-sdpa", 1, data, attn="sdpa")
     r2, secs["DDP x2"] = torch_run("ddp2", 2, data)
     rf, secs["FSDP2 x2"] = torch_run("fsdp2", 2, data, "--fsdp")
     rr, s1 = torch_run("ddp2-resumed", 2, data, "--stop-at", a.steps // 2)
@@ -152,7 +157,7 @@ def main():
     add("(a)", "masa train vs torchrun x1", d(ml, t1), a.tol_masa, vd(mv, v1))
     add("(a)", "masa train vs torchrun DDP x2", d(ml, t2), a.tol_masa, vd(mv, v2))
     floor = d(t1, t1b)
-    rows.append(("floor", f"torchrun x1: {a.threads} vs {2 if a.threads == 1 else 1} threads", len(floor), floor[0],
+    rows.append(("floor", "torchrun x1: eager vs SDPA attention", len(floor), floor[0],
                  max(floor[:10]), max(floor), vd(v1, v1b), "(measured)", ""))
     add("(b)", "DDP x2 vs x1, same global batch", d(t2, t1), a.tol_dist, vd(v2, v1), first_tol=1e-5)
     add("(c)", "FSDP2 x2 vs DDP x2", d(tf, t2), a.tol_dist, vd(vf, v2), first_tol=1e-5)
