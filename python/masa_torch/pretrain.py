@@ -220,6 +220,8 @@ def save_checkpoint(model, opt, a, step, out, student, rank, extra):
     raw = model.module if hasattr(model, "module") else model
     if hasattr(raw, "_fsdp_wrapped_module"):
         raw = raw._fsdp_wrapped_module
+    if getattr(raw.config, "tie_word_embeddings", False):
+        msd.pop("lm_head.weight", None)  # tied to embed_tokens: stored once, as masa writes students
     raw.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in msd.items()}, safe_serialization=True)
     for f in STUDENT_FILES:
         if os.path.isfile(os.path.join(student, f)):
