@@ -11,6 +11,8 @@ Checks, all f32 on CPU (gloo), from one `masa init` student and one `masa tokens
   (b)     DDP with 2 processes vs 1 process, same global batch
   (c)     FSDP2 (fully_shard) with 2 processes vs DDP with 2 processes
   (d)     resume: DDP x2 stopped at half way and resumed vs uninterrupted (bit-exact expected)
+  (k)     the final DDP and FSDP2 checkpoints: the student's tensor names, reload with
+          transformers, reproduce the last validation losses (per domain, within 1e-5)
   (e)     gradient accumulation: masa train --batch B/2 --grad-accum 2 vs torchrun x2, fewer steps
 
 Tolerances (nats, max over steps of |train loss difference|):
@@ -72,8 +74,10 @@ def main():
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-seqs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="threads per process (masa and torch)")
-    ap.add_argument("--checks", default="aAfbcde",
-                    help="which rows: a masa vs x1, A masa vs DDP x2, f floor, b DDP x2 vs x1, c FSDP2 vs DDP, d resume, e accumulation")
+    ap.add_argument("--checks", default="aAfbcdke",
+                    help="which rows: a masa vs x1, A masa vs DDP x2, f floor, b DDP x2 vs x1, c FSDP2 vs DDP, d resume, "
+                         "k checkpoints reload, e accumulation")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished torchrun runs in --work (default: run them again)")
     ap.add_argument("--tol-masa", type=float, default=1e-3)
     ap.add_argument("--tol-dist", type=float, default=1e-4)
     a = ap.parse_args()
@@ -142,7 +146,11 @@ def main():
     ml, mv, _ = curve(masa_train("masa", a.batch, 1, a.steps))
     secs, runs = {}, {}
 
+    outs = {"x1": "ddp1", "sdpa": "ddp1-sdpa", "x2": "ddp2", "fsdp": "fsdp2", "resumed": "ddp2-resumed"}
+
     def run(key):  # each torchrun run once, on demand -> (losses, {step: val_mean}, rows)
+        if key not in runs and a.reuse and os.path.isfile(w(outs[key], "latest")):
+            runs[key] = curve(w(outs[key]))
         if key not in runs:
             if key == "x1":
                 out, secs["torchrun x1"] = torch_run("ddp1", 1, data)
@@ -159,6 +167,7 @@ def main():
             runs[key] = curve(out)
         return runs[key]
 
+    names = {"x1": "torchrun x1", "sdpa": "torchrun x1 SDPA", "x2": "DDP x2", "fsdp": "FSDP2 x2", "resumed": "DDP x2 resumed"}
     d = lambda x, y: [abs(p - q) for p, q in zip(x, y)] if len(x) == len(y) == a.steps else [float("inf")]
     vd = lambda x, y: max(abs(x[s] - y[s]) for s in x) if set(x) == set(y) else float("inf")
     if "a" in a.checks:
@@ -181,6 +190,31 @@ def main():
         add("(d)", f"DDP x2 resumed at {a.steps // 2} vs uninterrupted", d(tr, run("x2")[0]) if resume_ok else [float("inf")],
             0.0, vd(vr, run("x2")[1]))
 
+    # checkpoints: the final HF checkpoint has the student's tensors (tied lm_head stored once),
+    # reloads with transformers and reproduces the last validation losses of metrics.jsonl.
+    if "k" in a.checks:
+        import torch
+        import torch.nn.functional as F
+        from safetensors import safe_open
+        from transformers import LlamaForCausalLM
+        torch.set_num_threads(a.threads)
+        valid = np.fromfile(os.path.join(data, "valid.bin"), dtype=dt).astype(np.int64).reshape(-1, m["sequence_tokens"])
+        want = set(safe_open(w("student", "model.safetensors"), "np").keys())
+        for key, name in (("x2", "ddp2"), ("fsdp", "fsdp2")):
+            last = run(key)[2][-1]
+            ck = os.path.join(w(name), open(os.path.join(w(name), "latest")).read().strip())
+            keys_ok = set(safe_open(os.path.join(ck, "model.safetensors"), "np").keys()) == want
+            model = LlamaForCausalLM.from_pretrained(ck, torch_dtype=torch.float32, attn_implementation="eager").eval()
+            diffs = []
+            with torch.no_grad():
+                for dom in m["valid"]["domains"]:
+                    x = torch.from_numpy(valid[dom["first"]:dom["first"] + dom["sequences"]])
+                    logits = model(input_ids=x[:, :a.seq]).logits
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+                    diffs.append(abs(nll - last["val"][dom["domain"]]))
+            add("(k)", f"{names[key]} final checkpoint reloaded" + ("" if keys_ok else ": TENSOR NAMES DIFFER"),
+                diffs if keys_ok else [float("inf")], 1e-5)
+
     # (e) gradient accumulation: half the rows per micro-batch, two micro-batches per step.
     if "e" in a.checks and a.accum_steps:
         acc_data = export("tokens-accum", a.batch // 2, 2, a.accum_steps)
@@ -197,8 +231,8 @@ def main():
     for c, desc, n, f1, f10, fa, v, tol, res in rows:
         vs = f"{v:>9.2e}" if v is not None else f"{'':>9}"
         print(f"{c:<6} {desc:<42} {n:>5} {f1:>9.2e} {f10:>9.2e} {fa:>9.2e} {vs}  {tol} {res}")
-    print("(|train loss difference| per step, nats; 'max val' = max |val_mean difference| over validation steps)")
-    names = {"x1": "torchrun x1", "sdpa": "torchrun x1 SDPA", "x2": "DDP x2", "fsdp": "FSDP2 x2", "resumed": "DDP x2 resumed"}
+    print("(|train loss difference| per step, nats; 'max val' = max |val_mean difference| over validation steps;\n"
+          " (k): |validation loss difference| per domain instead of per step)")
     print(f"final train loss / val_mean: masa {ml[-1]:.5f} / {mv[a.steps]:.5f}, " +
           ", ".join(f"{names[k]} {r[0][-1]:.5f} / {r[1][a.steps]:.5f}" for k, r in runs.items()))
     print("wall seconds (incl. start-up): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
