@@ -333,6 +333,8 @@ def main(argv=None):
         if b % world:
             raise DataError(f"{os.path.join(a.data, 'manifest.json')}: batch {b} is not divisible by the "
                             f"{world} processes (each rank takes batch/world rows of every micro-batch)")
+        if a.fsdp and not dist.is_initialized():
+            raise DataError("--fsdp needs a process group: launch with torchrun (--nproc_per_node=1 is fine)")
         resume_dir, resume_state = resume_from(a.resume) if a.resume else (None, None)
         model = load_student(resume_dir or a.student, a.attn)
     except DataError as e:
@@ -422,7 +424,7 @@ def main(argv=None):
         trained += step_tokens
         rec = {"step": step + 1, "tokens": (step + 1) * step_tokens, "loss": loss, "lr": lr, "grad_norm": gn,
                "tokens_per_s": trained / train_time}
-        if (step + 1) % a.eval_every == 0 or step + 1 == steps:
+        if (a.eval_every > 0 and (step + 1) % a.eval_every == 0) or step + 1 == steps:
             rec.update(run_validation())
         emit(rec)
         if not a.quiet and (step == start or (step + 1) % 10 == 0 or step + 1 == end):
