@@ -8,6 +8,8 @@ Checks, all f32 on CPU (gloo), from one `masa init` student and one `masa tokens
   floor   the f32 noise floor: the same torchrun x1 run with SDPA instead of eager attention
           (the same math, another f32 evaluation order; another thread count changed nothing
           at all on this tiny student: 0.0 over 100 steps)
+  f64     masa (f32) and torchrun x1 (f32) each against torchrun x1 in float64: how far each
+          trainer's own f32 rounding moves the curve (measured, no tolerance)
   (b)     DDP with 2 processes vs 1 process, same global batch
   (c)     FSDP2 (fully_shard) with 2 processes vs DDP with 2 processes
   (d)     resume: DDP x2 stopped at half way and resumed vs uninterrupted (bit-exact expected)
@@ -74,8 +76,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-seqs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="threads per process (masa and torch)")
-    ap.add_argument("--checks", default="aAfbcdke",
-                    help="which rows: a masa vs x1, A masa vs DDP x2, f floor, b DDP x2 vs x1, c FSDP2 vs DDP, d resume, "
+    ap.add_argument("--checks", default="aAfgbcdke",
+                    help="which rows: a masa vs x1, A masa vs DDP x2, f floor, g f32 vs f64, b DDP x2 vs x1, c FSDP2 vs DDP, d resume, "
                          "k checkpoints reload, e accumulation")
     ap.add_argument("--reuse", action="store_true", help="reuse finished torchrun runs in --work (default: run them again)")
     ap.add_argument("--tol-masa", type=float, default=1e-3)
@@ -146,7 +148,7 @@ def main():
     ml, mv, _ = curve(masa_train("masa", a.batch, 1, a.steps))
     secs, runs = {}, {}
 
-    outs = {"x1": "ddp1", "sdpa": "ddp1-sdpa", "x2": "ddp2", "fsdp": "fsdp2", "resumed": "ddp2-resumed"}
+    outs = {"f64": "ddp1-f64", "x1": "ddp1", "sdpa": "ddp1-sdpa", "x2": "ddp2", "fsdp": "fsdp2", "resumed": "ddp2-resumed"}
 
     def run(key):  # each torchrun run once, on demand -> (losses, {step: val_mean}, rows)
         if key not in runs and a.reuse and os.path.isfile(w(outs[key], "latest")):
@@ -156,6 +158,8 @@ def main():
                 out, secs["torchrun x1"] = torch_run("ddp1", 1, data)
             elif key == "sdpa":
                 out, secs["torchrun x1, SDPA"] = torch_run("ddp1-sdpa", 1, data, attn="sdpa")
+            elif key == "f64":
+                out, secs["torchrun x1, f64"] = torch_run("ddp1-f64", 1, data, "--dtype", "f64")
             elif key == "x2":
                 out, secs["DDP x2"] = torch_run("ddp2", 2, data)
             elif key == "fsdp":
@@ -167,7 +171,7 @@ def main():
             runs[key] = curve(out)
         return runs[key]
 
-    names = {"x1": "torchrun x1", "sdpa": "torchrun x1 SDPA", "x2": "DDP x2", "fsdp": "FSDP2 x2", "resumed": "DDP x2 resumed"}
+    names = {"f64": "torchrun x1 f64", "x1": "torchrun x1", "sdpa": "torchrun x1 SDPA", "x2": "DDP x2", "fsdp": "FSDP2 x2", "resumed": "DDP x2 resumed"}
     d = lambda x, y: [abs(p - q) for p, q in zip(x, y)] if len(x) == len(y) == a.steps else [float("inf")]
     vd = lambda x, y: max(abs(x[s] - y[s]) for s in x) if set(x) == set(y) else float("inf")
     if "a" in a.checks:
@@ -178,6 +182,10 @@ def main():
         floor = d(run("x1")[0], run("sdpa")[0])
         rows.append(("floor", "torchrun x1: eager vs SDPA attention", len(floor), floor[0],
                      max(floor[:10]), max(floor), vd(run("x1")[1], run("sdpa")[1]), "(measured)", ""))
+    if "g" in a.checks:  # distance from an f64 reference: how much each f32 trainer's rounding moves the curve
+        for desc, x in (("torchrun x1 f32 vs torchrun f64", run("x1")), ("masa train f32 vs torchrun f64", (ml, mv))):
+            g = d(x[0], run("f64")[0])
+            rows.append(("f64", desc, len(g), g[0], max(g[:10]), max(g), vd(x[1], run("f64")[1]), "(measured)", ""))
     if "b" in a.checks:
         add("(b)", "DDP x2 vs x1, same global batch", d(run("x2")[0], run("x1")[0]), a.tol_dist,
             vd(run("x2")[1], run("x1")[1]), first_tol=1e-5)

@@ -266,7 +266,7 @@ def validate(model, valid, domains, t, device, rank, world, eval_batch, autocast
             x = torch.from_numpy(np.asarray(valid[rows], dtype=np.int64)).to(device)
             with autocast():
                 logits = model(input_ids=x[:, :t]).logits
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            nll = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
             if mine:
                 tot += torch.stack([nll.double(), torch.tensor(x[:, 1:].numel(), dtype=torch.float64, device=device)])
         if world > 1:
@@ -296,7 +296,9 @@ def main(argv=None):
     ap.add_argument("--resume", help="a run directory (its latest checkpoint) or a step-* checkpoint of this trainer")
     ap.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) after this step; the schedule still spans the whole export")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], help="autocast dtype (default: bf16 on cuda, f32 on cpu)")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f64"],
+                    help="bf16: autocast with f32 master weights (default on cuda); f32 (default on cpu); "
+                         "f64: the whole model in float64, a reference for measuring f32 rounding (checks only)")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard (FSDP1 if unavailable) instead of DDP")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
@@ -343,7 +345,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     rows = b // world
     lo = rank * rows
-    model.to(device).train()
+    model.to(device, dtype=torch.float64 if dtype == "f64" else torch.float32).train()
     n_params = sum(p.numel() for p in model.parameters())
     model, mode = wrap(model, a, device, world)
     opt = make_optimizer(model, a, device)
@@ -408,7 +410,7 @@ def main(argv=None):
             with sync:
                 with autocast():
                     logits = model(input_ids=x[:, :t]).logits
-                ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+                ce = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
                 # This rank's share of the step's mean; DDP/FSDP average gradients over ranks.
                 (ce / (rows * t * accum)).backward()
             loss_sum += ce.detach().double()
@@ -438,6 +440,11 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def upcast(logits):
+    """bf16/f16 logits (autocast) to f32 for the loss; f32 and f64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 class _null:
