@@ -405,8 +405,9 @@ pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json
     let manifest = serde_json::json!({
         "format": 1,
         "created_by": format!("masa {} tokens", env!("CARGO_PKG_VERSION")),
-        "model": model_dir,
+        "model": model_dir.canonicalize().unwrap_or_else(|_| model_dir.to_path_buf()),
         "tokenizer": tok.fingerprint()?,
+        "tokenizer_json_sha256": crate::fetch::sha256_file(&model_dir.join("tokenizer.json")).ok(),
         "corpus": opts.corpus,
         "token_split": {
             "path": train_tokens.dir.join("tokens.bin"),
