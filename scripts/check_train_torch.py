@@ -89,11 +89,11 @@ def validate(model, valid, domains, t):
     return out
 
 
-def train_torch(student, batches, valid, domains, a, eval_every):
+def train_torch(student, batches, valid, domains, a, eval_every, dtype=torch.float32):
     """Train on `batches` (a callable step -> LongTensor (b, t+1)); returns per-step losses and
     {step: mean validation loss}."""
     torch.manual_seed(0)
-    model = load_student(student)
+    model = load_student(student).to(dtype)
     opt = optimizer(model, a)
     t = a.seq
     losses, val = [], {0: statistics.mean(validate(model, valid, domains, t).values())}
@@ -174,21 +174,34 @@ def main():
         t0 = time.time()
         tl, tv = train_torch(student, lambda s: torch.from_numpy(train[s * b:(s + 1) * b]), valid, m["valid"]["domains"], a, a.eval_every)
         log(f"PyTorch: {a.steps} steps in {time.time() - t0:.0f} s")
+        # The reference without f32 rounding: the same PyTorch run in float64. Rounding
+        # differences grow chaotically over training, so f32 vs f32 measures both trainers'
+        # rounding; f32 vs f64 measures each one's.
+        torch.set_default_dtype(torch.float64)
+        fl, fv = train_torch(student, lambda s: torch.from_numpy(train[s * b:(s + 1) * b]), valid, m["valid"]["domains"], a, a.eval_every, dtype=torch.float64)
+        torch.set_default_dtype(torch.float32)
         ml, mv = masa_curve(run)
+        json.dump({"masa": ml, "torch": tl, "torch_f64": fl, "masa_val": mv, "torch_val": tv, "torch_f64_val": fv},
+                  open(os.path.join(a.work, "same-data-curves.json"), "w"))
+        floor = [abs(x - y) for x, y in zip(fl, tl)]
+        masa64 = [abs(x - y) for x, y in zip(fl, ml)]
         diffs = [abs(x - y) for x, y in zip(ml, tl)]
         vdiffs = [abs(mv[s] - tv[s]) for s in sorted(tv) if s in mv]
         print(f"\nsame data, seed 0: {a.steps} steps of {b} x {t} tokens, lr {a.lr}, f32 on both")
-        print(f"{'step':>5} {'masa loss':>10} {'torch loss':>10} {'|diff|':>9}")
-        for s in [0, 1, 2, 4, 9, 19, 49, len(ml) - 1]:
+        print(f"{'step':>5} {'masa f32':>10} {'torch f32':>10} {'torch f64':>10} {'|masa-torch|':>12} {'|masa-f64|':>10} {'|torch-f64|':>11}")
+        for s in [0, 1, 2, 4, 9, 19, 29, 49, 69, 89, len(ml) - 1]:
             if s < min(len(ml), len(tl)):
-                print(f"{s + 1:>5} {ml[s]:>10.5f} {tl[s]:>10.5f} {diffs[s]:>9.2e}")
+                print(f"{s + 1:>5} {ml[s]:>10.5f} {tl[s]:>10.5f} {fl[s]:>10.5f} {diffs[s]:>12.2e} {masa64[s]:>10.2e} {floor[s]:>11.2e}")
         print(f"{'val step':>8} {'masa val':>9} {'torch val':>9}")
         for s in sorted(tv):
             if s in mv and (s % (5 * a.eval_every) == 0 or s == a.steps):
                 print(f"{s:>8} {mv[s]:>9.5f} {tv[s]:>9.5f}")
-        same_ok = len(ml) == len(tl) == a.steps and max(diffs) < a.tol and max(vdiffs) < a.tol
-        print(f"max |train loss diff| over {len(diffs)} steps: {max(diffs):.2e}; max |val diff|: {max(vdiffs):.2e}; "
+        v64 = [abs(mv[s] - fv[s]) for s in sorted(fv) if s in mv]
+        same_ok = len(ml) == len(fl) == a.steps and max(masa64) < a.tol and max(v64) < a.tol
+        print(f"masa f32 vs PyTorch f64: max |train loss diff| over {len(masa64)} steps {max(masa64):.2e}, max |val diff| {max(v64):.2e}; "
               f"tolerance {a.tol}: {'PASS' if same_ok else 'FAIL'}")
+        print(f"masa f32 vs PyTorch f32: max |train loss diff| {max(diffs):.2e} (first 50 steps {max(diffs[:50]):.2e}), max |val diff| {max(vdiffs):.2e}")
+        print(f"PyTorch f32 vs PyTorch f64 (PyTorch's own f32 rounding): max |train loss diff| {max(floor):.2e} (first 50 steps {max(floor[:50]):.2e})")
         ok &= same_ok
 
     if a.check in ("own-sampling", "both"):
