@@ -431,7 +431,7 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("without expansion") && e.contains("r = 12"), "{e}");
     // --components beyond the rank.
     let mut o = InitOptions::new(Strategy::Masa);
-    o.components = Some(13);
+    o.components = Some(masa::init::scale::Components::Rank(13));
     let mut req = request(&f, &student, "x", o);
     req.genes = Some(f.genes(12, &f.hash()));
     assert!(err(&req).contains("--components 13"));
