@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             let w = source.weights.tensor(&format!("model.layers.{l}.mlp.{proj}.weight"))?.flatten_all()?.to_vec1::<f32>()?;
             let s = stats.moment(l, site)?.mean();
             let m = OutputAlignment::new(&w, &s, Layout::new(d_out, d_in, r)?).closed_form(1e-6)?;
-            gs.push((gene_key(l, proj), m));
+            gs.push((gene_key(&format!("model.layers.{l}.mlp"), proj), m));
         }
     }
     let genes_path = out.join("genes.safetensors");
