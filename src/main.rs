@@ -286,8 +286,9 @@ enum StatsCommand {
     },
 }
 
+/// What a training run reads and where it writes: `masa train` and `masa tokens` share these.
 #[derive(clap::Args)]
-struct TrainArgs {
+struct DataArgs {
     /// Student model directory (HF format: config.json, model.safetensors, tokenizer.json).
     model: PathBuf,
     /// Corpus: the default corpus directory, .txt/.jsonl files or directories (repeatable).
@@ -296,7 +297,8 @@ struct TrainArgs {
     /// Training tokens (rounded up to whole optimizer steps).
     #[arg(long)]
     tokens: u64,
-    /// Output directory: metrics.jsonl, step-* checkpoints, `latest`.
+    /// Output directory (`train`: metrics.jsonl, step-* checkpoints, `latest`; `tokens`:
+    /// train.bin, valid.bin, manifest.json).
     #[arg(long)]
     out: PathBuf,
     #[arg(long, default_value_t = 8)]
@@ -307,6 +309,34 @@ struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validation sequences per domain.
+    #[arg(long, default_value_t = 16)]
+    eval_seqs: usize,
+}
+
+impl DataArgs {
+    fn options(self) -> masa::train::TrainOptions {
+        masa::train::TrainOptions {
+            corpus: self.corpus,
+            out: self.out,
+            tokens: self.tokens,
+            batch: self.batch,
+            seq_len: self.seq,
+            grad_accum: self.grad_accum,
+            seed: self.seed,
+            eval_seqs: self.eval_seqs,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
     /// Peak learning rate (paper: 4e-4).
     #[arg(long, default_value_t = 4e-4, allow_negative_numbers = true)]
     lr: f64,
@@ -321,15 +351,9 @@ struct TrainArgs {
     /// Max global gradient norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
-    /// Seed of the data order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Validate every K steps (and at the start and the end).
     #[arg(long, default_value_t = 100)]
     eval_every: usize,
-    /// Validation sequences per domain.
-    #[arg(long, default_value_t = 16)]
-    eval_seqs: usize,
     /// Checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 200)]
     ckpt_every: usize,
@@ -360,29 +384,8 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct TokensArgs {
-    /// Student model directory (its tokenizer is used).
-    model: PathBuf,
-    /// Corpus: the default corpus directory, .txt/.jsonl files or directories (repeatable).
-    #[arg(long, required = true)]
-    corpus: Vec<PathBuf>,
-    /// Training tokens (rounded up to whole optimizer steps), as for `masa train`.
-    #[arg(long)]
-    tokens: u64,
-    /// Output directory.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    #[arg(long, default_value_t = 128)]
-    seq: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Seed of the data order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Validation sequences per domain.
-    #[arg(long, default_value_t = 16)]
-    eval_seqs: usize,
+    #[command(flatten)]
+    data: DataArgs,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -568,20 +571,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => cmd_train(a),
         Command::Tokens(a) => {
-            let opts = masa::train::TrainOptions {
-                corpus: a.corpus,
-                out: a.out,
-                tokens: a.tokens,
-                batch: a.batch,
-                seq_len: a.seq,
-                grad_accum: a.grad_accum,
-                seed: a.seed,
-                eval_seqs: a.eval_seqs,
-                warmup: 0,
-                progress: !a.quiet,
-                ..Default::default()
-            };
-            let m = masa::train::export_tokens(&a.model, &opts)?;
+            let model = a.data.model.clone();
+            let opts = masa::train::TrainOptions { warmup: 0, progress: !a.quiet, ..a.data.options() };
+            let m = masa::train::export_tokens(&model, &opts)?;
             eprintln!("{} training sequences, {} validation domains -> {}", m["train"]["sequences"], m["valid"]["domains"].as_array().map_or(0, |d| d.len()), opts.out.display());
             Ok(())
         }
@@ -728,21 +720,14 @@ fn cmd_run(spec: &str, plan_only: bool, runs: Option<PathBuf>, device: Option<ma
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
+    let model = a.data.model.clone();
     let opts = masa::train::TrainOptions {
-        corpus: a.corpus,
-        out: a.out,
-        tokens: a.tokens,
-        batch: a.batch,
-        seq_len: a.seq,
-        grad_accum: a.grad_accum,
         lr: a.lr,
         min_lr_ratio: a.min_lr_ratio,
         warmup: a.warmup,
         weight_decay: a.weight_decay,
         clip: a.clip,
-        seed: a.seed,
         eval_every: a.eval_every,
-        eval_seqs: a.eval_seqs,
         ckpt_every: a.ckpt_every,
         resume: a.resume,
         progress: !a.quiet,
@@ -755,9 +740,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             top_k: a.top_k,
             cache_dir: a.teacher_cache,
         }),
-        ..Default::default()
+        ..a.data.options()
     };
-    let s = masa::train::train(&a.model, &opts).with_context(|| format!("training {}", a.model.display()))?;
+    let s = masa::train::train(&model, &opts).with_context(|| format!("training {}", model.display()))?;
     let val: Vec<String> = s.final_val.iter().map(|(d, l)| format!("{d} {l:.4}")).collect();
     eprintln!(
         "trained {} steps, {} tokens, final train loss {:.4}; validation: {}; checkpoint {}",
