@@ -375,15 +375,7 @@ pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json
     let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
     let (b, t) = (opts.batch, opts.seq_len);
     let wide = tok.vocab_size() > u16::MAX as usize + 1;
-    let put = |buf: &mut Vec<u8>, seq: &[u32]| {
-        for &x in seq {
-            if wide {
-                buf.extend_from_slice(&x.to_le_bytes());
-            } else {
-                buf.extend_from_slice(&(x as u16).to_le_bytes());
-            }
-        }
-    };
+    let put = |buf: &mut Vec<u8>, seq: &[u32]| corpus::push_tokens(buf, seq, wide);
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
     let steps = opts.tokens.div_ceil((b * t * opts.grad_accum) as u64);
     let sequences = steps * (opts.grad_accum * b) as u64;

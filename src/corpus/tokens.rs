@@ -52,6 +52,17 @@ pub struct TokenManifest {
     pub documents: Vec<(u64, u32)>,
 }
 
+/// Append `ids` to `buf` as little-endian uint32 (`wide`) or uint16: the token-file encoding.
+pub fn push_tokens(buf: &mut Vec<u8>, ids: &[u32], wide: bool) {
+    for &x in ids {
+        if wide {
+            buf.extend_from_slice(&x.to_le_bytes());
+        } else {
+            buf.extend_from_slice(&(x as u16).to_le_bytes());
+        }
+    }
+}
+
 /// One split of a corpus as one flat, memory-mapped token array (see the module docs).
 pub struct TokenSplit {
     pub manifest: TokenManifest,
@@ -171,13 +182,7 @@ impl TokenSplit {
                 documents.push((n, domains.binary_search(&d.domain).unwrap_or(0) as u32));
                 n += t.len() as u64;
                 buf.clear();
-                for &x in t {
-                    if wide {
-                        buf.extend_from_slice(&x.to_le_bytes());
-                    } else {
-                        buf.extend_from_slice(&(x as u16).to_le_bytes());
-                    }
-                }
+                push_tokens(&mut buf, t, wide);
                 sha.update(&buf);
                 w.write_all(&buf).at(&tmp)?;
             }
