@@ -234,6 +234,14 @@ pub fn next_batch(streams: &mut [crate::corpus::TokenStream<'_>], k: usize, opts
     Ok(crate::corpus::Batch { ids: seqs.concat(), batch: opts.batch, seq_len: opts.seq_len, dataset: vec![d; opts.batch] })
 }
 
+/// Every batch of the calibration stream of [`corpus_batches_with`], in order: what minibatch
+/// extraction replays.
+pub fn corpus_batches(source: &crate::source::SourceModel, corpus: &crate::corpus::Corpus, opts: &CalibrateOptions) -> Result<Vec<crate::corpus::Batch>> {
+    let encode = |t: &str| source.tokenizer.encode(t, false);
+    let (_, mut streams, n_batches) = corpus_batches_with(source, corpus, opts, &encode)?;
+    (0..n_batches).map(|k| next_batch(&mut streams, k, opts)).collect()
+}
+
 /// Calibrate `source` on the training split of `corpus` over [`corpus_batches_with`].
 pub fn calibrate_on_corpus(
     source: &crate::source::SourceModel,

@@ -563,6 +563,9 @@ impl ExtractOptions {
     }
 }
 
+/// Std of the paper's random gene init in minibatch mode.
+pub const MINIBATCH_INIT_STD: f64 = 0.02;
+
 /// Options of the paper's minibatch procedure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MinibatchOptions {

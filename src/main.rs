@@ -53,7 +53,7 @@ enum Command {
         precision: Option<masa::engine::Precision>,
     },
     /// Download and verify assets into $MASA_HOME (default ~/.cache/masa): a model name
-    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), `models` for all of them, or `corpus`
+    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), `models` for all of them, or `corpus`
     /// (the default multi-domain calibration/pre-training corpus, from Debian packages).
     Fetch {
         /// What to fetch.
@@ -818,10 +818,8 @@ fn cmd_extract(
             let full = masa::source::SourceModel::open(&path)?;
             let model = Transformer::load(&full.weights)?;
             let (corpus, _) = masa::corpus::resolve_corpus(&corpus)?;
-            let encode = |t: &str| full.tokenizer.encode(t, false);
-            let (_, mut streams, n_batches) = masa::calibrate::corpus_batches_with(&full, &corpus, &copts, &encode)?;
-            let batches = (0..n_batches).map(|k| masa::calibrate::next_batch(&mut streams, k, &copts)).collect::<masa::Result<Vec<_>>>()?;
-            let mb = masa::extract::MinibatchOptions { epochs, lr, init_std: 0.02, seed: copts.seed };
+            let batches = masa::calibrate::corpus_batches(&full, &corpus, &copts)?;
+            let mb = masa::extract::MinibatchOptions { epochs, lr, init_std: masa::extract::MINIBATCH_INIT_STD, seed: copts.seed };
             let (g, trace) = masa::extract::extract_minibatch(&model, &source, &hash, &stats, &opts, &mb, &batches, &mut |p| {
                 eprintln!("epoch {:3}  {:8.1} s  median relative L_out {:.4}", p.epoch, p.seconds, p.median_rel_l_out)
             })?;

@@ -102,6 +102,13 @@ fn invalid_specs_name_the_field() {
     let e = load_err(dir.path(), &format!("{ok}\n[ablations]\ncalibration_domains = [\"poetry\"]\n"));
     assert!(e.contains("`ablations.calibration_domains`") && e.contains("poetry"), "{e}");
 
+    let e = load_err(dir.path(), &ok.replace("max_iter = 10", "max_iter = 10\nmode = \"minibatch\"\nepochs = 0"));
+    assert!(e.contains("`extraction`") && e.contains("epochs ≥ 1"), "{e}");
+    let e = load_err(dir.path(), &ok.replace("max_iter = 10", "max_iter = 10\nmode = \"stochastic\""));
+    assert!(e.contains("stochastic") && e.contains("minibatch"), "{e}");
+    let e = load_err(dir.path(), &format!("layer_map = \"middle\"\n{ok}"));
+    assert!(e.contains("layer_map") && e.contains("middle") && e.contains("uniform, first"), "{e}");
+
     let e = Spec::load("no-such-spec").unwrap_err().to_string();
     assert!(e.contains("default") && e.contains("no-such-spec"), "{e}");
 
@@ -295,4 +302,53 @@ fn plan_lists_infeasible_combinations_and_run_refuses_them() {
     assert!(!plan_text.contains("student `tiny` ×"), "{plan_text}");
     let err = masa::run::run(&spec, &dir.path().join("runs"), &|_, _| Ok(())).unwrap_err().to_string();
     assert!(err.contains("`students` × `strategies`") && err.contains("paper-12l-1024") && err.contains("--plan"), "{err}");
+}
+
+/// `skip_infeasible = true` leaves out the pairs that cannot run (and says so) instead of
+/// refusing; `layer_map` applies to every strategy and decides which source layers get genes.
+#[test]
+fn plan_skips_infeasible_pairs_and_follows_the_layer_map() {
+    let source = masa::fetch::resolve_model("smollm2-135m").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = repo_corpus(dir.path());
+    let text = format!(
+        "skip_infeasible = true\nlayer_map = \"first\"\n{}",
+        spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), ", \"paper-12l-1024\"")
+    );
+    let spec = Spec::load(write(dir.path(), "skip.toml", &text).to_str().unwrap()).unwrap();
+    let model = masa::source::SourceModel::open(&source).unwrap();
+    let plan = masa::run::plan::Plan::of(&spec, &model).unwrap();
+    assert_eq!(plan.infeasible.len(), 1, "{:?}", plan.infeasible);
+    assert!(plan.infeasible[0].contains("`paper-12l-1024` × strategy `prune`"), "{:?}", plan.infeasible);
+    let pairs: Vec<(&str, &str)> = plan.jobs.iter().map(|j| (j.student.as_str(), j.strategy.as_str())).collect();
+    assert!(!pairs.contains(&("paper-12l-1024", "prune")) && pairs.contains(&("tiny", "prune")) && pairs.contains(&("paper-12l-1024", "masa")), "{pairs:?}");
+    // `first`: student layer t inherits source layer t, for every strategy.
+    assert_eq!(plan.layers, (0..12).collect::<Vec<_>>());
+    assert!(plan.jobs.iter().all(|j| j.init.layer_map() == masa::init::LayerMap::First));
+    let plan_text = masa::run::plan::render_plan(&spec).unwrap();
+    assert!(!plan_text.contains("cannot run") && plan_text.contains("left out (skip_infeasible = true; 1)"), "{plan_text}");
+}
+
+/// `extraction.mode = "minibatch"` runs the paper's procedure inside `masa run` (replaying the
+/// calibration stream) and caches it apart from exact-mode genes.
+#[test]
+fn spec_runs_minibatch_extraction() {
+    let source = masa::fetch::resolve_model("smollm2-135m").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = repo_corpus(dir.path());
+    let exact = spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), "").replace(r#"strategies = ["masa", "scratch", "prune"]"#, r#"strategies = ["masa"]"#).replace("seeds = [0, 1]", "seeds = [0]");
+    let minibatch = exact.replace("max_iter = 10", "max_iter = 10\nmode = \"minibatch\"\nepochs = 2\nlr = 1e-3");
+    let runs = dir.path().join("runs");
+    let mut genes = Vec::new();
+    for (name, text) in [("mb.toml", &minibatch), ("exact.toml", &exact)] {
+        let spec = Spec::load(write(dir.path(), name, text).to_str().unwrap()).unwrap();
+        let (r, _) = masa::run::run(&spec, &runs, &|_, _| Ok(())).unwrap();
+        assert_eq!(r.trainings.len(), 1);
+        let x = &r.extractions[0];
+        assert!(x.median_rel_l_out.is_finite() && x.matrices > 0, "{x:?}");
+        genes.push((x.cache_key.clone(), x.median_rel_l_out));
+    }
+    assert_ne!(genes[0].0, genes[1].0, "minibatch and exact genes must not share a cache entry");
+    // Two Adam epochs from a random init do not reach the closed form's optimum.
+    assert!(genes[0].1 > genes[1].1, "{genes:?}");
 }

@@ -73,12 +73,13 @@ pub fn calibrations_table(cals: &[CalibrationInfo]) -> Table {
 
 /// Gene extractions.
 pub fn extractions_table(exts: &[ExtractionInfo]) -> Table {
-    let mut t = Table::new(["Extraction", "Calibration", "ρ", "Rank r", "λ", "Layers", "Matrices", "Median rel. L_out", "L_spec/r start → end", "Seconds"]);
-    t.left = 2;
+    let mut t = Table::new(["Extraction", "Calibration", "Mode", "ρ", "Rank r", "λ", "Layers", "Matrices", "Median rel. L_out", "L_spec/r start → end", "Seconds"]);
+    t.left = 3;
     for e in exts {
         t.row([
             e.label.clone(),
             e.calibration.clone(),
+            e.mode.clone(),
             e.ratio.map_or(NONE.into(), |r| format!("{r}")),
             e.rank.to_string(),
             format!("{}", e.lambda),

@@ -11,12 +11,12 @@ use serde_json::json;
 
 use crate::error::IoContext;
 use crate::align::RankSpec;
-use crate::extract::{ExtractOptions, Genes};
+use crate::extract::{ExtractOptions, Genes, MinibatchOptions};
 use crate::init::{InitRequest, Strategy};
 use crate::source::model::Transformer;
 use crate::run::plan::{CalibrationJob, ExtractionJob, Plan, TrainingJob, ALL, SECONDS_PER_GENE, SOURCE_TOKENS_PER_S};
 use crate::run::results::*;
-use crate::run::spec::{Spec, TaskSpec};
+use crate::run::spec::{ExtractionMode, Spec, TaskSpec};
 use crate::run::store::{self, read_record, write_record, Stage};
 use crate::source::SourceModel;
 use crate::student::StudentConfig;
@@ -179,9 +179,12 @@ impl<'a> Ctx<'a> {
         self.save()
     }
 
-    /// Gene matrices for the mapped layers, exact mode (closed form, then L-BFGS on L_align).
-    pub(crate) fn extraction(&mut self, job: &ExtractionJob, layers: &[usize]) -> Result<()> {
+    /// Gene matrices for the mapped layers: exact mode (closed form, then L-BFGS on L_align) or
+    /// the paper's minibatch mode, as `extraction.mode` says.
+    pub(crate) fn extraction(&mut self, job: &ExtractionJob, plan: &Plan) -> Result<()> {
+        let layers = &plan.layers;
         let e = &self.spec.extraction;
+        let cal = plan.calibrations.iter().find(|c| c.label == job.calibration).ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
         let (stats_path, stats_key) = self.stats.get(&job.calibration).cloned().ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
         let opts = ExtractOptions {
             rank: RankSpec::Ratio(job.ratio),
@@ -192,7 +195,16 @@ impl<'a> Ctx<'a> {
             routed_with_shared: e.routed_with_shared,
             ..Default::default()
         };
-        let k = Stage::Extract.key(json!({"stats": stats_key}), &opts)?;
+        let c = &self.spec.calibration;
+        // Minibatch mode replays the calibration stream the statistics came from.
+        let minibatch = (e.mode == ExtractionMode::Minibatch).then(|| {
+            let copts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: cal.domains.clone(), rank: None };
+            (copts, MinibatchOptions { epochs: e.epochs, lr: e.lr, init_std: crate::extract::MINIBATCH_INIT_STD, seed: c.seed })
+        });
+        let k = match &minibatch {
+            None => Stage::Extract.key(json!({"stats": stats_key}), &opts)?,
+            Some((_, mb)) => Stage::Extract.key(json!({"stats": stats_key, "minibatch": mb}), &opts)?,
+        };
         let dir = Stage::Extract.dir(&self.store, &k);
         let path = dir.join("genes.safetensors");
         self.overall.set_message(format!("extracting genes {}", job.label));
@@ -203,10 +215,23 @@ impl<'a> Ctx<'a> {
                 self.computed += 1;
                 let stats = crate::stats::Stats::load(&stats_path)?;
                 let n = crate::extract::select_matrices(&self.source.weights, &stats, &opts)?.matrices.len();
-                let bar = crate::progress::count_bar(n as u64, "extracting", "matrices");
                 let t0 = Instant::now();
-                let genes = crate::extract::extract(&self.source.weights, &self.source_hash, &stats, &opts, &|_| bar.inc(1))?;
-                bar.finish_and_clear();
+                let genes = match &minibatch {
+                    None => {
+                        let bar = crate::progress::count_bar(n as u64, "extracting", "matrices");
+                        let genes = crate::extract::extract(&self.source.weights, &self.source_hash, &stats, &opts, &|_| bar.inc(1))?;
+                        bar.finish_and_clear();
+                        genes
+                    }
+                    Some((copts, mb)) => {
+                        let model = Transformer::load(&self.source.weights)?;
+                        let batches = crate::calibrate::corpus_batches(&self.source, &crate::corpus::load_corpus(&self.corpus)?, copts)?;
+                        let bar = crate::progress::count_bar(mb.epochs as u64, "aligning (minibatch)", "epochs");
+                        let (genes, _) = crate::extract::extract_minibatch(&model, &self.source.weights, &self.source_hash, &stats, &opts, mb, &batches, &mut |_| bar.inc(1))?;
+                        bar.finish_and_clear();
+                        genes
+                    }
+                };
                 genes.save(&path)?;
                 let ms = &genes.meta.matrices;
                 let (median_rel_l_out, mean_l_spec_per_r_start, mean_l_spec_per_r) = genes.meta.summary();
@@ -216,6 +241,7 @@ impl<'a> Ctx<'a> {
                     ratio: Some(job.ratio),
                     rank: ms.first().map(|m| m.r).unwrap_or(0),
                     lambda: job.lambda,
+                    mode: minibatch.as_ref().map_or("exact".into(), |(_, mb)| format!("minibatch, {} epochs, lr {}", mb.epochs, mb.lr)),
                     layers: layers.to_vec(),
                     matrices: ms.len(),
                     median_rel_l_out,

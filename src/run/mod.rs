@@ -48,7 +48,7 @@ pub fn run(spec: &Spec, root: &Path, report: &dyn Fn(&RunResults, &Path) -> Resu
     std::fs::create_dir_all(&out).at(&out)?;
     let mut ctx = Ctx::open(spec, root, &out)?;
     let plan = Plan::of(spec, &ctx.source)?;
-    if !plan.infeasible.is_empty() {
+    if !plan.infeasible.is_empty() && !spec.skip_infeasible {
         return Err(MasaError::Invalid(format!(
             "spec `{}`: fields `students` × `strategies`: {} combination(s) cannot run: {}. Remove those strategies or students \
              (`masa run {} --plan` lists them all)",
@@ -59,6 +59,7 @@ pub fn run(spec: &Spec, root: &Path, report: &dyn Fn(&RunResults, &Path) -> Resu
         )));
     }
     ctx.results.notes.extend(plan.warnings.iter().cloned());
+    ctx.results.notes.extend(plan.infeasible.iter().map(|x| format!("left out (skip_infeasible = true): {x}")));
     let overall = crate::progress::overall_bar(plan.cost(spec, &ctx.source), &format!("masa run {}", spec.name));
     ctx.overall = overall.clone();
 
@@ -66,7 +67,7 @@ pub fn run(spec: &Spec, root: &Path, report: &dyn Fn(&RunResults, &Path) -> Resu
         ctx.calibration(cal)?;
     }
     for ex in &plan.extractions {
-        ctx.extraction(ex, &plan.layers)?;
+        ctx.extraction(ex, &plan)?;
     }
     ctx.spectra(&plan)?;
     let teachers = plan.teacher_jobs();

@@ -32,11 +32,16 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
     for st in &spec.students {
         let _ = writeln!(s, "student {st}: {:.1}M parameters", student_parameters(st, vocab) / 1e6);
     }
-    let _ = writeln!(s, "pre-training runs: {} ({} strategies/variants × {} seeds × {} budgets × {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
-        e.training_runs, plan.jobs.len() / (spec.seeds.len() * spec.pretrain.budgets.len() * spec.students.len()).max(1), spec.seeds.len(), spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
+    let variants = plan.jobs.iter().map(|j| j.strategy.as_str()).collect::<BTreeSet<_>>().len();
+    let _ = writeln!(s, "pre-training runs: {} ({} strategies/variants, {} seeds, {} budgets, {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
+        e.training_runs, variants, spec.seeds.len(), spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
     let _ = writeln!(s, "teacher passes (distillation): {:.3e} tokens; fine-tune + eval runs: {}", e.teacher_tokens as f64, e.finetune_runs);
     if !plan.infeasible.is_empty() {
-        let _ = writeln!(s, "cannot run ({}; remove these strategies or students):", plan.infeasible.len());
+        if spec.skip_infeasible {
+            let _ = writeln!(s, "left out (skip_infeasible = true; {}):", plan.infeasible.len());
+        } else {
+            let _ = writeln!(s, "cannot run ({}; remove these strategies or students, or set skip_infeasible = true):", plan.infeasible.len());
+        }
         for x in &plan.infeasible {
             let _ = writeln!(s, "  - {x}");
         }
@@ -72,7 +77,8 @@ pub struct Plan {
     pub layers: Vec<usize>,
     pub jobs: Vec<TrainingJob>,
     /// Student × strategy pairs that cannot run, with the reason (selection or pruning of a
-    /// student larger than the source); `masa run` refuses to start while there are any.
+    /// student larger than the source); `masa run` refuses to start while there are any, unless
+    /// the spec says `skip_infeasible = true` (then their jobs are left out of `jobs`).
     pub infeasible: Vec<String>,
     /// Combinations that run but differ from the paper's setting (a distillation teacher
     /// smaller than the student), for the plan and the report.
@@ -157,17 +163,22 @@ impl Plan {
         let mut layers = BTreeSet::new();
         for st in &spec.students {
             let cfg = StudentConfig::from_spec(st)?;
-            layers.extend(crate::init::map_layers(cfg.num_hidden_layers, l_s, crate::init::LayerMap::Uniform)?);
+            let map = spec.layer_map.unwrap_or(crate::init::LayerMap::Uniform);
+            layers.extend(
+                crate::init::map_layers(cfg.num_hidden_layers, l_s, map).map_err(|e| MasaError::Invalid(format!("field `layer_map`, student `{st}`: {e}")))?,
+            );
         }
         let mut jobs = Vec::new();
         let mut infeasible = Vec::new();
         let mut warnings = Vec::new();
         let source_params: f64 = source.weights.entries().iter().map(|t| t.shape.iter().product::<usize>() as f64).sum();
+        let mut skip = BTreeSet::new();
         for st in &spec.students {
             let misfit = crate::init::inheritance_misfit(&StudentConfig::from_spec(st)?, &source.weights.config);
             for (v, _, _) in &variants {
                 if let (true, Some(why)) = (v.init.inherits_rest(), &misfit) {
                     infeasible.push(format!("student `{st}` × strategy `{}`: {why}", v.name));
+                    skip.insert((st.as_str(), v.name.as_str()));
                 }
             }
             let n = student_parameters(st, source.weights.config.vocab_size);
@@ -182,6 +193,9 @@ impl Plan {
         for st in &spec.students {
             for &budget in &spec.pretrain.budgets {
                 for (v, ratio, genes) in &variants {
+                    if spec.skip_infeasible && skip.contains(&(st.as_str(), v.name.as_str())) {
+                        continue;
+                    }
                     for &seed in &spec.seeds {
                         jobs.push(TrainingJob {
                             student: st.clone(),
@@ -192,7 +206,7 @@ impl Plan {
                             label: v.label.clone(),
                             ratio: *ratio,
                             genes: genes.clone(),
-                            init: InitOptions { seed, ..v.init.clone() },
+                            init: InitOptions { seed, layers: spec.layer_map.or(v.init.layers), ..v.init.clone() },
                             distill: v.distill,
                         });
                     }

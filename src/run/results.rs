@@ -92,6 +92,10 @@ pub struct ExtractionInfo {
     pub ratio: Option<f64>,
     pub rank: usize,
     pub lambda: f64,
+    /// `exact`, or `minibatch, E epochs, lr X` (`extraction.mode`); records older than the
+    /// field are exact.
+    #[serde(default = "exact_mode")]
+    pub mode: String,
     /// Source layers extracted (those the students' layer maps read).
     pub layers: Vec<usize>,
     pub matrices: usize,
@@ -102,6 +106,10 @@ pub struct ExtractionInfo {
     pub mean_l_spec_per_r: f64,
     pub seconds: f64,
     pub cache_key: String,
+}
+
+fn exact_mode() -> String {
+    "exact".into()
 }
 
 /// Singular values of W and M, as the extraction stage computes them ([`crate::extract::spectra`]).

@@ -47,6 +47,15 @@ pub struct Spec {
     pub finetune: FinetuneSpec,
     #[serde(default)]
     pub scaling: ScalingSpec,
+    /// Which source layer each student layer inherits from, for every strategy (`masa init
+    /// --layers`): `uniform` or `first`; default: each strategy's own (`first` for weight
+    /// selection, `uniform` for the rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_map: Option<crate::init::LayerMap>,
+    /// Leave out student × strategy pairs that cannot run (a weight-selection or pruning student
+    /// wider than the source) instead of refusing the spec; the plan and the report list them.
+    #[serde(default)]
+    pub skip_infeasible: bool,
     #[serde(default)]
     pub ablations: AblationSpec,
     /// Where pre-training and fine-tuning run: `cpu` (default), `cuda` or `cuda:N` (a build
@@ -94,10 +103,30 @@ pub struct ExtractionSpec {
     /// ones (paper: 0).
     #[serde(default)]
     pub routed_with_shared: usize,
+    /// `exact` (closed form + L-BFGS from the statistics, default) or `minibatch` (the paper's
+    /// procedure: Adam on the calibration stream's `(x, W x)` pairs from a random init; the same
+    /// objective and λ, [`crate::extract::MinibatchAligner`]).
+    #[serde(default)]
+    pub mode: ExtractionMode,
+    /// Minibatch mode: passes over the calibration tokens.
+    #[serde(default = "d10")]
+    pub epochs: usize,
+    /// Minibatch mode: Adam learning rate.
+    #[serde(default = "default_minibatch_lr")]
+    pub lr: f64,
     /// Source layers whose spectra the report plots (default: the first, middle and last of
     /// the layers the students map to; [`ExtractionSpec::spectra_layers_for`]).
     #[serde(default)]
     pub spectra_layers: Vec<usize>,
+}
+
+/// How genes are aligned (`masa extract --mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExtractionMode {
+    #[default]
+    Exact,
+    Minibatch,
 }
 
 impl ExtractionSpec {
@@ -246,6 +275,9 @@ fn one() -> usize {
 fn default_lambda() -> f64 {
     crate::extract::DEFAULT_LAMBDA
 }
+fn default_minibatch_lr() -> f64 {
+    1e-3
+}
 fn default_ft_lr() -> f64 {
     1e-4
 }
@@ -360,6 +392,12 @@ impl Spec {
         }
         if !(e.lambda >= 0.0 && e.lambda.is_finite()) {
             return bad("extraction.lambda", format!("{} must be a finite number ≥ 0", e.lambda));
+        }
+        if e.max_iter == 0 {
+            return bad("extraction.max_iter", "0: give at least 1 L-BFGS iteration".into());
+        }
+        if e.mode == ExtractionMode::Minibatch && (e.epochs == 0 || !(e.lr > 0.0 && e.lr.is_finite())) {
+            return bad("extraction", format!("mode = \"minibatch\" needs epochs ≥ 1 (got {}) and a positive, finite lr (got {})", e.epochs, e.lr));
         }
         if has_duplicates(&self.ablations.scaling) || self.ablations.scaling.contains(&self.scaling) {
             return bad("ablations.scaling", "a setting is listed twice, or repeats the main `[scaling]`".into());
