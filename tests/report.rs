@@ -48,6 +48,7 @@ fn run(strategy: &str, label: &str, group: &str, seed: u64, values: &[f64], piqa
         downstream,
         done: vec!["init".into(), "train".into()],
         checkpoint: format!("runs/fixture/train/{strategy}-s{seed}/latest"),
+        engine: if strategy.ends_with("@torchrun") { "torchrun" } else { "masa" }.into(),
     }
 }
 
@@ -104,6 +105,7 @@ fn fixture() -> RunResults {
             ratio: Some(0.12),
             rank: 325,
             lambda: 0.01,
+            mode: "exact".into(),
             layers: vec![0, 15, 29],
             matrices: 9,
             median_rel_l_out: 0.0812,
@@ -388,4 +390,23 @@ fn ratio_sweep_and_calibration_domain_sections_render_when_present() {
     assert!(md.contains("Calibration domains: MASA (code only) final validation loss 6.400 vs MASA 6.200 ± 0.141"), "{md}");
     let names = figure_names(&files);
     assert!(names.contains(&"curves-ratio-tiny-1k".to_string()) && names.contains(&"curves-calibration-domains-tiny-1k".to_string()), "{names:?}");
+}
+
+/// Runs of a second engine get their own section, next to the main runs of the same strategies,
+/// and stay out of the main comparison.
+#[test]
+fn engine_section_sets_other_engines_beside_the_main_runs() {
+    let mut r = fixture();
+    for seed in [0, 1] {
+        r.trainings.push(run("masa@torchrun", "MASA (torchrun)", "engine", seed, &[10.8, 7.1, 6.45, 6.25, 6.2], None, None));
+    }
+    let (_dir, files, md, _) = render(&r);
+    let at = md.find("## Training engines").expect("engine section");
+    let section = &md[at..];
+    assert!(section.contains("| MASA (torchrun) | 6.200 ± 0.000 | +0.000 |"), "{section}");
+    assert!(section.contains("| MASA | **6.200 ± 0.141** | (reference) |"), "{section}");
+    assert!(!section[..section.find("\n## ").unwrap_or(section.len())].contains("Weight selection"), "{section}");
+    // The main comparison does not list the torchrun copy.
+    assert!(!md[..at].contains("MASA (torchrun)"), "{md}");
+    assert!(figure_names(&files).contains(&"curves-engines-tiny-1k".to_string()), "{:?}", figure_names(&files));
 }

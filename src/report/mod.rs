@@ -23,7 +23,7 @@ use document::{Block, Table};
 use plots::{Bar, BarsPlot, CurveSeries, CurvesPlot, Figure, Plot, SpectraPlot, SpectrumPanel};
 
 use crate::run::results::{RunResults, TrainingRun};
-use crate::run::strategies::Group;
+use crate::run::strategies::{self, Group};
 use crate::{MasaError, Result};
 
 /// The files a report consists of.
@@ -107,6 +107,7 @@ pub fn build(r: &RunResults) -> Result<Report> {
     ratio_section(&mut doc, &all, r)?;
     scaling_section(&mut doc, &all)?;
     calibration_section(&mut doc, &all)?;
+    engine_section(&mut doc, &all)?;
     spectra_section(&mut doc, r)?;
     findings_section(&mut doc, &all, r);
     reproduce_section(&mut doc, r);
@@ -368,6 +369,34 @@ fn scaling_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
          comparison.",
     );
     variant_tables(doc, all, &sc, "Adaptive scaling", false)
+}
+
+/// Runs repeated on another training engine, each next to the same strategy on the main
+/// comparison's engine.
+fn engine_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
+    let other = group(all, Group::Engine);
+    if other.is_empty() {
+        return Ok(());
+    }
+    doc.h(2, "Training engines");
+    doc.p(
+        "The same initialisations, data order and schedule pre-trained by another engine (`strategy@engine`; docs/torch.md), \
+         next to the main comparison's runs of the same strategies. Differences beyond the seed spread mean the engines do not \
+         train alike.",
+    );
+    let main = group(all, Group::Main);
+    for s in settings(&other) {
+        doc.h(3, setting_title(&s));
+        let copies = in_setting(&other, &s);
+        let mut rows: Vec<&Cohort> =
+            in_setting(&main, &s).into_iter().filter(|c| copies.iter().any(|o| strategies::split_engine(&o.strategy).0 == c.strategy)).collect();
+        rows.extend(copies);
+        let masa = rows.iter().copied().find(|c| c.strategy == "masa");
+        doc.table(tables::ablation_table(&rows, masa, &tasks_of(&rows)));
+        let caption = format!("Training engines: mean validation loss vs pre-training tokens, {}. {BAND_CAPTION}", setting_title(&s));
+        curves_figure(doc, &format!("curves-engines-{}", setting_slug(&s)), &format!("Training engines, {}", setting_title(&s)), &caption, &rows)?;
+    }
+    Ok(())
 }
 
 fn calibration_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {

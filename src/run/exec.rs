@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use crate::error::IoContext;
 use crate::align::RankSpec;
@@ -16,7 +17,7 @@ use crate::init::{InitRequest, Strategy};
 use crate::source::model::Transformer;
 use crate::run::plan::{CalibrationJob, ExtractionJob, Plan, TrainingJob, ALL, SECONDS_PER_GENE, SOURCE_TOKENS_PER_S};
 use crate::run::results::*;
-use crate::run::spec::{ExtractionMode, Spec, TaskSpec};
+use crate::run::spec::{Engine, ExtractionMode, Spec, TaskSpec};
 use crate::run::store::{self, read_record, write_record, Stage};
 use crate::source::SourceModel;
 use crate::student::StudentConfig;
@@ -307,6 +308,7 @@ impl<'a> Ctx<'a> {
             downstream: BTreeMap::new(),
             done: vec!["init".into(), "train".into()],
             checkpoint: rec.checkpoint.display().to_string(),
+            engine: j.engine.name().into(),
         };
         for task in &self.spec.finetune.tasks {
             let score = self.downstream(&rec.checkpoint, &train_key, task, j.seed, &what)?;
@@ -346,7 +348,7 @@ impl<'a> Ctx<'a> {
         Ok((k, model, params))
     }
 
-    /// Pre-training (with distillation for `distill` jobs); returns the stage key, its
+    /// Pre-training (with distillation for `distill` jobs) on the job's engine; returns the stage key, its
     /// directory and its record.
     fn pretrain(&mut self, j: &TrainingJob, init_key: &str, init_model: &Path, what: &str) -> Result<(String, PathBuf, TrainRecord)> {
         let spec = self.spec;
@@ -376,7 +378,16 @@ impl<'a> Ctx<'a> {
             precision: spec.precision,
             ..Default::default()
         };
-        let k = Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key}), &opts)?;
+        let k = match j.engine {
+            Engine::Masa => Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key}), &opts)?,
+            // The launch words do not change the result; the process layout and the script do.
+            Engine::Torchrun => {
+                let t = &p.torchrun;
+                let script: String = Sha256::digest(crate::run::torchrun::TRAINER.as_bytes()).iter().map(|x| format!("{x:02x}")).collect();
+                let engine = json!({"name": "torchrun", "nnodes": t.nnodes, "nproc_per_node": t.nproc_per_node, "fsdp": t.fsdp, "trainer_sha256": script});
+                Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key, "engine": engine}), &opts)?
+            }
+        };
         let dir = Stage::Train.dir(&self.store, &k);
         let rec = match read_record::<TrainRecord>(&dir) {
             // The checkpoint as a path inside this store, wherever the store is now.
@@ -384,12 +395,17 @@ impl<'a> Ctx<'a> {
             None => {
                 self.computed += 1;
                 self.overall.set_message(format!("pre-train {what}"));
-                opts.out = dir.clone();
-                opts.resume = crate::train::resolve_checkpoint(&dir).ok().map(|_| dir.clone());
                 let t0 = Instant::now();
-                let s = crate::train::train(init_model, &opts)?;
+                let checkpoint = match j.engine {
+                    Engine::Masa => {
+                        opts.out = dir.clone();
+                        opts.resume = crate::train::resolve_checkpoint(&dir).ok().map(|_| dir.clone());
+                        crate::train::train(init_model, &opts)?.checkpoint
+                    }
+                    Engine::Torchrun => crate::run::torchrun::pretrain(&p.torchrun, init_model, &opts, &dir)?,
+                };
                 let secs = t0.elapsed().as_secs_f64();
-                let r = TrainRecord { checkpoint: s.checkpoint, seconds: secs, tokens_per_s: curve_rate(&dir.join("metrics.jsonl")) };
+                let r = TrainRecord { checkpoint, seconds: secs, tokens_per_s: curve_rate(&dir.join("metrics.jsonl")) };
                 write_record(&dir, &r)?;
                 r
             }

@@ -19,6 +19,7 @@
 
 mod exec;
 pub mod plan;
+pub mod torchrun;
 pub mod results;
 pub mod spec;
 mod store;

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::init::{InitOptions, Strategy};
-use crate::run::spec::{Spec, TaskSpec};
+use crate::run::spec::{Engine, Spec, TaskSpec};
 use crate::run::strategies::{self, Group, Variant};
 use crate::source::SourceModel;
 use crate::student::StudentConfig;
@@ -113,6 +113,7 @@ pub struct TrainingJob {
     pub genes: Option<String>,
     pub init: InitOptions,
     pub distill: bool,
+    pub engine: Engine,
 }
 
 pub(crate) const ALL: &str = "all-domains";
@@ -190,25 +191,39 @@ impl Plan {
                 ));
             }
         }
+        let engines = spec.pretrain.engine.list();
+        if engines.len() > 1 && variants.iter().any(|(v, _, _)| v.distill) && engines[1..].contains(&Engine::Torchrun) {
+            warnings.push("distillation runs are trained by masa only: the torchrun trainer does not distil".into());
+        }
         for st in &spec.students {
             for &budget in &spec.pretrain.budgets {
-                for (v, ratio, genes) in &variants {
-                    if spec.skip_infeasible && skip.contains(&(st.as_str(), v.name.as_str())) {
-                        continue;
-                    }
-                    for &seed in &spec.seeds {
-                        jobs.push(TrainingJob {
-                            student: st.clone(),
-                            budget,
-                            seed,
-                            strategy: v.name.clone(),
-                            group: v.group,
-                            label: v.label.clone(),
-                            ratio: *ratio,
-                            genes: genes.clone(),
-                            init: InitOptions { seed, layers: spec.layer_map.or(v.init.layers), ..v.init.clone() },
-                            distill: v.distill,
-                        });
+                for (i, &engine) in engines.iter().enumerate() {
+                    for (v, ratio, genes) in &variants {
+                        if spec.skip_infeasible && skip.contains(&(st.as_str(), v.name.as_str())) {
+                            continue;
+                        }
+                        if v.distill && engine == Engine::Torchrun {
+                            continue; // the torchrun trainer does not distil (spec validation)
+                        }
+                        // The first engine's runs are the comparisons; the others' are copies
+                        // of them, named `strategy@engine`, in their own report section.
+                        let (strategy, group) = if i == 0 { (v.name.clone(), v.group) } else { (strategies::on_engine(&v.name, engine), Group::Engine) };
+                        let label = if engine == Engine::Masa { v.label.clone() } else { format!("{} ({})", v.label, engine.name()) };
+                        for &seed in &spec.seeds {
+                            jobs.push(TrainingJob {
+                                student: st.clone(),
+                                budget,
+                                seed,
+                                strategy: strategy.clone(),
+                                group,
+                                label: label.clone(),
+                                ratio: *ratio,
+                                genes: genes.clone(),
+                                init: InitOptions { seed, layers: spec.layer_map.or(v.init.layers), ..v.init.clone() },
+                                distill: v.distill,
+                                engine,
+                            });
+                        }
                     }
                 }
             }

@@ -108,6 +108,10 @@ pub struct ExtractionInfo {
     pub cache_key: String,
 }
 
+fn masa_engine() -> String {
+    "masa".into()
+}
+
 fn exact_mode() -> String {
     "exact".into()
 }
@@ -142,6 +146,9 @@ pub struct TrainingRun {
     /// Finished stages of this run: `init`, `train`, `finetune:<task>`, `eval:<task>`.
     pub done: Vec<String>,
     pub checkpoint: String,
+    /// The trainer that pre-trained it: `masa` or `torchrun` (`pretrain.engine`).
+    #[serde(default = "masa_engine")]
+    pub engine: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

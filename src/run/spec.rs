@@ -162,6 +162,93 @@ pub struct PretrainSpec {
     pub eval_every: usize,
     #[serde(default = "d8")]
     pub eval_seqs: usize,
+    /// Which trainer pre-trains: `"masa"` (default), `"torchrun"`, or a list; with several,
+    /// every run is repeated on each and the first is the main comparison's (the report shows
+    /// the others next to it).
+    #[serde(default)]
+    pub engine: Engines,
+    /// How `engine = "torchrun"` launches `python/masa_torch/pretrain.py` (docs/torch.md).
+    #[serde(default)]
+    pub torchrun: TorchrunSpec,
+}
+
+/// A trainer of the pre-training stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// masa's own engine (`masa train`).
+    Masa,
+    /// `python/masa_torch/pretrain.py` under `torchrun` (DDP, or FSDP2), on the token files of
+    /// `masa tokens`.
+    Torchrun,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Masa => "masa",
+            Engine::Torchrun => "torchrun",
+        }
+    }
+}
+
+/// `engine = "torchrun"` or `engine = ["masa", "torchrun"]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Engines {
+    One(Engine),
+    Many(Vec<Engine>),
+}
+
+impl Default for Engines {
+    fn default() -> Self {
+        Engines::One(Engine::Masa)
+    }
+}
+
+impl Engines {
+    /// In order; the first is the main comparison's.
+    pub fn list(&self) -> Vec<Engine> {
+        match self {
+            Engines::One(e) => vec![*e],
+            Engines::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The torchrun launch: `LAUNCHER... COMMAND --nnodes N --nproc_per_node P pretrain.py ...`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorchrunSpec {
+    /// The `torchrun` executable (e.g. `.venv-bench/bin/torchrun` from `scripts/setup_torch.sh`).
+    #[serde(default = "default_torchrun")]
+    pub command: String,
+    #[serde(default = "one")]
+    pub nproc_per_node: usize,
+    #[serde(default = "one")]
+    pub nnodes: usize,
+    /// Words before the command, e.g. `["srun", "--nodes=4", "--ntasks-per-node=1"]`.
+    #[serde(default)]
+    pub launcher: Vec<String>,
+    /// Shard with FSDP2 instead of DDP.
+    #[serde(default)]
+    pub fsdp: bool,
+    /// Torch CPU threads per process (0: torch's default).
+    #[serde(default)]
+    pub threads: usize,
+    /// More arguments for torchrun itself (before the script), e.g. rendezvous options.
+    #[serde(default)]
+    pub torchrun_args: Vec<String>,
+}
+
+impl Default for TorchrunSpec {
+    fn default() -> Self {
+        TorchrunSpec { command: default_torchrun(), nproc_per_node: 1, nnodes: 1, launcher: vec![], fsdp: false, threads: 0, torchrun_args: vec![] }
+    }
+}
+
+fn default_torchrun() -> String {
+    "torchrun".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -426,6 +513,23 @@ impl Spec {
         let step = (p.batch * p.seq_len * p.grad_accum) as u64;
         if let Some(b) = p.budgets.iter().find(|&&b| b < step) {
             return bad("pretrain.budgets", format!("{b} tokens is less than one optimizer step (batch × seq_len × grad_accum = {step})"));
+        }
+        let engines = p.engine.list();
+        if engines.is_empty() || has_duplicates(&engines) {
+            return bad("pretrain.engine", "name one engine (\"masa\" or \"torchrun\") or a list of distinct ones".into());
+        }
+        if engines.contains(&Engine::Torchrun) {
+            let t = &p.torchrun;
+            if t.command.is_empty() || t.nproc_per_node == 0 || t.nnodes == 0 {
+                return bad("pretrain.torchrun", "command must be set and nproc_per_node, nnodes ≥ 1".into());
+            }
+            let distilling: Vec<&String> = self.strategies.iter().filter(|s| crate::run::strategies::find(s).is_some_and(|d| d.distill)).collect();
+            if engines == [Engine::Torchrun] && !distilling.is_empty() {
+                return bad(
+                    "pretrain.engine",
+                    format!("the torchrun trainer does not distil; strategies {distilling:?} need engine \"masa\" (e.g. engine = [\"masa\", \"torchrun\"])"),
+                );
+            }
         }
         if self.strategies.iter().any(|s| s == "distill") {
             let d = &self.distill;

@@ -10,6 +10,7 @@
 
 use crate::init::scale::Components;
 use crate::init::{GeneScale, InitOptions, Rest, Strategy};
+use crate::run::spec::Engine;
 use crate::run::spec::ScalingSpec;
 
 /// Where a run's results appear in the report.
@@ -25,6 +26,8 @@ pub enum Group {
     Calibration,
     /// MASA at other adaptive-scaling settings (`ablations.scaling`).
     Scaling,
+    /// Runs repeated on a second training engine (`pretrain.engine = ["masa", "torchrun"]`).
+    Engine,
 }
 
 impl Group {
@@ -36,6 +39,7 @@ impl Group {
             Group::Ratio => "ratio",
             Group::Calibration => "calibration",
             Group::Scaling => "scaling",
+            Group::Engine => "engine",
         }
     }
 }
@@ -104,7 +108,21 @@ pub fn find(name: &str) -> Option<&'static StrategyDef> {
 /// Position in the report's order; strategies not in the table (the sweeps' variants) after
 /// every listed one.
 pub fn report_rank(name: &str) -> usize {
-    STRATEGIES.iter().position(|s| s.name == name).unwrap_or(STRATEGIES.len())
+    let (base, _) = split_engine(name);
+    STRATEGIES.iter().position(|s| s.name == base).unwrap_or(STRATEGIES.len())
+}
+
+/// A job's strategy name on a second engine: `masa@torchrun`.
+pub fn on_engine(name: &str, engine: Engine) -> String {
+    format!("{name}@{}", engine.name())
+}
+
+/// `masa@torchrun` → (`masa`, Some(`torchrun`)); `masa` → (`masa`, None).
+pub fn split_engine(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((base, engine)) => (base, Some(engine)),
+        None => (name, None),
+    }
 }
 
 /// The names in table order, for messages.
