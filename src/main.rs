@@ -258,7 +258,7 @@ struct InitArgs {
     /// Layer mapping: uniform or first (default: first for weight-selection, else uniform).
     #[arg(long)]
     layers: Option<masa::init::LayerMap>,
-    /// r': singular components kept by adaptive scaling: all (default), a count, or
+    /// r': singular components kept by adaptive scaling: 64 (default), all, a count, or
     /// energy:F (per gene, the fewest components holding the fraction F of Σσ²).
     #[arg(long)]
     components: Option<masa::init::scale::Components>,

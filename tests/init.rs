@@ -287,6 +287,55 @@ fn masa_with_full_rank_square_target_is_the_gene_itself() {
     }
 }
 
+/// At the default r' (64, below the genes' rank 80) Eq. 6's row scores differ, and each student
+/// FFN matrix is `U_p Σ_{r'} V_qᵀ` of its gene, computed here from the SVD directly: the p rows of
+/// U_{r'} (and q rows of V_{r'}) with the largest norms, in their original order.
+#[test]
+fn default_adaptive_scaling_writes_the_principal_component_reconstruction() {
+    let f = Fixture::new();
+    let r = 80;
+    let genes = f.genes(r, &f.hash());
+    let g = Genes::load(&genes).unwrap();
+    let mut opts = InitOptions::new(Strategy::Masa);
+    opts.gene_scale = GeneScale::None;
+    let mut req = request(&f, &small_student(&f), "masa-default", opts);
+    req.genes = Some(genes);
+    run(&req).unwrap();
+    let t = tensors(&req.out);
+    let rp = 64;
+    for (lt, ls) in [(0, 0), (1, 2)] {
+        for (p, (rows_n, cols_n)) in [("gate_proj", (20, 16)), ("up_proj", (20, 16)), ("down_proj", (16, 20))] {
+            let m = gene(&g, ls, p);
+            let svd = m.thin_svd().unwrap();
+            let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
+            let norm = |x: faer::MatRef<f64>, i: usize| (0..rp).map(|k| x[(i, k)] * x[(i, k)]).sum::<f64>().sqrt();
+            let top = |x: faer::MatRef<f64>, n: usize| {
+                let scores: Vec<f64> = (0..r).map(|i| norm(x, i)).collect();
+                let (lo, hi) = scores.iter().fold((f64::MAX, 0f64), |(a, b), &s| (a.min(s), b.max(s)));
+                assert!(hi - lo > 0.1, "{p}: row scores {lo}..{hi} do not tell rows apart");
+                let mut idx: Vec<usize> = (0..r).collect();
+                idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+                let mut keep = idx[..n].to_vec();
+                keep.sort();
+                keep
+            };
+            let (rows, cols) = (top(u, rows_n), top(v, cols_n));
+            let w = &t[&format!("model.layers.{lt}.mlp.{p}.weight")].1;
+            let mut max_err = 0f64;
+            for (i, &a) in rows.iter().enumerate() {
+                for (j, &b) in cols.iter().enumerate() {
+                    let want: f64 = (0..rp).map(|k| u[(a, k)] * sv[k] * v[(b, k)]).sum();
+                    max_err = max_err.max((w[i * cols_n + j] as f64 - want).abs() / want.abs().max(1.0));
+                }
+            }
+            assert!(max_err < 1e-4, "layer {lt} {p}: max error {max_err}");
+            // Not a submatrix of the gene (what r' = r gives).
+            let sub_err = rows.iter().enumerate().flat_map(|(i, &a)| cols.iter().enumerate().map(move |(j, &b)| (i, j, a, b))).map(|(i, j, a, b)| (w[i * cols_n + j] as f64 - m[(a, b)]).abs()).fold(0f64, f64::max);
+            assert!(sub_err > 1e-2, "layer {lt} {p} equals M[rows, cols]");
+        }
+    }
+}
+
 #[test]
 fn naive_truncates_and_pads_with_scratch() {
     let f = Fixture::new();

@@ -92,8 +92,10 @@ cli_enum!(
     Expand { Cyclic = "cyclic", None = "none" }
 );
 
-/// `r'` when `--components` is not given: all r components (design.md "Adaptive scaling").
-pub const DEFAULT_COMPONENTS: scale::Components = scale::Components::All;
+/// `r'` when `--components` is not given: 64 components (at most the gene's rank), the best of
+/// the measured settings (docs/scaling.md; r' = r, the former default, makes Eq. 6's scores
+/// all equal).
+pub const DEFAULT_COMPONENTS: scale::Components = scale::Components::Rank(64);
 
 /// Everything that changes the output besides the input files; recorded in `masa.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -124,6 +126,16 @@ impl InitOptions {
             rest: Rest::Scratch,
             expand: Expand::Cyclic,
         }
+    }
+
+    /// These options with the defaults that decide the output filled in (r' for `masa`), so a
+    /// cache key made from them changes when a default does.
+    pub fn resolved(&self) -> InitOptions {
+        let components = match self.strategy {
+            Strategy::Masa => Some(self.components.unwrap_or(DEFAULT_COMPONENTS)),
+            _ => self.components,
+        };
+        InitOptions { components, ..self.clone() }
     }
 
     pub fn layer_map(&self) -> LayerMap {
@@ -297,7 +309,7 @@ fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOption
             // its block: all of it for `masa`, the gene's top-left corner for `naive`.
             let mut components = [None; 3];
             let pieces: Vec<(usize, usize, Vec<f64>)> = if opts.strategy == Strategy::Masa {
-                let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components.unwrap_or(DEFAULT_COMPONENTS))).collect::<Result<_>>()?;
+                let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components.unwrap_or(DEFAULT_COMPONENTS.capped(m.nrows())))).collect::<Result<_>>()?;
                 components = [0, 1, 2].map(|k| Some(svds[k].sigma.len()));
                 // --coupled: one selection of the block's neurons, the rows of gate and up and
                 // the columns of down; otherwise each gene selects by its own scores.

@@ -33,6 +33,15 @@ pub enum Components {
 }
 
 impl Components {
+    /// A count capped at the gene's rank `r` (how the default applies to small genes; an
+    /// explicit count beyond the rank stays an error).
+    pub fn capped(self, r: usize) -> Components {
+        match self {
+            Components::Rank(k) => Components::Rank(k.min(r)),
+            c => c,
+        }
+    }
+
     /// `r'` for a gene with singular values `sigma` (descending).
     pub fn count(self, sigma: &[f64]) -> Result<usize> {
         let r = sigma.len();

@@ -327,7 +327,7 @@ impl<'a> Ctx<'a> {
         let stats = (j.init.strategy == Strategy::Prune).then(|| self.stats[ALL].clone());
         let k = Stage::Init.key(
             json!({"source": self.source_hash, "student": student, "genes": genes.as_ref().map(|g| &g.1), "stats": stats.as_ref().map(|s| &s.1)}),
-            &j.init,
+            &j.init.resolved(),
         )?;
         let dir = Stage::Init.dir(&self.store, &k);
         let model = dir.join("model");
