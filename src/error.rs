@@ -61,6 +61,18 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
 }
 
+/// Refuse a path that exists but is not a regular file before reading it: opening a FIFO
+/// without a writer blocks for ever and a character device reads without end, so a model,
+/// statistics or gene path naming one is an error, not a hang.
+pub fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(MasaError::bad_file(path, "not a regular file (a directory, FIFO, socket or device): give the path of the file itself"))
+    }
+}
+
 thread_local! {
     /// Set while this thread runs a third-party parser under [`parser_guard`].
     static IN_PARSER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -410,6 +410,7 @@ impl Genes {
 /// The raw content of a gene file: its `masa` metadata JSON and the genes (square, F32,
 /// finite, row-major), each checked with the file named in errors.
 pub fn read_gene_file(path: &Path) -> Result<(String, BTreeMap<String, (usize, Vec<f32>)>)> {
+    crate::error::regular_file(path)?;
     let bytes = std::fs::read(path).at(path)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;

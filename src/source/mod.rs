@@ -45,6 +45,7 @@ impl SourceWeights {
         if path.is_dir() {
             Self::open_hf(path)
         } else if path.exists() {
+            crate::error::regular_file(path)?;
             Self::open_gguf(path)
         } else {
             Err(MasaError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
