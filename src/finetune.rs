@@ -148,10 +148,11 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
                 Ok(s) => (s.loss, s.grad_norm),
                 Err(d) => {
                     return Err(MasaError::Invalid(format!(
-                        "fine-tuning diverged at step {} (loss {}, grad norm {}); lower --lr",
+                        "fine-tuning diverged at step {} (loss {}, grad norm {}: {}); lower --lr",
                         step + 1,
                         d.loss,
-                        d.grad_norm
+                        d.grad_norm,
+                        d.why()
                     )))
                 }
             };

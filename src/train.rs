@@ -24,7 +24,7 @@ use crate::corpus::{self, ChunkSampler, SamplerState, Split, TokenSplit};
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::write_atomic;
 use crate::distill::DistillOptions;
-use crate::engine::{self, AdamConfig, Device, Engine, MicroBatch, Precision};
+use crate::engine::{self, AdamConfig, Device, Diverged, Engine, MicroBatch, Precision};
 use crate::student::kernels::Teacher;
 use crate::student::optim;
 use crate::source::SourceModel;
@@ -244,6 +244,10 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     let bar = if opts.progress { crate::progress::count_bar(total_steps as u64 * tokens_per_step, "train", "tok") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(tokens_done);
     let mut last_ckpt = opts.resume.as_ref().map(|r| resolve_checkpoint(r)).transpose()?;
+    // The loss of the last checkpoint's parameters: the training loss of the first step after it
+    // (pending until that step ran).
+    let mut last_ckpt_loss: Option<f64> = None;
+    let mut ckpt_loss_pending = last_ckpt.is_some();
     let mut final_loss = f64::NAN;
     let mut final_val = BTreeMap::new();
 
@@ -285,10 +289,16 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             Ok(s) => s,
             Err(d) => {
                 bar.abandon();
-                return Err(nan_error(step + 1, d.loss, d.grad_norm, last_ckpt.as_deref()));
+                // A checkpoint saved just before this step is what this step's loss measured.
+                let ckpt_loss = if ckpt_loss_pending { Some(d.loss) } else { last_ckpt_loss };
+                return Err(nan_error(step + 1, &d, last_ckpt.as_deref().map(|p| (p, ckpt_loss)), cfg.vocab_size));
             }
         };
         let (loss, gnorm) = (stats.loss, stats.grad_norm);
+        if ckpt_loss_pending {
+            last_ckpt_loss = Some(loss);
+            ckpt_loss_pending = false;
+        }
         step += 1;
         tokens_done += tokens_per_step;
         let tps = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
@@ -331,6 +341,8 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
                 corpus: opts.corpus.clone(),
             };
             last_ckpt = Some(write_checkpoint(&opts.out, &cfg, &eng.params()?, &m, &v, &state, &tok, model_dir, opts)?);
+            last_ckpt_loss = None;
+            ckpt_loss_pending = true;
         }
     }
     bar.finish_and_clear();
@@ -434,11 +446,27 @@ fn mean(v: &BTreeMap<String, f64>) -> Option<f64> {
     }
 }
 
-fn nan_error(step: usize, loss: f64, gnorm: f64, last: Option<&Path>) -> MasaError {
+/// The error of a diverged run, naming the last checkpoint as a place to resume from only when
+/// it is good: a checkpoint whose loss (that of the first step run on it) is not finite or no
+/// better than uniform guessing over the vocabulary (ln V) had already gone bad, and resuming it
+/// would train a dead model.
+fn nan_error(step: usize, d: &Diverged, last: Option<(&Path, Option<f64>)>, vocab: usize) -> MasaError {
+    let uniform = (vocab as f64).ln();
+    let advice = match last {
+        None => "No checkpoint was written yet: lower --lr or raise --warmup and start again.".to_string(),
+        // Within f32 rounding of ln V counts as uniform: a collapsed model's loss is ln V exactly.
+        Some((p, Some(l))) if !(l < uniform * (1.0 - 1e-5)) => format!(
+            "The last checkpoint, {} (loss {l:.4}, not below ln({vocab}) = {uniform:.4}: no better than uniform guessing), had already gone bad: \
+             lower --lr or raise --warmup and start again rather than resume from it.",
+            p.display()
+        ),
+        Some((p, _)) => format!("Last good checkpoint: {}. Lower --lr or raise --warmup and resume from it.", p.display()),
+    };
     MasaError::Invalid(format!(
-        "training diverged at step {step}: loss {loss}, gradient norm {gnorm} (NaN or Inf); stopped without saving. \
-         Last good checkpoint: {}. Lower --lr or raise --warmup and resume from it.",
-        last.map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+        "training diverged at step {step}: loss {}, gradient norm {} ({}); stopped without saving. {advice}",
+        d.loss,
+        d.grad_norm,
+        d.why()
     ))
 }
 
@@ -523,17 +551,28 @@ fn write_checkpoint(
         "tokens": state.tokens,
         "options": opts,
     });
-    save_student(&tmp, cfg, params, tok, &provenance)?;
-    let st = tmp.join("optimizer.safetensors");
-    let m = Tensor::from_slice(exp_avg, exp_avg.len(), &CpuDevice::Cpu)?;
-    let v = Tensor::from_slice(exp_avg_sq, exp_avg_sq.len(), &CpuDevice::Cpu)?;
-    let map: std::collections::HashMap<&str, Tensor> = [("exp_avg", m), ("exp_avg_sq", v)].into_iter().collect();
-    candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
-    let sj = serde_json::to_vec_pretty(state).map_err(|e| MasaError::Invalid(e.to_string()))?;
-    std::fs::write(tmp.join("trainer_state.json"), sj).at(tmp.join("trainer_state.json"))?;
+    let written = (|| {
+        save_student(&tmp, cfg, params, tok, &provenance)?;
+        let st = tmp.join("optimizer.safetensors");
+        let m = Tensor::from_slice(exp_avg, exp_avg.len(), &CpuDevice::Cpu)?;
+        let v = Tensor::from_slice(exp_avg_sq, exp_avg_sq.len(), &CpuDevice::Cpu)?;
+        let map: std::collections::HashMap<&str, Tensor> = [("exp_avg", m), ("exp_avg_sq", v)].into_iter().collect();
+        candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
+        let sj = serde_json::to_vec_pretty(state).map_err(|e| MasaError::Invalid(e.to_string()))?;
+        std::fs::write(tmp.join(TRAINER_STATE), sj).at(tmp.join(TRAINER_STATE))
+    })();
+    if let Err(e) = written {
+        // Disk full, read-only: no half-written checkpoint is left behind to pile up.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     sync_dir(&tmp);
     let dst = out.join(&name);
     if dst.exists() {
+        if !is_checkpoint(&dst) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(MasaError::bad_file(&dst, format!("exists and is not a training checkpoint (no {TRAINER_STATE}); masa will not replace it: move it away or train into another --out")));
+        }
         std::fs::remove_dir_all(&dst).at(&dst)?;
     }
     std::fs::rename(&tmp, &dst).at(&dst)?;
@@ -543,12 +582,21 @@ fn write_checkpoint(
     if let Ok(rd) = std::fs::read_dir(out) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("step-") && n != name && e.path().is_dir() {
+            if n.starts_with("step-") && n != name && is_checkpoint(&e.path()) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
     Ok(dst)
+}
+
+/// The file that marks a directory as a training checkpoint masa wrote.
+const TRAINER_STATE: &str = "trainer_state.json";
+
+/// Whether `dir` is a training checkpoint (holds [`TRAINER_STATE`]): only those are replaced
+/// or deleted when a newer one is written; a user's `step-…` directory is left alone.
+fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(TRAINER_STATE).is_file()
 }
 
 fn sync_dir(dir: &Path) {
@@ -568,14 +616,14 @@ fn sync_dir(dir: &Path) {
 
 /// A checkpoint directory, or a run directory whose `latest` names one.
 pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
-    if p.join("trainer_state.json").is_file() {
+    if is_checkpoint(p) {
         return Ok(p.to_path_buf());
     }
     let latest = p.join("latest");
     if latest.is_file() {
         let name = std::fs::read_to_string(&latest).at(&latest)?;
         let ck = p.join(name.trim());
-        if ck.join("trainer_state.json").is_file() {
+        if is_checkpoint(&ck) {
             return Ok(ck);
         }
         return Err(MasaError::bad_file(&latest, format!("names `{}`, which is not a complete checkpoint", name.trim())));
@@ -608,7 +656,7 @@ fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOpt
         ));
     }
     *params = load_params(&src.weights, cfg)?;
-    let sp = ck.join("trainer_state.json");
+    let sp = ck.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&sp).at(&sp)?;
     let st: TrainerState = serde_json::from_str(&text).map_err(|e| {
         let why = if text.contains("\"stream\"") {

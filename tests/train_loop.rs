@@ -501,3 +501,25 @@ fn token_export_matches_the_trainer_data() {
     assert_eq!(m["valid"]["domains"][1]["domain"], "prose");
     assert_eq!(m["valid"]["domains"][1]["first"], 2);
 }
+
+/// A far too high learning rate kills the model without a NaN (the loss sits at ln V, the
+/// gradient is exactly 0): the guard stops at the first dead step instead of training on, and
+/// does not call a checkpoint of the dead model "good" (issue 17). Clearing old checkpoints
+/// leaves a user's `step-…` directory alone.
+#[test]
+fn nan_guard_stops_a_collapsed_model_and_names_no_dead_checkpoint_as_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let out = dir.path().join("run");
+    // A user's directory that looks like a checkpoint name survives the clean-up of old ones.
+    std::fs::create_dir_all(out.join("step-mine")).unwrap();
+    std::fs::write(out.join("step-mine/notes.txt"), "keep").unwrap();
+    let o = TrainOptions { lr: 1e3, warmup: 0, ckpt_every: 2, tokens: 60 * 4 * 32, ..opts(&corpus, &out) };
+    let e = err_of(&model, &o);
+    assert_eq!(std::fs::read_to_string(out.join("step-mine/notes.txt")).unwrap(), "keep");
+    assert!(e.contains("gradient norm 0") && e.contains("collapsed"), "{e}");
+    assert!(!e.contains("Last good checkpoint") && e.contains("had already gone bad"), "{e}");
+    // Stopped at the first dead step, not 60 steps later.
+    let steps = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count();
+    assert!(steps < 10, "{steps} metrics lines");
+}
