@@ -151,33 +151,25 @@ pub struct TrainSummary {
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {
-    let bad = |m: String| Err(MasaError::Invalid(m));
-    if !(o.lr > 0.0 && o.lr.is_finite()) {
-        return bad(format!("--lr must be a positive number, got {}", o.lr));
-    }
-    if o.batch == 0 || o.seq_len < 2 || o.grad_accum == 0 {
-        return bad(format!("--batch ({}) and --grad-accum ({}) must be ≥ 1 and --seq ({}) ≥ 2", o.batch, o.grad_accum, o.seq_len));
-    }
-    if o.tokens == 0 || o.tokens > crate::MAX_TOKENS {
-        return bad(format!("--tokens {}: must be in 1..={}", o.tokens, crate::MAX_TOKENS));
-    }
-    if !(0.0..=1.0).contains(&o.min_lr_ratio) || !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) || !(o.clip >= 0.0 && o.clip.is_finite()) {
-        return bad(format!(
-            "--min-lr-ratio ({}) must be in [0, 1], --weight-decay ({}) and --clip ({}) finite and ≥ 0",
-            o.min_lr_ratio, o.weight_decay, o.clip
-        ));
-    }
+    use crate::limits::{count, fraction, in_range, non_negative, positive, MAX_BATCH, MAX_TOKENS};
+    positive("--lr", o.lr)?;
+    count("--batch", o.batch, MAX_BATCH, "")?;
+    count("--grad-accum", o.grad_accum, MAX_BATCH, "")?;
+    // Two tokens at least: one input, one target. The model's positions bound it in `train`.
+    in_range("--seq", o.seq_len as u64, 2..=u32::MAX as u64, "")?;
+    in_range("--tokens", o.tokens, 1..=MAX_TOKENS, "")?;
+    fraction("--min-lr-ratio", o.min_lr_ratio)?;
+    non_negative("--weight-decay", o.weight_decay)?;
+    non_negative("--clip", o.clip)?;
     if o.eval_seqs == 0 {
-        return bad("--eval-seqs 0: validation needs at least one sequence per domain".into());
+        return Err(MasaError::Invalid("--eval-seqs 0: validation needs at least one sequence per domain".into()));
     }
     let steps = o.tokens.div_ceil((o.batch * o.seq_len * o.grad_accum) as u64);
-    if o.warmup as u64 > steps {
-        return bad(format!("--warmup {}: longer than the run's {steps} optimizer steps", o.warmup));
-    }
+    in_range("--warmup", o.warmup as u64, 0..=steps, "the run's optimizer steps")?;
     if let Some(d) = &o.distill {
-        if !(0.0..=1.0).contains(&d.alpha) || d.temperature <= 0.0 || d.top_k == 0 {
-            return bad("--alpha must be in [0, 1], --temperature > 0, --top-k ≥ 1".into());
-        }
+        fraction("--alpha", d.alpha)?;
+        positive("--temperature", d.temperature)?;
+        count("--top-k", d.top_k, 65_536, "")?;
     }
     Ok(())
 }
@@ -188,9 +180,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     // ---- model, tokenizer, engine with optimizer (fresh or resumed) ----
     let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
     let cfg = student_config_of(model_dir, &weights.config)?;
-    if opts.seq_len > cfg.max_position_embeddings {
-        return Err(MasaError::Invalid(format!("--seq {}: longer than the student's {} positions", opts.seq_len, cfg.max_position_embeddings)));
-    }
+    crate::limits::count("--seq", opts.seq_len, cfg.max_position_embeddings, "the student's positions")?;
     let mut params = load_params(&weights, &cfg)?;
     drop(weights);
     let tokens_per_step = (opts.batch * opts.seq_len * opts.grad_accum) as u64;

@@ -326,3 +326,29 @@ fn hf_directory_without_weights() {
     write_config(dir.path(), &llama_config());
     assert_names(&load_error(dir.path()), dir.path(), &["no `model.safetensors`"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+/// Benchmark options have ranges like every other option (issue 17: `bench train --seq 0`
+/// panicked, `--batch 0` "measured" 0 tokens/s, `--seq 100000` ran out of memory, `--steps 0`
+/// ran a step anyway): each is a one-line error naming the option, the value and the range.
+#[test]
+fn bench_options_have_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    let mut c = llama_config();
+    c["max_position_embeddings"] = json!(128);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    for (args, want) in [
+        (["--batch", "0"], "--batch 0: must be in 1..=4096"),
+        (["--seq", "0"], "--seq 0: must be in 1..=128 (the model's positions)"),
+        (["--seq", "100000"], "--seq 100000: must be in 1..=128"),
+        (["--steps", "0"], "--steps 0: must be in 1..="),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["bench", "train"]).arg(&cfg).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -158,7 +158,7 @@ fn zero_or_negative_lr_is_an_error() {
     let (model, corpus) = setup(dir.path(), 20);
     for lr in [0.0, -1e-3, f64::NAN] {
         let e = err_of(&model, &TrainOptions { lr, ..opts(&corpus, &dir.path().join("o")) });
-        assert!(e.contains("--lr must be a positive number"), "{e}");
+        assert!(e.contains("must be a positive finite number"), "{e}");
     }
     // And through the CLI (negative numbers parse, then fail validation).
     let out = Command::new(MASA)
@@ -173,7 +173,7 @@ fn zero_or_negative_lr_is_an_error() {
         .unwrap();
     assert!(!out.status.success());
     let msg = String::from_utf8_lossy(&out.stderr);
-    assert!(msg.contains("--lr must be a positive number"), "{msg}");
+    assert!(msg.contains("--lr -0.1: must be a positive finite number"), "{msg}");
 }
 
 #[test]
@@ -351,6 +351,7 @@ fn checkpoint_writes_never_delete_what_masa_did_not_write() {
 /// Numeric options outside their range are refused before any work, naming the option.
 #[test]
 fn out_of_range_training_options_are_errors() {
+    let distill = |temperature: f64| masa::distill::DistillOptions { teacher: "teacher".into(), alpha: 0.5, temperature, top_k: 8, cache_dir: None };
     let dir = tempfile::tempdir().unwrap();
     let (model, corpus) = setup(dir.path(), 40);
     let o = |out: &str| opts(&corpus, &dir.path().join(out));
@@ -360,6 +361,10 @@ fn out_of_range_training_options_are_errors() {
         (TrainOptions { warmup: usize::MAX, ..o("c") }, "--warmup"),
         (TrainOptions { tokens: u64::MAX, ..o("d") }, "--tokens"),
         (TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("e") }, "positions"),
+        (TrainOptions { batch: 100_000, ..o("f") }, "--batch 100000: must be in 1..=4096"),
+        (TrainOptions { min_lr_ratio: f64::NAN, ..o("g") }, "--min-lr-ratio NaN"),
+        // A NaN distillation temperature passed `temperature <= 0` (issue 17).
+        (TrainOptions { distill: Some(distill(f64::NAN)), ..o("h") }, "--temperature NaN: must be a positive finite number"),
     ];
     for (opt, want) in cases {
         let e = err_of(&model, &opt);
