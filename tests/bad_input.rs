@@ -269,12 +269,29 @@ fn hf_config_field_of_wrong_type() {
 /// Config values outside their physical range are refused, naming the field (issue 17).
 #[test]
 fn hf_config_values_out_of_range() {
-    for (field, value, want) in [("rms_norm_eps", json!(-1e-5), "epsilon"), ("rope_theta", json!(0.0), "RoPE base"), ("num_attention_heads", json!(0), "positive")] {
+    for (field, value, want) in [
+        ("rms_norm_eps", json!(-1e-5), "epsilon"),
+        ("rope_theta", json!(0.0), "RoPE base"),
+        ("num_attention_heads", json!(0), "positive"),
+        // Found by tests/fuzz.rs: 2³² layers exhausted memory before any tensor was read.
+        ("num_hidden_layers", json!(4_294_967_296u64), "beyond any real model"),
+        ("vocab_size", json!(1u64 << 40), "beyond any real model"),
+    ] {
         let mut cfg = llama_config();
         cfg[field] = value;
         let dir = hf_dir(&cfg, &llama_weights(), 1);
         assert_names(&load_error(dir.path()), &dir.path().join("config.json"), &[field, want]);
     }
+}
+
+/// A layer count within bounds but above what the weights could hold is refused before anything
+/// is sized by it.
+#[test]
+fn hf_config_with_more_layers_than_tensors() {
+    let mut cfg = llama_config();
+    cfg["num_hidden_layers"] = json!(1000);
+    let dir = hf_dir(&cfg, &llama_weights(), 1);
+    assert_names(&load_error(dir.path()), dir.path(), &["num_hidden_layers is 1000", "only 12 tensors"]);
 }
 
 #[test]

@@ -7,8 +7,10 @@
 //!
 //! In the test suite it runs `MASA_FUZZ_CASES` cases (default 320). `scripts/fuzz.sh SECONDS`
 //! runs it for a wall-clock budget instead (`MASA_FUZZ_SECS`). `MASA_FUZZ_SEED` picks another
-//! seed (default 17); case `i` of seed `s` is always the same file, and a failing case is kept
-//! under `target/fuzz-failures/` with its seed and number in the name.
+//! seed (default 17); case `i` of seed `s` is always the same file (`MASA_FUZZ_CASE=i` reruns
+//! it alone), and a failing case is kept under `target/fuzz-failures/` with its seed and number
+//! in the name. Run it under a memory limit (the script sets one): a case that allocates without
+//! bound must abort this process, not the machine's other work.
 
 mod common;
 
@@ -400,6 +402,10 @@ fn mutated_files_give_errors_never_panics_or_hangs() {
         if done {
             break;
         }
+        // The case under way, for a post-mortem when a case takes the whole process down (an
+        // allocation beyond the memory limit aborts; `scripts/fuzz.sh` reports this file).
+        let _ = std::fs::create_dir_all(&failures_dir);
+        let _ = std::fs::write(failures_dir.join(format!("current-seed{seed}")), case.to_string());
         let dir = tempfile::tempdir().unwrap();
         let kind = write_case(&seeds, seed, case, dir.path(), true);
         let outcome = run_case(kind, dir.path().to_path_buf());
