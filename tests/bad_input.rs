@@ -369,3 +369,16 @@ fn bench_options_have_ranges() {
         assert!(stderr.contains(want) && !stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// An I/O error is reported once, not once per level of the error chain ("x: No such file or
+/// directory (os error 2): No such file or directory (os error 2)" before).
+#[test]
+fn io_errors_are_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["stats", "merge"]).arg(&missing).arg("--out").arg(dir.path().join("m.safetensors")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}
