@@ -448,3 +448,20 @@ fn mutated_files_give_errors_never_panics_or_hangs() {
         assert!(total.iter().sum::<u64>() >= 300, "the suite runs at least 300 cases");
     }
 }
+
+/// NaN in a gene file is refused by both readers (`masa inspect`/extract's and `masa init`'s),
+/// naming the file and the gene.
+#[test]
+fn non_finite_genes_are_errors() {
+    let seeds = seeds();
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = seeds.genes.clone();
+    let data = header_len(Kind::Genes, &bytes);
+    bytes[data..data + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let p = dir.path().join("genes.safetensors");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = masa::extract::Genes::load(&p).err().expect("NaN gene refused").to_string();
+    assert!(e.contains(&p.display().to_string()) && e.contains("holds NaN or Inf") && e.contains(".gene"), "{e}");
+    let e = masa::init::genes::Genes::load(&p).err().expect("NaN gene refused").to_string();
+    assert!(e.contains("holds NaN or Inf"), "{e}");
+}
