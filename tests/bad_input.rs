@@ -173,6 +173,22 @@ fn gguf_unsupported_tensor_type() {
     assert_names(&load_error(&p), &p, &["unsupported GGUF tensor type", "16"]);
 }
 
+/// Dimensions whose product wraps around to the true element count (16 × (8 + 2⁶¹) ≡ 128) made
+/// candle index out of bounds in `masa score` (found by tests/fuzz.rs; issue 17's
+/// `cpu_backend/mod.rs` panic): refused at open, naming the tensor.
+#[test]
+fn gguf_dimensions_that_overflow_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = tiny_gguf("llama");
+    let name = b"token_embd.weight";
+    let dim0_at = find(&bytes, name) + name.len() + 4;
+    let d0 = u64::from_le_bytes(bytes[dim0_at..dim0_at + 8].try_into().unwrap());
+    assert_eq!(d0, HIDDEN as u64, "GGUF stores the row length first");
+    bytes[dim0_at..dim0_at + 8].copy_from_slice(&(d0 + (1u64 << 61)).to_le_bytes());
+    let p = write_file(dir.path(), "model.gguf", &bytes);
+    assert_names(&load_error(&p), &p, &["token_embd.weight", "more elements than the file could hold"]);
+}
+
 #[test]
 fn gguf_unknown_architecture() {
     let dir = tempfile::tempdir().unwrap();
