@@ -25,7 +25,7 @@ status=0
 if [ $status -ne 0 ]; then
     current=target/fuzz-failures/current-seed$seed
     if [ -f "$current" ]; then
-        echo "fuzz: the harness failed (status $status) at seed $seed case $(cat "$current");" \
+        echo "fuzz: the harness died (status $status) during seed $seed case $(cat "$current");" \
              "rerun it with MASA_FUZZ_SEED=$seed MASA_FUZZ_CASE=$(cat "$current") cargo test --release --test fuzz -- --nocapture" >&2
     fi
 fi
