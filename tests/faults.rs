@@ -177,3 +177,17 @@ fn a_read_only_output_directory_is_a_clear_error() {
     assert!(e.contains("Permission denied") && e.contains(&out.display().to_string()), "{e}");
     assert_eq!(tree(&ro), Vec::<String>::new());
 }
+
+/// A download subprocess (pip, apt-get) is started so that it dies with masa: the kernel kills
+/// it when the thread that started it ends, as when masa is killed mid-download. Here that
+/// thread ends at once; the child's 30 s sleep is cut short by SIGKILL.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_download_subprocess_dies_with_masa() {
+    use std::os::unix::process::ExitStatusExt;
+    let t0 = Instant::now();
+    let mut child = std::thread::spawn(|| masa::fetch::dies_with_parent(&mut Command::new("sleep")).arg("30").spawn().expect("sleep")).join().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
