@@ -80,8 +80,8 @@ fn a_second_masa_run_on_one_store_refuses() {
     drop(lock);
 }
 
-/// A FIFO given as a model, statistics or gene file is refused instead of blocking for ever on
-/// an open with no writer.
+/// A FIFO given as a model, statistics file or texts file is refused instead of blocking for
+/// ever on an open with no writer.
 #[test]
 fn a_fifo_as_input_is_refused_not_waited_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,6 +104,11 @@ fn a_fifo_as_input_is_refused_not_waited_on() {
         assert!(e.contains("not a regular file") && e.contains(&fifo.display().to_string()), "{args:?}: {e}");
     }
     assert!(!stats_out.exists());
+    // And as the texts to score.
+    let mut c = Command::new(MASA);
+    c.args(["score", "smollm2-135m"]).arg(&fifo).env("MASA_HOME", dir.path().join("home"));
+    let e = failure(&run_within(c, Duration::from_secs(60)));
+    assert!(e.contains("not a regular file") && e.contains(&fifo.display().to_string()), "texts: {e}");
 }
 
 /// `sh` running `masa args…` under a file-size limit of `kib` KiB with SIGXFSZ ignored, so a
