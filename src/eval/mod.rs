@@ -291,6 +291,9 @@ fn eval_ppl(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, opt:
 /// [`generation::ni_prompt`] and `" " + first target`. `limit`: at most this many pairs (per
 /// subtask for natural_instructions).
 pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, String)>> {
+    if limit == Some(0) {
+        return Err(MasaError::Invalid("--limit 0: fine-tuning on no examples; give a positive number, or leave it out for all".into()));
+    }
     let spec = data::find_task(task)?;
     match spec.kind {
         data::TaskKind::MultipleChoice => {
