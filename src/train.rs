@@ -373,7 +373,9 @@ impl TrainData {
 /// what they hold. Token ids are uint16 when the vocabulary fits, else uint32, little endian.
 pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json::Value> {
     check_options(opts)?;
-    let tok = crate::source::SourceModel::open(model_dir)?.tokenizer;
+    let source = crate::source::SourceModel::open(model_dir)?;
+    crate::limits::count("--seq", opts.seq_len, source.weights.config.max_position_embeddings, "the student's positions")?;
+    let tok = source.tokenizer;
     let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
     let (b, t) = (opts.batch, opts.seq_len);
     let wide = tok.vocab_size() > u16::MAX as usize + 1;
@@ -382,11 +384,16 @@ pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json
     let steps = opts.tokens.div_ceil((b * t * opts.grad_accum) as u64);
     let sequences = steps * (opts.grad_accum * b) as u64;
     let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
-    let mut buf = Vec::with_capacity(sequences as usize * (t + 1) * if wide { 4 } else { 2 });
-    for _ in 0..sequences {
-        put(&mut buf, &sampler.next_sequence());
-    }
-    write_atomic(&opts.out.join("train.bin"), &buf)?;
+    // Streamed to the file: a budget of many GB never sits in memory.
+    let mut buf = Vec::new();
+    crate::home::write_atomic_with(&opts.out.join("train.bin"), &mut |w| {
+        for _ in 0..sequences {
+            buf.clear();
+            put(&mut buf, &sampler.next_sequence());
+            w.write_all(&buf)?;
+        }
+        Ok(())
+    })?;
     buf.clear();
     let mut valid = Vec::new();
     let mut first = 0usize;

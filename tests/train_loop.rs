@@ -370,6 +370,9 @@ fn out_of_range_training_options_are_errors() {
         let e = err_of(&model, &opt);
         assert!(e.contains(want), "{want}: {e}");
     }
+    // `masa tokens` checks the same ranges, the sequence length against the student's positions.
+    let e = masa::train::export_tokens(&model, &TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("i") }).err().expect("refused").to_string();
+    assert!(e.contains("--seq 100000: must be in 1..=") && e.contains("the student's positions"), "{e}");
 }
 
 /// The tokenized train split of the test corpus, cached under `root`.
