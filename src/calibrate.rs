@@ -172,17 +172,10 @@ pub struct CalibrateOptions {
 impl CalibrateOptions {
     /// The options' ranges, checked before any work (`max_positions`: the source's context).
     pub fn check(&self, max_positions: usize) -> Result<()> {
-        let bad = |m: String| Err(MasaError::Invalid(m));
-        if self.tokens == 0 || self.tokens > crate::MAX_TOKENS {
-            return bad(format!("--tokens {}: must be in 1..={}", self.tokens, crate::MAX_TOKENS));
-        }
-        if self.batch == 0 || self.batch > 4096 {
-            return bad(format!("--batch {}: must be in 1..=4096", self.batch));
-        }
-        if self.seq_len == 0 || self.seq_len > max_positions {
-            return bad(format!("--seq {}: must be in 1..={max_positions} (the source's positions)", self.seq_len));
-        }
-        Ok(())
+        use crate::limits::{count, in_range, MAX_BATCH, MAX_TOKENS};
+        in_range("--tokens", self.tokens, 1..=MAX_TOKENS, "")?;
+        count("--batch", self.batch, MAX_BATCH, "")?;
+        count("--seq", self.seq_len, max_positions, "the source's positions")
     }
 }
 

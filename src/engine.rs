@@ -125,24 +125,43 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// Why a step was refused: the loss or gradient (or the updated parameters) are not finite.
+/// Why a step was refused: the loss or gradient (or the updated parameters) are not finite, or
+/// the model collapsed (see [`Diverged::collapsed`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Diverged {
     pub loss: f64,
     pub grad_norm: f64,
 }
 
+impl Diverged {
+    /// A finite loss well above zero with an exactly zero gradient: the network is dead (a
+    /// constant output no update can move), as a far too high learning rate leaves it; training
+    /// on would only burn steps, and a checkpoint of it is no good start.
+    pub fn collapsed(loss: f64, grad_norm: f64) -> bool {
+        loss.is_finite() && loss > 1e-3 && grad_norm == 0.0
+    }
+
+    /// What went wrong, for messages.
+    pub fn why(&self) -> &'static str {
+        if Self::collapsed(self.loss, self.grad_norm) {
+            "zero gradient at a non-zero loss: the model collapsed"
+        } else {
+            "NaN or Inf"
+        }
+    }
+}
+
 /// The training step every command runs: zero the gradient; forward, loss and backward over the
 /// micro-batches (their loss weights already include 1 / accumulation); global-norm clip at
 /// `clip` (0: none); AdamW at `lr`. `Ok(Err(_))` when the loss, gradient or parameters stopped
-/// being finite (nothing is saved; the caller reports).
+/// being finite or the model collapsed (nothing is saved; the caller reports).
 pub fn optimizer_step(e: &mut dyn Engine, micro: &[MicroBatch], clip: f64, lr: f64) -> Result<std::result::Result<StepStats, Diverged>> {
     e.zero_grad()?;
     for mb in micro {
         e.accumulate(mb)?;
     }
     let (loss, grad_norm) = e.loss_and_grad_norm()?;
-    if !loss.is_finite() || !grad_norm.is_finite() {
+    if !loss.is_finite() || !grad_norm.is_finite() || Diverged::collapsed(loss, grad_norm) {
         return Ok(Err(Diverged { loss, grad_norm }));
     }
     if !e.adam_step(optim::clip_factor(grad_norm, clip), lr)? {

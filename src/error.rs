@@ -5,12 +5,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasaError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is part of the message and deliberately not a `source()`: the binary prints
+    /// the whole chain, which would repeat it ("x: No such file…: No such file…").
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file exists but its content is not what it should be (corrupt, truncated, wrong kind).
     #[error("{path}: {msg}")]
     BadFile { path: PathBuf, msg: String },
@@ -37,7 +35,7 @@ pub type Result<T, E = MasaError> = std::result::Result<T, E>;
 
 impl MasaError {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        MasaError::Io { path: path.as_ref().to_path_buf(), source }
+        MasaError::Io { path: path.as_ref().to_path_buf(), err: source }
     }
     pub fn bad_file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         MasaError::BadFile { path: path.as_ref().to_path_buf(), msg: msg.into() }
@@ -58,6 +56,18 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| MasaError::io(path, e))
+    }
+}
+
+/// Refuse a path that exists but is not a regular file before reading it: opening a FIFO
+/// without a writer blocks for ever and a character device reads without end, so a model,
+/// statistics or gene path naming one is an error, not a hang.
+pub fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(MasaError::bad_file(path, "not a regular file (a directory, FIFO, socket or device): give the path of the file itself"))
     }
 }
 

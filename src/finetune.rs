@@ -106,12 +106,11 @@ pub struct FinetuneSummary {
 /// Fine-tune the student in `model_dir` on `examples`; writes `out/metrics.jsonl` and the
 /// fine-tuned model to `out/model` (HF format).
 pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) -> Result<FinetuneSummary> {
-    if !(opts.lr > 0.0 && opts.lr.is_finite()) {
-        return Err(MasaError::Invalid(format!("--lr must be a positive number, got {}", opts.lr)));
-    }
-    if opts.batch == 0 || opts.epochs == 0 || opts.max_len < 2 {
-        return Err(MasaError::Invalid("--batch and --epochs must be ≥ 1, --max-len ≥ 2".into()));
-    }
+    use crate::limits::{count, in_range, positive, MAX_BATCH, MAX_STEPS};
+    positive("--lr", opts.lr)?;
+    count("--batch", opts.batch, MAX_BATCH, "")?;
+    count("--epochs", opts.epochs, MAX_STEPS, "")?;
+    in_range("--max-len", opts.max_len as u64, 2..=u32::MAX as u64, "")?;
     let usable: Vec<&Example> = examples.iter().filter(|e| !e.response.is_empty() && !e.prompt.is_empty()).collect();
     if usable.is_empty() {
         return Err(MasaError::Invalid("no fine-tuning example has both a prompt and a response".into()));
@@ -148,10 +147,11 @@ pub fn finetune(model_dir: &Path, examples: &[Example], opts: &FinetuneOptions) 
                 Ok(s) => (s.loss, s.grad_norm),
                 Err(d) => {
                     return Err(MasaError::Invalid(format!(
-                        "fine-tuning diverged at step {} (loss {}, grad norm {}); lower --lr",
+                        "fine-tuning diverged at step {} (loss {}, grad norm {}: {}); lower --lr",
                         step + 1,
                         d.loss,
-                        d.grad_norm
+                        d.grad_norm,
+                        d.why()
                     )))
                 }
             };

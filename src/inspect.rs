@@ -88,6 +88,7 @@ pub fn render(s: &ModelSummary) -> String {
 
 /// Which kind of masa artifact a safetensors file is, from its `masa` metadata.
 pub fn artifact_kind(path: &std::path::Path) -> Option<&'static str> {
+    crate::error::regular_file(path).ok()?;
     let mut f = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
     std::io::Read::read_exact(&mut f, &mut len).ok()?;

@@ -21,6 +21,7 @@ pub mod finetune;
 pub mod home;
 pub mod init;
 pub mod inspect;
+pub mod limits;
 pub mod progress;
 pub mod report;
 pub mod rouge;
@@ -33,7 +34,4 @@ pub mod student;
 pub mod train;
 
 pub use error::{MasaError, Result};
-
-/// The largest token budget any option accepts (calibration, pre-training): 10¹², far above
-/// the paper's 10B, low enough that a typo (or `u64::MAX`) is refused instead of running for ever.
-pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+pub use limits::MAX_TOKENS;

@@ -21,6 +21,7 @@ pub struct ScoredText {
 
 /// Read a JSON list of strings (or of objects with a `text` field, like the reference files).
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    crate::error::regular_file(path)?;
     let raw = std::fs::read_to_string(path).at(path)?;
     let json: serde_json::Value = serde_json::from_str(&raw).map_err(|e| MasaError::bad_file(path, format!("invalid JSON: {e}")))?;
     let items = json.as_array().ok_or_else(|| MasaError::bad_file(path, "expected a JSON list of strings"))?;

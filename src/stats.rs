@@ -104,6 +104,7 @@ impl Stats {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
+        crate::error::regular_file(path)?;
         let bytes = std::fs::read(path).at(path)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| MasaError::bad_file(path, format!("not a safetensors statistics file: {e}")))?;

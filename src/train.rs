@@ -24,7 +24,7 @@ use crate::corpus::{self, ChunkSampler, SamplerState, Split, TokenSplit};
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::write_atomic;
 use crate::distill::DistillOptions;
-use crate::engine::{self, AdamConfig, Device, Engine, MicroBatch, Precision};
+use crate::engine::{self, AdamConfig, Device, Diverged, Engine, MicroBatch, Precision};
 use crate::student::kernels::Teacher;
 use crate::student::optim;
 use crate::source::SourceModel;
@@ -151,33 +151,25 @@ pub struct TrainSummary {
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {
-    let bad = |m: String| Err(MasaError::Invalid(m));
-    if !(o.lr > 0.0 && o.lr.is_finite()) {
-        return bad(format!("--lr must be a positive number, got {}", o.lr));
-    }
-    if o.batch == 0 || o.seq_len < 2 || o.grad_accum == 0 {
-        return bad(format!("--batch ({}) and --grad-accum ({}) must be ≥ 1 and --seq ({}) ≥ 2", o.batch, o.grad_accum, o.seq_len));
-    }
-    if o.tokens == 0 || o.tokens > crate::MAX_TOKENS {
-        return bad(format!("--tokens {}: must be in 1..={}", o.tokens, crate::MAX_TOKENS));
-    }
-    if !(0.0..=1.0).contains(&o.min_lr_ratio) || !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) || !(o.clip >= 0.0 && o.clip.is_finite()) {
-        return bad(format!(
-            "--min-lr-ratio ({}) must be in [0, 1], --weight-decay ({}) and --clip ({}) finite and ≥ 0",
-            o.min_lr_ratio, o.weight_decay, o.clip
-        ));
-    }
+    use crate::limits::{count, fraction, in_range, non_negative, positive, MAX_BATCH, MAX_TOKENS};
+    positive("--lr", o.lr)?;
+    count("--batch", o.batch, MAX_BATCH, "")?;
+    count("--grad-accum", o.grad_accum, MAX_BATCH, "")?;
+    // Two tokens at least: one input, one target. The model's positions bound it in `train`.
+    in_range("--seq", o.seq_len as u64, 2..=u32::MAX as u64, "")?;
+    in_range("--tokens", o.tokens, 1..=MAX_TOKENS, "")?;
+    fraction("--min-lr-ratio", o.min_lr_ratio)?;
+    non_negative("--weight-decay", o.weight_decay)?;
+    non_negative("--clip", o.clip)?;
     if o.eval_seqs == 0 {
-        return bad("--eval-seqs 0: validation needs at least one sequence per domain".into());
+        return Err(MasaError::Invalid("--eval-seqs 0: validation needs at least one sequence per domain".into()));
     }
     let steps = o.tokens.div_ceil((o.batch * o.seq_len * o.grad_accum) as u64);
-    if o.warmup as u64 > steps {
-        return bad(format!("--warmup {}: longer than the run's {steps} optimizer steps", o.warmup));
-    }
+    in_range("--warmup", o.warmup as u64, 0..=steps, "the run's optimizer steps")?;
     if let Some(d) = &o.distill {
-        if !(0.0..=1.0).contains(&d.alpha) || d.temperature <= 0.0 || d.top_k == 0 {
-            return bad("--alpha must be in [0, 1], --temperature > 0, --top-k ≥ 1".into());
-        }
+        fraction("--alpha", d.alpha)?;
+        positive("--temperature", d.temperature)?;
+        count("--top-k", d.top_k, 65_536, "")?;
     }
     Ok(())
 }
@@ -188,9 +180,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     // ---- model, tokenizer, engine with optimizer (fresh or resumed) ----
     let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
     let cfg = student_config_of(model_dir, &weights.config)?;
-    if opts.seq_len > cfg.max_position_embeddings {
-        return Err(MasaError::Invalid(format!("--seq {}: longer than the student's {} positions", opts.seq_len, cfg.max_position_embeddings)));
-    }
+    crate::limits::count("--seq", opts.seq_len, cfg.max_position_embeddings, "the student's positions")?;
     let mut params = load_params(&weights, &cfg)?;
     drop(weights);
     let tokens_per_step = (opts.batch * opts.seq_len * opts.grad_accum) as u64;
@@ -244,6 +234,10 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     let bar = if opts.progress { crate::progress::count_bar(total_steps as u64 * tokens_per_step, "train", "tok") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(tokens_done);
     let mut last_ckpt = opts.resume.as_ref().map(|r| resolve_checkpoint(r)).transpose()?;
+    // The loss of the last checkpoint's parameters: the training loss of the first step after it
+    // (pending until that step ran).
+    let mut last_ckpt_loss: Option<f64> = None;
+    let mut ckpt_loss_pending = last_ckpt.is_some();
     let mut final_loss = f64::NAN;
     let mut final_val = BTreeMap::new();
 
@@ -285,10 +279,16 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             Ok(s) => s,
             Err(d) => {
                 bar.abandon();
-                return Err(nan_error(step + 1, d.loss, d.grad_norm, last_ckpt.as_deref()));
+                // A checkpoint saved just before this step is what this step's loss measured.
+                let ckpt_loss = if ckpt_loss_pending { Some(d.loss) } else { last_ckpt_loss };
+                return Err(nan_error(step + 1, &d, last_ckpt.as_deref().map(|p| (p, ckpt_loss)), cfg.vocab_size));
             }
         };
         let (loss, gnorm) = (stats.loss, stats.grad_norm);
+        if ckpt_loss_pending {
+            last_ckpt_loss = Some(loss);
+            ckpt_loss_pending = false;
+        }
         step += 1;
         tokens_done += tokens_per_step;
         let tps = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
@@ -331,6 +331,8 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
                 corpus: opts.corpus.clone(),
             };
             last_ckpt = Some(write_checkpoint(&opts.out, &cfg, &eng.params()?, &m, &v, &state, &tok, model_dir, opts)?);
+            last_ckpt_loss = None;
+            ckpt_loss_pending = true;
         }
     }
     bar.finish_and_clear();
@@ -371,7 +373,9 @@ impl TrainData {
 /// what they hold. Token ids are uint16 when the vocabulary fits, else uint32, little endian.
 pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json::Value> {
     check_options(opts)?;
-    let tok = crate::source::SourceModel::open(model_dir)?.tokenizer;
+    let source = crate::source::SourceModel::open(model_dir)?;
+    crate::limits::count("--seq", opts.seq_len, source.weights.config.max_position_embeddings, "the student's positions")?;
+    let tok = source.tokenizer;
     let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
     let (b, t) = (opts.batch, opts.seq_len);
     let wide = tok.vocab_size() > u16::MAX as usize + 1;
@@ -380,11 +384,16 @@ pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json
     let steps = opts.tokens.div_ceil((b * t * opts.grad_accum) as u64);
     let sequences = steps * (opts.grad_accum * b) as u64;
     let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
-    let mut buf = Vec::with_capacity(sequences as usize * (t + 1) * if wide { 4 } else { 2 });
-    for _ in 0..sequences {
-        put(&mut buf, &sampler.next_sequence());
-    }
-    write_atomic(&opts.out.join("train.bin"), &buf)?;
+    // Streamed to the file: a budget of many GB never sits in memory.
+    let mut buf = Vec::new();
+    crate::home::write_atomic_with(&opts.out.join("train.bin"), &mut |w| {
+        for _ in 0..sequences {
+            buf.clear();
+            put(&mut buf, &sampler.next_sequence());
+            w.write_all(&buf)?;
+        }
+        Ok(())
+    })?;
     buf.clear();
     let mut valid = Vec::new();
     let mut first = 0usize;
@@ -434,11 +443,27 @@ fn mean(v: &BTreeMap<String, f64>) -> Option<f64> {
     }
 }
 
-fn nan_error(step: usize, loss: f64, gnorm: f64, last: Option<&Path>) -> MasaError {
+/// The error of a diverged run, naming the last checkpoint as a place to resume from only when
+/// it is good: a checkpoint whose loss (that of the first step run on it) is not finite or no
+/// better than uniform guessing over the vocabulary (ln V) had already gone bad, and resuming it
+/// would train a dead model.
+fn nan_error(step: usize, d: &Diverged, last: Option<(&Path, Option<f64>)>, vocab: usize) -> MasaError {
+    let uniform = (vocab as f64).ln();
+    let advice = match last {
+        None => "No checkpoint was written yet: lower --lr or raise --warmup and start again.".to_string(),
+        // Within f32 rounding of ln V counts as uniform: a collapsed model's loss is ln V exactly.
+        Some((p, Some(l))) if !(l < uniform * (1.0 - 1e-5)) => format!(
+            "The last checkpoint, {} (loss {l:.4}, not below ln({vocab}) = {uniform:.4}: no better than uniform guessing), had already gone bad: \
+             lower --lr or raise --warmup and start again rather than resume from it.",
+            p.display()
+        ),
+        Some((p, _)) => format!("Last good checkpoint: {}. Lower --lr or raise --warmup and resume from it.", p.display()),
+    };
     MasaError::Invalid(format!(
-        "training diverged at step {step}: loss {loss}, gradient norm {gnorm} (NaN or Inf); stopped without saving. \
-         Last good checkpoint: {}. Lower --lr or raise --warmup and resume from it.",
-        last.map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+        "training diverged at step {step}: loss {}, gradient norm {} ({}); stopped without saving. {advice}",
+        d.loss,
+        d.grad_norm,
+        d.why()
     ))
 }
 
@@ -523,17 +548,28 @@ fn write_checkpoint(
         "tokens": state.tokens,
         "options": opts,
     });
-    save_student(&tmp, cfg, params, tok, &provenance)?;
-    let st = tmp.join("optimizer.safetensors");
-    let m = Tensor::from_slice(exp_avg, exp_avg.len(), &CpuDevice::Cpu)?;
-    let v = Tensor::from_slice(exp_avg_sq, exp_avg_sq.len(), &CpuDevice::Cpu)?;
-    let map: std::collections::HashMap<&str, Tensor> = [("exp_avg", m), ("exp_avg_sq", v)].into_iter().collect();
-    candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
-    let sj = serde_json::to_vec_pretty(state).map_err(|e| MasaError::Invalid(e.to_string()))?;
-    std::fs::write(tmp.join("trainer_state.json"), sj).at(tmp.join("trainer_state.json"))?;
+    let written = (|| {
+        save_student(&tmp, cfg, params, tok, &provenance)?;
+        let st = tmp.join("optimizer.safetensors");
+        let m = Tensor::from_slice(exp_avg, exp_avg.len(), &CpuDevice::Cpu)?;
+        let v = Tensor::from_slice(exp_avg_sq, exp_avg_sq.len(), &CpuDevice::Cpu)?;
+        let map: std::collections::HashMap<&str, Tensor> = [("exp_avg", m), ("exp_avg_sq", v)].into_iter().collect();
+        candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
+        let sj = serde_json::to_vec_pretty(state).map_err(|e| MasaError::Invalid(e.to_string()))?;
+        std::fs::write(tmp.join(TRAINER_STATE), sj).at(tmp.join(TRAINER_STATE))
+    })();
+    if let Err(e) = written {
+        // Disk full, read-only: no half-written checkpoint is left behind to pile up.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     sync_dir(&tmp);
     let dst = out.join(&name);
     if dst.exists() {
+        if !is_checkpoint(&dst) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(MasaError::bad_file(&dst, format!("exists and is not a training checkpoint (no {TRAINER_STATE}); masa will not replace it: move it away or train into another --out")));
+        }
         std::fs::remove_dir_all(&dst).at(&dst)?;
     }
     std::fs::rename(&tmp, &dst).at(&dst)?;
@@ -543,12 +579,21 @@ fn write_checkpoint(
     if let Ok(rd) = std::fs::read_dir(out) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("step-") && n != name && e.path().is_dir() {
+            if n.starts_with("step-") && n != name && is_checkpoint(&e.path()) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
     Ok(dst)
+}
+
+/// The file that marks a directory as a training checkpoint masa wrote.
+const TRAINER_STATE: &str = "trainer_state.json";
+
+/// Whether `dir` is a training checkpoint (holds [`TRAINER_STATE`]): only those are replaced
+/// or deleted when a newer one is written; a user's `step-…` directory is left alone.
+fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(TRAINER_STATE).is_file()
 }
 
 fn sync_dir(dir: &Path) {
@@ -568,14 +613,14 @@ fn sync_dir(dir: &Path) {
 
 /// A checkpoint directory, or a run directory whose `latest` names one.
 pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
-    if p.join("trainer_state.json").is_file() {
+    if is_checkpoint(p) {
         return Ok(p.to_path_buf());
     }
     let latest = p.join("latest");
     if latest.is_file() {
         let name = std::fs::read_to_string(&latest).at(&latest)?;
         let ck = p.join(name.trim());
-        if ck.join("trainer_state.json").is_file() {
+        if is_checkpoint(&ck) {
             return Ok(ck);
         }
         return Err(MasaError::bad_file(&latest, format!("names `{}`, which is not a complete checkpoint", name.trim())));
@@ -608,7 +653,7 @@ fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOpt
         ));
     }
     *params = load_params(&src.weights, cfg)?;
-    let sp = ck.join("trainer_state.json");
+    let sp = ck.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&sp).at(&sp)?;
     let st: TrainerState = serde_json::from_str(&text).map_err(|e| {
         let why = if text.contains("\"stream\"") {

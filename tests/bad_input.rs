@@ -173,6 +173,22 @@ fn gguf_unsupported_tensor_type() {
     assert_names(&load_error(&p), &p, &["unsupported GGUF tensor type", "16"]);
 }
 
+/// Dimensions whose product wraps around to the true element count (16 × (8 + 2⁶¹) ≡ 128) made
+/// candle index out of bounds in `masa score` (found by tests/fuzz.rs; issue 17's
+/// `cpu_backend/mod.rs` panic): refused at open, naming the tensor.
+#[test]
+fn gguf_dimensions_that_overflow_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = tiny_gguf("llama");
+    let name = b"token_embd.weight";
+    let dim0_at = find(&bytes, name) + name.len() + 4;
+    let d0 = u64::from_le_bytes(bytes[dim0_at..dim0_at + 8].try_into().unwrap());
+    assert_eq!(d0, HIDDEN as u64, "GGUF stores the row length first");
+    bytes[dim0_at..dim0_at + 8].copy_from_slice(&(d0 + (1u64 << 61)).to_le_bytes());
+    let p = write_file(dir.path(), "model.gguf", &bytes);
+    assert_names(&load_error(&p), &p, &["token_embd.weight", "more elements than the file could hold"]);
+}
+
 #[test]
 fn gguf_unknown_architecture() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,12 +285,29 @@ fn hf_config_field_of_wrong_type() {
 /// Config values outside their physical range are refused, naming the field (issue 17).
 #[test]
 fn hf_config_values_out_of_range() {
-    for (field, value, want) in [("rms_norm_eps", json!(-1e-5), "epsilon"), ("rope_theta", json!(0.0), "RoPE base"), ("num_attention_heads", json!(0), "positive")] {
+    for (field, value, want) in [
+        ("rms_norm_eps", json!(-1e-5), "epsilon"),
+        ("rope_theta", json!(0.0), "RoPE base"),
+        ("num_attention_heads", json!(0), "positive"),
+        // Found by tests/fuzz.rs: 2³² layers exhausted memory before any tensor was read.
+        ("num_hidden_layers", json!(4_294_967_296u64), "beyond any real model"),
+        ("vocab_size", json!(1u64 << 40), "beyond any real model"),
+    ] {
         let mut cfg = llama_config();
         cfg[field] = value;
         let dir = hf_dir(&cfg, &llama_weights(), 1);
         assert_names(&load_error(dir.path()), &dir.path().join("config.json"), &[field, want]);
     }
+}
+
+/// A layer count within bounds but above what the weights could hold is refused before anything
+/// is sized by it.
+#[test]
+fn hf_config_with_more_layers_than_tensors() {
+    let mut cfg = llama_config();
+    cfg["num_hidden_layers"] = json!(1000);
+    let dir = hf_dir(&cfg, &llama_weights(), 1);
+    assert_names(&load_error(dir.path()), dir.path(), &["num_hidden_layers is 1000", "only 12 tensors"]);
 }
 
 #[test]
@@ -325,4 +358,43 @@ fn hf_directory_without_weights() {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), &llama_config());
     assert_names(&load_error(dir.path()), dir.path(), &["no `model.safetensors`"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+/// Benchmark options have ranges like every other option (issue 17: `bench train --seq 0`
+/// panicked, `--batch 0` "measured" 0 tokens/s, `--seq 100000` ran out of memory, `--steps 0`
+/// ran a step anyway): each is a one-line error naming the option, the value and the range.
+#[test]
+fn bench_options_have_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    let mut c = llama_config();
+    c["max_position_embeddings"] = json!(128);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    for (args, want) in [
+        (["--batch", "0"], "--batch 0: must be in 1..=4096"),
+        (["--seq", "0"], "--seq 0: must be in 1..=128 (the model's positions)"),
+        (["--seq", "100000"], "--seq 100000: must be in 1..=128"),
+        (["--steps", "0"], "--steps 0: must be in 1..="),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["bench", "train"]).arg(&cfg).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// An I/O error is reported once, not once per level of the error chain ("x: No such file or
+/// directory (os error 2): No such file or directory (os error 2)" before).
+#[test]
+fn io_errors_are_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["stats", "merge"]).arg(&missing).arg("--out").arg(dir.path().join("m.safetensors")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
 }

@@ -299,11 +299,13 @@ fn ni_answer_likelihood_matches_full_forward_reference() {
     assert_eq!(got.answer_tokens, b.len());
 }
 
-/// `--limit 0`, a NaN temperature, more new tokens than the model has positions and a thread
+/// `--limit 0` (evaluation and fine-tuning), a NaN temperature, more new tokens than the model has positions and a thread
 /// count far beyond the cores are refused with the option named.
 #[test]
 fn out_of_range_eval_options_are_errors() {
     assert!(masa::eval::Limit::parse("0").unwrap_err().to_string().contains("--limit 0"));
+    // And for fine-tuning (it failed later, saying the task had no usable example).
+    assert!(masa::eval::finetune_pairs("piqa", Some(0)).unwrap_err().to_string().contains("--limit 0: fine-tuning on no examples"));
     let Some((d, _)) = student(0) else { return };
     let run = |args: &[&str]| {
         let st = std::process::Command::new(env!("CARGO_BIN_EXE_masa"))

@@ -1,5 +1,7 @@
 //! `masa run`: spec validation names the bad field before any work; a small spec on the real
-//! SmolLM2 runs end to end, and a rerun reuses every cached stage and gives the same numbers.
+//! SmolLM2 runs end to end, and a rerun reuses every cached stage and gives the same numbers; a
+//! run killed with SIGKILL (during calibration, during a pre-training) continues on rerun to
+//! the same numbers.
 
 use std::path::{Path, PathBuf};
 
@@ -277,10 +279,42 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
     assert_eq!(curves(&first), curves(&fourth));
 
-    // Same inputs from scratch (fresh store): the same numbers (determinism).
+    // Same inputs from scratch (fresh store), through the CLI, killed with SIGKILL during the
+    // calibration and again during a pre-training (after its first checkpoint), then rerun: the
+    // run continues, recomputes no finished stage, and ends with the numbers of the
+    // uninterrupted run (determinism and recovery, issue 17).
     let runs2 = dir.path().join("runs2");
-    let spec2 = Spec { name: "e2e".into(), ..spec.clone() };
-    let (third, _) = masa::run::run(&spec2, &runs2, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
+    let cli = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_masa"));
+        c.arg("run").arg(&spec_path).arg("--runs").arg(&runs2).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c
+    };
+    let stage_dirs = |prefix: &str| -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(runs2.join("artifacts")) else { return Vec::new() };
+        rd.map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).collect()
+    };
+    let kill_when = |what: &str, now: &dyn Fn() -> bool| {
+        let mut child = cli().spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        while !now() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("the run ended ({st}) before {what}");
+            }
+            assert!(t0.elapsed().as_secs() < 900, "{what} never came");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    kill_when("the calibration", &|| !stage_dirs("calibrate-").is_empty());
+    kill_when("a pre-training's first checkpoint", &|| stage_dirs("train-").iter().any(|d| d.join("latest").is_file() && !d.join("record.json").exists()));
+    let calibration = stage_dirs("calibrate-")[0].join("record.json");
+    let finished = std::fs::metadata(&calibration).expect("calibration finished before training").modified().unwrap();
+    assert!(cli().status().unwrap().success());
+    assert_eq!(std::fs::metadata(&calibration).unwrap().modified().unwrap(), finished, "the finished calibration was recomputed");
+    assert_eq!(stage_dirs("train-").len(), 6);
+    let third: masa::run::results::RunResults = serde_json::from_slice(&std::fs::read(runs2.join("e2e/results.json")).unwrap()).unwrap();
+    assert!(third.complete);
     assert_eq!(curves(&first), curves(&third));
 }
 

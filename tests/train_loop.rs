@@ -158,7 +158,7 @@ fn zero_or_negative_lr_is_an_error() {
     let (model, corpus) = setup(dir.path(), 20);
     for lr in [0.0, -1e-3, f64::NAN] {
         let e = err_of(&model, &TrainOptions { lr, ..opts(&corpus, &dir.path().join("o")) });
-        assert!(e.contains("--lr must be a positive number"), "{e}");
+        assert!(e.contains("must be a positive finite number"), "{e}");
     }
     // And through the CLI (negative numbers parse, then fail validation).
     let out = Command::new(MASA)
@@ -173,7 +173,7 @@ fn zero_or_negative_lr_is_an_error() {
         .unwrap();
     assert!(!out.status.success());
     let msg = String::from_utf8_lossy(&out.stderr);
-    assert!(msg.contains("--lr must be a positive number"), "{msg}");
+    assert!(msg.contains("--lr -0.1: must be a positive finite number"), "{msg}");
 }
 
 #[test]
@@ -351,6 +351,7 @@ fn checkpoint_writes_never_delete_what_masa_did_not_write() {
 /// Numeric options outside their range are refused before any work, naming the option.
 #[test]
 fn out_of_range_training_options_are_errors() {
+    let distill = |temperature: f64| masa::distill::DistillOptions { teacher: "teacher".into(), alpha: 0.5, temperature, top_k: 8, cache_dir: None };
     let dir = tempfile::tempdir().unwrap();
     let (model, corpus) = setup(dir.path(), 40);
     let o = |out: &str| opts(&corpus, &dir.path().join(out));
@@ -360,11 +361,18 @@ fn out_of_range_training_options_are_errors() {
         (TrainOptions { warmup: usize::MAX, ..o("c") }, "--warmup"),
         (TrainOptions { tokens: u64::MAX, ..o("d") }, "--tokens"),
         (TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("e") }, "positions"),
+        (TrainOptions { batch: 100_000, ..o("f") }, "--batch 100000: must be in 1..=4096"),
+        (TrainOptions { min_lr_ratio: f64::NAN, ..o("g") }, "--min-lr-ratio NaN"),
+        // A NaN distillation temperature passed `temperature <= 0` (issue 17).
+        (TrainOptions { distill: Some(distill(f64::NAN)), ..o("h") }, "--temperature NaN: must be a positive finite number"),
     ];
     for (opt, want) in cases {
         let e = err_of(&model, &opt);
         assert!(e.contains(want), "{want}: {e}");
     }
+    // `masa tokens` checks the same ranges, the sequence length against the student's positions.
+    let e = masa::train::export_tokens(&model, &TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("i") }).err().expect("refused").to_string();
+    assert!(e.contains("--seq 100000: must be in 1..=") && e.contains("the student's positions"), "{e}");
 }
 
 /// The tokenized train split of the test corpus, cached under `root`.
@@ -500,4 +508,26 @@ fn token_export_matches_the_trainer_data() {
     assert_eq!(valid, want);
     assert_eq!(m["valid"]["domains"][1]["domain"], "prose");
     assert_eq!(m["valid"]["domains"][1]["first"], 2);
+}
+
+/// A far too high learning rate kills the model without a NaN (the loss sits at ln V, the
+/// gradient is exactly 0): the guard stops at the first dead step instead of training on, and
+/// does not call a checkpoint of the dead model "good" (issue 17). Clearing old checkpoints
+/// leaves a user's `step-…` directory alone.
+#[test]
+fn nan_guard_stops_a_collapsed_model_and_names_no_dead_checkpoint_as_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path(), 40);
+    let out = dir.path().join("run");
+    // A user's directory that looks like a checkpoint name survives the clean-up of old ones.
+    std::fs::create_dir_all(out.join("step-mine")).unwrap();
+    std::fs::write(out.join("step-mine/notes.txt"), "keep").unwrap();
+    let o = TrainOptions { lr: 1e3, warmup: 0, ckpt_every: 2, tokens: 60 * 4 * 32, ..opts(&corpus, &out) };
+    let e = err_of(&model, &o);
+    assert_eq!(std::fs::read_to_string(out.join("step-mine/notes.txt")).unwrap(), "keep");
+    assert!(e.contains("gradient norm 0") && e.contains("collapsed"), "{e}");
+    assert!(!e.contains("Last good checkpoint") && e.contains("had already gone bad"), "{e}");
+    // Stopped at the first dead step, not 60 steps later.
+    let steps = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count();
+    assert!(steps < 10, "{steps} metrics lines");
 }

@@ -24,9 +24,19 @@ pub struct ForwardBench {
     pub peak_rss_mb: f64,
 }
 
+/// The ranges of a benchmark's options: batch and sequence length (within the model's
+/// positions), warm-up and measured iterations (`(option, value)`: `--iters` or `--steps`).
+fn check_loop(batch: usize, seq: usize, positions: usize, warmup: usize, measured: (&str, usize)) -> Result<()> {
+    use crate::limits::{count, in_range, MAX_BATCH, MAX_STEPS};
+    count("--batch", batch, MAX_BATCH, "")?;
+    count("--seq", seq, positions, "the model's positions")?;
+    in_range("--warmup", warmup as u64, 0..=MAX_STEPS as u64, "")?;
+    count(measured.0, measured.1, MAX_STEPS, "")
+}
+
 /// Median tokens/s of full forward passes (logits included) over random token ids.
 pub fn forward(model: &Transformer, batch: usize, seq: usize, warmup: usize, iters: usize, seed: u64) -> Result<ForwardBench> {
-    let iters = iters.max(1);
+    check_loop(batch, seq, model.config.max_position_embeddings, warmup, ("--iters", iters))?;
     let v = model.config.vocab_size as u64;
     let mut s = seed.max(1);
     let ids: Vec<u32> = (0..batch * seq)
@@ -107,6 +117,7 @@ pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize
     if cfg.vocab_size == 0 {
         return Err(MasaError::field(cfg_path, "vocab_size", "missing or 0"));
     }
+    check_loop(batch, seq, cfg.max_position_embeddings, warmup, ("--steps", steps))?;
     let params = crate::rng::scratch_init(&cfg, seed);
     let n_params = params.len();
     let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -121,7 +132,6 @@ pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize
         tg.extend_from_slice(&s[1..]);
     }
     let w = vec![1.0 / (batch * seq) as f32; batch * seq];
-    let steps = steps.max(1);
     let (mut seconds, mut losses) = (Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let t0 = Instant::now();

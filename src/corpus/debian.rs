@@ -244,7 +244,7 @@ pub(super) fn apt_missing(prog: &str, pkg: &str) -> MasaError {
 }
 
 pub(super) fn run_cmd(cmd: &mut Command, prog: &str, prog_pkg: &str) -> Result<std::process::Output> {
-    cmd.output().map_err(|e| {
+    crate::fetch::dies_with_parent(cmd).output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             apt_missing(prog, prog_pkg)
         } else {

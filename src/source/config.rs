@@ -178,6 +178,22 @@ impl ModelConfig {
                 ),
             );
         }
+        // Far beyond any real model: a corrupt or hostile size would otherwise size allocations
+        // (a layer count of 2³² exhausted memory before any tensor was read).
+        let experts = self.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+        for (field, v, max) in [
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("num_hidden_layers", self.num_hidden_layers, 4096),
+            ("num_attention_heads", self.num_attention_heads, 1 << 14),
+            ("head_dim", self.head_dim, 1 << 14),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("num_experts", experts, 1 << 14),
+        ] {
+            if v > max {
+                return bad(field, format!("{v} is beyond any real model (at most {max}): the file is corrupt"));
+            }
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return bad("rms_norm_eps", format!("{}: the normalisation epsilon must be positive and finite", self.norm_eps));
         }

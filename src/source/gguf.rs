@@ -155,9 +155,14 @@ fn classify_read_error(path: &Path, e: candle_core::Error) -> MasaError {
 }
 
 /// Every tensor's bytes must lie inside the file: catches truncated downloads at open time.
+/// Sizes are computed with overflow checks: dimensions whose product wraps around (a hostile
+/// 8 × 2⁶¹ that "is" 32 elements) would otherwise pass and make the reader index out of bounds.
 fn validate_extents(path: &Path, content: &Content, file_len: u64) -> Result<()> {
     for (name, ti) in &content.tensor_infos {
-        let elems = ti.shape.elem_count();
+        let dims = ti.shape.dims();
+        let Some(elems) = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= file_len.saturating_mul(8)) else {
+            return Err(MasaError::bad_file(path, format!("tensor `{name}`: dimensions {dims:?} describe more elements than the file could hold; the file is corrupt")));
+        };
         let block = ti.ggml_dtype.block_size();
         if elems % block != 0 {
             return Err(MasaError::bad_file(
@@ -165,8 +170,9 @@ fn validate_extents(path: &Path, content: &Content, file_len: u64) -> Result<()>
                 format!("tensor `{name}`: {elems} elements is not a multiple of the {} block size {block}", ggml_type_name(ti.ggml_dtype)),
             ));
         }
+        // elems ≤ 8 × file_len, so this product and sum stay far below u64::MAX.
         let bytes = (elems / block * ti.ggml_dtype.type_size()) as u64;
-        let end = content.tensor_data_offset + ti.offset + bytes;
+        let end = content.tensor_data_offset.saturating_add(ti.offset).saturating_add(bytes);
         if end > file_len {
             return Err(MasaError::bad_file(
                 path,

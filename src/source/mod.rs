@@ -42,13 +42,31 @@ pub struct TensorEntry {
 impl SourceWeights {
     /// Open a GGUF file or an HF directory (a directory with `config.json`).
     pub fn open(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            Self::open_hf(path)
+        let w = if path.is_dir() {
+            Self::open_hf(path)?
         } else if path.exists() {
-            Self::open_gguf(path)
+            crate::error::regular_file(path)?;
+            Self::open_gguf(path)?
         } else {
-            Err(MasaError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+            return Err(MasaError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+        };
+        w.check_counts()?;
+        Ok(w)
+    }
+
+    /// Every layer and every expert has tensors of its own, so neither count can exceed the
+    /// tensor directory's length: a config claiming more (corrupt, hostile) is refused before
+    /// anything is sized by it.
+    fn check_counts(&self) -> Result<()> {
+        let tensors = self.entries().len();
+        let c = &self.config;
+        let experts = c.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+        for (field, n) in [("num_hidden_layers", c.num_hidden_layers), ("num_experts", experts)] {
+            if n > tensors {
+                return Err(MasaError::bad_file(&self.path, format!("the config's {field} is {n}, but the weights hold only {tensors} tensors: the config does not describe these weights")));
+            }
         }
+        Ok(())
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {

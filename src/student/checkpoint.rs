@@ -91,14 +91,21 @@ pub fn save_checkpoint(
     if stage.exists() {
         std::fs::remove_dir_all(&stage).at(&stage)?;
     }
-    std::fs::create_dir_all(&stage).at(&stage)?;
-    let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
-    std::fs::write(stage.join("config.json"), json(&cfg.hf_config_json())).at(stage.join("config.json"))?;
-    std::fs::write(stage.join("masa.json"), json(provenance)).at(stage.join("masa.json"))?;
-    let st = stage.join("model.safetensors");
-    let map: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
-    tokenizer.save_hf(&stage)?;
+    let staged = (|| {
+        std::fs::create_dir_all(&stage).at(&stage)?;
+        let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
+        std::fs::write(stage.join("config.json"), json(&cfg.hf_config_json())).at(stage.join("config.json"))?;
+        std::fs::write(stage.join("masa.json"), json(provenance)).at(stage.join("masa.json"))?;
+        let st = stage.join("model.safetensors");
+        let map: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        candle_core::safetensors::save(&map, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
+        tokenizer.save_hf(&stage)
+    })();
+    if let Err(e) = staged {
+        // Disk full, read-only: the half-written staging directory goes, the old output stays.
+        let _ = std::fs::remove_dir_all(&stage);
+        return Err(e);
+    }
     if dir.exists() {
         // Moved aside under a name masa owns (never `dir.with_extension(..)`, which can name a
         // user's directory), then deleted once the new checkpoint is in place.
