@@ -13,7 +13,6 @@ use crate::error::IoContext;
 use crate::align::RankSpec;
 use crate::extract::{ExtractOptions, Genes};
 use crate::init::{InitRequest, Strategy};
-use crate::source::model::Transformer;
 use crate::run::plan::{CalibrationJob, ExtractionJob, Plan, TrainingJob, ALL, SECONDS_PER_GENE, SOURCE_TOKENS_PER_S};
 use crate::run::results::*;
 use crate::run::spec::{Spec, TaskSpec};
@@ -147,7 +146,7 @@ impl<'a> Ctx<'a> {
     /// One pass of the source over the corpus: second moments per FFN input site.
     pub(crate) fn calibration(&mut self, job: &CalibrationJob) -> Result<()> {
         let c = &self.spec.calibration;
-        let opts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None };
+        let opts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None };
         let k = Stage::Calibrate.key(json!({"source": self.source_hash, "corpus": self.corpus_key}), &opts)?;
         let dir = Stage::Calibrate.dir(&self.store, &k);
         let path = dir.join("stats.safetensors");
@@ -157,10 +156,9 @@ impl<'a> Ctx<'a> {
             None => {
                 std::fs::create_dir_all(&dir).at(&dir)?;
                 self.computed += 1;
-                let model = Transformer::load(&self.source.weights)?;
                 let corpus = crate::corpus::load_corpus(&self.corpus)?;
                 let t0 = Instant::now();
-                let stats = crate::calibrate::calibrate_on_corpus(&self.source, &model, &corpus, &self.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), &opts)?;
+                let stats = crate::calibrate::calibrate_on_corpus(&self.source, &corpus, &self.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), &opts)?;
                 stats.save(&path)?;
                 let info = CalibrationInfo {
                     label: job.label.clone(),
