@@ -123,7 +123,8 @@ pub struct RankTarget {
     /// Statistics key prefix, `{gene base}.r{r}`.
     pub key: String,
     pub layout: crate::align::Layout,
-    w_t: Tensor,
+    /// `W` `(d_out, d_in)`, sharing the layer's storage.
+    w: Tensor,
     chunk_idx: Vec<Tensor>,
 }
 
@@ -135,13 +136,13 @@ impl RankTarget {
                 Tensor::new(idx.as_slice(), w.device())
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(RankTarget { key: format!("{base}.r{}", layout.r), layout, w_t: w.t()?.contiguous()?, chunk_idx })
+        Ok(RankTarget { key: format!("{base}.r{}", layout.r), layout, w: w.clone(), chunk_idx })
     }
 
     fn accumulate(&self, x: &Tensor, moments: &mut BTreeMap<String, Moment>, cross: &mut BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Result<()> {
         let l = self.layout;
         let n = x.dim(0)?;
-        let y = x.matmul(&self.w_t)?; // (n, d_out)
+        let y = x.matmul(&self.w.t()?)?; // (n, d_out), no transposed copy of W
         let ysq = y.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         let c = cross.entry(format!("{}.cross", self.key)).or_insert_with(|| (vec![l.r, l.d_out], vec![0.0; l.r * l.d_out]));
         for (i, idx) in self.chunk_idx.iter().enumerate() {
@@ -193,6 +194,47 @@ impl PassOptions {
                 Some(&l) => Ok(l),
             },
         }
+    }
+}
+
+/// Bytes of the f64 statistics a pass accumulates for `config`, counting every routed expert
+/// (an expert no token reaches adds nothing, so this is an upper bound for MoE sources).
+pub fn stats_bytes(config: &ModelConfig, pass: &PassOptions) -> u64 {
+    let wanted = |l: usize| pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
+    let mut sites = std::collections::BTreeSet::new();
+    let mut values = 0u64;
+    for m in config.ffn_matrices().into_iter().filter(|m| wanted(m.layer)) {
+        match pass.rank {
+            // One d×d sum and a count per input site (gate and up share theirs).
+            None if sites.insert((m.layer, m.stats_site())) => values += (m.d_in * m.d_in + 1) as u64,
+            None => {}
+            Some(spec) => {
+                let r = spec.rank(m.d_out, m.d_in).min(m.d_in);
+                values += (m.d_in.div_ceil(r.max(1)) * (r * r + 1) + r * m.d_out + 1) as u64;
+            }
+        }
+    }
+    8 * values
+}
+
+/// Refuse a pass whose statistics cannot fit in this machine's memory (Linux: `MemTotal`),
+/// naming the ways to shrink them; warn when they exceed the memory available now.
+fn check_memory(config: &ModelConfig, pass: &PassOptions) -> Result<()> {
+    let need = stats_bytes(config, pass) as f64 / 1e9;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |key: &str| {
+        meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok()).map(|kb| kb * 1024.0 / 1e9)
+    };
+    let shrink = "use --rank or --ratio (only the sums extraction at that rank reads) or --layers (a range of layers per run; `masa stats merge` adds runs)";
+    match (field("MemTotal:"), field("MemAvailable:")) {
+        (Some(total), _) if need > total => {
+            Err(MasaError::Invalid(format!("the statistics of this pass need {need:.1} GB (f64) and this machine has {total:.1} GB of memory: {shrink}")))
+        }
+        (_, Some(avail)) if need > avail => {
+            eprintln!("warning: the statistics of this pass need {need:.1} GB (f64), {avail:.1} GB of memory is available now; if it runs out, {shrink}");
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -361,6 +403,7 @@ pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::
     let w = &source.weights;
     let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone() };
     let layers = pass.last_layer(&w.config)? as u64 + 1;
+    check_memory(&w.config, &pass)?;
     let bar = crate::progress::count_bar(n_batches as u64 * per_batch * layers, "calibrating", "token-layers");
     let stats = calibrate_with(w, batches, &datasets, meta, &pass, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();

@@ -173,6 +173,19 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         if w.config.moe.is_some() {
             assert!(!want.routing.is_empty(), "{arch}: routing recorded");
         }
+        // The size estimate that `masa calibrate` checks against memory: exact for dense
+        // layers, an upper bound when some expert receives no token.
+        let bytes = |st: &Stats| 8 * st.moments.values().map(|m| m.xxt.len() as u64 + 1).sum::<u64>();
+        let estimate = masa::calibrate::stats_bytes(&w.config, &PassOptions::default());
+        if w.config.moe.is_none() {
+            assert_eq!(estimate, bytes(&want), "{arch}");
+            let pass = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), block_tokens: 24, layers: None };
+            let ranked = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &pass, &mut |_| {}).unwrap();
+            let cross: u64 = ranked.cross.values().map(|(_, v)| 8 * v.len() as u64).sum();
+            assert_eq!(masa::calibrate::stats_bytes(&w.config, &pass), bytes(&ranked) + cross, "{arch}: rank-specific");
+        } else {
+            assert!(estimate >= bytes(&want), "{arch}");
+        }
         // A layer range: exactly that layer's statistics, and the pass stops after it.
         let mut progress = 0;
         let pass = PassOptions { block_tokens: 24, layers: Some(vec![1]), ..Default::default() };
