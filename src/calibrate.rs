@@ -266,7 +266,7 @@ pub fn calibrate_with(
         }
         let mut positions: Vec<Positions> = Vec::new();
         for (b, _) in &block {
-            if !positions.iter().any(|p| p.len() == b.seq_len) {
+            if !positions.iter().any(|p| p.seq_len() == b.seq_len) {
                 positions.push(model.positions(b.seq_len, &Device::Cpu)?);
             }
         }
@@ -278,7 +278,7 @@ pub fn calibrate_with(
                 _ => None,
             };
             for (b, x) in block.iter_mut() {
-                let pos = positions.iter().find(|p| p.len() == b.seq_len).ok_or_else(|| MasaError::Shape("positions".into()))?;
+                let pos = positions.iter().find(|p| p.seq_len() == b.seq_len).ok_or_else(|| MasaError::Shape("positions".into()))?;
                 acc.observe(b);
                 let hooks: &mut dyn Hooks = if wanted { &mut acc } else { &mut NoHooks };
                 *x = model.run_layer(&layer, l, x, b.batch, pos, hooks)?;

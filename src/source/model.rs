@@ -360,7 +360,7 @@ pub struct Positions {
 
 impl Positions {
     /// The sequence length these tables are for.
-    pub fn len(&self) -> usize {
+    pub fn seq_len(&self) -> usize {
         self.t
     }
 }
