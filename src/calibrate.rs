@@ -315,6 +315,30 @@ pub struct CalibrateOptions {
     /// Only these layers' statistics ([`PassOptions::layers`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<usize>>,
+    /// Only this shard of the batches (distributed calibration; [`Shard`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+}
+
+/// Shard `index` of `count` (0-based) of a calibration stream: batch `k` belongs to shard
+/// `k mod count`. The stream itself is the same in every shard (each skips the others'
+/// batches), so the shards' statistics, merged with `masa stats merge`, are one pass's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    /// `i/N` with `0 <= i < N` (e.g. `$SLURM_ARRAY_TASK_ID/N` with `--array=0-(N-1)`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parsed = s.split_once('/').and_then(|(i, n)| Some((i.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(format!("`{s}`: expected i/N with 0 <= i < N, e.g. 0/4")),
+        }
+    }
 }
 
 impl CalibrateOptions {
@@ -392,19 +416,25 @@ pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::
         source_hash: source.fingerprint()?,
         source: source.weights.path.display().to_string(),
         arch: source.weights.config.arch.name().into(),
-        corpus: vec![format!("{corpus_desc}; domains {}", datasets.join(","))],
+        corpus: vec![match opts.shard {
+            Some(s) => format!("{corpus_desc}; domains {}; shard {}/{} of {} tokens", datasets.join(","), s.index, s.count, opts.tokens),
+            None => format!("{corpus_desc}; domains {}", datasets.join(",")),
+        }],
         tokens: 0,
         seq_len: opts.seq_len,
         seeds: vec![opts.seed],
         dataset_tokens: BTreeMap::new(),
         masa_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let batches = (0..n_batches).map(|k| next_batch(&mut streams, k, opts));
+    // Every batch is drawn (the streams advance alike in every shard); a shard keeps its own.
+    let mine = |k: usize| opts.shard.is_none_or(|s| k % s.count == s.index);
+    let kept = (0..n_batches).filter(|&k| mine(k)).count() as u64;
+    let batches = (0..n_batches).map(|k| (k, next_batch(&mut streams, k, opts))).filter(move |(k, _)| mine(*k)).map(|(_, b)| b);
     let w = &source.weights;
     let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone() };
     let layers = pass.last_layer(&w.config)? as u64 + 1;
     check_memory(&w.config, &pass)?;
-    let bar = crate::progress::count_bar(n_batches as u64 * per_batch * layers, "calibrating", "token-layers");
+    let bar = crate::progress::count_bar(kept * per_batch * layers, "calibrating", "token-layers");
     let stats = calibrate_with(w, batches, &datasets, meta, &pass, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(stats)
@@ -416,7 +446,7 @@ mod tests {
 
     #[test]
     fn calibration_options_have_ranges() {
-        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None };
+        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None };
         ok.check(2048).unwrap();
         for (o, want) in [
             (CalibrateOptions { tokens: 0, ..ok.clone() }, "--tokens 0"),

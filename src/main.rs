@@ -118,6 +118,10 @@ enum Command {
         /// statistics too large for one run: calibrate layer ranges separately.
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
+        /// Distributed calibration: only shard i of N (0-based) of the batches; `masa stats
+        /// merge` of the N shards equals one pass (docs/extraction.md, "Distributed calibration").
+        #[arg(long)]
+        shard: Option<masa::calibrate::Shard>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -443,6 +447,7 @@ impl StreamArgs {
             domains: None,
             rank: None,
             layers: None,
+            shard: None,
         }
     }
 }
@@ -647,7 +652,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {:.2} GB of bf16 weights in {:.0} s -> {}", bytes as f64 / 1e9, t0.elapsed().as_secs_f64(), opts.out.display());
             Ok(())
         }
-        Command::Calibrate { model, stream, domains, rank, ratio, layers, out } => {
+        Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, out } => {
             let rank = match (rank, ratio) {
                 (Some(r), _) => Some(masa::align::RankSpec::Rank(r)),
                 (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::align::RankSpec::Ratio(rho)),
@@ -656,7 +661,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
-            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, ..stream.options(262_144) };
+            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, ..stream.options(262_144) };
             let t0 = std::time::Instant::now();
             let stats = masa::calibrate::calibrate_on_corpus(&source, &corpus, &desc, &opts)?;
             let secs = t0.elapsed().as_secs_f64();

@@ -146,7 +146,7 @@ impl<'a> Ctx<'a> {
     /// One pass of the source over the corpus: second moments per FFN input site.
     pub(crate) fn calibration(&mut self, job: &CalibrationJob) -> Result<()> {
         let c = &self.spec.calibration;
-        let opts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None };
+        let opts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None, shard: None };
         let k = Stage::Calibrate.key(json!({"source": self.source_hash, "corpus": self.corpus_key}), &opts)?;
         let dir = Stage::Calibrate.dir(&self.store, &k);
         let path = dir.join("stats.safetensors");
