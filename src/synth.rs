@@ -189,7 +189,9 @@ pub fn write_checkpoint(config: &serde_json::Value, origin: &Path, out: &Path, s
             shards.push(Vec::new());
             size = 0;
         }
-        shards.last_mut().map(|s| s.push(i));
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
         size += b;
     }
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
