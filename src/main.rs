@@ -837,7 +837,7 @@ fn cmd_extract(
     let path = fetch::resolve_model(model)?;
     let source = SourceWeights::open(&path)?;
     let hash = masa::source::SourceModel::open(&path)?.fingerprint()?;
-    let stats = masa::stats::Stats::load(stats_path)?;
+    let stats = masa::stats::Stats::load_layers(stats_path, layers.as_deref())?;
     masa::extract::check_stats_match(&source, &hash, &stats, stats_path)?;
     let opts = ExtractOptions { rank, lambda, experts, routed_with_shared, max_iter, layers, ..Default::default() };
     let n = masa::extract::select_matrices(&source, &stats, &opts)?.matrices.len();

@@ -104,6 +104,15 @@ impl Stats {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_layers(path, None)
+    }
+
+    /// [`Stats::load`] keeping only the sums of `layers` (every key starts `layers.{l}.`), so
+    /// extracting a few layers of a large source needs only their statistics in memory.
+    pub fn load_layers(path: &Path, layers: Option<&[usize]>) -> Result<Self> {
+        let wanted = |name: &str| {
+            layers.is_none_or(|ls| ls.iter().any(|l| name.strip_prefix("layers.").and_then(|r| r.strip_prefix(&format!("{l}."))).is_some()))
+        };
         let file = std::fs::File::open(path).at(path)?;
         // Mapped, not read: the values are copied out once, so loading needs the statistics'
         // size in memory, not twice that.
@@ -125,7 +134,7 @@ impl Stats {
         let mut moments: BTreeMap<String, Moment> = BTreeMap::new();
         let mut routing = BTreeMap::new();
         let mut cross = BTreeMap::new();
-        for (name, view) in st.tensors() {
+        for (name, view) in st.tensors().into_iter().filter(|(name, _)| wanted(name)) {
             if view.dtype() != safetensors::Dtype::F64 {
                 return Err(MasaError::bad_file(path, format!("tensor `{name}` is {:?}, expected F64", view.dtype())));
             }

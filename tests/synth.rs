@@ -150,7 +150,7 @@ fn whole_model(w: &SourceWeights, batches: &[Batch], datasets: &[String]) -> Sta
 fn layer_sequential_statistics_equal_the_whole_model_pass() {
     let datasets = vec!["a".to_string(), "b".to_string()];
     for (arch, config) in configs() {
-        let (_dir, w) = synth(&config, 11);
+        let (dir, w) = synth(&config, 11);
         let bs = batches(61, 3);
         let want = whole_model(&w, &bs, &datasets);
         assert!(!want.moments.is_empty());
@@ -195,6 +195,13 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         assert_eq!(one.moments.keys().collect::<Vec<_>>(), want.moments.keys().filter(layer1).collect::<Vec<_>>(), "{arch}");
         assert_eq!(one.routing.keys().collect::<Vec<_>>(), want.routing.keys().filter(layer1).collect::<Vec<_>>(), "{arch}");
         assert!(one.moments.iter().all(|(k, m)| m.xxt == want.moments[k].xxt), "{arch}");
+        // Extraction of a layer range loads only that range's sums.
+        let f = dir.path().join("stats.safetensors");
+        want.save(&f).unwrap();
+        let loaded = Stats::load_layers(&f, Some(&[1])).unwrap();
+        assert_eq!(loaded.moments.keys().collect::<Vec<_>>(), one.moments.keys().collect::<Vec<_>>(), "{arch}");
+        assert_eq!(loaded.routing, one.routing, "{arch}");
+        assert_eq!(Stats::load(&f).unwrap().moments.len(), want.moments.len(), "{arch}");
         let e = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &PassOptions { layers: Some(vec![3]), ..pass }, &mut |_| {})
             .unwrap_err()
             .to_string();
