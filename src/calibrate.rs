@@ -284,6 +284,8 @@ pub fn calibrate_with(
                 *x = model.run_layer(&layer, l, x, b.batch, pos, hooks)?;
                 on_progress(b.ids.len());
             }
+            // The targets share the layer's weights: release both before the next layer loads.
+            acc.rank_targets = None;
         }
     }
     acc.into_stats(meta)
