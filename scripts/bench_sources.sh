@@ -2,7 +2,7 @@
 # Paper-size sources on this machine (docs/extraction.md "Paper-size sources"): for each preset,
 # `masa synth` a synthetic checkpoint, `masa calibrate` it under /usr/bin/time -v (peak RSS,
 # tokens/s), and for OLMo-7B time `masa extract` of layer 0 (two 11008×4096 and one 4096×11008
-# matrices) at r = 634 and r = 2324; then delete the checkpoint before the next one, so the
+# matrices) at r = 634 and r = 2324 (layer-0 statistics of 4,096 tokens: more than r); then delete the checkpoint before the next one, so the
 # disk holds one source at a time (OLMo-7B 13.8 GB, OLMoE 13.8 GB, DeepSeekMoE 32.8 GB, plus the
 # statistics).
 #
@@ -31,7 +31,7 @@ for p in "${PRESETS[@]}"; do
     timed "$p-calibrate.log" "$MASA" --threads "$THREADS" calibrate "$DIR/$p" --tokens "$TOKENS" --batch "$BATCH" --seq "$SEQ" --rank "$rank" --out "$DIR/$p-r$rank.safetensors"
     if [[ "$p" == olmo-7b ]]; then
         timed "$p-extract-r634.log" "$MASA" --threads "$THREADS" extract "$DIR/$p" --stats "$DIR/$p-r$rank.safetensors" --rank "$rank" --layers 0 --out "$DIR/$p-genes-r$rank.safetensors"
-        timed "$p-calibrate-r2324.log" "$MASA" --threads "$THREADS" calibrate "$DIR/$p" --tokens "$TOKENS" --batch "$BATCH" --seq "$SEQ" --rank 2324 --layers 0 --out "$DIR/$p-r2324-layer0.safetensors"
+        timed "$p-calibrate-r2324.log" "$MASA" --threads "$THREADS" calibrate "$DIR/$p" --tokens 4096 --batch 8 --seq 256 --rank 2324 --layers 0 --out "$DIR/$p-r2324-layer0.safetensors"
         timed "$p-extract-r2324.log" "$MASA" --threads "$THREADS" extract "$DIR/$p" --stats "$DIR/$p-r2324-layer0.safetensors" --rank 2324 --layers 0 --out "$DIR/$p-genes-r2324.safetensors"
     fi
     rm -rf "$DIR/$p" "$DIR/$p"-r*.safetensors
