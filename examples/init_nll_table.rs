@@ -82,7 +82,6 @@ fn main() -> anyhow::Result<()> {
     }
     batches.truncate(16);
     let t0 = std::time::Instant::now();
-    let model = Transformer::load(&source.weights)?;
     let meta = StatsMeta {
         format: String::new(),
         source_hash: hash.clone(),
@@ -95,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         dataset_tokens: Default::default(),
         masa_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let stats = calibrate(&model, batches.into_iter().map(Ok), &domains, meta, &mut |_| {})?;
+    let stats = calibrate(&source.weights, batches.into_iter().map(Ok), &domains, meta, &mut |_| {})?;
     eprintln!("calibration: {} tokens, {:.1}s", stats.meta.tokens, t0.elapsed().as_secs_f64());
     let energies = Energies::from_stats(&stats, &source.weights.config)?;
 
@@ -120,7 +119,6 @@ fn main() -> anyhow::Result<()> {
     Genes::write(&genes_path, &gs, &serde_json::json!({ "source_hash": hash, "rank": r, "method": "closed-form output alignment, lambda 0, ratio 0.12", "layers": used }))?;
     eprintln!("genes: rank {r}, {} matrices, {:.1}s", gs.len(), t0.elapsed().as_secs_f64());
     let genes = Genes::load(&genes_path)?;
-    drop(model);
 
     let score = |dir: &Path| -> anyhow::Result<(f64, usize)> {
         let m = SourceModel::open(dir)?;

@@ -256,7 +256,7 @@ impl OutputAlignment {
             }
             let llt = a_mat
                 .llt(Side::Lower)
-                .map_err(|e| MasaError::Invalid(format!("output alignment system is not positive definite ({e:?}); are the statistics empty?")))?;
+                .map_err(|e| MasaError::Invalid(format!("output alignment system is not positive definite ({e:?}) at gene rank {r}: the statistics are empty or hold fewer tokens than r (the sums are then singular up to f32 rounding); calibrate on more tokens than r")))?;
             let rhs = Mat::from_fn(r, rows.len(), |u, k| self.b[(rows[k], u)]);
             let sol = llt.solve(&rhs);
             for (k, &a) in rows.iter().enumerate() {

@@ -1,22 +1,33 @@
-//! `masa calibrate`: one streaming forward pass over a corpus that accumulates, per layer and
-//! FFN input site, `Σ x xᵀ` and token counts (Sec. 3.1's output alignment needs nothing else),
-//! tokens per dataset, and for MoE layers routing counts per expert per dataset. Expert sites
-//! see only the tokens routed to them.
+//! `masa calibrate`: a streaming pass over a corpus that accumulates, per layer and FFN input
+//! site, `Σ x xᵀ` and token counts (Sec. 3.1's output alignment needs nothing else), tokens per
+//! dataset, and for MoE layers routing counts per expert per dataset. Expert sites see only the
+//! tokens routed to them.
+//!
+//! The pass is layer-sequential (as GPTQ-style quantizers run): the calibration stream is cut
+//! into blocks of tokens; for each block the hidden states are kept, each decoder layer in turn
+//! is brought in from the (memory-mapped) source, run on the block, its statistics accumulated,
+//! and dropped. Memory is the embedding, one layer, one block of hidden states and the
+//! statistics, whatever the depth, and the sums are those of a whole-model pass over the same
+//! batches: each site receives the same per-batch products in the same order (test
+//! `layer_sequential_statistics_equal_the_whole_model_pass`).
 
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 
+use crate::corpus::Batch;
 use crate::error::{MasaError, Result};
-use crate::source::model::{Hooks, MlpId, Site, Transformer};
+use crate::source::model::{Hooks, Layer, MlpId, NoHooks, Positions, Site, Transformer};
+use crate::source::{ModelConfig, SourceWeights};
 use crate::stats::{moment_key, routing_key, Moment, Stats, StatsMeta, FORMAT};
 
-
-/// Hooks that add each FFN input's `xᵀx` (computed in f32 per batch, summed in f64).
-struct Accumulator<'a> {
-    /// Rank-specific mode: the matrices to accumulate r×r sums for, by input site; `None`:
-    /// full `Σ x xᵀ` per site.
-    rank_plan: Option<BTreeMap<(usize, String), Vec<RankTarget>>>,
+/// Hooks that add each FFN input's `xᵀx` (computed in f32 per batch, summed in f64), route
+/// counts per dataset and token counts. [`calibrate_with`] drives it layer by layer; any
+/// forward pass that calls the hooks (e.g. [`Transformer::hidden_states`]) can drive it.
+pub struct Accumulator<'a> {
+    /// Rank-specific mode: the matrices of the layers being run to accumulate r×r sums for, by
+    /// input site; `None`: full `Σ x xᵀ` per site.
+    rank_targets: Option<BTreeMap<(usize, String), Vec<RankTarget>>>,
     cross: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
     moments: BTreeMap<String, Moment>,
     routing: BTreeMap<String, Vec<f64>>,
@@ -24,11 +35,61 @@ struct Accumulator<'a> {
     /// Dataset of each token of the current batch.
     token_dataset: Vec<usize>,
     n_experts: usize,
+    tokens: u64,
+    dataset_tokens: BTreeMap<String, u64>,
+    seq_len: usize,
+}
+
+impl<'a> Accumulator<'a> {
+    pub fn new(config: &ModelConfig, datasets: &'a [String]) -> Self {
+        Accumulator {
+            rank_targets: None,
+            cross: BTreeMap::new(),
+            moments: BTreeMap::new(),
+            routing: BTreeMap::new(),
+            datasets,
+            token_dataset: Vec::new(),
+            n_experts: config.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+            tokens: 0,
+            dataset_tokens: BTreeMap::new(),
+            seq_len: 0,
+        }
+    }
+
+    /// Count a batch entering the pass (once per batch); returns its ids `(batch, seq)`.
+    pub fn count(&mut self, b: &Batch) -> Result<Tensor> {
+        if b.ids.len() != b.batch * b.seq_len || b.dataset.len() != b.batch || b.dataset.iter().any(|&d| d >= self.datasets.len()) {
+            return Err(MasaError::Shape(format!("calibration batch of {} ids is not {}x{} of known datasets", b.ids.len(), b.batch, b.seq_len)));
+        }
+        for &d in &b.dataset {
+            *self.dataset_tokens.entry(self.datasets[d].clone()).or_insert(0) += b.seq_len as u64;
+        }
+        self.tokens += (b.batch * b.seq_len) as u64;
+        self.seq_len = b.seq_len;
+        Ok(Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &Device::Cpu)?)
+    }
+
+    /// The batch whose hidden states the next hook calls see.
+    pub fn observe(&mut self, b: &Batch) {
+        self.token_dataset = b.dataset.iter().flat_map(|&d| std::iter::repeat_n(d, b.seq_len)).collect();
+    }
+
+    /// The statistics; `meta` supplies the provenance fields, token counts are filled in here.
+    pub fn into_stats(self, mut meta: StatsMeta) -> Result<Stats> {
+        if self.tokens == 0 {
+            return Err(MasaError::Invalid("calibration saw no tokens: the corpus is empty or shorter than one sequence".into()));
+        }
+        meta.tokens = self.tokens;
+        meta.seq_len = self.seq_len;
+        meta.dataset_tokens = self.dataset_tokens;
+        meta.format = FORMAT.to_string();
+        Ok(Stats { meta, moments: self.moments, routing: self.routing, cross: self.cross })
+    }
 }
 
 impl Hooks for Accumulator<'_> {
     fn ffn_input(&mut self, layer: usize, mlp: MlpId, site: Site, x: &Tensor) -> Result<()> {
-        if let Some(plan) = &self.rank_plan {
+        if let Some(plan) = &self.rank_targets {
             if let Some(targets) = plan.get(&(layer, mlp.site_name(site))) {
                 for t in targets {
                     t.accumulate(x, &mut self.moments, &mut self.cross)?;
@@ -62,7 +123,8 @@ pub struct RankTarget {
     /// Statistics key prefix, `{gene base}.r{r}`.
     pub key: String,
     pub layout: crate::align::Layout,
-    w_t: Tensor,
+    /// `W` `(d_out, d_in)`, sharing the layer's storage.
+    w: Tensor,
     chunk_idx: Vec<Tensor>,
 }
 
@@ -74,13 +136,13 @@ impl RankTarget {
                 Tensor::new(idx.as_slice(), w.device())
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(RankTarget { key: format!("{base}.r{}", layout.r), layout, w_t: w.t()?.contiguous()?, chunk_idx })
+        Ok(RankTarget { key: format!("{base}.r{}", layout.r), layout, w: w.clone(), chunk_idx })
     }
 
     fn accumulate(&self, x: &Tensor, moments: &mut BTreeMap<String, Moment>, cross: &mut BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Result<()> {
         let l = self.layout;
         let n = x.dim(0)?;
-        let y = x.matmul(&self.w_t)?; // (n, d_out)
+        let y = x.matmul(&self.w.t()?)?; // (n, d_out), no transposed copy of W
         let ysq = y.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         let c = cross.entry(format!("{}.cross", self.key)).or_insert_with(|| (vec![l.r, l.d_out], vec![0.0; l.r * l.d_out]));
         for (i, idx) in self.chunk_idx.iter().enumerate() {
@@ -102,58 +164,143 @@ impl RankTarget {
     }
 }
 
-/// Run the model over `batches` and return the accumulated statistics. `meta` supplies the
-/// provenance fields; tokens and per-dataset counts are filled in here.
-pub fn calibrate(
-    model: &Transformer,
-    batches: impl Iterator<Item = Result<crate::corpus::Batch>>,
-    datasets: &[String],
-    meta: StatsMeta,
-    on_batch: &mut dyn FnMut(usize),
-) -> Result<Stats> {
-    calibrate_with(model, batches, datasets, meta, None, on_batch)
+/// Tokens per block of the layer-sequential pass for `config`: 1 GiB of f32 hidden states
+/// (65,536 tokens at OLMo-7B's width), so each layer's weights are read once per block.
+pub fn block_tokens(config: &ModelConfig) -> usize {
+    ((1usize << 28) / config.hidden_size.max(1)).max(1)
 }
 
-/// [`calibrate`], optionally in the rank-specific mode (`rank_plan`: targets by input site).
-pub fn calibrate_with(
-    model: &Transformer,
-    batches: impl Iterator<Item = Result<crate::corpus::Batch>>,
-    datasets: &[String],
-    mut meta: StatsMeta,
-    rank_plan: Option<BTreeMap<(usize, String), Vec<RankTarget>>>,
-    on_batch: &mut dyn FnMut(usize),
-) -> Result<Stats> {
-    let mut acc = Accumulator {
-        rank_plan,
-        cross: BTreeMap::new(),
-        moments: BTreeMap::new(),
-        routing: BTreeMap::new(),
-        datasets,
-        token_dataset: Vec::new(),
-        n_experts: model.config.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+/// How [`calibrate_with`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct PassOptions {
+    /// Rank-specific mode at this rank; `None`: full `Σ x xᵀ`.
+    pub rank: Option<crate::align::RankSpec>,
+    /// Tokens per block (whole batches; at least one batch); see [`block_tokens`].
+    pub block_tokens: usize,
+    /// Accumulate statistics of these layers only (the pass stops after the last of them), so
+    /// statistics too large for one machine are computed in layer ranges; `None`: all layers.
+    pub layers: Option<Vec<usize>>,
+}
+
+impl PassOptions {
+    /// The last layer the pass must run for `config`; an error names a layer it does not have.
+    pub fn last_layer(&self, config: &ModelConfig) -> Result<usize> {
+        let n = config.num_hidden_layers;
+        match &self.layers {
+            None => Ok(n - 1),
+            Some(ls) => match ls.iter().max() {
+                None => Err(MasaError::Invalid("--layers: name at least one layer".into())),
+                Some(&l) if l >= n => Err(MasaError::Invalid(format!("--layers {l}: the source has layers 0..{}", n - 1))),
+                Some(&l) => Ok(l),
+            },
+        }
+    }
+}
+
+/// Bytes of the f64 statistics a pass accumulates for `config`, counting every routed expert
+/// (an expert no token reaches adds nothing, so this is an upper bound for MoE sources).
+pub fn stats_bytes(config: &ModelConfig, pass: &PassOptions) -> u64 {
+    let wanted = |l: usize| pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
+    let mut sites = std::collections::BTreeSet::new();
+    let mut values = 0u64;
+    for m in config.ffn_matrices().into_iter().filter(|m| wanted(m.layer)) {
+        match pass.rank {
+            // One d×d sum and a count per input site (gate and up share theirs).
+            None if sites.insert((m.layer, m.stats_site())) => values += (m.d_in * m.d_in + 1) as u64,
+            None => {}
+            Some(spec) => {
+                let r = spec.rank(m.d_out, m.d_in).min(m.d_in);
+                values += (m.d_in.div_ceil(r.max(1)) * (r * r + 1) + r * m.d_out + 1) as u64;
+            }
+        }
+    }
+    8 * values
+}
+
+/// Refuse a pass whose statistics cannot fit in this machine's memory (Linux: `MemTotal`),
+/// naming the ways to shrink them; warn when they exceed the memory available now.
+fn check_memory(config: &ModelConfig, pass: &PassOptions) -> Result<()> {
+    let need = stats_bytes(config, pass) as f64 / 1e9;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |key: &str| {
+        meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok()).map(|kb| kb * 1024.0 / 1e9)
     };
-    let mut tokens = 0u64;
-    for b in batches {
-        let b = b?;
-        if b.ids.len() != b.batch * b.seq_len || b.dataset.len() != b.batch {
-            return Err(MasaError::Shape(format!("calibration batch of {} ids is not {}x{}", b.ids.len(), b.batch, b.seq_len)));
+    let shrink = "use --rank or --ratio (only the sums extraction at that rank reads) or --layers (a range of layers per run; `masa stats merge` adds runs)";
+    match (field("MemTotal:"), field("MemAvailable:")) {
+        (Some(total), _) if need > total => {
+            Err(MasaError::Invalid(format!("the statistics of this pass need {need:.1} GB (f64) and this machine has {total:.1} GB of memory: {shrink}")))
         }
-        acc.token_dataset = b.dataset.iter().flat_map(|&d| std::iter::repeat_n(d, b.seq_len)).collect();
-        let x = Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &Device::Cpu)?;
-        model.hidden_states(&x, &mut acc)?;
-        for &d in &b.dataset {
-            *meta.dataset_tokens.entry(datasets[d].clone()).or_insert(0) += b.seq_len as u64;
+        (_, Some(avail)) if need > avail => {
+            eprintln!("warning: the statistics of this pass need {need:.1} GB (f64), {avail:.1} GB of memory is available now; if it runs out, {shrink}");
+            Ok(())
         }
-        tokens += (b.batch * b.seq_len) as u64;
-        meta.seq_len = b.seq_len;
-        on_batch(b.batch * b.seq_len);
+        _ => Ok(()),
     }
-    if tokens == 0 {
-        return Err(MasaError::Invalid("calibration saw no tokens: the corpus is empty or shorter than one sequence".into()));
+}
+
+/// Run `source` over `batches`, layer-sequentially in blocks of whole batches, and return the
+/// accumulated statistics. `meta` supplies the provenance fields. `on_progress(n)` reports `n`
+/// tokens through one layer (a whole pass is tokens × layers run).
+pub fn calibrate_with(
+    source: &SourceWeights,
+    batches: impl Iterator<Item = Result<Batch>>,
+    datasets: &[String],
+    meta: StatsMeta,
+    pass: &PassOptions,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<Stats> {
+    let model = Transformer::load_without_layers(source)?;
+    let last = pass.last_layer(&model.config)?;
+    let mut acc = Accumulator::new(&model.config, datasets);
+    let mut batches = batches.peekable();
+    while batches.peek().is_some() {
+        // One block: its batches and their hidden states, embedded.
+        let mut block: Vec<(Batch, Tensor)> = Vec::new();
+        let mut n = 0;
+        while n < pass.block_tokens.max(1) {
+            let Some(b) = batches.next() else { break };
+            let b = b?;
+            let x = model.embed(&acc.count(&b)?)?;
+            n += b.ids.len();
+            block.push((b, x));
+        }
+        let mut positions: Vec<Positions> = Vec::new();
+        for (b, _) in &block {
+            if !positions.iter().any(|p| p.seq_len() == b.seq_len) {
+                positions.push(model.positions(b.seq_len, &Device::Cpu)?);
+            }
+        }
+        for l in 0..=last {
+            let layer = model.load_layer(source, l)?;
+            let wanted = pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
+            acc.rank_targets = match pass.rank {
+                Some(r) if wanted => Some(rank_targets(&model.config, l, &layer, r)?),
+                _ => None,
+            };
+            for (b, x) in block.iter_mut() {
+                let pos = positions.iter().find(|p| p.seq_len() == b.seq_len).ok_or_else(|| MasaError::Shape("positions".into()))?;
+                acc.observe(b);
+                let hooks: &mut dyn Hooks = if wanted { &mut acc } else { &mut NoHooks };
+                *x = model.run_layer(&layer, l, x, b.batch, pos, hooks)?;
+                on_progress(b.ids.len());
+            }
+            // The targets share the layer's weights: release both before the next layer loads.
+            acc.rank_targets = None;
+        }
     }
-    meta.tokens = tokens;
-    meta.format = FORMAT.to_string();
-    Ok(Stats { meta, moments: acc.moments, routing: acc.routing, cross: acc.cross })
+    acc.into_stats(meta)
+}
+
+/// [`calibrate_with`] in the full mode with the default [`block_tokens`].
+pub fn calibrate(
+    source: &SourceWeights,
+    batches: impl Iterator<Item = Result<Batch>>,
+    datasets: &[String],
+    meta: StatsMeta,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<Stats> {
+    let pass = PassOptions { block_tokens: block_tokens(&source.config), ..Default::default() };
+    calibrate_with(source, batches, datasets, meta, &pass, on_progress)
 }
 
 /// Options of a calibration run over a corpus (serialized into `masa run`'s cache keys).
@@ -167,6 +314,33 @@ pub struct CalibrateOptions {
     pub domains: Option<Vec<String>>,
     /// Rank-specific mode: accumulate only the sums extraction at this rank needs.
     pub rank: Option<crate::align::RankSpec>,
+    /// Only these layers' statistics ([`PassOptions::layers`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
+    /// Only this shard of the batches (distributed calibration; [`Shard`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+}
+
+/// Shard `index` of `count` (0-based) of a calibration stream: batch `k` belongs to shard
+/// `k mod count`. The stream itself is the same in every shard (each skips the others'
+/// batches), so the shards' statistics, merged with `masa stats merge`, are one pass's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    /// `i/N` with `0 <= i < N` (e.g. `$SLURM_ARRAY_TASK_ID/N` with `--array=0-(N-1)`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parsed = s.split_once('/').and_then(|(i, n)| Some((i.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(format!("`{s}`: expected i/N with 0 <= i < N, e.g. 0/4")),
+        }
+    }
 }
 
 impl CalibrateOptions {
@@ -179,12 +353,12 @@ impl CalibrateOptions {
     }
 }
 
-/// The rank-specific plan: every FFN matrix of the model at its rank, grouped by input site.
-pub fn rank_plan(model: &Transformer, rank: crate::align::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
+/// The rank-specific targets of layer `l`: each of its FFN matrices at its rank, grouped by
+/// input site.
+pub fn rank_targets(config: &ModelConfig, l: usize, layer: &Layer, rank: crate::align::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
     let mut plan: BTreeMap<(usize, String), Vec<RankTarget>> = BTreeMap::new();
-    for m in model.config.ffn_matrices() {
-        let mlp = m.mlp();
-        let w = model.ffn_weight(m.layer, mlp, m.proj).ok_or_else(|| MasaError::Invalid(format!("no weight for {}", m.name)))?;
+    for m in config.ffn_matrices().into_iter().filter(|m| m.layer == l) {
+        let w = layer.ffn_weight(m.mlp(), m.proj).ok_or_else(|| MasaError::Invalid(format!("no weight for {}", m.name)))?;
         let layout = crate::align::Layout::new(m.d_out, m.d_in, rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
         let base = m.gene_name();
         plan.entry((m.layer, m.stats_site())).or_default().push(RankTarget::new(base.trim_end_matches(".gene"), w, layout)?);
@@ -236,13 +410,7 @@ pub fn corpus_batches(source: &crate::source::SourceModel, corpus: &crate::corpu
 }
 
 /// Calibrate `source` on the training split of `corpus` over [`corpus_batches_with`].
-pub fn calibrate_on_corpus(
-    source: &crate::source::SourceModel,
-    model: &Transformer,
-    corpus: &crate::corpus::Corpus,
-    corpus_desc: &str,
-    opts: &CalibrateOptions,
-) -> Result<Stats> {
+pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::corpus::Corpus, corpus_desc: &str, opts: &CalibrateOptions) -> Result<Stats> {
     let encode = |t: &str| source.tokenizer.encode(t, false);
     let (datasets, mut streams, n_batches) = corpus_batches_with(source, corpus, opts, &encode)?;
     let per_batch = (opts.batch * opts.seq_len) as u64;
@@ -251,17 +419,26 @@ pub fn calibrate_on_corpus(
         source_hash: source.fingerprint()?,
         source: source.weights.path.display().to_string(),
         arch: source.weights.config.arch.name().into(),
-        corpus: vec![format!("{corpus_desc}; domains {}", datasets.join(","))],
+        corpus: vec![match opts.shard {
+            Some(s) => format!("{corpus_desc}; domains {}; shard {}/{} of {} tokens", datasets.join(","), s.index, s.count, opts.tokens),
+            None => format!("{corpus_desc}; domains {}", datasets.join(",")),
+        }],
         tokens: 0,
         seq_len: opts.seq_len,
         seeds: vec![opts.seed],
         dataset_tokens: BTreeMap::new(),
         masa_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let batches = (0..n_batches).map(|k| next_batch(&mut streams, k, opts));
-    let bar = crate::progress::count_bar(n_batches as u64 * per_batch, "calibrating", "tokens");
-    let plan = opts.rank.map(|r| rank_plan(model, r)).transpose()?;
-    let stats = calibrate_with(model, batches, &datasets, meta, plan, &mut |n| bar.inc(n as u64))?;
+    // Every batch is drawn (the streams advance alike in every shard); a shard keeps its own.
+    let mine = |k: usize| opts.shard.is_none_or(|s| k % s.count == s.index);
+    let kept = (0..n_batches).filter(|&k| mine(k)).count() as u64;
+    let batches = (0..n_batches).map(|k| (k, next_batch(&mut streams, k, opts))).filter(move |(k, _)| mine(*k)).map(|(_, b)| b);
+    let w = &source.weights;
+    let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone() };
+    let layers = pass.last_layer(&w.config)? as u64 + 1;
+    check_memory(&w.config, &pass)?;
+    let bar = crate::progress::count_bar(kept * per_batch * layers, "calibrating", "token-layers");
+    let stats = calibrate_with(w, batches, &datasets, meta, &pass, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(stats)
 }
@@ -272,7 +449,7 @@ mod tests {
 
     #[test]
     fn calibration_options_have_ranges() {
-        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None };
+        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None };
         ok.check(2048).unwrap();
         for (o, want) in [
             (CalibrateOptions { tokens: 0, ..ok.clone() }, "--tokens 0"),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, MasaError, Result};
 
 /// `$MASA_HOME` if set, else `$XDG_CACHE_HOME/masa`, else `~/.cache/masa`.
 pub fn masa_home() -> PathBuf {
@@ -26,27 +26,25 @@ pub fn subdir(sub: &str) -> Result<PathBuf> {
 
 /// Write `bytes` to `path` atomically: a temp file in the same directory, then rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, &mut |w| w.write_all(bytes))
+    write_atomic_with(path, |out| std::io::Write::write_all(out, bytes).at(path))
 }
 
-/// [`write_atomic`] for content produced piece by piece (too large to hold in memory): `fill`
-/// writes into a buffered temp file, which is renamed to `path` once complete.
-pub fn write_atomic_with(path: &Path, fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>) -> Result<()> {
-    use std::io::Write;
+/// [`write_atomic`] for content produced piece by piece: `write` fills a buffered temp file,
+/// which is renamed over `path` only when `write` succeeds (else removed).
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>) -> Result<()> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent).at(parent)?;
         }
     }
     let tmp = tmp_path(path);
-    let written = std::fs::File::create(&tmp)
-        .and_then(|f| {
-            let mut w = std::io::BufWriter::new(f);
-            fill(&mut w)?;
-            w.flush()
-        })
-        .at(&tmp)
-        .and_then(|_| std::fs::rename(&tmp, path).at(path));
+    let written = std::fs::File::create(&tmp).at(&tmp).and_then(|f| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+        write(&mut out)?;
+        // Flush the buffer, reporting its error (dropping a BufWriter would swallow it).
+        out.into_inner().map_err(|e| MasaError::io(&tmp, e.into_error()))?;
+        std::fs::rename(&tmp, path).at(path)
+    });
     if written.is_err() {
         // A failed write (disk full, read-only directory) leaves no temp file behind.
         let _ = std::fs::remove_file(&tmp);

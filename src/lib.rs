@@ -31,6 +31,8 @@ pub mod score;
 pub mod source;
 pub mod stats;
 pub mod student;
+pub mod synth;
+pub mod tensorfile;
 pub mod train;
 
 pub use error::{MasaError, Result};

@@ -80,6 +80,24 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write a synthetic HF checkpoint (config.json, sharded bf16 safetensors, tokenizer) with
+    /// seeded random weights: a published configuration (olmo-7b, olmoe-1b-7b,
+    /// deepseek-moe-16b) or any config.json, for dry runs and sizing. Streams tensor by tensor.
+    Synth {
+        /// A preset name or the path of an HF config.json.
+        #[arg(long)]
+        config: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The tokenizer to save beside the weights: a GGUF file, HF directory or model name.
+        #[arg(long, default_value = "smollm2-135m")]
+        tokenizer: String,
+        /// Largest shard file, bytes (HF's `save_pretrained` default, 5 GB).
+        #[arg(long, default_value_t = masa::synth::DEFAULT_SHARD_BYTES)]
+        shard_bytes: u64,
+    },
     /// One streaming forward pass over a corpus accumulating, per layer and FFN input site,
     /// Σ x xᵀ and token counts (and MoE routing counts) for `masa extract`.
     Calibrate {
@@ -96,6 +114,14 @@ enum Command {
         /// Rank-specific mode by M/W ratio ρ (extract with the same --ratio).
         #[arg(long)]
         ratio: Option<f64>,
+        /// Only these layers' statistics (comma-separated; the pass stops after the last), for
+        /// statistics too large for one run: calibrate layer ranges separately.
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// Distributed calibration: only shard i of N (0-based) of the batches; `masa stats
+        /// merge` of the N shards equals one pass (docs/extraction.md, "Distributed calibration").
+        #[arg(long)]
+        shard: Option<masa::calibrate::Shard>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -420,6 +446,8 @@ impl StreamArgs {
             seed: self.seed,
             domains: None,
             rank: None,
+            layers: None,
+            shard: None,
         }
     }
 }
@@ -616,7 +644,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Calibrate { model, stream, domains, rank, ratio, out } => {
+        Command::Synth { config, out, seed, tokenizer, shard_bytes } => {
+            let tok = masa::source::SourceModel::open(&fetch::resolve_model(&tokenizer)?)?.tokenizer;
+            let opts = masa::synth::SynthOptions { config, out, seed, max_shard_bytes: shard_bytes };
+            let t0 = std::time::Instant::now();
+            let bytes = masa::synth::run(&opts, &tok)?;
+            eprintln!("wrote {:.2} GB of bf16 weights in {:.0} s -> {}", bytes as f64 / 1e9, t0.elapsed().as_secs_f64(), opts.out.display());
+            Ok(())
+        }
+        Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, out } => {
             let rank = match (rank, ratio) {
                 (Some(r), _) => Some(masa::align::RankSpec::Rank(r)),
                 (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::align::RankSpec::Ratio(rho)),
@@ -624,11 +660,10 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => None,
             };
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
-            let m = Transformer::load(&source.weights)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
-            let opts = masa::calibrate::CalibrateOptions { domains, rank, ..stream.options(262_144) };
+            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, ..stream.options(262_144) };
             let t0 = std::time::Instant::now();
-            let stats = masa::calibrate::calibrate_on_corpus(&source, &m, &corpus, &desc, &opts)?;
+            let stats = masa::calibrate::calibrate_on_corpus(&source, &corpus, &desc, &opts)?;
             let secs = t0.elapsed().as_secs_f64();
             stats.save(&out)?;
             eprintln!(
@@ -802,7 +837,7 @@ fn cmd_extract(
     let path = fetch::resolve_model(model)?;
     let source = SourceWeights::open(&path)?;
     let hash = masa::source::SourceModel::open(&path)?.fingerprint()?;
-    let stats = masa::stats::Stats::load(stats_path)?;
+    let stats = masa::stats::Stats::load_layers(stats_path, layers.as_deref())?;
     masa::extract::check_stats_match(&source, &hash, &stats, stats_path)?;
     let opts = ExtractOptions { rank, lambda, experts, routed_with_shared, max_iter, layers, ..Default::default() };
     let n = masa::extract::select_matrices(&source, &stats, &opts)?.matrices.len();

@@ -7,7 +7,7 @@
 //! site is `ffn_in`, `ffn_mid`, `experts.{e}.ffn_in`, `shared.ffn_mid`, ...; and a JSON
 //! [`StatsMeta`] under the `masa` key of the safetensors metadata.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -77,35 +77,48 @@ pub fn routing_key(layer: usize, dataset: &str) -> String {
 }
 
 impl Stats {
+    /// Write the statistics (atomically), streaming each sum from memory: no copy of the
+    /// (possibly many-GB) statistics is made.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut data: Vec<(String, Vec<usize>, &[f64])> = Vec::new();
         for (k, m) in &self.moments {
-            bufs.push((format!("{k}.xxt"), vec![m.dim, m.dim], f64_bytes(&m.xxt)));
-            bufs.push((format!("{k}.count"), vec![1], f64_bytes(&[m.count])));
+            data.push((format!("{k}.xxt"), vec![m.dim, m.dim], &m.xxt));
+            data.push((format!("{k}.count"), vec![1], std::slice::from_ref(&m.count)));
         }
         for (k, v) in &self.routing {
-            bufs.push((k.clone(), vec![v.len()], f64_bytes(v)));
+            data.push((k.clone(), vec![v.len()], v));
         }
         for (k, (shape, v)) in &self.cross {
-            bufs.push((k.clone(), shape.clone(), f64_bytes(v)));
+            data.push((k.clone(), shape.clone(), v));
         }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
-            .iter()
-            .map(|(n, shape, data)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F64, shape.clone(), data)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| MasaError::bad_file(path, e.to_string()))
-            })
-            .collect::<Result<_>>()?;
+        for (name, shape, v) in &data {
+            if shape.iter().product::<usize>() != v.len() {
+                return Err(MasaError::Shape(format!("statistics `{name}`: {} values for shape {shape:?}", v.len())));
+            }
+        }
+        let entries: Vec<crate::tensorfile::Entry> =
+            data.iter().map(|(name, shape, _)| crate::tensorfile::Entry { name: name.clone(), dtype: safetensors::Dtype::F64, shape: shape.clone() }).collect();
         let meta_json = serde_json::to_string(&self.meta).map_err(|e| MasaError::Invalid(e.to_string()))?;
-        let md: HashMap<String, String> = [("masa".to_string(), meta_json)].into();
-        let bytes = safetensors::serialize(views, Some(md)).map_err(|e| MasaError::bad_file(path, e.to_string()))?;
-        crate::home::write_atomic(path, &bytes)
+        let md: BTreeMap<String, String> = [("masa".to_string(), meta_json)].into();
+        crate::tensorfile::write(path, &entries, &md, |i, out| out.write_all(&crate::tensorfile::f64_le_bytes(data[i].2)))
     }
 
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_layers(path, None)
+    }
+
+    /// [`Stats::load`] keeping only the sums of `layers` (every key starts `layers.{l}.`), so
+    /// extracting a few layers of a large source needs only their statistics in memory.
+    pub fn load_layers(path: &Path, layers: Option<&[usize]>) -> Result<Self> {
+        let wanted = |name: &str| {
+            layers.is_none_or(|ls| ls.iter().any(|l| name.strip_prefix("layers.").and_then(|r| r.strip_prefix(&format!("{l}."))).is_some()))
+        };
         crate::error::regular_file(path)?;
-        let bytes = std::fs::read(path).at(path)?;
+        let file = std::fs::File::open(path).at(path)?;
+        // Mapped, not read: the values are copied out once, so loading needs the statistics'
+        // size in memory, not twice that.
+        // SAFETY: opened read-only; masa replaces statistics files by rename, never in place.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| MasaError::bad_file(path, format!("not a safetensors statistics file: {e}")))?;
         let meta_json = header
@@ -122,7 +135,7 @@ impl Stats {
         let mut moments: BTreeMap<String, Moment> = BTreeMap::new();
         let mut routing = BTreeMap::new();
         let mut cross = BTreeMap::new();
-        for (name, view) in st.tensors() {
+        for (name, view) in st.tensors().into_iter().filter(|(name, _)| wanted(name)) {
             if view.dtype() != safetensors::Dtype::F64 {
                 return Err(MasaError::bad_file(path, format!("tensor `{name}` is {:?}, expected F64", view.dtype())));
             }
@@ -208,10 +221,6 @@ impl Stats {
             MasaError::Invalid(format!("statistics have no `{}`; were they computed for this model and site?", moment_key(layer, site)))
         })
     }
-}
-
-fn f64_bytes(v: &[f64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn f64_from_bytes(b: &[u8]) -> Vec<f64> {

@@ -386,11 +386,12 @@ pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json
     let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
     // Streamed to the file: a budget of many GB never sits in memory.
     let mut buf = Vec::new();
-    crate::home::write_atomic_with(&opts.out.join("train.bin"), &mut |w| {
+    let train_bin = opts.out.join("train.bin");
+    crate::home::write_atomic_with(&train_bin, |w| {
         for _ in 0..sequences {
             buf.clear();
             put(&mut buf, &sampler.next_sequence());
-            w.write_all(&buf)?;
+            w.write_all(&buf).at(&train_bin)?;
         }
         Ok(())
     })?;

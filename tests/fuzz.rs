@@ -159,7 +159,6 @@ fn seeds() -> Seeds {
     ck.write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &llama_config());
     let w = SourceWeights::open(dir.path()).unwrap();
-    let model = Transformer::load(&w).unwrap();
     let mut rng = Rng::new(3);
     let batches: Vec<masa::corpus::Batch> = (0..4)
         .map(|k| masa::corpus::Batch { ids: (0..2 * 6).map(|_| rng.below(VOCAB) as u32).collect(), batch: 2, seq_len: 6, dataset: vec![k % 2; 2] })
@@ -178,7 +177,7 @@ fn seeds() -> Seeds {
         masa_version: "test".into(),
     };
     let datasets = vec!["a".to_string(), "b".to_string()];
-    let stats = masa::calibrate::calibrate(&model, batches.into_iter().map(Ok), &datasets, meta, &mut |_| {}).unwrap();
+    let stats = masa::calibrate::calibrate(&w, batches.into_iter().map(Ok), &datasets, meta, &mut |_| {}).unwrap();
     let stats_path = dir.path().join("stats.safetensors");
     stats.save(&stats_path).unwrap();
     let opts = masa::extract::ExtractOptions { rank: masa::align::RankSpec::Rank(4), lambda: 0.1, ..Default::default() };

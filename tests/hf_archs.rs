@@ -617,9 +617,9 @@ fn tiny_batches(spec: &Spec, seed: u64, n: usize) -> Vec<Batch> {
         .collect()
 }
 
-fn run_calibration(model: &Transformer, batches: Vec<Batch>) -> Stats {
+fn run_calibration(source: &SourceWeights, batches: Vec<Batch>) -> Stats {
     let datasets = vec!["a".to_string(), "b".to_string()];
-    calibrate(model, batches.into_iter().map(Ok), &datasets, empty_meta(), &mut |_| {}).unwrap()
+    calibrate(source, batches.into_iter().map(Ok), &datasets, empty_meta(), &mut |_| {}).unwrap()
 }
 
 #[test]
@@ -629,11 +629,11 @@ fn calibration_shards_merge_to_one_pass_and_count_routing() {
     let ck = spec.weights(17);
     ck.write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &spec.config_json());
-    let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
+    let w = SourceWeights::open(dir.path()).unwrap();
 
-    let all = run_calibration(&model, tiny_batches(&spec, 1, 4));
-    let mut first = run_calibration(&model, tiny_batches(&spec, 1, 4).into_iter().take(2).collect());
-    let second = run_calibration(&model, tiny_batches(&spec, 1, 4).into_iter().skip(2).collect());
+    let all = run_calibration(&w, tiny_batches(&spec, 1, 4));
+    let mut first = run_calibration(&w, tiny_batches(&spec, 1, 4).into_iter().take(2).collect());
+    let second = run_calibration(&w, tiny_batches(&spec, 1, 4).into_iter().skip(2).collect());
     // Shards go through the file format, as `masa stats merge` does.
     let f = dir.path().join("second.safetensors");
     second.save(&f).unwrap();
@@ -669,8 +669,7 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
     spec.weights(23).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &spec.config_json());
     let w = SourceWeights::open(dir.path()).unwrap();
-    let model = Transformer::load(&w).unwrap();
-    let mut stats = run_calibration(&model, tiny_batches(&spec, 5, 40));
+    let mut stats = run_calibration(&w, tiny_batches(&spec, 5, 40));
     let hash = w.fingerprint().unwrap();
     stats.meta.source_hash = hash.clone();
     let chosen = masa::extract::select_matrices(&w, &stats, &Default::default()).unwrap().matrices;
@@ -705,27 +704,27 @@ fn extraction_keeps_the_most_routed_expert_and_refuses_foreign_stats() {
     assert!(err.contains("gene rank") && err.contains("mlp.experts"), "{err}");
 }
 
-/// A small OLMoE checkpoint in a temporary directory, its model and statistics of 2 batches.
-fn small_olmoe_statistics() -> (tempfile::TempDir, Transformer, Stats) {
+/// A small OLMoE checkpoint in a temporary directory, its weights and statistics of 2 batches.
+fn small_olmoe_statistics() -> (tempfile::TempDir, SourceWeights, Stats) {
     let spec = Spec::olmoe();
     let dir = tempfile::tempdir().unwrap();
     spec.weights(3).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &spec.config_json());
-    let model = Transformer::load(&SourceWeights::open(dir.path()).unwrap()).unwrap();
-    let stats = run_calibration(&model, tiny_batches(&spec, 2, 2));
-    (dir, model, stats)
+    let w = SourceWeights::open(dir.path()).unwrap();
+    let stats = run_calibration(&w, tiny_batches(&spec, 2, 2));
+    (dir, w, stats)
 }
 
 #[test]
 fn statistics_with_nan_are_refused_and_empty_calibration_is_an_error() {
-    let (dir, model, mut stats) = small_olmoe_statistics();
+    let (dir, w, mut stats) = small_olmoe_statistics();
     stats.moments.values_mut().next().unwrap().xxt[3] = f64::NAN;
     let f = dir.path().join("nan.safetensors");
     stats.save(&f).unwrap();
     let err = Stats::load(&f).unwrap_err().to_string();
     assert!(err.contains("nan.safetensors") && err.contains("non-finite"), "{err}");
     let datasets = vec!["a".to_string()];
-    let err = calibrate(&model, std::iter::empty(), &datasets, empty_meta(), &mut |_| {}).unwrap_err().to_string();
+    let err = calibrate(&w, std::iter::empty(), &datasets, empty_meta(), &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("no tokens"), "{err}");
 }
 
@@ -794,12 +793,11 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     spec.weights(29).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &spec.config_json());
     let w = SourceWeights::open(dir.path()).unwrap();
-    let model = Transformer::load(&w).unwrap();
     let rank = masa::align::RankSpec::Rank(5);
     let datasets = vec!["a".to_string(), "b".to_string()];
-    let full = run_calibration(&model, tiny_batches(&spec, 8, 6));
-    let plan = masa::calibrate::rank_plan(&model, rank).unwrap();
-    let small = masa::calibrate::calibrate_with(&model, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), Some(plan), &mut |_| {}).unwrap();
+    let full = run_calibration(&w, tiny_batches(&spec, 8, 6));
+    // Blocks of 2 batches: each layer's targets are rebuilt per block.
+    let small = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None }, &mut |_| {}).unwrap();
     assert!(small.moments.keys().all(|k| k.contains(".r5.block")), "no full moments in rank-specific mode");
     assert_eq!(small.routing, full.routing);
     let mut checked = 0;
@@ -860,8 +858,7 @@ fn moe_genes_reach_a_dense_student_that_trains() {
         train_common::byte_tokenizer().save_hf(dir.path()).unwrap();
         let source = masa::source::SourceModel::open(dir.path()).unwrap();
         let hash = source.fingerprint().unwrap();
-        let model = Transformer::load(&source.weights).unwrap();
-        let mut stats = run_calibration(&model, tiny_batches(&spec, 7, 20));
+        let mut stats = run_calibration(&source.weights, tiny_batches(&spec, 7, 20));
         stats.meta.source_hash = hash.clone();
         let opts = masa::extract::ExtractOptions {
             rank: masa::align::RankSpec::Rank(4),

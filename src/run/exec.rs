@@ -14,7 +14,6 @@ use crate::error::IoContext;
 use crate::align::RankSpec;
 use crate::extract::{ExtractOptions, Genes, MinibatchOptions};
 use crate::init::{InitRequest, Strategy};
-use crate::source::model::Transformer;
 use crate::run::plan::{CalibrationJob, ExtractionJob, Plan, TrainingJob, ALL, SECONDS_PER_GENE, SOURCE_TOKENS_PER_S};
 use crate::run::results::*;
 use crate::run::spec::{Engine, ExtractionMode, Spec, TaskSpec};
@@ -54,6 +53,13 @@ struct TrainRecord {
     checkpoint: PathBuf,
     seconds: f64,
     tokens_per_s: f64,
+}
+
+/// The spec's calibration of one calibration job: the calibration stage runs it, minibatch
+/// extraction replays its token stream.
+fn calibrate_options(spec: &Spec, job: &CalibrationJob) -> crate::calibrate::CalibrateOptions {
+    let c = &spec.calibration;
+    crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None, shard: None }
 }
 
 /// Everything the fine-tune + evaluation stage of one task is given, as its key sees it.
@@ -148,7 +154,7 @@ impl<'a> Ctx<'a> {
     /// One pass of the source over the corpus: second moments per FFN input site.
     pub(crate) fn calibration(&mut self, job: &CalibrationJob) -> Result<()> {
         let c = &self.spec.calibration;
-        let opts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None };
+        let opts = calibrate_options(self.spec, job);
         let k = Stage::Calibrate.key(json!({"source": self.source_hash, "corpus": self.corpus_key}), &opts)?;
         let dir = Stage::Calibrate.dir(&self.store, &k);
         let path = dir.join("stats.safetensors");
@@ -158,10 +164,9 @@ impl<'a> Ctx<'a> {
             None => {
                 std::fs::create_dir_all(&dir).at(&dir)?;
                 self.computed += 1;
-                let model = Transformer::load(&self.source.weights)?;
                 let corpus = crate::corpus::load_corpus(&self.corpus)?;
                 let t0 = Instant::now();
-                let stats = crate::calibrate::calibrate_on_corpus(&self.source, &model, &corpus, &self.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), &opts)?;
+                let stats = crate::calibrate::calibrate_on_corpus(&self.source, &corpus, &self.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), &opts)?;
                 stats.save(&path)?;
                 let info = CalibrationInfo {
                     label: job.label.clone(),
@@ -199,7 +204,7 @@ impl<'a> Ctx<'a> {
         let c = &self.spec.calibration;
         // Minibatch mode replays the calibration stream the statistics came from.
         let minibatch = (e.mode == ExtractionMode::Minibatch).then(|| {
-            let copts = crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: cal.domains.clone(), rank: None };
+            let copts = calibrate_options(self.spec, cal);
             (copts, MinibatchOptions { epochs: e.epochs, lr: e.lr, init_std: crate::extract::MINIBATCH_INIT_STD, seed: c.seed })
         });
         let k = match &minibatch {
@@ -225,7 +230,7 @@ impl<'a> Ctx<'a> {
                         genes
                     }
                     Some((copts, mb)) => {
-                        let model = Transformer::load(&self.source.weights)?;
+                        let model = crate::source::model::Transformer::load(&self.source.weights)?;
                         let batches = crate::calibrate::corpus_batches(&self.source, &crate::corpus::load_corpus(&self.corpus)?, copts)?;
                         let bar = crate::progress::count_bar(mb.epochs as u64, "aligning (minibatch)", "epochs");
                         let (genes, _) = crate::extract::extract_minibatch(&model, &self.source.weights, &self.source_hash, &stats, &opts, mb, &batches, &mut |_| bar.inc(1))?;

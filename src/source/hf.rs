@@ -70,8 +70,17 @@ impl HfTensors {
             safetensors::Dtype::BF16 => DType::BF16,
             other => return Err(MasaError::unsupported(path, "tensor dtype", format!("{other:?} for `{name}`"))),
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
-        Ok(t.to_dtype(DType::F32)?)
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?.to_dtype(DType::F32)?;
+        // The tensor owns a copy now: drop the mapped pages from this process (they stay in the
+        // page cache), so a pass over a model larger than memory keeps a bounded resident set.
+        #[cfg(unix)]
+        {
+            let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+            // SAFETY: the mapping is read-only and masa never writes the file; MADV_DONTNEED on a
+            // file mapping only unmaps the pages, a later read faults in the same bytes.
+            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, view.data().len()) };
+        }
+        Ok(t)
     }
 }
 

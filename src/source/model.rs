@@ -210,7 +210,9 @@ struct Attention {
     k_norm: Option<Norm>,
 }
 
-struct Layer {
+/// One decoder layer's weights (f32). [`Transformer::load`] holds all of them; layer-sequential
+/// passes bring one in at a time with [`Transformer::load_layer`].
+pub struct Layer {
     attn_norm: Norm,
     post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
@@ -231,13 +233,18 @@ pub struct Transformer {
 impl Transformer {
     /// Build from source weights, dequantizing each tensor once.
     pub fn load(w: &SourceWeights) -> Result<Self> {
+        let mut m = Self::load_without_layers(w)?;
+        m.layers = (0..m.config.num_hidden_layers).map(|l| m.load_layer(w, l)).collect::<Result<_>>()?;
+        Ok(m)
+    }
+
+    /// The model without its decoder layers (embedding, final norm, head), for passes that bring
+    /// one layer in at a time ([`Self::load_layer`], [`Self::run_layer`]): memory is this plus
+    /// one layer, whatever the depth.
+    pub fn load_without_layers(w: &SourceWeights) -> Result<Self> {
         let c = w.config.clone();
         let h = c.hidden_size;
         let embed = w.tensor_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            layers.push(load_layer(w, &c, l)?);
-        }
         let norm = load_norm(w, &c, "model.norm", h)?;
         // Untied models must carry their own head: falling back to the embedding would
         // silently compute different logits.
@@ -246,23 +253,17 @@ impl Transformer {
         } else {
             Some(w.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?)
         };
-        Ok(Transformer { config: c, embed, layers, norm, lm_head })
+        Ok(Transformer { config: c, embed, layers: Vec::new(), norm, lm_head })
+    }
+
+    /// Decoder layer `l` of `w` (which must be the weights this model was loaded from).
+    pub fn load_layer(&self, w: &SourceWeights, l: usize) -> Result<Layer> {
+        load_layer(w, &self.config, l)
     }
 
     /// The weight `(out, in)` of one FFN matrix (`proj`: gate_proj, up_proj, down_proj).
     pub fn ffn_weight(&self, layer: usize, mlp: MlpId, proj: &str) -> Option<&Tensor> {
-        let m = match (&self.layers.get(layer)?.ffn, mlp) {
-            (Ffn::Dense(m), MlpId::Dense) => m,
-            (Ffn::Moe { experts, .. }, MlpId::Expert(e)) => experts.get(e)?,
-            (Ffn::Moe { shared: Some(s), .. }, MlpId::Shared) => s,
-            _ => return None,
-        };
-        Some(match proj {
-            "gate_proj" => &m.gate.w,
-            "up_proj" => &m.up.w,
-            "down_proj" => &m.down.w,
-            _ => return None,
-        })
+        self.layers.get(layer)?.ffn_weight(mlp, proj)
     }
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
@@ -276,27 +277,46 @@ impl Transformer {
     /// Final-norm hidden states `(batch * seq, hidden)`; un-normed after `hooks.last_layer()`
     /// when the hooks stop the pass early.
     pub fn hidden_states(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let c = &self.config;
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
-        if c.scale_embeddings {
-            x = (x * (c.hidden_size as f64).sqrt())?;
-        }
-        let masks = AttnMasks::new(c, t, x.device())?;
-        let mut ropes: Vec<(f64, Rope)> = Vec::new();
+        let pos = self.positions(t, ids.device())?;
+        let mut x = self.embed(ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let theta = c.rope_theta_for(l);
-            if !ropes.iter().any(|(th, _)| *th == theta) {
-                ropes.push((theta, Rope::new(c.head_dim, t, theta, x.device())?));
-            }
-            let rope = &ropes.iter().find(|(th, _)| *th == theta).map(|(_, r)| r).ok_or_else(|| MasaError::Shape("rope".into()))?;
-            let mask = if c.is_sliding_layer(l) { &masks.sliding } else { &masks.causal };
-            x = self.layer_forward(layer, l, &x, b, t, rope, mask, hooks)?;
+            x = self.run_layer(layer, l, &x, b, &pos, hooks)?;
             if hooks.last_layer() == Some(l) {
                 return Ok(x);
             }
         }
         self.norm.forward(&x)
+    }
+
+    /// The (scaled) token embeddings `(batch * seq, hidden)` of ids `(batch, seq)`: the input of
+    /// layer 0.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        Ok(if self.config.scale_embeddings { (x * (self.config.hidden_size as f64).sqrt())? } else { x })
+    }
+
+    /// RoPE tables and attention masks for sequences of `t` tokens, shared by all layers.
+    pub fn positions(&self, t: usize, dev: &Device) -> Result<Positions> {
+        let c = &self.config;
+        let mut ropes: Vec<(f64, Rope)> = Vec::new();
+        for l in 0..c.num_hidden_layers {
+            let theta = c.rope_theta_for(l);
+            if !ropes.iter().any(|(th, _)| *th == theta) {
+                ropes.push((theta, Rope::new(c.head_dim, t, theta, dev)?));
+            }
+        }
+        Ok(Positions { t, masks: AttnMasks::new(c, t, dev)?, ropes })
+    }
+
+    /// Decoder layer `l` on hidden states `x` `(batch * t, hidden)` of `batch` sequences of
+    /// `pos.t` tokens; hooks observe its FFN inputs and routing.
+    pub fn run_layer(&self, layer: &Layer, l: usize, x: &Tensor, batch: usize, pos: &Positions, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let c = &self.config;
+        let theta = c.rope_theta_for(l);
+        let rope = pos.ropes.iter().find(|(th, _)| *th == theta).map(|(_, r)| r).ok_or_else(|| MasaError::Shape("rope".into()))?;
+        let mask = if c.is_sliding_layer(l) { &pos.masks.sliding } else { &pos.masks.causal };
+        self.layer_forward(layer, l, x, batch, pos.t, rope, mask, hooks)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -327,6 +347,21 @@ impl Transformer {
     /// without past keys/values.
     fn attention(&self, a: &Attention, x: &Tensor, b: usize, t: usize, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
         Ok(self.attention_cached(a, x, b, t, rope, mask, None)?.0)
+    }
+}
+
+/// What every layer's attention needs for sequences of `t` tokens ([`Transformer::positions`]).
+pub struct Positions {
+    t: usize,
+    masks: AttnMasks,
+    /// One table per RoPE base in use.
+    ropes: Vec<(f64, Rope)>,
+}
+
+impl Positions {
+    /// The sequence length these tables are for.
+    pub fn seq_len(&self) -> usize {
+        self.t
     }
 }
 
@@ -415,6 +450,69 @@ fn load_mlp(w: &SourceWeights, c: &ModelConfig, prefix: &str, ffn: usize) -> Res
     })
 }
 
+impl ModelConfig {
+    /// Every tensor [`Transformer::load`] reads, with its shape, in HF naming and order
+    /// (embedding, layers, final norm, head): what a checkpoint of this configuration holds
+    /// (`masa synth` writes exactly these; test `synth_writes_what_the_loader_reads`).
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, hd, nh, nkv) = (self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads);
+        let mut out: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![self.vocab_size, h])];
+        let norm = |out: &mut Vec<(String, Vec<usize>)>, name: String, dim: usize| {
+            if self.norm != NormKind::LayerNormNoParams {
+                out.push((format!("{name}.weight"), vec![dim]));
+            }
+        };
+        let mlp = |out: &mut Vec<(String, Vec<usize>)>, p: String, width: usize| {
+            out.push((format!("{p}.gate_proj.weight"), vec![width, h]));
+            out.push((format!("{p}.up_proj.weight"), vec![width, h]));
+            out.push((format!("{p}.down_proj.weight"), vec![h, width]));
+        };
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            norm(&mut out, format!("{p}.input_layernorm"), h);
+            for (proj, rows, cols) in [("q", nh * hd, h), ("k", nkv * hd, h), ("v", nkv * hd, h), ("o", h, nh * hd)] {
+                out.push((format!("{p}.self_attn.{proj}_proj.weight"), vec![rows, cols]));
+                if self.attention_bias && !(proj == "o" && self.arch == Arch::Qwen2) {
+                    out.push((format!("{p}.self_attn.{proj}_proj.bias"), vec![rows]));
+                }
+            }
+            match self.qk_norm {
+                QkNorm::None => {}
+                QkNorm::PerHead => {
+                    norm(&mut out, format!("{p}.self_attn.q_norm"), hd);
+                    norm(&mut out, format!("{p}.self_attn.k_norm"), hd);
+                }
+                QkNorm::Full => {
+                    norm(&mut out, format!("{p}.self_attn.q_norm"), nh * hd);
+                    norm(&mut out, format!("{p}.self_attn.k_norm"), nkv * hd);
+                }
+            }
+            norm(&mut out, format!("{p}.post_attention_layernorm"), h);
+            if self.post_norms {
+                norm(&mut out, format!("{p}.pre_feedforward_layernorm"), h);
+                norm(&mut out, format!("{p}.post_feedforward_layernorm"), h);
+            }
+            match &self.moe {
+                Some(m) if self.is_moe_layer(l) => {
+                    out.push((format!("{p}.mlp.gate.weight"), vec![m.n_routed_experts, h]));
+                    for e in 0..m.n_routed_experts {
+                        mlp(&mut out, format!("{p}.mlp.experts.{e}"), m.moe_intermediate_size);
+                    }
+                    if m.n_shared_experts > 0 {
+                        mlp(&mut out, format!("{p}.mlp.shared_experts"), m.moe_intermediate_size * m.n_shared_experts);
+                    }
+                }
+                _ => mlp(&mut out, format!("{p}.mlp"), self.intermediate_size),
+            }
+        }
+        norm(&mut out, "model.norm".into(), h);
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+}
+
 fn load_layer(w: &SourceWeights, c: &ModelConfig, l: usize) -> Result<Layer> {
     let p = format!("model.layers.{l}");
     let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -472,6 +570,25 @@ fn load_layer(w: &SourceWeights, c: &ModelConfig, l: usize) -> Result<Layer> {
         attn,
         ffn,
     })
+}
+
+impl Layer {
+    /// The weight `(out, in)` of one FFN matrix of this layer (`proj`: gate_proj, up_proj,
+    /// down_proj).
+    pub fn ffn_weight(&self, mlp: MlpId, proj: &str) -> Option<&Tensor> {
+        let m = match (&self.ffn, mlp) {
+            (Ffn::Dense(m), MlpId::Dense) => m,
+            (Ffn::Moe { experts, .. }, MlpId::Expert(e)) => experts.get(e)?,
+            (Ffn::Moe { shared: Some(s), .. }, MlpId::Shared) => s,
+            _ => return None,
+        };
+        Some(match proj {
+            "gate_proj" => &m.gate.w,
+            "up_proj" => &m.up.w,
+            "down_proj" => &m.down.w,
+            _ => return None,
+        })
+    }
 }
 
 /// Natural-log NLL of each next token: `nll[i] = −log p(ids[i+1] | ids[..=i])`, from logits
