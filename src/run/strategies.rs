@@ -235,7 +235,10 @@ mod tests {
         }
         let e = scaling_variant(&ScalingSpec { components: Some(Components::Energy(0.9)), coupled: false });
         assert_eq!((e.name.as_str(), e.group, e.init.components), ("masa-energy0.9", Group::Scaling, Some(Components::Energy(0.9))));
-        let c = scaling_variant(&ScalingSpec { components: None, coupled: true }).with_scaling(&sc);
-        assert_eq!((c.name.as_str(), c.init.components, c.init.coupled), ("masa-rall-coupled", Some(Components::All), true));
+        // Without a count: the default r' (named after it), untouched by the main `[scaling]`.
+        let c = scaling_variant(&ScalingSpec { components: None, coupled: true }).with_scaling(&ScalingSpec { components: Some(Components::Rank(16)), coupled: false });
+        assert_eq!((c.name.as_str(), c.init.components, c.init.coupled), ("masa-r64-coupled", Some(crate::init::DEFAULT_COMPONENTS), true));
+        let a = scaling_variant(&ScalingSpec { components: Some(Components::All), coupled: true });
+        assert_eq!((a.name.as_str(), a.init.components), ("masa-rall-coupled", Some(Components::All)));
     }
 }
