@@ -150,7 +150,9 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
 }
 
-fn check_options(o: &TrainOptions) -> Result<()> {
+/// The ranges of `masa train`'s options ([`crate::limits`]); the model-dependent ones (positions)
+/// are checked once the student is open.
+pub fn check_options(o: &TrainOptions) -> Result<()> {
     use crate::limits::{count, fraction, in_range, non_negative, positive, MAX_BATCH, MAX_TOKENS};
     positive("--lr", o.lr)?;
     count("--batch", o.batch, MAX_BATCH, "")?;

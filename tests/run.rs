@@ -104,6 +104,10 @@ fn invalid_specs_name_the_field() {
     let e = load_err(dir.path(), &format!("{ok}\n[ablations]\ncalibration_domains = [\"poetry\"]\n"));
     assert!(e.contains("`ablations.calibration_domains`") && e.contains("poetry"), "{e}");
 
+    // The same ranges as `masa train`, before any work: 4096 tokens are 32 steps of 4 × 32.
+    let e = load_err(dir.path(), &ok.replace("warmup = 2", "warmup = 40"));
+    assert!(e.contains("`pretrain`") && e.contains("--warmup 40") && e.contains("0..=32"), "{e}");
+
     let e = load_err(dir.path(), &ok.replace("max_iter = 10", "max_iter = 10\nmode = \"minibatch\"\nepochs = 0"));
     assert!(e.contains("`extraction`") && e.contains("epochs ≥ 1"), "{e}");
     let e = load_err(dir.path(), &ok.replace("max_iter = 10", "max_iter = 10\nmode = \"stochastic\""));

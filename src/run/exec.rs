@@ -361,15 +361,6 @@ impl<'a> Ctx<'a> {
         let steps = j.budget.div_ceil((p.batch * p.seq_len * p.grad_accum) as u64) as usize;
         let mut opts = crate::train::TrainOptions {
             corpus: self.corpus.clone(),
-            tokens: j.budget,
-            batch: p.batch,
-            seq_len: p.seq_len,
-            grad_accum: p.grad_accum,
-            lr: p.lr,
-            warmup: p.warmup,
-            seed: j.seed,
-            eval_every: p.eval_every,
-            eval_seqs: p.eval_seqs,
             ckpt_every: (steps / 4).max(25),
             progress: true,
             distill: j.distill.then(|| crate::distill::DistillOptions {
@@ -381,7 +372,7 @@ impl<'a> Ctx<'a> {
             }),
             device: spec.device,
             precision: spec.precision,
-            ..Default::default()
+            ..p.train_options(j.budget, j.seed)
         };
         let k = match j.engine {
             Engine::Masa => Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key}), &opts)?,

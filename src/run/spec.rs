@@ -172,6 +172,26 @@ pub struct PretrainSpec {
     pub torchrun: TorchrunSpec,
 }
 
+impl PretrainSpec {
+    /// The `masa train` options of one run at `budget` tokens (the run stage adds the corpus,
+    /// checkpoints, distillation and the device); [`Spec::validate`] checks them with the same
+    /// ranges `masa train` applies, so a bad field fails before any work.
+    pub fn train_options(&self, budget: u64, seed: u64) -> crate::train::TrainOptions {
+        crate::train::TrainOptions {
+            tokens: budget,
+            batch: self.batch,
+            seq_len: self.seq_len,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            warmup: self.warmup,
+            seed,
+            eval_every: self.eval_every,
+            eval_seqs: self.eval_seqs,
+            ..Default::default()
+        }
+    }
+}
+
 /// A trainer of the pre-training stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -513,6 +533,9 @@ impl Spec {
         let step = (p.batch * p.seq_len * p.grad_accum) as u64;
         if let Some(b) = p.budgets.iter().find(|&&b| b < step) {
             return bad("pretrain.budgets", format!("{b} tokens is less than one optimizer step (batch × seq_len × grad_accum = {step})"));
+        }
+        for &b in &p.budgets {
+            crate::train::check_options(&p.train_options(b, 0)).map_err(|e| invalid(origin, "pretrain", e))?;
         }
         let engines = p.engine.list();
         if engines.is_empty() || has_duplicates(&engines) {
