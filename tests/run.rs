@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use masa::run::spec::Spec;
+use masa::run::spec::{FinetuneSpec, Spec, TaskSpec};
 
 fn spec_text(source: &str, corpus: &str, extra_students: &str) -> String {
     format!(
@@ -116,6 +116,18 @@ fn invalid_specs_name_the_field() {
     assert!(e.contains("layer_map") && e.contains("middle") && e.contains("uniform, first"), "{e}");
 
     let e = Spec::load("no-such-spec").unwrap_err().to_string();
+
+    // Fine-tuning: the task's epochs/lr, else [finetune]'s, else the paper's by task kind.
+    let tasks = "\n[[finetune.tasks]]\nname = \"piqa\"\nexamples = 4\neval_limit = 4\n[[finetune.tasks]]\nname = \"natural_instructions\"\nexamples = 1\neval_limit = 1\nepochs = 7\n";
+    let s = Spec::load(write(dir.path(), "ft.toml", &format!("{ok}{tasks}")).to_str().unwrap()).unwrap();
+    let f = &s.finetune;
+    assert_eq!(f.epochs_lr(&f.tasks[0]).unwrap(), (3, 3e-5));
+    assert_eq!(f.epochs_lr(&f.tasks[1]).unwrap(), (7, 3e-5));
+    let s = Spec::load(write(dir.path(), "ft2.toml", &format!("{ok}\n[finetune]\nepochs = 2\nlr = 1e-4\n{}", tasks.trim_start())).to_str().unwrap()).unwrap();
+    let f = &s.finetune;
+    assert_eq!((f.epochs_lr(&f.tasks[0]).unwrap(), f.epochs_lr(&f.tasks[1]).unwrap()), ((2, 1e-4), (7, 1e-4)));
+    let gen = TaskSpec { name: "natural_instructions".into(), examples: 1, eval_limit: 1, epochs: None, lr: None };
+    assert_eq!(FinetuneSpec::default().epochs_lr(&gen).unwrap(), (100, 3e-5));
     assert!(e.contains("default") && e.contains("no-such-spec"), "{e}");
 
     // Training engine: bf16 needs CUDA; CUDA needs a build with the feature; names are checked.

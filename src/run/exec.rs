@@ -412,10 +412,11 @@ impl<'a> Ctx<'a> {
     /// Fine-tune a pre-trained checkpoint on one task, evaluate it on the task's test items.
     fn downstream(&mut self, checkpoint: &Path, train_key: &str, task: &TaskSpec, seed: u64, what: &str) -> Result<TaskScore> {
         let f = &self.spec.finetune;
+        let (epochs, lr) = f.epochs_lr(task)?;
         let mut ft = crate::finetune::FinetuneOptions {
-            epochs: task.epochs.unwrap_or(f.epochs),
+            epochs,
             batch: f.batch,
-            lr: task.lr.unwrap_or(f.lr),
+            lr,
             max_len: f.max_len,
             seed,
             progress: true,

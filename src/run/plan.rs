@@ -268,7 +268,7 @@ pub(crate) fn job_seconds(spec: &Spec, j: &TrainingJob, vocab: usize, with_teach
     let n = student_parameters(&j.student, vocab);
     let pre = 6.0 * n * j.budget as f64 / TRAIN_FLOPS_PER_S;
     let teacher = if with_teacher { j.budget as f64 / SOURCE_TOKENS_PER_S } else { 0.0 };
-    let ft_tokens: f64 = spec.finetune.tasks.iter().map(|t| finetune_examples(t) as f64 * TOKENS_PER_EXAMPLE * (spec.finetune.epochs as f64 + 1.0)).sum();
+    let ft_tokens: f64 = spec.finetune.tasks.iter().map(|t| finetune_examples(t) as f64 * TOKENS_PER_EXAMPLE * (spec.finetune.epochs_lr(t).map_or(1, |(e, _)| e) as f64 + 1.0)).sum();
     pre + teacher + 6.0 * n * ft_tokens / TRAIN_FLOPS_PER_S
 }
 

@@ -291,10 +291,12 @@ pub struct FinetuneSpec {
     /// Downstream tasks; empty: no fine-tuning stage.
     #[serde(default)]
     pub tasks: Vec<TaskSpec>,
-    #[serde(default = "one")]
-    pub epochs: usize,
-    #[serde(default = "default_ft_lr")]
-    pub lr: f64,
+    /// Epochs and learning rate of every task that sets none; unset: the paper's, by task kind
+    /// ([`FinetuneSpec::epochs_lr`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
     #[serde(default = "d8")]
     pub batch: usize,
     #[serde(default = "d256")]
@@ -306,7 +308,7 @@ pub struct FinetuneSpec {
 
 impl Default for FinetuneSpec {
     fn default() -> Self {
-        FinetuneSpec { tasks: vec![], epochs: 1, lr: default_ft_lr(), batch: 8, max_len: 256, max_new_tokens: 32 }
+        FinetuneSpec { tasks: vec![], epochs: None, lr: None, batch: 8, max_len: 256, max_new_tokens: 32 }
     }
 }
 
@@ -325,6 +327,22 @@ pub struct TaskSpec {
     /// Fine-tuning learning rate for this task (default `[finetune] lr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
+}
+
+/// The paper's fine-tuning (Sec. 4): batch 8, lr 3e-5, 3 epochs for multiple choice, 100 for
+/// generation.
+pub const PAPER_FT_LR: f64 = 3e-5;
+pub const PAPER_FT_EPOCHS_MULTIPLE_CHOICE: usize = 3;
+pub const PAPER_FT_EPOCHS_GENERATION: usize = 100;
+
+impl FinetuneSpec {
+    /// Epochs and learning rate for `task`: the task's own, else `[finetune]`'s, else the
+    /// paper's for the task's kind.
+    pub fn epochs_lr(&self, task: &TaskSpec) -> Result<(usize, f64)> {
+        let kind = crate::eval::data::find_task(&task.name)?.kind;
+        let paper_epochs = if kind == crate::eval::data::TaskKind::Generation { PAPER_FT_EPOCHS_GENERATION } else { PAPER_FT_EPOCHS_MULTIPLE_CHOICE };
+        Ok((task.epochs.or(self.epochs).unwrap_or(paper_epochs), task.lr.or(self.lr).unwrap_or(PAPER_FT_LR)))
+    }
 }
 
 /// Adaptive scaling of the MASA strategies' genes (Sec. 3.2; `masa init --components`,
@@ -384,9 +402,6 @@ fn default_lambda() -> f64 {
 }
 fn default_minibatch_lr() -> f64 {
     1e-3
-}
-fn default_ft_lr() -> f64 {
-    1e-4
 }
 
 /// `s` as one shell word: unchanged when it needs no quoting, else single-quoted.
@@ -573,7 +588,7 @@ impl Spec {
                 return bad("finetune.tasks", format!("`{}`: epochs and lr, when given, must be positive", t.name));
             }
         }
-        if !f.tasks.is_empty() && (f.epochs == 0 || f.batch == 0 || f.max_len < 2 || !(f.lr > 0.0)) {
+        if !f.tasks.is_empty() && (f.epochs == Some(0) || f.batch == 0 || f.max_len < 2 || f.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite()))) {
             return bad("finetune", "epochs, batch, max_len (≥ 2) and lr must be positive when tasks are given".into());
         }
         Ok(())
