@@ -599,13 +599,31 @@ impl crate::source::model::Hooks for ActivationCache {
     }
 }
 
+/// [`extract_minibatch`] on the calibration stream `copts` draws from `corpus`, replayed exactly
+/// as calibration saw it ([`crate::calibrate::corpus_batches`]).
+#[allow(clippy::too_many_arguments)]
+pub fn extract_minibatch_on_corpus(
+    source: &crate::source::SourceModel,
+    source_hash: &str,
+    stats: &Stats,
+    opts: &ExtractOptions,
+    mb: &MinibatchOptions,
+    corpus: &crate::corpus::Corpus,
+    copts: &crate::calibrate::CalibrateOptions,
+    on_epoch: &mut dyn FnMut(&EpochTrace),
+) -> Result<(Genes, Vec<EpochTrace>)> {
+    let model = crate::source::model::Transformer::load(&source.weights)?;
+    let batches = crate::calibrate::corpus_batches(source, corpus, copts)?;
+    extract_minibatch(&model, &source.weights, source_hash, stats, opts, mb, &batches, on_epoch)
+}
+
 /// The paper's extraction: genes from random init, Adam on minibatches of `(x, W x)` pairs.
 /// One forward pass over `batches` stores the inputs of the needed sites (stopping after the
 /// last needed layer); then `epochs` passes of Adam over the stored batches. After every epoch
 /// the genes are scored with the exact objective from `stats`, so the trace is comparable with
 /// exact mode; trace times include the activation pass.
 #[allow(clippy::too_many_arguments)]
-pub fn extract_minibatch(
+fn extract_minibatch(
     model: &crate::source::model::Transformer,
     source: &SourceWeights,
     source_hash: &str,

@@ -835,27 +835,24 @@ fn cmd_extract(
         anyhow::bail!("--lambda {lambda} must be a finite number ≥ 0");
     }
     let path = fetch::resolve_model(model)?;
-    let source = SourceWeights::open(&path)?;
-    let hash = masa::source::SourceModel::open(&path)?.fingerprint()?;
+    let full = masa::source::SourceModel::open(&path)?;
+    let (source, hash) = (&full.weights, full.fingerprint()?);
     let stats = masa::stats::Stats::load_layers(stats_path, layers.as_deref())?;
-    masa::extract::check_stats_match(&source, &hash, &stats, stats_path)?;
+    masa::extract::check_stats_match(source, &hash, &stats, stats_path)?;
     let opts = ExtractOptions { rank, lambda, experts, routed_with_shared, max_iter, layers, ..Default::default() };
-    let n = masa::extract::select_matrices(&source, &stats, &opts)?.matrices.len();
+    let n = masa::extract::select_matrices(source, &stats, &opts)?.matrices.len();
     let t0 = std::time::Instant::now();
     let genes = match replay {
         None => {
             let bar = masa::progress::count_bar(n as u64, "extracting", "matrices");
-            let g = masa::extract::extract(&source, &hash, &stats, &opts, &|_| bar.inc(1))?;
+            let g = masa::extract::extract(source, &hash, &stats, &opts, &|_| bar.inc(1))?;
             bar.finish_and_clear();
             g
         }
         Some((corpus, copts, epochs, lr)) => {
-            let full = masa::source::SourceModel::open(&path)?;
-            let model = Transformer::load(&full.weights)?;
             let (corpus, _) = masa::corpus::resolve_corpus(&corpus)?;
-            let batches = masa::calibrate::corpus_batches(&full, &corpus, &copts)?;
             let mb = masa::extract::MinibatchOptions { epochs, lr, init_std: masa::extract::MINIBATCH_INIT_STD, seed: copts.seed };
-            let (g, trace) = masa::extract::extract_minibatch(&model, &source, &hash, &stats, &opts, &mb, &batches, &mut |p| {
+            let (g, trace) = masa::extract::extract_minibatch_on_corpus(&full, &hash, &stats, &opts, &mb, &corpus, &copts, &mut |p| {
                 eprintln!("epoch {:3}  {:8.1} s  median relative L_out {:.4}", p.epoch, p.seconds, p.median_rel_l_out)
             })?;
             masa::home::write_atomic(&out.with_extension("trace.json"), serde_json::to_string_pretty(&trace)?.as_bytes())?;

@@ -389,7 +389,7 @@ fn engine_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
         doc.h(3, setting_title(&s));
         let copies = in_setting(&other, &s);
         let mut rows: Vec<&Cohort> =
-            in_setting(&main, &s).into_iter().filter(|c| copies.iter().any(|o| strategies::split_engine(&o.strategy).0 == c.strategy)).collect();
+            in_setting(&main, &s).into_iter().filter(|c| copies.iter().any(|o| strategies::base_strategy(&o.strategy) == c.strategy)).collect();
         rows.extend(copies);
         let masa = rows.iter().copied().find(|c| c.strategy == "masa");
         doc.table(tables::ablation_table(&rows, masa, &tasks_of(&rows)));

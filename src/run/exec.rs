@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::error::IoContext;
 use crate::align::RankSpec;
@@ -201,11 +200,11 @@ impl<'a> Ctx<'a> {
             routed_with_shared: e.routed_with_shared,
             ..Default::default()
         };
-        let c = &self.spec.calibration;
         // Minibatch mode replays the calibration stream the statistics came from.
         let minibatch = (e.mode == ExtractionMode::Minibatch).then(|| {
             let copts = calibrate_options(self.spec, cal);
-            (copts, MinibatchOptions { epochs: e.epochs, lr: e.lr, init_std: crate::extract::MINIBATCH_INIT_STD, seed: c.seed })
+            let mb = MinibatchOptions { epochs: e.epochs, lr: e.lr, init_std: crate::extract::MINIBATCH_INIT_STD, seed: copts.seed };
+            (copts, mb)
         });
         let k = match &minibatch {
             None => Stage::Extract.key(json!({"stats": stats_key}), &opts)?,
@@ -230,10 +229,9 @@ impl<'a> Ctx<'a> {
                         genes
                     }
                     Some((copts, mb)) => {
-                        let model = crate::source::model::Transformer::load(&self.source.weights)?;
-                        let batches = crate::calibrate::corpus_batches(&self.source, &crate::corpus::load_corpus(&self.corpus)?, copts)?;
+                        let corpus = crate::corpus::load_corpus(&self.corpus)?;
                         let bar = crate::progress::count_bar(mb.epochs as u64, "aligning (minibatch)", "epochs");
-                        let (genes, _) = crate::extract::extract_minibatch(&model, &self.source.weights, &self.source_hash, &stats, &opts, mb, &batches, &mut |_| bar.inc(1))?;
+                        let (genes, _) = crate::extract::extract_minibatch_on_corpus(&self.source, &self.source_hash, &stats, &opts, mb, &corpus, copts, &mut |_| bar.inc(1))?;
                         bar.finish_and_clear();
                         genes
                     }
@@ -376,11 +374,8 @@ impl<'a> Ctx<'a> {
         };
         let k = match j.engine {
             Engine::Masa => Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key}), &opts)?,
-            // The launch words do not change the result; the process layout and the script do.
             Engine::Torchrun => {
-                let t = &p.torchrun;
-                let script: String = Sha256::digest(crate::run::torchrun::TRAINER.as_bytes()).iter().map(|x| format!("{x:02x}")).collect();
-                let engine = json!({"name": "torchrun", "nnodes": t.nnodes, "nproc_per_node": t.nproc_per_node, "fsdp": t.fsdp, "trainer_sha256": script});
+                let engine = crate::run::torchrun::cache_identity(&p.torchrun);
                 Stage::Train.key(json!({"init": init_key, "corpus": self.corpus_key, "engine": engine}), &opts)?
             }
         };

@@ -108,8 +108,7 @@ pub fn find(name: &str) -> Option<&'static StrategyDef> {
 /// Position in the report's order; strategies not in the table (the sweeps' variants) after
 /// every listed one.
 pub fn report_rank(name: &str) -> usize {
-    let (base, _) = split_engine(name);
-    STRATEGIES.iter().position(|s| s.name == base).unwrap_or(STRATEGIES.len())
+    STRATEGIES.iter().position(|s| s.name == base_strategy(name)).unwrap_or(STRATEGIES.len())
 }
 
 /// A job's strategy name on a second engine: `masa@torchrun`.
@@ -117,12 +116,9 @@ pub fn on_engine(name: &str, engine: Engine) -> String {
     format!("{name}@{}", engine.name())
 }
 
-/// `masa@torchrun` → (`masa`, Some(`torchrun`)); `masa` → (`masa`, None).
-pub fn split_engine(name: &str) -> (&str, Option<&str>) {
-    match name.split_once('@') {
-        Some((base, engine)) => (base, Some(engine)),
-        None => (name, None),
-    }
+/// The strategy a job name runs: `masa@torchrun` → `masa`; `masa` → `masa`.
+pub fn base_strategy(name: &str) -> &str {
+    name.split_once('@').map_or(name, |(base, _)| base)
 }
 
 /// The names in table order, for messages.

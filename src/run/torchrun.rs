@@ -17,6 +17,14 @@ use crate::{MasaError, Result};
 /// `python/masa_torch/pretrain.py`, as this masa was built with.
 pub const TRAINER: &str = include_str!("../../python/masa_torch/pretrain.py");
 
+/// What of the torchrun launch changes a run's result, for its cache key: the process layout and
+/// the trainer script (the launch words do not).
+pub fn cache_identity(t: &TorchrunSpec) -> serde_json::Value {
+    use sha2::{Digest, Sha256};
+    let script = crate::fetch::hex(&Sha256::digest(TRAINER.as_bytes()));
+    serde_json::json!({"name": "torchrun", "nnodes": t.nnodes, "nproc_per_node": t.nproc_per_node, "fsdp": t.fsdp, "trainer_sha256": script})
+}
+
 /// The launch command: `LAUNCHER... TORCHRUN --nnodes N --nproc_per_node P [ARGS...] SCRIPT
 /// STUDENT --data DATA --out OUT` and masa's recipe (`opts`: learning rate, its floor, warm-up,
 /// weight decay, clipping, evaluation and checkpoint cadence, device and precision); batch,
