@@ -264,7 +264,7 @@ struct InitArgs {
     /// Preset name (tiny, cpu-6l-256, ..., paper-16l-2048) or a student.toml/json file.
     #[arg(long)]
     student: String,
-    /// masa, naive, scratch, weight-selection or prune.
+    /// masa, naive, scratch, weight-selection, prune or eep (MoE sources).
     #[arg(long)]
     strategy: masa::init::Strategy,
     /// Output directory (replaced atomically).
@@ -276,9 +276,27 @@ struct InitArgs {
     /// Source model: GGUF file, HF directory or model name; gives the tokenizer and vocabulary.
     #[arg(long, default_value = "smollm2-135m")]
     source: String,
-    /// Calibration statistics from `masa calibrate` (prune; MoE sources).
+    /// Calibration statistics from `masa calibrate` (prune, eep; MoE sources).
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// eep: corpus files/directories its fitness reads (default: the built-in corpus).
+    #[arg(long)]
+    corpus: Vec<PathBuf>,
+    /// eep: candidates per generation.
+    #[arg(long, default_value_t = masa::init::eep::EepOptions::default().population)]
+    eep_population: usize,
+    /// eep: generations of the evolution strategy.
+    #[arg(long, default_value_t = masa::init::eep::EepOptions::default().generations)]
+    eep_generations: usize,
+    /// eep: calibration tokens the fitness (source NLL) is measured on.
+    #[arg(long, default_value_t = masa::init::eep::EepOptions::default().tokens)]
+    eep_tokens: u64,
+    /// eep: sequence length of the fitness batches.
+    #[arg(long, default_value_t = masa::init::eep::EepOptions::default().seq_len)]
+    eep_seq: usize,
+    /// eep: initial mutation step σ.
+    #[arg(long, default_value_t = masa::init::eep::EepOptions::default().sigma)]
+    eep_sigma: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Layer mapping: uniform or first (default: first for weight-selection, else uniform).
@@ -702,6 +720,13 @@ fn run(cli: Cli) -> Result<()> {
                 gene_scale: a.gene_scale,
                 rest: a.rest,
                 expand: a.expand,
+                eep: (a.strategy == masa::init::Strategy::Eep).then(|| masa::init::eep::EepOptions {
+                    population: a.eep_population,
+                    generations: a.eep_generations,
+                    tokens: a.eep_tokens,
+                    seq_len: a.eep_seq,
+                    sigma: a.eep_sigma,
+                }),
             };
             let req = masa::init::InitRequest {
                 student: a.student,
@@ -709,6 +734,7 @@ fn run(cli: Cli) -> Result<()> {
                 source: fetch::resolve_model(&a.source)?,
                 genes: a.genes,
                 stats: a.stats,
+                corpus: a.corpus,
                 options,
             };
             let cfg = masa::init::run(&req)?;

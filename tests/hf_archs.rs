@@ -891,6 +891,7 @@ fn moe_genes_reach_a_dense_student_that_trains() {
             source: dir.path().to_path_buf(),
             genes: Some(gene_path),
             stats: None,
+            corpus: Vec::new(),
             options: InitOptions::new(Strategy::Masa),
         };
         masa::init::run(&req).unwrap();
@@ -930,4 +931,155 @@ fn moe_genes_reach_a_dense_student_that_trains() {
         assert_eq!(s.steps, 10);
         assert!(s.final_loss.is_finite() && s.final_val.values().all(|v| v.is_finite()));
     }
+}
+
+/// EEP (issue 12): on the synthetic OLMoE and DeepSeekMoE checkpoints the search's best
+/// fitness (source NLL on calibration tokens with the merged dense FFNs) never rises, ends
+/// below its starting point (prune's choice), `masa.json` records it, and the student trains.
+/// A dense source is refused with the strategy to use instead.
+#[test]
+fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
+    use masa::init::{eep::EepOptions, InitOptions, InitRequest, Strategy};
+    for spec in [
+        Spec {
+            vocab: 257,
+            ..Spec::olmoe()
+        },
+        Spec {
+            vocab: 257,
+            ..Spec::deepseek()
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        spec.weights(5).write(dir.path(), Dtype::F32, 1);
+        write_config(dir.path(), &spec.config_json());
+        train_common::byte_tokenizer().save_hf(dir.path()).unwrap();
+        let source = masa::source::SourceModel::open(dir.path()).unwrap();
+        let mut stats = run_calibration(&source.weights, tiny_batches(&spec, 7, 20));
+        stats.meta.source_hash = source.fingerprint().unwrap();
+        let stats_path = dir.path().join("stats.safetensors");
+        stats.save(&stats_path).unwrap();
+        let corpus = dir.path().join("corpus.jsonl");
+        train_common::write_corpus(&corpus, 40);
+        let student = dir.path().join("student.toml");
+        std::fs::write(&student, "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n").unwrap();
+        let out = dir.path().join("student");
+        let eep = EepOptions {
+            population: 6,
+            generations: 6,
+            tokens: 256,
+            seq_len: 32,
+            sigma: 0.1,
+        };
+        let req = InitRequest {
+            student: student.to_string_lossy().into_owned(),
+            out: out.clone(),
+            source: dir.path().to_path_buf(),
+            genes: None,
+            stats: Some(stats_path.clone()),
+            corpus: vec![corpus.clone()],
+            options: InitOptions {
+                eep: Some(eep.clone()),
+                ..InitOptions::new(Strategy::Eep)
+            },
+        };
+        masa::init::run(&req).unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("masa.json")).unwrap()).unwrap();
+        let fit: Vec<f64> = record["init"]["eep"]["fitness"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(fit.len(), eep.generations + 1, "{record}");
+        assert!(
+            fit.windows(2).all(|w| w[1] <= w[0]),
+            "best fitness rose: {fit:?}"
+        );
+        assert!(
+            fit[fit.len() - 1] < fit[0] - 1e-6,
+            "no improvement over prune's start: {fit:?}"
+        );
+        // Every MoE layer the student inherits (layers 0 and L-1; DeepSeek's layer 0 is dense).
+        let searched: Vec<u64> = record["init"]["eep"]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["layer"].as_u64().unwrap())
+            .collect();
+        let last = spec.layers as u64 - 1;
+        assert_eq!(
+            searched,
+            if spec.family == Family::Olmoe {
+                vec![0, last]
+            } else {
+                vec![last]
+            },
+            "{record}"
+        );
+        assert!(
+            record["init"]["ffn"].to_string().contains("merged.0"),
+            "{record}"
+        );
+        let t = masa::train::TrainOptions {
+            corpus: vec![corpus.clone()],
+            out: dir.path().join("run"),
+            tokens: 10 * 2 * 16,
+            batch: 2,
+            seq_len: 16,
+            warmup: 1,
+            eval_seqs: 1,
+            progress: false,
+            ..Default::default()
+        };
+        let s = masa::train::train(&out, &t).unwrap();
+        assert_eq!(s.steps, 10);
+        assert!(s.final_loss.is_finite() && s.final_val.values().all(|v| v.is_finite()));
+        // Same seed, same inputs: the same student.
+        let again = InitRequest {
+            out: dir.path().join("again"),
+            ..req
+        };
+        masa::init::run(&again).unwrap();
+        let a = std::fs::read(out.join("model.safetensors")).unwrap();
+        let b = std::fs::read(dir.path().join("again/model.safetensors")).unwrap();
+        assert!(a == b, "EEP is not deterministic");
+    }
+    // A dense source: refused before any search, naming the alternative.
+    let spec = Spec {
+        vocab: 257,
+        ..Spec::olmo()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    spec.weights(5).write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &spec.config_json());
+    train_common::byte_tokenizer().save_hf(dir.path()).unwrap();
+    let source = masa::source::SourceModel::open(dir.path()).unwrap();
+    let mut stats = run_calibration(&source.weights, tiny_batches(&spec, 7, 4));
+    stats.meta.source_hash = source.fingerprint().unwrap();
+    stats.save(&dir.path().join("stats.safetensors")).unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    train_common::write_corpus(&corpus, 10);
+    let req = InitRequest {
+        student: "tiny".into(),
+        out: dir.path().join("student"),
+        source: dir.path().to_path_buf(),
+        genes: None,
+        stats: Some(dir.path().join("stats.safetensors")),
+        corpus: vec![corpus],
+        options: InitOptions::new(Strategy::Eep),
+    };
+    let student = dir.path().join("student.toml");
+    std::fs::write(&student, "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n").unwrap();
+    let req = InitRequest {
+        student: student.to_string_lossy().into_owned(),
+        ..req
+    };
+    let err = masa::init::run(&req).unwrap_err().to_string();
+    assert!(
+        err.contains("is dense") && err.contains("--strategy prune"),
+        "{err}"
+    );
+    assert!(!dir.path().join("student").exists());
 }

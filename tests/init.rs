@@ -167,7 +167,7 @@ fn small_student(f: &Fixture) -> String {
 }
 
 fn request(f: &Fixture, student: &str, out: &str, opts: InitOptions) -> InitRequest {
-    InitRequest { student: student.into(), out: f.path(out), source: f.source(), genes: None, stats: None, options: opts }
+    InitRequest { student: student.into(), out: f.path(out), source: f.source(), genes: None, stats: None, corpus: Vec::new(), options: opts }
 }
 
 /// The student's tensors by name.
@@ -574,7 +574,7 @@ fn smollm2_same_shape_selection_is_the_identity() {
     }
     let cfg = masa::student::StudentConfig::from_spec(&student).unwrap();
     for s in [Strategy::WeightSelection, Strategy::Prune] {
-        let built = masa::init::build(&cfg, &source, None, Some(&e), &InitOptions::new(s)).unwrap();
+        let built = masa::init::build(&cfg, &source, None, Some(&e), &[], &InitOptions::new(s)).unwrap();
         assert_eq!(built.config.rope_theta, 100000.0);
         assert_eq!(built.config.rms_norm_eps, 1e-5);
         let out = dir.path().join(s.name());

@@ -6,7 +6,9 @@
 //! - `naive`: the "w/o adaptive scaling" ablation, genes truncated or padded with Scratch;
 //! - `scratch`: HF Llama init ([`rng`]);
 //! - `weight-selection`: Xu et al., ICLR 2024 ([`select`]), first-N layers;
-//! - `prune`: structured width/depth pruning by activation energy ([`prune`]).
+//! - `prune`: structured width/depth pruning by activation energy ([`prune`]);
+//! - `eep`: `prune` with each inherited MoE layer's experts merged by Efficient Expert Pruning's
+//!   evolutionary search ([`eep`]), the paper's pruning baseline for MoE sources.
 //!
 //! The student always uses the source tokenizer and vocabulary (`vocab_size` = the source's
 //! embedding rows). Strategies that inherit weights beyond the FFN (`weight-selection`, `prune`,
@@ -16,6 +18,7 @@
 //! parameter-free norms become ones, attention biases, q/k norms, post-norms and Gemma's
 //! embedding scale are dropped, and the activation becomes SiLU.
 
+pub mod eep;
 pub mod genes;
 pub mod prune;
 pub mod scale;
@@ -67,7 +70,7 @@ macro_rules! cli_enum {
 
 cli_enum!(
     /// How the student is initialised.
-    Strategy { Masa = "masa", Naive = "naive", Scratch = "scratch", WeightSelection = "weight-selection", Prune = "prune" }
+    Strategy { Masa = "masa", Naive = "naive", Scratch = "scratch", WeightSelection = "weight-selection", Prune = "prune", Eep = "eep" }
 );
 cli_enum!(
     /// Which source layer each student layer inherits from (design.md "Adaptive scaling").
@@ -112,6 +115,9 @@ pub struct InitOptions {
     pub gene_scale: GeneScale,
     pub rest: Rest,
     pub expand: Expand,
+    /// EEP's search (`eep` only; `None`: [`eep::EepOptions::default`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eep: Option<eep::EepOptions>,
 }
 
 impl InitOptions {
@@ -125,6 +131,7 @@ impl InitOptions {
             gene_scale: GeneScale::Frobenius,
             rest: Rest::Scratch,
             expand: Expand::Cyclic,
+            eep: None,
         }
     }
 
@@ -135,7 +142,11 @@ impl InitOptions {
             Strategy::Masa => Some(self.components.unwrap_or(DEFAULT_COMPONENTS)),
             _ => self.components,
         };
-        InitOptions { components, ..self.clone() }
+        let eep = match self.strategy {
+            Strategy::Eep => Some(self.eep.clone().unwrap_or_default()),
+            _ => self.eep.clone(),
+        };
+        InitOptions { components, eep, ..self.clone() }
     }
 
     pub fn layer_map(&self) -> LayerMap {
@@ -145,7 +156,7 @@ impl InitOptions {
     /// Whether anything outside the FFN comes from the source.
     pub fn inherits_rest(&self) -> bool {
         match self.strategy {
-            Strategy::WeightSelection | Strategy::Prune => true,
+            Strategy::WeightSelection | Strategy::Prune | Strategy::Eep => true,
             Strategy::Masa | Strategy::Naive => self.rest == Rest::WeightSelection,
             Strategy::Scratch => false,
         }
@@ -221,13 +232,15 @@ pub struct Built {
 
 type Parts = HashMap<String, Vec<f32>>;
 
-/// Build a student's tensors. `genes` is needed by `masa`/`naive`; `energies` by `prune` (and
-/// by anything that inherits from a MoE source, to choose experts).
+/// Build a student's tensors. `genes` is needed by `masa`/`naive`; `energies` by `prune` and
+/// `eep` (and by anything that inherits from a MoE source, to choose experts); `calibration`
+/// (token batches for its fitness) by `eep`.
 pub fn build(
     student: &StudentConfig,
     source: &SourceModel,
     genes: Option<&Genes>,
     energies: Option<&Energies>,
+    calibration: &[crate::corpus::Batch],
     opts: &InitOptions,
 ) -> Result<Built> {
     let cfg = student_for_source(student, source, opts.inherits_rest())?;
@@ -241,15 +254,22 @@ pub fn build(
             let g = genes.ok_or_else(|| MasaError::Invalid(format!("--strategy {} needs --genes FILE", opts.strategy)))?;
             record["matrices"] = gene_ffn(&cfg, g, &map, opts, &mut parts)?;
             if opts.rest == Rest::WeightSelection {
-                inherit(&cfg, source, &map, Selector::Uniform, false, energies, &mut parts)?;
+                inherit(&cfg, source, &map, Selector::Uniform, Ffn::Keep, energies, &mut parts)?;
             }
         }
         Strategy::WeightSelection => {
-            record["ffn"] = inherit(&cfg, source, &map, Selector::Uniform, true, energies, &mut parts)?;
+            record["ffn"] = inherit(&cfg, source, &map, Selector::Uniform, Ffn::Source, energies, &mut parts)?;
         }
         Strategy::Prune => {
             let e = energies.ok_or_else(|| MasaError::Invalid("--strategy prune needs --stats FILE (activation energies)".into()))?;
-            record["ffn"] = inherit(&cfg, source, &map, Selector::Energy(e), true, Some(e), &mut parts)?;
+            record["ffn"] = inherit(&cfg, source, &map, Selector::Energy(e), Ffn::Source, Some(e), &mut parts)?;
+        }
+        Strategy::Eep => {
+            let e = energies.ok_or_else(|| MasaError::Invalid("--strategy eep needs --stats FILE (routing counts, activation energies)".into()))?;
+            let eo = opts.eep.clone().unwrap_or_default();
+            let merged = eep::search(&source.weights, &map, cfg.intermediate_size, e, calibration, &eo, opts.seed)?;
+            record["eep"] = merged.record;
+            record["ffn"] = inherit(&cfg, source, &map, Selector::Energy(e), Ffn::Merged(&merged.ffns), Some(e), &mut parts)?;
         }
     }
     let tensors = assemble(&cfg, opts.seed, parts)?;
@@ -386,15 +406,25 @@ fn pick(v: &[f32], idx: &[usize]) -> Vec<f32> {
     idx.iter().map(|&i| v[i]).collect()
 }
 
-/// Everything but (unless `ffn`) the FFN selected from the source: embeddings (all vocabulary
-/// rows, kept hidden channels), norms, attention (whole heads, see [`select::attention_rows`]),
-/// and with `ffn` the FFN neurons. Student layer t reads source layer `map[t]`.
+/// Where an inheriting student's FFN comes from.
+enum Ffn<'a> {
+    /// Not inherited (`masa --rest weight-selection`: the genes fill it).
+    Keep,
+    /// The source layer's FFN ([`source_ffn`]).
+    Source,
+    /// EEP's merged FFN where the search made one, else the source layer's.
+    Merged(&'a std::collections::BTreeMap<usize, prune::SourceFfn>),
+}
+
+/// Everything but (with [`Ffn::Keep`]) the FFN selected from the source: embeddings (all
+/// vocabulary rows, kept hidden channels), norms, attention (whole heads, see
+/// [`select::attention_rows`]), and the FFN neurons. Student layer t reads source layer `map[t]`.
 fn inherit(
     cfg: &StudentConfig,
     source: &SourceModel,
     map: &[usize],
     selector: Selector,
-    ffn: bool,
+    ffn: Ffn,
     energies: Option<&Energies>,
     parts: &mut Parts,
 ) -> Result<serde_json::Value> {
@@ -433,18 +463,24 @@ fn inherit(
         parts.insert(format!("{tp}.self_attn.k_proj.weight"), k.select(&kv_rows, &hid).data);
         parts.insert(format!("{tp}.self_attn.v_proj.weight"), v.select(&kv_rows, &hid).data);
         parts.insert(format!("{tp}.self_attn.o_proj.weight"), o.select(&hid, &q_rows).data);
-        if ffn {
-            let s = source_ffn(w, ls, cfg.intermediate_size, energies)?;
-            let f_s = s.gate.rows;
-            let neurons = match (selector, &s.energy) {
-                (Selector::Energy(_), Some(e)) => top_k_in_order(e, cfg.intermediate_size, "FFN neurons")?,
-                _ => uniform_indices(f_s, cfg.intermediate_size, "FFN neurons")?,
-            };
-            parts.insert(format!("{tp}.mlp.gate_proj.weight"), s.gate.select(&neurons, &hid).data);
-            parts.insert(format!("{tp}.mlp.up_proj.weight"), s.up.select(&neurons, &hid).data);
-            parts.insert(format!("{tp}.mlp.down_proj.weight"), s.down.select(&hid, &neurons).data);
-            rec.push(serde_json::json!({ "layer": t, "source_layer": ls, "source_width": f_s, "parts": s.parts }));
-        }
+        let from_source;
+        let s = match &ffn {
+            Ffn::Keep => continue,
+            Ffn::Merged(m) if m.contains_key(&ls) => &m[&ls],
+            _ => {
+                from_source = source_ffn(w, ls, cfg.intermediate_size, energies)?;
+                &from_source
+            }
+        };
+        let f_s = s.gate.rows;
+        let neurons = match (selector, &s.energy) {
+            (Selector::Energy(_), Some(e)) => top_k_in_order(e, cfg.intermediate_size, "FFN neurons")?,
+            _ => uniform_indices(f_s, cfg.intermediate_size, "FFN neurons")?,
+        };
+        parts.insert(format!("{tp}.mlp.gate_proj.weight"), s.gate.select(&neurons, &hid).data);
+        parts.insert(format!("{tp}.mlp.up_proj.weight"), s.up.select(&neurons, &hid).data);
+        parts.insert(format!("{tp}.mlp.down_proj.weight"), s.down.select(&hid, &neurons).data);
+        rec.push(serde_json::json!({ "layer": t, "source_layer": ls, "source_width": f_s, "parts": s.parts }));
     }
     Ok(serde_json::Value::Array(rec))
 }
@@ -458,6 +494,9 @@ pub struct InitRequest {
     pub source: PathBuf,
     pub genes: Option<PathBuf>,
     pub stats: Option<PathBuf>,
+    /// `eep`: the corpus its fitness reads (files/directories as `masa calibrate --corpus`;
+    /// empty: the built-in corpus).
+    pub corpus: Vec<PathBuf>,
     pub options: InitOptions,
 }
 
@@ -486,7 +525,17 @@ pub fn run(req: &InitRequest) -> Result<StudentConfig> {
         }
         None => (None, serde_json::Value::Null),
     };
-    let built = build(&student, &source, genes.as_ref(), energies.as_ref(), &req.options)?;
+    let (calibration, corpus_rec) = match req.options.strategy {
+        Strategy::Eep => {
+            let eo = req.options.eep.clone().unwrap_or_default();
+            eep::check_source(&source.weights, &eo)?;
+            let (corpus, desc) = crate::corpus::resolve_corpus(&req.corpus)?;
+            let batches = crate::calibrate::corpus_batches(&source, &corpus, &eo.stream(req.options.seed))?;
+            (batches, serde_json::json!(desc))
+        }
+        _ => (Vec::new(), serde_json::Value::Null),
+    };
+    let built = build(&student, &source, genes.as_ref(), energies.as_ref(), &calibration, &req.options)?;
     let provenance = serde_json::json!({
         "format": "masa-init/1",
         "masa_version": env!("CARGO_PKG_VERSION"),
@@ -499,6 +548,7 @@ pub fn run(req: &InitRequest) -> Result<StudentConfig> {
         "source": { "path": req.source, "hash": source_hash, "arch": source.weights.config.arch.name() },
         "genes": genes.as_ref().map(|g| serde_json::json!({ "path": g.path, "sha256": g.sha256, "source_hash": g.source_hash, "meta": g.meta })),
         "stats": stats_rec,
+        "calibration_corpus": corpus_rec,
         "init": built.record,
     });
     crate::student::save_checkpoint(&req.out, &built.config, &built.tensors, &source.tokenizer, &provenance)?;

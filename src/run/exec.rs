@@ -327,11 +327,12 @@ impl<'a> Ctx<'a> {
     fn init(&mut self, j: &TrainingJob, what: &str) -> Result<(String, PathBuf, u64)> {
         let student = StudentConfig::from_spec(&j.student)?;
         let genes = j.genes.as_ref().map(|g| self.genes[g].clone());
-        let stats = (j.init.strategy == Strategy::Prune).then(|| self.stats[ALL].clone());
-        let k = Stage::Init.key(
-            json!({"source": self.source_hash, "student": student, "genes": genes.as_ref().map(|g| &g.1), "stats": stats.as_ref().map(|s| &s.1)}),
-            &j.init.resolved(),
-        )?;
+        let stats = matches!(j.init.strategy, Strategy::Prune | Strategy::Eep).then(|| self.stats[ALL].clone());
+        let mut inputs = json!({"source": self.source_hash, "student": student, "genes": genes.as_ref().map(|g| &g.1), "stats": stats.as_ref().map(|s| &s.1)});
+        if j.init.strategy == Strategy::Eep {
+            inputs["corpus"] = json!(self.corpus_key); // EEP's fitness reads it
+        }
+        let k = Stage::Init.key(inputs, &j.init.resolved())?;
         let dir = Stage::Init.dir(&self.store, &k);
         let model = dir.join("model");
         if read_record::<serde_json::Value>(&dir).is_none() {
@@ -343,6 +344,7 @@ impl<'a> Ctx<'a> {
                 source: self.source_path.clone(),
                 genes: genes.map(|g| g.0),
                 stats: stats.map(|s| s.0),
+                corpus: self.corpus.clone(),
                 options: j.init.clone(),
             })?;
             write_record(&dir, &json!({"parameters": cfg.num_parameters()}))?;

@@ -180,6 +180,12 @@ impl Plan {
                 if let (true, Some(why)) = (v.init.inherits_rest(), &misfit) {
                     infeasible.push(format!("student `{st}` × strategy `{}`: {why}", v.name));
                     skip.insert((st.as_str(), v.name.as_str()));
+                } else if v.init.strategy == Strategy::Eep && source.weights.config.moe.is_none() {
+                    infeasible.push(format!(
+                        "student `{st}` × strategy `eep`: EEP prunes the experts of a mixture-of-experts source and `{}` is dense; `prune` is the pruning baseline for dense sources",
+                        spec.source
+                    ));
+                    skip.insert((st.as_str(), v.name.as_str()));
                 }
             }
             let n = student_parameters(st, source.weights.config.vocab_size);
@@ -219,7 +225,12 @@ impl Plan {
                                 label: label.clone(),
                                 ratio: *ratio,
                                 genes: genes.clone(),
-                                init: InitOptions { seed, layers: spec.layer_map.or(v.init.layers), ..v.init.clone() },
+                                init: InitOptions {
+                                    seed,
+                                    layers: spec.layer_map.or(v.init.layers),
+                                    eep: (v.init.strategy == Strategy::Eep).then(|| spec.eep.clone()),
+                                    ..v.init.clone()
+                                },
                                 distill: v.distill,
                                 engine,
                             });
@@ -230,7 +241,7 @@ impl Plan {
         }
         // Calibrations no extraction reads are dropped (e.g. a spec with only baselines).
         let needed: BTreeSet<&str> = extractions.iter().map(|x| x.calibration.as_str()).collect();
-        let prune = jobs.iter().any(|j| j.init.strategy == Strategy::Prune);
+        let prune = jobs.iter().any(|j| matches!(j.init.strategy, Strategy::Prune | Strategy::Eep));
         calibrations.retain(|c| needed.contains(c.label.as_str()) || (prune && c.label == ALL));
         let used: BTreeSet<&str> = jobs.iter().filter_map(|j| j.genes.as_deref()).collect();
         extractions.retain(|x| used.contains(x.label.as_str()));

@@ -58,6 +58,9 @@ pub struct Spec {
     pub skip_infeasible: bool,
     #[serde(default)]
     pub ablations: AblationSpec,
+    /// The `eep` strategy's search (`masa init --eep-*`); default [`crate::init::eep::EepOptions::default`].
+    #[serde(default, skip_serializing_if = "is_default_eep")]
+    pub eep: crate::init::eep::EepOptions,
     /// Where pre-training and fine-tuning run: `cpu` (default), `cuda` or `cuda:N` (a build
     /// with `--features cuda`); calibration, extraction and evaluation run on the CPU.
     #[serde(default)]
@@ -69,6 +72,10 @@ pub struct Spec {
     /// the spec's content (not serialized): it only tells the report how to rerun it.
     #[serde(skip)]
     pub file: Option<PathBuf>,
+}
+
+fn is_default_eep(e: &crate::init::eep::EepOptions) -> bool {
+    *e == crate::init::eep::EepOptions::default()
 }
 
 fn default_corpus() -> Vec<String> {
@@ -504,6 +511,7 @@ impl Spec {
         if self.seeds.is_empty() || has_duplicates(&self.seeds) {
             return bad("seeds", "give one or more distinct seeds".into());
         }
+        self.eep.check().map_err(|e| invalid(origin, "eep", e))?;
         let c = &self.calibration;
         if c.tokens == 0 || c.seq_len < 2 || c.batch == 0 {
             return bad("calibration", "tokens, seq_len (≥ 2) and batch must be positive".into());

@@ -88,6 +88,7 @@ pub const STRATEGIES: &[StrategyDef] = &[
     StrategyDef::new("scratch", "Scratch", Group::Main, Strategy::Scratch),
     StrategyDef::new("weight-selection", "Weight selection", Group::Main, Strategy::WeightSelection),
     StrategyDef::new("prune", "Pruning", Group::Main, Strategy::Prune),
+    StrategyDef::new("eep", "Pruning (EEP)", Group::Main, Strategy::Eep),
     StrategyDef { distill: true, ..StrategyDef::new("distill", "Distillation", Group::Main, Strategy::Scratch) },
     StrategyDef { rest: Rest::WeightSelection, ..StrategyDef::new("hybrid", "MASA + selected rest", Group::Main, Strategy::Masa) },
     StrategyDef::new("naive", "MASA w/o adaptive scaling", Group::Ablation, Strategy::Naive),

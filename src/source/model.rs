@@ -289,6 +289,47 @@ impl Transformer {
         self.norm.forward(&x)
     }
 
+    /// Hidden states `(batch * seq, hidden)` entering layer `to` (after layers `0..to`).
+    pub fn hidden_before(&self, ids: &Tensor, to: usize, pos: &Positions, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let b = ids.dims2()?.0;
+        let mut x = self.embed(ids)?;
+        for (l, layer) in self.layers.iter().enumerate().take(to) {
+            x = self.run_layer(layer, l, &x, b, pos, hooks)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits `(batch * seq, vocab)` from hidden states `x` entering layer `from`: layers
+    /// `from..`, the final norm and the head.
+    pub fn logits_from(&self, from: usize, x: &Tensor, batch: usize, pos: &Positions, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (l, layer) in self.layers.iter().enumerate().skip(from) {
+            x = self.run_layer(layer, l, &x, batch, pos, hooks)?;
+        }
+        Ok(self.norm.forward(&x)?.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)?)
+    }
+
+    /// Replace layer `l`'s FFN by the dense block `down · (act(gate x) ⊙ up x)` (`gate`, `up`:
+    /// `(f, hidden)`, `down`: `(hidden, f)`, the source's activation): what a dense student's
+    /// FFN computes in the source's place (EEP's candidates, [`crate::init::eep`]).
+    pub fn set_dense_ffn(&mut self, l: usize, gate: Tensor, up: Tensor, down: Tensor) -> Result<()> {
+        let h = self.config.hidden_size;
+        let (f, gh) = gate.dims2()?;
+        if gh != h || up.dims2()? != (f, h) || down.dims2()? != (h, f) {
+            return Err(MasaError::Shape(format!(
+                "dense FFN for layer {l}: gate {:?}, up {:?}, down {:?} do not fit hidden size {h}",
+                gate.dims(),
+                up.dims(),
+                down.dims()
+            )));
+        }
+        let act = self.config.activation;
+        let layer = self.layers.get_mut(l).ok_or_else(|| MasaError::Invalid(format!("no layer {l}")))?;
+        let lin = |w: Tensor| Linear { w, b: None };
+        layer.ffn = Ffn::Dense(Mlp { gate: lin(gate), up: lin(up), down: lin(down), act });
+        Ok(())
+    }
+
     /// The (scaled) token embeddings `(batch * seq, hidden)` of ids `(batch, seq)`: the input of
     /// layer 0.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
