@@ -343,13 +343,16 @@ fn plan_lists_infeasible_combinations_and_run_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = repo_corpus(dir.path());
     let text = spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), ", \"paper-12l-1024\"")
-        .replace(r#"strategies = ["masa", "scratch", "prune"]"#, r#"strategies = ["masa", "scratch", "prune", "distill"]"#);
+        .replace(r#"strategies = ["masa", "scratch", "prune"]"#, r#"strategies = ["masa", "scratch", "prune", "distill", "eep"]"#);
     let spec = Spec::load(write(dir.path(), "big.toml", &text).to_str().unwrap()).unwrap();
     let plan_text = masa::run::plan::render_plan(&spec).unwrap();
-    assert!(plan_text.contains("cannot run (1;"), "{plan_text}");
+    assert!(plan_text.contains("cannot run (3;"), "{plan_text}");
+    // EEP needs a mixture-of-experts source: on the dense SmolLM2 it cannot run for any student.
+    assert!(plan_text.contains("student `tiny` × strategy `eep`: EEP prunes the experts of a mixture-of-experts source"), "{plan_text}");
+    assert!(plan_text.contains("`prune` is the pruning baseline for dense sources"), "{plan_text}");
     assert!(plan_text.contains("student `paper-12l-1024` × strategy `prune`: the student is larger than the source (hidden size 1024 > 576"), "{plan_text}");
     assert!(plan_text.contains("note: student `paper-12l-1024`") && plan_text.contains("larger than its distillation teacher"), "{plan_text}");
-    assert!(!plan_text.contains("student `tiny` ×"), "{plan_text}");
+    assert!(!plan_text.contains("student `tiny` × strategy `prune`"), "{plan_text}");
     let err = masa::run::run(&spec, &dir.path().join("runs"), &|_, _| Ok(())).unwrap_err().to_string();
     assert!(err.contains("`students` × `strategies`") && err.contains("paper-12l-1024") && err.contains("--plan"), "{err}");
 }
