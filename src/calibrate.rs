@@ -69,6 +69,16 @@ impl<'a> Accumulator<'a> {
         Ok(Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &Device::Cpu)?)
     }
 
+    /// Add `xᵀx` of one FFN input site's rows `x` (`n × d`, row-major): computed in f32 per
+    /// batch as a symmetric rank-k product, summed in f64.
+    fn add_moment(&mut self, layer: usize, mlp: MlpId, site: Site, x: &[f32], n: usize, d: usize) {
+        let mut gram = vec![0f32; d * d];
+        crate::student::kernels::gram(&mut gram, x, n, d);
+        let m = self.moments.entry(moment_key(layer, &mlp.site_name(site))).or_insert_with(|| Moment::new(d));
+        m.xxt.iter_mut().zip(&gram).for_each(|(acc, g)| *acc += *g as f64);
+        m.count += n as f64;
+    }
+
     /// The batch whose hidden states the next hook calls see.
     pub fn observe(&mut self, b: &Batch) {
         self.token_dataset = b.dataset.iter().flat_map(|&d| std::iter::repeat_n(d, b.seq_len)).collect();
@@ -98,10 +108,7 @@ impl Hooks for Accumulator<'_> {
             return Ok(());
         }
         let (n, d) = x.dims2()?;
-        let gram = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let m = self.moments.entry(moment_key(layer, &mlp.site_name(site))).or_insert_with(|| Moment::new(d));
-        m.xxt.iter_mut().zip(&gram).for_each(|(acc, g)| *acc += *g as f64);
-        m.count += n as f64;
+        self.add_moment(layer, mlp, site, &x.flatten_all()?.to_vec1::<f32>()?, n, d);
         Ok(())
     }
 
@@ -249,6 +256,9 @@ pub fn calibrate_with(
     pass: &PassOptions,
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<Stats> {
+    if let Some(cfg) = fused_calibration(&source.config, pass) {
+        return calibrate_fused(source, &cfg, batches, datasets, meta, pass, on_progress);
+    }
     let model = Transformer::load_without_layers(source)?;
     let last = pass.last_layer(&model.config)?;
     let mut acc = Accumulator::new(&model.config, datasets);
@@ -287,6 +297,62 @@ pub fn calibrate_with(
             // The targets share the layer's weights: release both before the next layer loads.
             acc.rank_targets = None;
         }
+    }
+    acc.into_stats(meta)
+}
+
+/// Plain Llama sources up to this many bytes of f32 weights (SmolLM2-135M: 0.54 GB) calibrate
+/// whole on the training engine's fused kernels; larger ones layer-sequentially.
+pub const FUSED_CALIBRATION_BYTES: usize = 2 << 30;
+
+/// The engine config of `config` when its full-mode calibration runs fused
+/// ([`FUSED_CALIBRATION_BYTES`]; rank-specific mode always runs layer-sequentially).
+fn fused_calibration(config: &ModelConfig, pass: &PassOptions) -> Option<crate::student::StudentConfig> {
+    let cfg = crate::student::plain_llama(config)?;
+    (pass.rank.is_none() && cfg.num_parameters() * 4 <= FUSED_CALIBRATION_BYTES).then_some(cfg)
+}
+
+/// [`calibrate_with`] for a plain Llama source held whole: each batch runs through the
+/// training engine's fused forward ([`crate::student::llama::Llama::forward_observed`]),
+/// which hands every layer's FFN inputs to the accumulator as they are computed. The sums
+/// equal a pass through candle's forward to f32 rounding (test
+/// `layer_sequential_statistics_equal_the_whole_model_pass`, its `llama` case).
+fn calibrate_fused(
+    source: &SourceWeights,
+    cfg: &crate::student::StudentConfig,
+    batches: impl Iterator<Item = Result<Batch>>,
+    datasets: &[String],
+    meta: StatsMeta,
+    pass: &PassOptions,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<Stats> {
+    use crate::student::llama::{Llama, Workspace};
+    let last = pass.last_layer(&source.config)?;
+    let params = crate::student::load_params(source, cfg)?;
+    let model = Llama::new(cfg);
+    let mut acc = Accumulator::new(&source.config, datasets);
+    let mut ws: Option<Workspace<f32>> = None;
+    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+    for b in batches {
+        let b = b?;
+        acc.count(&b)?;
+        if let Some(&bad) = b.ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(MasaError::Invalid(format!("calibration token id {bad} is outside the source's vocabulary ({})", cfg.vocab_size)));
+        }
+        acc.observe(&b);
+        if ws.as_ref().is_none_or(|w| w.batch < b.batch || w.seq != b.seq_len) {
+            ws = Some(Workspace::inference(cfg, b.batch, b.seq_len));
+        }
+        let w = ws.as_mut().ok_or_else(|| MasaError::Invalid("no workspace".into()))?;
+        let n = b.ids.len();
+        model.forward_observed(&params, w, &b.ids, b.batch, b.seq_len, &mut |l, ffn_in, ffn_mid| {
+            if pass.layers.as_ref().is_none_or(|ls| ls.contains(&l)) {
+                acc.add_moment(l, MlpId::Dense, Site::FfnIn, ffn_in, n, h);
+                acc.add_moment(l, MlpId::Dense, Site::FfnMid, ffn_mid, n, f);
+            }
+            on_progress(n);
+            l < last
+        });
     }
     acc.into_stats(meta)
 }

@@ -532,6 +532,10 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Implementation of a plain Llama model's forward: fused (the training engine's
+        /// kernels, what masa uses) or candle (the general decoder).
+        #[arg(long, value_enum, default_value = "fused")]
+        path: masa::source::model::ForwardPath,
         /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -741,9 +745,9 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{}: {} student, {} parameters -> {}", a.strategy, req.student, cfg.num_parameters(), a.out.display());
             Ok(())
         }
-        Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, json } } => {
+        Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, path, json } } => {
             let w = open_model(&model)?;
-            let m = Transformer::load(&w)?;
+            let m = Transformer::load(&w)?.with_path(path);
             drop(w);
             let r = masa::bench::forward(&m, batch, seq, warmup, iters, 1)?;
             let line = serde_json::to_string(&r)?;

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{model_asset, reference_file, GEMMA3, QWEN_CODER, SMOLLM2};
-use masa::source::model::Transformer;
+use masa::source::model::{ForwardPath, Transformer};
 use masa::score::score_texts;
 use masa::source::SourceModel;
 
@@ -20,13 +20,21 @@ fn reference(name: &str) -> Vec<serde_json::Value> {
 }
 
 /// `masa score`'s contract: ids identical to transformers' tokenizer, every next-token NLL
-/// within 2e-3 of transformers' (the forward itself agrees to ~5e-5).
-fn check_score_parity(model_path: PathBuf, reference_name: &str, bos: bool) {
+/// within 2e-3 of transformers' (the forward itself agrees to ~5e-5), on both forward paths
+/// (a plain Llama model runs on the training engine's fused kernels unless told otherwise).
+fn check_score_parity(model_path: PathBuf, reference_name: &str, bos: bool, plain_llama: bool) {
     let source = SourceModel::open(&model_path).unwrap();
-    let m = Transformer::load(&source.weights).unwrap();
+    for path in [ForwardPath::Fused, ForwardPath::Candle] {
+        let m = Transformer::load(&source.weights).unwrap().with_path(path);
+        assert_eq!(m.runs_fused(), plain_llama && path == ForwardPath::Fused, "{reference_name} {path:?}");
+        check_scores(&m, &source, reference_name, bos);
+    }
+}
+
+fn check_scores(m: &Transformer, source: &SourceModel, reference_name: &str, bos: bool) {
     let refs = reference(reference_name);
     let texts: Vec<String> = refs.iter().map(|e| e["text"].as_str().unwrap().to_string()).collect();
-    let scored = score_texts(&m, &source.tokenizer, &texts, bos, &mut || {}).unwrap();
+    let scored = score_texts(m, &source.tokenizer, &texts, bos, &mut || {}).unwrap();
     let mut worst = 0f32;
     for (entry, got) in refs.iter().zip(&scored) {
         let ids: Vec<u32> = entry["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -37,21 +45,21 @@ fn check_score_parity(model_path: PathBuf, reference_name: &str, bos: bool) {
             worst = worst.max((g - w).abs());
         }
     }
-    eprintln!("{reference_name}: max |nll - reference| = {worst:.2e}");
+    eprintln!("{reference_name} (fused: {}): max |nll - reference| = {worst:.2e}", m.runs_fused());
     assert!(worst < 2e-3, "{reference_name}: max NLL deviation {worst} exceeds 2e-3");
 }
 
 #[test]
 fn smollm2_forward_matches_transformers() {
     if let Some(p) = model_asset(SMOLLM2.0, SMOLLM2.1) {
-        check_score_parity(p, "smollm2-135m", false);
+        check_score_parity(p, "smollm2-135m", false, true);
     }
 }
 
 #[test]
 fn gemma3_forward_matches_transformers() {
     if let Some(p) = model_asset(GEMMA3.0, GEMMA3.1) {
-        check_score_parity(p, "gemma3-270m", true);
+        check_score_parity(p, "gemma3-270m", true, false);
     }
 }
 

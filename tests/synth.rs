@@ -146,6 +146,9 @@ fn whole_model(w: &SourceWeights, batches: &[Batch], datasets: &[String]) -> Sta
     acc.into_stats(meta()).unwrap()
 }
 
+/// The statistics of `calibrate_with` equal those of a whole-model pass through the hooks
+/// (candle's forward): bit for bit on the layer-sequential path, to f32 rounding where a plain
+/// Llama source runs on the training engine's fused kernels (the `llama` case).
 #[test]
 fn layer_sequential_statistics_equal_the_whole_model_pass() {
     let datasets = vec!["a".to_string(), "b".to_string()];
@@ -154,6 +157,17 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         let bs = batches(61, 3);
         let want = whole_model(&w, &bs, &datasets);
         assert!(!want.moments.is_empty());
+        let fused = masa::student::plain_llama(&w.config).is_some();
+        assert_eq!(fused, arch == "llama", "{arch}: only plain Llama runs fused");
+        // Σ x xᵀ entries: exact sums of the same f32 products, or (fused) within f32 rounding
+        // of the whole sum's scale.
+        let close = |got: &[f64], want: &[f64], what: &str| {
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (a, b) in got.iter().zip(want) {
+                let tol = if fused { 2e-5 * scale } else { 1e-12 * b.abs().max(1e-6) };
+                assert!((a - b).abs() <= tol, "{arch} {what}: {a} vs {b} (scale {scale})");
+            }
+        };
         // One batch per block, two batches per block (the last block short), one block.
         for block in [1, 24, 1000] {
             let mut progress = 0;
@@ -165,9 +179,7 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
             for (k, m) in &want.moments {
                 let g = &got.moments[k];
                 assert_eq!(g.count, m.count, "{arch} {k}");
-                for (a, b) in g.xxt.iter().zip(&m.xxt) {
-                    assert!((a - b).abs() <= 1e-12 * b.abs().max(1e-6), "{arch} block {block} {k}: {a} vs {b}");
-                }
+                close(&g.xxt, &m.xxt, &format!("block {block} {k}"));
             }
         }
         if w.config.moe.is_some() {
@@ -194,7 +206,9 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         let layer1 = |k: &&String| k.starts_with("layers.1.");
         assert_eq!(one.moments.keys().collect::<Vec<_>>(), want.moments.keys().filter(layer1).collect::<Vec<_>>(), "{arch}");
         assert_eq!(one.routing.keys().collect::<Vec<_>>(), want.routing.keys().filter(layer1).collect::<Vec<_>>(), "{arch}");
-        assert!(one.moments.iter().all(|(k, m)| m.xxt == want.moments[k].xxt), "{arch}");
+        for (k, m) in &one.moments {
+            close(&m.xxt, &want.moments[k].xxt, k);
+        }
         // Extraction of a layer range loads only that range's sums.
         let f = dir.path().join("stats.safetensors");
         want.save(&f).unwrap();

@@ -15,6 +15,8 @@ use crate::source::model::{NoHooks, Transformer};
 
 #[derive(Serialize)]
 pub struct ForwardBench {
+    /// `fused` (the training engine's kernels) or `candle`.
+    pub path: &'static str,
     pub batch: usize,
     pub seq: usize,
     pub threads: usize,
@@ -62,6 +64,7 @@ pub fn forward(model: &Transformer, batch: usize, seq: usize, warmup: usize, ite
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[sorted.len() / 2];
     Ok(ForwardBench {
+        path: if model.runs_fused() { "fused" } else { "candle" },
         batch,
         seq,
         threads: rayon::current_num_threads(),

@@ -228,6 +228,46 @@ pub struct Transformer {
     layers: Vec<Layer>,
     norm: Norm,
     lm_head: Option<Tensor>,
+    /// Plain Llama models loaded whole: the same weights for the training engine.
+    fused: Option<Fused>,
+}
+
+/// A plain Llama model ([`crate::student::plain_llama`]: SmolLM2, masa's students) as the
+/// training engine holds it: flat parameters and an inference workspace. Forward passes that
+/// observe no FFN inputs run on its fused kernels ([`crate::student::llama`]) instead of
+/// candle's ops (`masa bench forward --path` measures both).
+struct Fused {
+    model: crate::student::llama::Llama,
+    params: Vec<f32>,
+    ws: std::sync::Mutex<Option<crate::student::llama::Workspace<f32>>>,
+}
+
+impl Fused {
+    /// Logits `(b, t, vocab)` of ids `(b, t)`.
+    fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+        let v = self.model.cfg.vocab_size;
+        if let Some(&bad) = flat.iter().find(|&&i| i as usize >= v) {
+            return Err(MasaError::Invalid(format!("token id {bad} is outside the vocabulary ({v})")));
+        }
+        let mut guard = self.ws.lock().map_err(|_| MasaError::Invalid("a previous forward pass panicked".into()))?;
+        if guard.as_ref().is_none_or(|w| w.batch < b || w.seq != t) {
+            *guard = Some(crate::student::llama::Workspace::inference(&self.model.cfg, b, t));
+        }
+        let ws = guard.as_mut().ok_or_else(|| MasaError::Invalid("no workspace".into()))?;
+        self.model.forward(&self.params, ws, &flat, b, t);
+        Ok(Tensor::from_vec(self.model.logits(&self.params, ws), (b, t, v), &Device::Cpu)?)
+    }
+}
+
+/// Which implementation runs a plain Llama model's forward pass (`masa bench forward --path`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum ForwardPath {
+    /// The training engine's fused kernels where the model is plain Llama (the default).
+    Fused,
+    /// candle's ops, as for every other architecture.
+    Candle,
 }
 
 impl Transformer {
@@ -235,7 +275,29 @@ impl Transformer {
     pub fn load(w: &SourceWeights) -> Result<Self> {
         let mut m = Self::load_without_layers(w)?;
         m.layers = (0..m.config.num_hidden_layers).map(|l| m.load_layer(w, l)).collect::<Result<_>>()?;
+        m.fused = match crate::student::plain_llama(&m.config) {
+            Some(cfg) => Some(Fused {
+                params: crate::student::load_params(w, &cfg)?,
+                model: crate::student::llama::Llama::new(&cfg),
+                ws: std::sync::Mutex::new(None),
+            }),
+            None => None,
+        };
         Ok(m)
+    }
+
+    /// Whether hook-less forward passes run on the training engine's kernels.
+    pub fn runs_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// This model with its forward passes on `path` (a model that is not plain Llama always
+    /// runs on candle).
+    pub fn with_path(mut self, path: ForwardPath) -> Self {
+        if path == ForwardPath::Candle {
+            self.fused = None;
+        }
+        self
     }
 
     /// The model without its decoder layers (embedding, final norm, head), for passes that bring
@@ -253,7 +315,7 @@ impl Transformer {
         } else {
             Some(w.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?)
         };
-        Ok(Transformer { config: c, embed, layers: Vec::new(), norm, lm_head })
+        Ok(Transformer { config: c, embed, layers: Vec::new(), norm, lm_head, fused: None })
     }
 
     /// Decoder layer `l` of `w` (which must be the weights this model was loaded from).
@@ -268,6 +330,9 @@ impl Transformer {
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
     pub fn forward(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        if let (Some(f), false, None) = (&self.fused, hooks.wants_ffn_inputs(), hooks.last_layer()) {
+            return f.logits(ids);
+        }
         let (b, t) = ids.dims2()?;
         let h = self.hidden_states(ids, hooks)?;
         let logits = h.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)?;
@@ -327,6 +392,7 @@ impl Transformer {
         let layer = self.layers.get_mut(l).ok_or_else(|| MasaError::Invalid(format!("no layer {l}")))?;
         let lin = |w: Tensor| Linear { w, b: None };
         layer.ffn = Ffn::Dense(Mlp { gate: lin(gate), up: lin(up), down: lin(down), act });
+        self.fused = None; // the engine's copy no longer matches
         Ok(())
     }
 

@@ -15,6 +15,26 @@ use crate::student::StudentConfig;
 
 /// The student config of a plain Llama model directory, or an error naming what differs.
 pub fn student_config_of(path: &Path, c: &ModelConfig) -> Result<StudentConfig> {
+    let cfg = llama_shape(c).ok_or_else(|| {
+        MasaError::unsupported(
+            path,
+            "student architecture",
+            "masa trains plain Llama students (RMSNorm, SwiGLU, RoPE, no biases, head_dim × heads = hidden); \
+             write one with `masa init`",
+        )
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The student config of a model the training engine can run: plain Llama (RMSNorm, SwiGLU,
+/// rotate-half RoPE, no biases, q/k norms, post-norms, sliding windows or experts, head_dim ×
+/// heads = hidden), e.g. SmolLM2 and every masa student; `None` otherwise.
+pub fn plain_llama(c: &ModelConfig) -> Option<StudentConfig> {
+    llama_shape(c).filter(|cfg| cfg.validate().is_ok())
+}
+
+fn llama_shape(c: &ModelConfig) -> Option<StudentConfig> {
     let plain = c.arch == Arch::Llama
         && c.norm == NormKind::Rms
         && c.activation == Activation::Silu
@@ -25,16 +45,13 @@ pub fn student_config_of(path: &Path, c: &ModelConfig) -> Result<StudentConfig> 
         && c.clip_qkv.is_none()
         && c.sliding_window.is_none()
         && c.moe.is_none()
+        && c.rope_local_theta.is_none()
+        && (c.attn_scale * (c.head_dim as f64).sqrt() - 1.0).abs() < 1e-9
         && c.head_dim * c.num_attention_heads == c.hidden_size;
     if !plain {
-        return Err(MasaError::unsupported(
-            path,
-            "student architecture",
-            "masa trains plain Llama students (RMSNorm, SwiGLU, RoPE, no biases, head_dim × heads = hidden); \
-             write one with `masa init`",
-        ));
+        return None;
     }
-    let cfg = StudentConfig {
+    Some(StudentConfig {
         hidden_size: c.hidden_size,
         intermediate_size: c.intermediate_size,
         num_hidden_layers: c.num_hidden_layers,
@@ -48,9 +65,7 @@ pub fn student_config_of(path: &Path, c: &ModelConfig) -> Result<StudentConfig> 
         bos_token_id: c.bos_token_id,
         eos_token_id: c.eos_token_id,
         initializer_range: 0.02,
-    };
-    cfg.validate()?;
-    Ok(cfg)
+    })
 }
 
 /// Flat f32 parameters of `cfg` read from an opened model (HF names, `tensor_shapes()` order).

@@ -147,6 +147,32 @@ pub fn mm_tn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usiz
     unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), n, acc, View::t(a, m), View::rows(b, n), true) }
 }
 
+/// `c (d×d) = xᵀ x` for `x (n×d)` row-major, the sum of the rows' outer products (the
+/// calibration statistics' `Σ x xᵀ`), as a symmetric rank-k update: only the blocks on and
+/// above the diagonal are multiplied (about half the flops of a general product), in parallel
+/// over block pairs, then the lower triangle is mirrored from the upper (exactly symmetric).
+pub fn gram<T: Real>(c: &mut [T], x: &[T], n: usize, d: usize) {
+    const B: usize = 128;
+    assert!(c.len() >= d * d && x.len() >= n * d);
+    let nb = d.div_ceil(B);
+    let pairs: Vec<(usize, usize)> = (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
+    let cp = SendPtr(c.as_mut_ptr());
+    pairs.par_iter().for_each(|&(i, j)| {
+        let (r0, c0) = (i * B, j * B);
+        let (rows, cols) = (B.min(d - r0), B.min(d - c0));
+        // Rows r0.. of xᵀ (element (a, k) = x[k, r0 + a]) times columns c0.. of x.
+        let a = View { ptr: x[r0..].as_ptr(), rs: 1, cs: d as isize };
+        let b = View { ptr: x[c0..].as_ptr(), rs: d as isize, cs: 1 };
+        // Block pairs write disjoint blocks of c.
+        unsafe { gemm_raw(rows, cols, n, cp.get().add(r0 * d + c0), d, false, a, b, false) }
+    });
+    for r in 1..d {
+        for col in 0..r {
+            c[r * d + col] = c[col * d + r];
+        }
+    }
+}
+
 /// A raw pointer that may cross threads; users write disjoint parts only.
 #[derive(Clone, Copy)]
 pub struct SendPtr<T>(pub *mut T);
@@ -591,6 +617,21 @@ mod tests {
             let mut c = init.clone();
             mm_tn(&mut c, &a, &b, m, n, k, false);
             check(&c, &want, "tn");
+            // gram: xᵀx of a (m rows, k columns), symmetric
+            let want = naive(k, k, m, |i, p| a[p * k + i] as f64, |p, j| a[p * k + j] as f64);
+            let mut g = vec![f32::NAN; k * k];
+            gram(&mut g, &a, m, k);
+            check(&g, &want, "gram");
+            assert!((0..k).all(|i| (0..k).all(|j| g[i * k + j] == g[j * k + i])), "gram not symmetric");
+        }
+        // Several 128-blocks, a partial last block.
+        let (n, d) = (37, 300);
+        let x: Vec<f32> = (0..n * d).map(|i| ((i * 7 % 17) as f32 - 8.0) * 0.05).collect();
+        let want = naive(d, d, n, |i, p| x[p * d + i] as f64, |p, j| x[p * d + j] as f64);
+        let mut g = vec![f32::NAN; d * d];
+        gram(&mut g, &x, n, d);
+        for (got, w) in g.iter().zip(&want) {
+            assert!((*got as f64 - w).abs() < 1e-3, "gram {n}x{d}: {got} vs {w}");
         }
     }
 }

@@ -96,7 +96,9 @@ struct LayerCache<T> {
 }
 
 /// Preallocated buffers for batches of up to `batch` sequences of `seq` tokens, reused by
-/// every step.
+/// every step: a training workspace ([`Workspace::new`]) keeps every layer's activations and
+/// the gradient buffers; an inference workspace ([`Workspace::inference`]) two layers'
+/// activations, used in turn, and no gradient buffers.
 pub struct Workspace<T> {
     pub batch: usize,
     pub seq: usize,
@@ -125,13 +127,26 @@ pub struct Workspace<T> {
 pub const LOGIT_CHUNK_FLOATS: usize = 16 << 20;
 
 impl<T: Real> Workspace<T> {
+    /// For [`Llama::forward`] followed by [`Llama::loss`] and [`Llama::backward`].
     pub fn new(cfg: &StudentConfig, batch: usize, seq: usize) -> Self {
+        Self::with(cfg, batch, seq, true)
+    }
+
+    /// For [`Llama::forward`] and [`Llama::logits`] only: memory of two layers, whatever the
+    /// depth.
+    pub fn inference(cfg: &StudentConfig, batch: usize, seq: usize) -> Self {
+        Self::with(cfg, batch, seq, false)
+    }
+
+    fn with(cfg: &StudentConfig, batch: usize, seq: usize, training: bool) -> Self {
         let n = batch * seq;
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         let hd = cfg.head_dim();
         let (qd, kd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let z = |len: usize| vec![T::zero(); len];
-        let layers = (0..cfg.num_hidden_layers)
+        let g = |len: usize| if training { z(len) } else { Vec::new() };
+        let caches = if training { cfg.num_hidden_layers } else { cfg.num_hidden_layers.min(2) };
+        let layers = (0..caches)
             .map(|_| LayerCache {
                 x: z(n * h),
                 xn1: z(n * h),
@@ -158,13 +173,13 @@ impl<T: Real> Workspace<T> {
             xf: z(n * h),
             rstdf: z(n),
             logits: z((LOGIT_CHUNK_FLOATS / cfg.vocab_size.max(1)).max(64).min(n) * cfg.vocab_size),
-            dx: z(n * h),
-            dxn: z(n * h),
-            dqkv: z(n * (qd + 2 * kd)),
-            dattn: z(n * qd),
-            dff: z(n * f),
-            dp: z(batch * cfg.num_key_value_heads * seq * seq),
-            dgu: z(n * 2 * f),
+            dx: g(n * h),
+            dxn: g(n * h),
+            dqkv: g(n * (qd + 2 * kd)),
+            dattn: g(n * qd),
+            dff: g(n * f),
+            dp: g(batch * cfg.num_key_value_heads * seq * seq),
+            dgu: g(n * 2 * f),
             cos,
             sin,
         }
@@ -189,6 +204,14 @@ impl Llama {
     /// Forward `ids` (`b` sequences of `t` tokens, row-major; `b ≤ ws.batch`, `t == ws.seq`) up
     /// to the final-norm hidden states, keeping activations in `ws`.
     pub fn forward<T: Real>(&self, params: &[T], ws: &mut Workspace<T>, ids: &[u32], b: usize, t: usize) {
+        self.forward_observed(params, ws, ids, b, t, &mut |_, _, _| true);
+    }
+
+    /// [`Self::forward`], calling `observe(l, ffn_in, ffn_mid)` with each layer's FFN inputs
+    /// (`ffn_in`: the post-norm hidden states, `b·t × hidden`; `ffn_mid`: `silu(gate) ⊙ up`,
+    /// `b·t × intermediate`) as soon as they exist; the pass stops after the layer where
+    /// `observe` returns false (calibration of the first layers only).
+    pub fn forward_observed<T: Real>(&self, params: &[T], ws: &mut Workspace<T>, ids: &[u32], b: usize, t: usize, observe: &mut dyn FnMut(usize, &[T], &[T]) -> bool) {
         assert!(b <= ws.batch && t == ws.seq && ids.len() == b * t, "batch shape does not fit the workspace");
         let c = &self.cfg;
         let (h, f, n) = (c.hidden_size, c.intermediate_size, b * t);
@@ -204,8 +227,10 @@ impl Llama {
         let emb = &params[self.layout.embed..];
         let shape = self.attn_shape(b, t);
         let nl = self.layout.layers.len();
+        // Layer l's activations live in cache l (training) or l mod 2 (inference).
+        let nc = ws.layers.len();
         for (l, lo) in self.layout.layers.iter().enumerate() {
-            let lc = &mut ws.layers[l];
+            let lc = &mut ws.layers[l % nc];
             if l == 0 {
                 lc.x[..n * h].par_chunks_mut(h).zip(ids.par_iter()).for_each(|(row, &id)| {
                     row.copy_from_slice(&emb[id as usize * h..(id as usize + 1) * h]);
@@ -224,10 +249,16 @@ impl Llama {
             // gate_proj and up_proj are consecutive too: one (2f, h) matmul.
             kernels::mm_nt(&mut lc.gu[..n * 2 * f], &lc.xn2[..n * h], p(lo.wg, 2 * f * h), n, 2 * f, h, false);
             kernels::swiglu_fwd(&lc.gu[..n * 2 * f], &mut lc.a[..n * f], f);
+            if !observe(l, &lc.xn2[..n * h], &lc.a[..n * f]) {
+                return;
+            }
             // Layer output: x2 + down(a), into the next layer's x (or xl after the last).
-            let (done, next) = ws.layers.split_at_mut(l + 1);
-            let lc = &done[l];
-            let out: &mut [T] = if l + 1 < nl { &mut next[0].x[..n * h] } else { &mut ws.xl[..n * h] };
+            let (lc, out): (&LayerCache<T>, &mut [T]) = if l + 1 < nl {
+                let (this, next) = two_mut(&mut ws.layers, l % nc, (l + 1) % nc);
+                (this, &mut next.x[..n * h])
+            } else {
+                (&ws.layers[l % nc], &mut ws.xl[..n * h])
+            };
             out.copy_from_slice(&lc.x2[..n * h]);
             kernels::mm_nt(out, &lc.a[..n * f], p(lo.wd, h * f), n, h, f, true);
         }
@@ -265,6 +296,7 @@ impl Llama {
     /// Backward from the hidden-state gradient `loss` left in `ws`, adding every parameter's
     /// gradient into `grads`.
     pub fn backward<T: Real>(&self, params: &[T], ws: &mut Workspace<T>, grads: &mut [T]) {
+        assert_eq!(ws.layers.len(), self.layout.layers.len(), "backward needs a training workspace (Workspace::new)");
         let c = &self.cfg;
         let (b, t) = (ws.b, ws.t);
         let (h, f, n) = (c.hidden_size, c.intermediate_size, b * t);
@@ -310,5 +342,17 @@ impl Llama {
                 *d += s;
             }
         }
+    }
+}
+
+/// `(&mut v[i], &mut v[j])` for `i != j`.
+fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert_ne!(i, j);
+    if i < j {
+        let (a, b) = v.split_at_mut(j);
+        (&mut a[i], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(i);
+        (&mut b[0], &mut a[j])
     }
 }
