@@ -6,7 +6,9 @@
 #   MODEL: a GGUF path or a masa model name (default smollm2-135m; masa fetches it).
 # env:   BATCH=8 SEQ=256 THREADS=2 ITERS=5 WARMUP=1 MASA=target/release/masa
 #        OUTDIR=runs/bench   TORCH_ATTN=sdpa (or eager)   SKIP_MASA=1 / SKIP_TORCH=1
-# Results: $OUTDIR/forward-{masa,torch}.json, then both tokens/s and the ratio masa/torch.
+#        PATHS="fused candle" (masa's forward implementations to time: `bench forward --path`)
+# Results: $OUTDIR/forward-masa-{fused,candle}.json and forward-torch.json, then tokens/s and
+# the ratio masa/torch for each path.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -17,13 +19,16 @@ MASA="${MASA:-target/release/masa}"
 OUTDIR="${OUTDIR:-runs/bench}"
 PY="${PY:-$ROOT/.venv-bench/bin/python}"
 mkdir -p "$OUTDIR"
-M_JSON="$OUTDIR/forward-masa.json" T_JSON="$OUTDIR/forward-torch.json"
+PATHS="${PATHS:-fused candle}"
+T_JSON="$OUTDIR/forward-torch.json"
 
 if [[ "${SKIP_MASA:-0}" != 1 ]]; then
     [[ -x "$MASA" ]] || { echo "no $MASA: build it with cargo build --release" >&2; exit 1; }
-    echo "[bench_forward] masa: $MASA bench forward $MODEL --batch $BATCH --seq $SEQ --threads $THREADS" >&2
-    "$MASA" bench forward "$MODEL" --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" \
-        --warmup "$WARMUP" --iters "$ITERS" --json "$M_JSON"
+    for P in $PATHS; do
+        echo "[bench_forward] masa: $MASA --threads $THREADS bench forward $MODEL --batch $BATCH --seq $SEQ --path $P" >&2
+        "$MASA" --threads "$THREADS" bench forward "$MODEL" --batch "$BATCH" --seq "$SEQ" \
+            --warmup "$WARMUP" --iters "$ITERS" --path "$P" --json "$OUTDIR/forward-masa-$P.json"
+    done
 fi
 
 # The torch side needs the GGUF file itself.
@@ -42,5 +47,7 @@ if [[ "${SKIP_TORCH:-0}" != 1 ]]; then
         --json "$T_JSON" >/dev/null
 fi
 
-python3 scripts/bench_compare.py "$M_JSON" "$T_JSON" \
-    "forward $(basename "$GGUF") B=$BATCH T=$SEQ threads=$THREADS"
+for P in $PATHS; do
+    python3 scripts/bench_compare.py "$OUTDIR/forward-masa-$P.json" "$T_JSON" \
+        "forward ($P) $(basename "$GGUF") B=$BATCH T=$SEQ threads=$THREADS"
+done
