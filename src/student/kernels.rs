@@ -347,29 +347,49 @@ pub fn attention_fwd<T: Real>(s: &AttnShape, qkv: &[T], p: &mut [T], o: &mut [T]
             unsafe { gemm_raw(r1 - r0, r1, hd, pm[r0 * t..].as_mut_ptr(), t, false, q, View { ptr: kb.as_ptr(), rs: 1, cs: ld as isize }, false) }
             for i in r0..r1 {
                 let row = &mut pm[i * t..(i + 1) * t];
-                wide(|| {
-                    let mut mx = T::neg_infinity();
-                    for x in row[..=i].iter_mut() {
-                        *x *= scale;
-                        mx = mx.max(*x);
-                    }
-                    let mut sum = T::zero();
-                    for x in row[..=i].iter_mut() {
-                        *x = (*x - mx).fast_exp();
-                        sum += *x;
-                    }
-                    let inv = T::one() / sum;
-                    for x in row[..=i].iter_mut() {
-                        *x *= inv;
-                    }
-                    for x in row[i + 1..].iter_mut() {
-                        *x = T::zero();
-                    }
-                })
+                wide(|| softmax_causal_row(row, i + 1, scale))
             }
             unsafe { gemm_raw(r1 - r0, hd, r1, ob.add(r0 * qd), qd, false, View::rows(&pm[r0 * t..], t), View { ptr: vb.as_ptr(), rs: ld as isize, cs: 1 }, false) }
         }
     });
+}
+
+/// `row[..n] = softmax(scale · row[..n])`, `row[n..] = 0`. The max and the sum run in 8
+/// fixed lanes (vectorizable: a scalar float reduction is not), combined in lane order.
+#[inline(always)]
+fn softmax_causal_row<T: Real>(row: &mut [T], n: usize, scale: T) {
+    const L: usize = 8;
+    let (live, masked) = row.split_at_mut(n);
+    let mut lanes = [T::neg_infinity(); L];
+    let mut chunks = live.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for j in 0..L {
+            c[j] *= scale;
+            lanes[j] = lanes[j].max(c[j]);
+        }
+    }
+    for (j, x) in chunks.into_remainder().iter_mut().enumerate() {
+        *x *= scale;
+        lanes[j] = lanes[j].max(*x);
+    }
+    let mx = lanes.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    let mut sums = [T::zero(); L];
+    let mut chunks = live.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for j in 0..L {
+            c[j] = (c[j] - mx).fast_exp();
+            sums[j] += c[j];
+        }
+    }
+    for (j, x) in chunks.into_remainder().iter_mut().enumerate() {
+        *x = (*x - mx).fast_exp();
+        sums[j] += *x;
+    }
+    let inv = T::one() / sums.iter().fold(T::zero(), |a, &v| a + v);
+    for x in live.iter_mut() {
+        *x *= inv;
+    }
+    masked.fill(T::zero());
 }
 
 /// Query rows per causal block of [`attention_fwd`].
