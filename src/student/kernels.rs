@@ -65,25 +65,34 @@ fn parallelism(work: usize) -> gemm::Parallelism {
     }
 }
 
-/// Run `f` compiled for AVX2 + FMA where the CPU has them, so the element-wise loops of the
-/// kernels below vectorize 8 f32 wide instead of the x86-64 baseline's 4 (SSE2); elsewhere `f`
-/// as built. The results are the same either way: Rust never reassociates or contracts float
-/// operations, so only the vector width changes. Call it per row, inside rayon closures.
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Whether the CPU runs AVX2 + FMA code (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// A per-row kernel body compiled twice: as built (the x86-64 baseline vectorizes 4 f32 wide)
+/// and for AVX2 + FMA (8 wide), the latter run where the CPU has them. The results are the
+/// same either way: Rust never reassociates or contracts float operations, so only the vector
+/// width changes.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[inline(always)]
+        fn $name<T: Real>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<T: Real>($($arg: $ty),*) $(-> $ret)? $body
+                if has_avx2() {
+                    // SAFETY: the CPU has the enabled features (checked above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body
         }
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            // SAFETY: the CPU supports the enabled features (checked above).
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
+    };
 }
 
 /// A matrix view: base pointer plus row and column strides (in elements).
@@ -233,16 +242,19 @@ fn reduce_rows<T: Real>(rows: usize, d: usize, out: &mut [T], f: impl Fn(usize, 
 pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], y: &mut [T], rstd: &mut [T], d: usize, eps: f64) {
     let eps = T::of(eps);
     let dn = T::of(d as f64);
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((y, x), r)| {
-        wide(|| {
-            let ss: T = x.iter().map(|&v| v * v).sum();
-            let rs = T::one() / (ss / dn + eps).sqrt();
-            *r = rs;
-            for ((yo, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
-                *yo = xi * rs * wi;
-            }
-        })
-    });
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((y, x), r)| *r = rmsnorm_row(x, w, y, dn, eps));
+}
+
+wide_fn! {
+    /// One row of [`rmsnorm_fwd`]; returns its `r`.
+    fn rmsnorm_row<T: Real>(x: &[T], w: &[T], y: &mut [T], dn: T, eps: T) -> T {
+        let ss: T = x.iter().map(|&v| v * v).sum();
+        let rs = T::one() / (ss / dn + eps).sqrt();
+        for ((yo, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
+            *yo = xi * rs * wi;
+        }
+        rs
+    }
 }
 
 /// `dx += ∂/∂x`, `dw += ∂/∂w` for upstream `dy`: with `g = dy ⊙ w`,
@@ -250,23 +262,30 @@ pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], y: &mut [T], rstd: &mut [T], d: us
 pub fn rmsnorm_bwd<T: Real>(dy: &[T], x: &[T], w: &[T], rstd: &[T], dx: &mut [T], dw: &mut [T], d: usize) {
     let dn = T::of(d as f64);
     dx.par_chunks_mut(d).zip(dy.par_chunks(d)).zip(x.par_chunks(d)).zip(rstd.par_iter()).for_each(|(((dx, dy), x), &r)| {
-        wide(|| {
-            let dot: T = dy.iter().zip(w).zip(x).map(|((&a, &b), &c)| a * b * c).sum();
-            let c = r * r * r * dot / dn;
-            for i in 0..d {
-                dx[i] += r * dy[i] * w[i] - c * x[i];
-            }
-        })
+        rmsnorm_bwd_row(dy, x, w, dx, r, dn)
     });
     let rows = rstd.len();
-    reduce_rows(rows, d, dw, |n, acc| {
-        wide(|| {
-            let r = rstd[n];
-            for i in 0..d {
-                acc[i] += dy[n * d + i] * x[n * d + i] * r;
-            }
-        })
-    });
+    reduce_rows(rows, d, dw, |n, acc| axpy_product(acc, &dy[n * d..(n + 1) * d], &x[n * d..(n + 1) * d], rstd[n]));
+}
+
+wide_fn! {
+    /// One row of [`rmsnorm_bwd`]'s `dx`.
+    fn rmsnorm_bwd_row<T: Real>(dy: &[T], x: &[T], w: &[T], dx: &mut [T], r: T, dn: T) {
+        let dot: T = dy.iter().zip(w).zip(x).map(|((&a, &b), &c)| a * b * c).sum();
+        let c = r * r * r * dot / dn;
+        for i in 0..dx.len() {
+            dx[i] += r * dy[i] * w[i] - c * x[i];
+        }
+    }
+}
+
+wide_fn! {
+    /// `acc += a ⊙ b · r`.
+    fn axpy_product<T: Real>(acc: &mut [T], a: &[T], b: &[T], r: T) {
+        for i in 0..acc.len() {
+            acc[i] += a[i] * b[i] * r;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,20 +315,24 @@ pub fn rope_tables<T: Real>(head_dim: usize, t: usize, theta: f64) -> (Vec<T>, V
 pub fn rope<T: Real>(x: &mut [T], ld: usize, cos: &[T], sin: &[T], t: usize, heads: usize, head_dim: usize, inverse: bool) {
     let half = head_dim / 2;
     x.par_chunks_mut(ld).enumerate().for_each(|(n, row)| {
-        wide(|| {
-            let p = n % t;
-            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-            for h in 0..heads {
-                let v = &mut row[h * head_dim..(h + 1) * head_dim];
-                for i in 0..half {
-                    let (a, b) = (v[i], v[i + half]);
-                    let sn = if inverse { -s[i] } else { s[i] };
-                    v[i] = a * c[i] - b * sn;
-                    v[i + half] = b * c[i] + a * sn;
-                }
-            }
-        })
+        let p = n % t;
+        rope_row(&mut row[..heads * head_dim], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half], head_dim, inverse)
     });
+}
+
+wide_fn! {
+    /// Rotate every head (`head_dim` wide) of `v` by the angles of one position.
+    fn rope_row<T: Real>(v: &mut [T], c: &[T], s: &[T], head_dim: usize, inverse: bool) {
+        let half = head_dim / 2;
+        for v in v.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = (v[i], v[i + half]);
+                let sn = if inverse { -s[i] } else { s[i] };
+                v[i] = a * c[i] - b * sn;
+                v[i + half] = b * c[i] + a * sn;
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,16 +370,16 @@ pub fn attention_fwd<T: Real>(s: &AttnShape, qkv: &[T], p: &mut [T], o: &mut [T]
             unsafe { gemm_raw(r1 - r0, r1, hd, pm[r0 * t..].as_mut_ptr(), t, false, q, View { ptr: kb.as_ptr(), rs: 1, cs: ld as isize }, false) }
             for i in r0..r1 {
                 let row = &mut pm[i * t..(i + 1) * t];
-                wide(|| softmax_causal_row(row, i + 1, scale))
+                softmax_causal_row(row, i + 1, scale)
             }
             unsafe { gemm_raw(r1 - r0, hd, r1, ob.add(r0 * qd), qd, false, View::rows(&pm[r0 * t..], t), View { ptr: vb.as_ptr(), rs: ld as isize, cs: 1 }, false) }
         }
     });
 }
 
+wide_fn! {
 /// `row[..n] = softmax(scale · row[..n])`, `row[n..] = 0`. The max and the sum run in 8
 /// fixed lanes (vectorizable: a scalar float reduction is not), combined in lane order.
-#[inline(always)]
 fn softmax_causal_row<T: Real>(row: &mut [T], n: usize, scale: T) {
     const L: usize = 8;
     let (live, masked) = row.split_at_mut(n);
@@ -390,6 +413,7 @@ fn softmax_causal_row<T: Real>(row: &mut [T], n: usize, scale: T) {
         *x *= inv;
     }
     masked.fill(T::zero());
+}
 }
 
 /// Query rows per causal block of [`attention_fwd`].
@@ -448,31 +472,38 @@ pub fn attention_bwd<T: Real>(s: &AttnShape, qkv: &[T], p: &[T], dout: &[T], dqk
 
 /// `gu`: rows of `[gate (f) | up (f)]` (the fused gate/up projection); `a`: rows of f.
 pub fn swiglu_fwd<T: Real>(gu: &[T], a: &mut [T], f: usize) {
-    a.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(a, gu)| {
-        wide(|| {
-            let (g, u) = gu.split_at(f);
-            for i in 0..f {
-                let s = T::one() / (T::one() + (-g[i]).fast_exp());
-                a[i] = g[i] * s * u[i];
-            }
-        })
-    });
+    a.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(a, gu)| swiglu_row(a, gu));
+}
+
+wide_fn! {
+    /// One row of [`swiglu_fwd`]: `a = silu(g) ⊙ u` for `gu = [g | u]`.
+    fn swiglu_row<T: Real>(a: &mut [T], gu: &[T]) {
+        let (g, u) = gu.split_at(a.len());
+        for i in 0..a.len() {
+            let s = T::one() / (T::one() + (-g[i]).fast_exp());
+            a[i] = g[i] * s * u[i];
+        }
+    }
 }
 
 /// From `da` (rows of f): `dgu` (overwritten, rows of `[dgate | dup]`).
 pub fn swiglu_bwd<T: Real>(gu: &[T], da: &[T], dgu: &mut [T], f: usize) {
-    dgu.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f)).zip(da.par_chunks(f)).for_each(|((dgu, gu), da)| {
-        wide(|| {
-            let (g, u) = gu.split_at(f);
-            let (dg, du) = dgu.split_at_mut(f);
-            for i in 0..f {
-                let (gi, ui, d) = (g[i], u[i], da[i]);
-                let s = T::one() / (T::one() + (-gi).fast_exp());
-                du[i] = d * gi * s;
-                dg[i] = d * ui * s * (T::one() + gi * (T::one() - s));
-            }
-        })
-    });
+    dgu.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f)).zip(da.par_chunks(f)).for_each(|((dgu, gu), da)| swiglu_bwd_row(dgu, gu, da));
+}
+
+wide_fn! {
+    /// One row of [`swiglu_bwd`].
+    fn swiglu_bwd_row<T: Real>(dgu: &mut [T], gu: &[T], da: &[T]) {
+        let f = da.len();
+        let (g, u) = gu.split_at(f);
+        let (dg, du) = dgu.split_at_mut(f);
+        for i in 0..f {
+            let (gi, ui, d) = (g[i], u[i], da[i]);
+            let s = T::one() / (T::one() + (-gi).fast_exp());
+            du[i] = d * gi * s;
+            dg[i] = d * ui * s * (T::one() + gi * (T::one() - s));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
