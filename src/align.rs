@@ -80,6 +80,15 @@ pub enum RankSpec {
 }
 
 impl RankSpec {
+    /// `--rank r` (r ≥ 1) or else `--ratio ρ` (ρ in (0, 1]); neither: `None`.
+    pub fn from_options(rank: Option<usize>, ratio: Option<f64>) -> crate::Result<Option<RankSpec>> {
+        match (rank, ratio) {
+            (Some(r), _) => crate::limits::count("--rank", r, usize::MAX, "").map(|_| Some(RankSpec::Rank(r))),
+            (None, Some(rho)) => crate::limits::ratio("--ratio", rho).map(|_| Some(RankSpec::Ratio(rho))),
+            (None, None) => Ok(None),
+        }
+    }
+
     pub fn rank(&self, d_out: usize, d_in: usize) -> usize {
         match *self {
             RankSpec::Rank(r) => r,

@@ -51,6 +51,20 @@ pub fn positive(option: &str, value: f64) -> Result<()> {
     Err(MasaError::Invalid(format!("{option} {value}: must be a positive finite number")))
 }
 
+/// An M/W parameter ratio ρ in `(0, 1]` (NaN refused).
+pub fn ratio(option: &str, value: f64) -> Result<()> {
+    if value > 0.0 && value <= 1.0 {
+        return Ok(());
+    }
+    Err(MasaError::Invalid(format!("{option} {value}: must be in (0, 1]")))
+}
+
+/// Worker threads: `1..=8 × the cores here` (more only starves the machine).
+pub fn threads(n: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    count("--threads", n, 8 * cores, &format!("8 × the {cores} cores here"))
+}
+
 /// A fraction in `[0, 1]` (NaN refused).
 pub fn fraction(option: &str, value: f64) -> Result<()> {
     if (0.0..=1.0).contains(&value) {
@@ -77,5 +91,27 @@ mod tests {
         non_negative("--clip", 0.0).unwrap();
         assert!(positive("--lr", 0.0).unwrap_err().to_string().contains("--lr 0: must be a positive finite number"));
         fraction("--alpha", 1.0).unwrap();
+    }
+
+    /// `--ratio` and `--rank` for calibrate and extract (one parser, `RankSpec::from_options`),
+    /// `--threads` for every command.
+    #[test]
+    fn rank_ratio_and_threads_have_ranges() {
+        use crate::align::RankSpec;
+        assert_eq!(RankSpec::from_options(Some(8), Some(0.5)).unwrap(), Some(RankSpec::Rank(8)));
+        assert_eq!(RankSpec::from_options(None, Some(1.0)).unwrap(), Some(RankSpec::Ratio(1.0)));
+        assert_eq!(RankSpec::from_options(None, None).unwrap(), None);
+        for (rank, ratio, want) in [
+            (None, Some(2.0), "--ratio 2: must be in (0, 1]"),
+            (None, Some(f64::NAN), "--ratio NaN: must be in (0, 1]"),
+            (None, Some(0.0), "--ratio 0: must be in (0, 1]"),
+            (Some(0), None, "--rank 0: must be in 1..="),
+        ] {
+            let e = RankSpec::from_options(rank, ratio).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        threads(1).unwrap();
+        assert!(threads(0).unwrap_err().to_string().starts_with("--threads 0: must be in 1..="));
+        assert!(threads(100_000).unwrap_err().to_string().contains("cores here)"));
     }
 }

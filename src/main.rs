@@ -551,10 +551,7 @@ fn main() {
 }
 
 fn set_threads(n: usize) -> Result<()> {
-    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
-    if n == 0 || n > 8 * cores {
-        anyhow::bail!("--threads {n}: must be in 1..={} (8 × the {cores} cores here)", 8 * cores);
-    }
+    masa::limits::threads(n)?;
     // candle reads RAYON_NUM_THREADS for its matmul parallelism; rayon's pool does the rest.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")
@@ -675,12 +672,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, out } => {
-            let rank = match (rank, ratio) {
-                (Some(r), _) => Some(masa::align::RankSpec::Rank(r)),
-                (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => Some(masa::align::RankSpec::Ratio(rho)),
-                (None, Some(rho)) => anyhow::bail!("--ratio {rho} must be in (0, 1]"),
-                (None, None) => None,
-            };
+            let rank = masa::align::RankSpec::from_options(rank, ratio)?;
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
             let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, ..stream.options(262_144) };
@@ -855,15 +847,8 @@ fn cmd_extract(
 ) -> Result<()> {
     use masa::align::RankSpec;
     use masa::extract::ExtractOptions;
-    let rank = match (rank, ratio) {
-        (Some(r), _) => RankSpec::Rank(r),
-        (None, Some(rho)) if rho > 0.0 && rho <= 1.0 => RankSpec::Ratio(rho),
-        (None, Some(rho)) => anyhow::bail!("--ratio {rho} must be in (0, 1]"),
-        (None, None) => anyhow::bail!("give --rank r or --ratio ρ"),
-    };
-    if !(lambda >= 0.0 && lambda.is_finite()) {
-        anyhow::bail!("--lambda {lambda} must be a finite number ≥ 0");
-    }
+    let Some(rank) = RankSpec::from_options(rank, ratio)? else { anyhow::bail!("give --rank r or --ratio ρ") };
+    masa::limits::non_negative("--lambda", lambda)?;
     let path = fetch::resolve_model(model)?;
     let full = masa::source::SourceModel::open(&path)?;
     let (source, hash) = (&full.weights, full.fingerprint()?);

@@ -517,12 +517,8 @@ impl Spec {
             return bad("calibration", "tokens, seq_len (≥ 2) and batch must be positive".into());
         }
         let e = &self.extraction;
-        if !(e.ratio > 0.0 && e.ratio <= 1.0) {
-            return bad("extraction.ratio", format!("{} must be in (0, 1]", e.ratio));
-        }
-        if !(e.lambda >= 0.0 && e.lambda.is_finite()) {
-            return bad("extraction.lambda", format!("{} must be a finite number ≥ 0", e.lambda));
-        }
+        crate::limits::ratio("ratio", e.ratio).map_err(|m| invalid(origin, "extraction.ratio", m))?;
+        crate::limits::non_negative("lambda", e.lambda).map_err(|m| invalid(origin, "extraction.lambda", m))?;
         if e.max_iter == 0 {
             return bad("extraction.max_iter", "0: give at least 1 L-BFGS iteration".into());
         }
