@@ -150,7 +150,7 @@ fn main() -> anyhow::Result<()> {
         ]
     };
     for (label, opts) in variants {
-        let built = build(&student, &source, Some(&genes), Some(&energies), &opts)?;
+        let built = build(&student, &source, Some(&genes), Some(&energies), &[], &opts)?;
         let dir = out.join("students").join(label.split(' ').next().unwrap_or(label).to_string() + &format!("-{}", rows.len()));
         save_checkpoint(&dir, &built.config, &built.tensors, tok, &serde_json::json!({ "strategy": opts.strategy, "options": opts }))?;
         let (nll, n) = score(&dir)?;
