@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use common::{write_config, Ckpt, Rng};
@@ -916,21 +917,26 @@ fn moe_genes_reach_a_dense_student_that_trains() {
         }
         let corpus = dir.path().join("corpus.jsonl");
         train_common::write_corpus(&corpus, 40);
-        let t = masa::train::TrainOptions {
-            corpus: vec![corpus],
-            out: dir.path().join("run"),
-            tokens: 10 * 2 * 16,
-            batch: 2,
-            seq_len: 16,
-            warmup: 1,
-            eval_seqs: 1,
-            progress: false,
-            ..Default::default()
-        };
-        let s = masa::train::train(&out, &t).unwrap();
-        assert_eq!(s.steps, 10);
-        assert!(s.final_loss.is_finite() && s.final_val.values().all(|v| v.is_finite()));
+        trains_ten_steps(&out, &corpus, &dir.path().join("run"));
     }
+}
+
+/// The student at `model` trains 10 steps on `corpus` with finite losses.
+fn trains_ten_steps(model: &Path, corpus: &Path, out: &Path) {
+    let t = masa::train::TrainOptions {
+        corpus: vec![corpus.to_path_buf()],
+        out: out.to_path_buf(),
+        tokens: 10 * 2 * 16,
+        batch: 2,
+        seq_len: 16,
+        warmup: 1,
+        eval_seqs: 1,
+        progress: false,
+        ..Default::default()
+    };
+    let s = masa::train::train(model, &t).unwrap();
+    assert_eq!(s.steps, 10);
+    assert!(s.final_loss.is_finite() && s.final_val.values().all(|v| v.is_finite()));
 }
 
 /// EEP (issue 12): on the synthetic OLMoE and DeepSeekMoE checkpoints the search's best
@@ -1022,20 +1028,7 @@ fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
             record["init"]["ffn"].to_string().contains("merged.0"),
             "{record}"
         );
-        let t = masa::train::TrainOptions {
-            corpus: vec![corpus.clone()],
-            out: dir.path().join("run"),
-            tokens: 10 * 2 * 16,
-            batch: 2,
-            seq_len: 16,
-            warmup: 1,
-            eval_seqs: 1,
-            progress: false,
-            ..Default::default()
-        };
-        let s = masa::train::train(&out, &t).unwrap();
-        assert_eq!(s.steps, 10);
-        assert!(s.final_loss.is_finite() && s.final_val.values().all(|v| v.is_finite()));
+        trains_ten_steps(&out, &corpus, &dir.path().join("run"));
         // Same seed, same inputs: the same student.
         let again = InitRequest {
             out: dir.path().join("again"),
