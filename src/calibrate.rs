@@ -336,23 +336,16 @@ fn calibrate_fused(
     for b in batches {
         let b = b?;
         acc.count(&b)?;
-        if let Some(&bad) = b.ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
-            return Err(MasaError::Invalid(format!("calibration token id {bad} is outside the source's vocabulary ({})", cfg.vocab_size)));
-        }
         acc.observe(&b);
-        if ws.as_ref().is_none_or(|w| w.batch < b.batch || w.seq != b.seq_len) {
-            ws = Some(Workspace::inference(cfg, b.batch, b.seq_len));
-        }
-        let w = ws.as_mut().ok_or_else(|| MasaError::Invalid("no workspace".into()))?;
         let n = b.ids.len();
-        model.forward_observed(&params, w, &b.ids, b.batch, b.seq_len, &mut |l, ffn_in, ffn_mid| {
+        model.infer(&params, &mut ws, &b.ids, b.batch, b.seq_len, &mut |l, ffn_in, ffn_mid| {
             if pass.layers.as_ref().is_none_or(|ls| ls.contains(&l)) {
                 acc.add_moment(l, MlpId::Dense, Site::FfnIn, ffn_in, n, h);
                 acc.add_moment(l, MlpId::Dense, Site::FfnMid, ffn_mid, n, f);
             }
             on_progress(n);
             l < last
-        });
+        })?;
     }
     acc.into_stats(meta)
 }

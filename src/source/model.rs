@@ -247,17 +247,9 @@ impl Fused {
     fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?.to_vec1::<u32>()?;
-        let v = self.model.cfg.vocab_size;
-        if let Some(&bad) = flat.iter().find(|&&i| i as usize >= v) {
-            return Err(MasaError::Invalid(format!("token id {bad} is outside the vocabulary ({v})")));
-        }
         let mut guard = self.ws.lock().map_err(|_| MasaError::Invalid("a previous forward pass panicked".into()))?;
-        if guard.as_ref().is_none_or(|w| w.batch < b || w.seq != t) {
-            *guard = Some(crate::student::llama::Workspace::inference(&self.model.cfg, b, t));
-        }
-        let ws = guard.as_mut().ok_or_else(|| MasaError::Invalid("no workspace".into()))?;
-        self.model.forward(&self.params, ws, &flat, b, t);
-        Ok(Tensor::from_vec(self.model.logits(&self.params, ws), (b, t, v), &Device::Cpu)?)
+        let ws = self.model.infer(&self.params, &mut guard, &flat, b, t, &mut |_, _, _| true)?;
+        Ok(Tensor::from_vec(self.model.logits(&self.params, ws), (b, t, self.model.cfg.vocab_size), &Device::Cpu)?)
     }
 }
 

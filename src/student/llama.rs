@@ -207,6 +207,30 @@ impl Llama {
         self.forward_observed(params, ws, ids, b, t, &mut |_, _, _| true);
     }
 
+    /// An inference pass ([`Self::forward_observed`]) of `ids` (`b × t`) in the workspace held in
+    /// `slot`, made (or remade) to fit; ids outside the vocabulary are an error, not a panic.
+    /// Returns the workspace, for [`Self::logits`].
+    pub fn infer<'w>(
+        &self,
+        params: &[f32],
+        slot: &'w mut Option<Workspace<f32>>,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        observe: &mut dyn FnMut(usize, &[f32], &[f32]) -> bool,
+    ) -> crate::Result<&'w mut Workspace<f32>> {
+        let v = self.cfg.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            return Err(crate::MasaError::Invalid(format!("token id {bad} is outside the vocabulary ({v})")));
+        }
+        if slot.as_ref().is_some_and(|w| w.batch < b || w.seq != t) {
+            *slot = None;
+        }
+        let ws = slot.get_or_insert_with(|| Workspace::inference(&self.cfg, b, t));
+        self.forward_observed(params, ws, ids, b, t, observe);
+        Ok(ws)
+    }
+
     /// [`Self::forward`], calling `observe(l, ffn_in, ffn_mid)` with each layer's FFN inputs
     /// (`ffn_in`: the post-norm hidden states, `b·t × hidden`; `ffn_mid`: `silu(gate) ⊙ up`,
     /// `b·t × intermediate`) as soon as they exist; the pass stops after the layer where
