@@ -52,9 +52,22 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::io::BufWriter
     written
 }
 
-/// The temp-file name used for an atomic write of `path` (same directory, so rename is atomic).
+/// The temp-file name used for an atomic write of `path` (same directory, so rename is atomic):
+/// `.{name}.{pid}.tmp`. Temp files of the same target that a killed masa left behind (their
+/// process is gone, by `/proc`) are removed first, so interrupted runs do not pile them up.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let (true, Ok(entries)) = (Path::new("/proc/self").exists(), std::fs::read_dir(dir)) {
+        let prefix = format!(".{name}.");
+        for e in entries.flatten() {
+            let f = e.file_name().to_string_lossy().into_owned();
+            let pid = f.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp")).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && !Path::new("/proc").join(p.to_string()).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
@@ -76,5 +89,26 @@ mod tests {
         assert_eq!(left, vec![std::ffi::OsString::from("d")]);
         write_atomic(&dir.path().join("ok.json"), b"{}").unwrap();
         assert_eq!(std::fs::read(dir.path().join("ok.json")).unwrap(), b"{}");
+    }
+
+    /// Temp files a killed process left (a pid that is not running) are removed by the next
+    /// write of the same target; a live process's, and other targets', are left alone.
+    #[test]
+    fn stale_temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+        for f in [format!(".a.json.{dead}.tmp"), format!(".a.json.{parent}.tmp"), format!(".b.json.{dead}.tmp"), format!(".a.json.x{dead}.tmp")] {
+            std::fs::write(dir.path().join(f), "half").unwrap();
+        }
+        write_atomic(&dir.path().join("a.json"), b"{}").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut want = vec!["a.json".to_string(), format!(".a.json.{parent}.tmp"), format!(".b.json.{dead}.tmp"), format!(".a.json.x{dead}.tmp")];
+        want.sort();
+        assert_eq!(left, want, "live pid {live}");
     }
 }
