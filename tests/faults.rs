@@ -424,3 +424,31 @@ fn download_output_goes_to_stderr_not_stdout() {
         assert!(e.contains("Collecting stand-in-package (from stdout)") && e.contains("No matching distribution"), "{args:?}: {e}");
     }
 }
+
+/// A `masa run` spec whose calibration sequence is longer than the source's positions is
+/// refused before anything is fetched (here the default corpus, which is not in the empty
+/// MASA_HOME) or computed, naming the section, the value and the range.
+#[test]
+fn a_run_spec_beyond_the_sources_positions_is_refused_before_any_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = small_config();
+    write_scratch_student(&d.join("source"), &cfg, 3);
+    let spec = d.join("long.toml");
+    let seq = cfg.max_position_embeddings + 1;
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"long\"\nsource = \"{}\"\nstudents = [\"tiny\"]\nstrategies = [\"scratch\"]\nseeds = [0]\n\n[calibration]\ntokens = 4096\nseq_len = {seq}\n\n\
+             [extraction]\nratio = 0.1\n\n[pretrain]\nbudgets = [2048]\nbatch = 4\nseq_len = 32\nlr = 5e-3\nwarmup = 2\n",
+            d.join("source").display()
+        ),
+    )
+    .unwrap();
+    let mut c = Command::new(MASA);
+    c.arg("run").arg(&spec).arg("--runs").arg(d.join("runs")).env("MASA_HOME", d.join("home"));
+    let e = failure(&run_within(c, Duration::from_secs(60)));
+    assert!(e.contains("[calibration]") && e.contains(&format!("--seq {seq}: must be in 1..={}", cfg.max_position_embeddings)), "{e}");
+    assert!(!d.join("home/corpus").exists(), "the default corpus was fetched first");
+    assert!(!d.join("runs/artifacts").exists());
+}

@@ -73,6 +73,11 @@ impl<'a> Ctx<'a> {
     /// Resolve and open the source, fetch what the spec needs, start the results.
     pub(crate) fn open(spec: &'a Spec, root: &Path, out: &Path) -> Result<Ctx<'a>> {
         let source_path = crate::fetch::resolve_model(&spec.source)?;
+        let source = SourceModel::open(&source_path)?;
+        // The ranges that depend on the source (`[calibration]` seq_len against its positions),
+        // checked before anything is fetched or computed.
+        let all_domains = CalibrationJob { label: String::new(), domains: None };
+        calibrate_options(spec, &all_domains).check(source.weights.config.max_position_embeddings).map_err(|e| MasaError::Invalid(format!("spec `{}`: [calibration]: {e}", spec.name)))?;
         if spec.corpus.iter().any(|c| c == "default") {
             crate::corpus::fetch_default_corpus(true)?;
         }
@@ -82,7 +87,6 @@ impl<'a> Ctx<'a> {
                 crate::eval::data::fetch_tasks()?;
             }
         }
-        let source = SourceModel::open(&source_path)?;
         let source_hash = source.fingerprint()?;
         let corpus = spec.corpus_paths();
         let manifest: Vec<String> = corpus
