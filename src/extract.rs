@@ -572,6 +572,15 @@ pub struct MinibatchOptions {
     pub seed: u64,
 }
 
+impl MinibatchOptions {
+    /// The options' ranges, checked before any work.
+    pub fn check(&self) -> Result<()> {
+        crate::limits::count("--epochs", self.epochs, crate::limits::MAX_STEPS, "")?;
+        crate::limits::positive("--lr", self.lr)?;
+        crate::limits::positive("init std", self.init_std)
+    }
+}
+
 /// Progress of minibatch extraction after an epoch, measured with the exact objective.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochTrace {
@@ -634,8 +643,7 @@ fn extract_minibatch(
     on_epoch: &mut dyn FnMut(&EpochTrace),
 ) -> Result<(Genes, Vec<EpochTrace>)> {
     opts.check()?;
-    crate::limits::count("--epochs", mb.epochs, crate::limits::MAX_STEPS, "")?;
-    crate::limits::positive("--lr", mb.lr)?;
+    mb.check()?;
     let mut sel = select_matrices(source, stats, opts)?;
     let matrices = std::mem::take(&mut sel.matrices);
     let mut rng = crate::rng::SplitMix64(mb.seed ^ 0x5eed_9e7e);
@@ -730,5 +738,11 @@ mod tests {
         assert!(e.contains("--max-iter 0"), "{e}");
         let e = ExtractOptions { lambda: f64::NAN, ..Default::default() }.check().unwrap_err().to_string();
         assert!(e.contains("--lambda"), "{e}");
+        let mb = MinibatchOptions { epochs: 10, lr: 1e-3, init_std: MINIBATCH_INIT_STD, seed: 0 };
+        mb.check().unwrap();
+        let e = MinibatchOptions { epochs: 0, ..mb.clone() }.check().unwrap_err().to_string();
+        assert!(e.contains("--epochs 0: must be in 1..="), "{e}");
+        let e = MinibatchOptions { lr: f64::NAN, ..mb }.check().unwrap_err().to_string();
+        assert!(e.contains("--lr NaN"), "{e}");
     }
 }

@@ -849,6 +849,10 @@ fn cmd_extract(
     use masa::extract::ExtractOptions;
     let Some(rank) = RankSpec::from_options(rank, ratio)? else { anyhow::bail!("give --rank r or --ratio ρ") };
     masa::limits::non_negative("--lambda", lambda)?;
+    let minibatch = replay.map(|(corpus, copts, epochs, lr)| (corpus, masa::extract::MinibatchOptions { epochs, lr, init_std: masa::extract::MINIBATCH_INIT_STD, seed: copts.seed }, copts));
+    if let Some((_, mb, _)) = &minibatch {
+        mb.check()?;
+    }
     let path = fetch::resolve_model(model)?;
     let full = masa::source::SourceModel::open(&path)?;
     let (source, hash) = (&full.weights, full.fingerprint()?);
@@ -857,16 +861,15 @@ fn cmd_extract(
     let opts = ExtractOptions { rank, lambda, experts, routed_with_shared, max_iter, layers, ..Default::default() };
     let n = masa::extract::select_matrices(source, &stats, &opts)?.matrices.len();
     let t0 = std::time::Instant::now();
-    let genes = match replay {
+    let genes = match minibatch {
         None => {
             let bar = masa::progress::count_bar(n as u64, "extracting", "matrices");
             let g = masa::extract::extract(source, &hash, &stats, &opts, &|_| bar.inc(1))?;
             bar.finish_and_clear();
             g
         }
-        Some((corpus, copts, epochs, lr)) => {
+        Some((corpus, mb, copts)) => {
             let (corpus, _) = masa::corpus::resolve_corpus(&corpus)?;
-            let mb = masa::extract::MinibatchOptions { epochs, lr, init_std: masa::extract::MINIBATCH_INIT_STD, seed: copts.seed };
             let (g, trace) = masa::extract::extract_minibatch_on_corpus(&full, &hash, &stats, &opts, &mb, &corpus, &copts, &mut |p| {
                 eprintln!("epoch {:3}  {:8.1} s  median relative L_out {:.4}", p.epoch, p.seconds, p.median_rel_l_out)
             })?;

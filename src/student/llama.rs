@@ -313,6 +313,7 @@ impl Llama {
         let c = &self.cfg;
         let (h, v, n) = (c.hidden_size, c.vocab_size, ws.b * ws.t);
         let mut out = vec![T::zero(); n * v];
+        kernels::advise_huge_pages(&mut out);
         kernels::mm_nt(&mut out, &ws.xf[..n * h], &params[self.layout.head..self.layout.head + v * h], n, v, h, false);
         out
     }
