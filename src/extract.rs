@@ -252,7 +252,7 @@ pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout)
 pub fn align_with(out: OutputAlignment, w: &[f32], layout: Layout, opts: &ExtractOptions) -> Result<(Vec<f64>, MatrixReport)> {
     let t0 = Instant::now();
     let wmat = Mat::from_fn(layout.d_out, layout.d_in, |p, j| w[p * layout.d_in + j] as f64);
-    let sigma = wmat.singular_values().map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
+    let sigma = crate::align::singular_values(&wmat)?;
     let spec = SpectralAlignment::new(&sigma, layout.r);
     let m0 = out.closed_form(opts.ridge)?;
     let (l_out_start, _) = out.loss_grad(&m0);
@@ -658,9 +658,7 @@ fn extract_minibatch(
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         let moment = stats.moment(m.layer, &m.stats_site())?;
         exact.push(OutputAlignment::new(&wv, &moment.mean(), layout));
-        let sigma = Mat::from_fn(m.d_out, m.d_in, |p, j| wv[p * m.d_in + j] as f64)
-            .singular_values()
-            .map_err(|e| MasaError::Invalid(format!("SVD of W failed: {e:?}")))?;
+        let sigma = crate::align::singular_values(&Mat::from_fn(m.d_out, m.d_in, |p, j| wv[p * m.d_in + j] as f64))?;
         let target = SpectralAlignment::new(&sigma, layout.r);
         let m0: Vec<f64> = crate::rng::normals(&mut rng, layout.r * layout.r).into_iter().map(|z| z * mb.init_std).collect();
         let ex = exact.last().ok_or_else(|| MasaError::Invalid("no exact objective".into()))?;

@@ -185,6 +185,52 @@ fn spectral_gradient_matches_finite_differences() {
     }
 }
 
+/// The spectral term (computed from the eigendecomposition of MᵀM) equals the same loss and
+/// gradient computed from an SVD of M, `Σ (log σ'_i − log σ_i)²` and `U' diag(2 (log σ'_i −
+/// log σ_i)/σ'_i) V'ᵀ`, on genes whose singular values span 4 orders of magnitude.
+#[test]
+fn spectral_term_equals_its_svd_form() {
+    let mut rng = Rng(21);
+    for (r, spread) in [(6, 1e-1f64), (12, 1e-4), (40, 1e-2)] {
+        let target: Vec<f64> = (0..r).map(|i| 5.0 * (0.7f64).powi(i as i32)).collect();
+        let spec = SpectralAlignment::new(&target, r);
+        // M = Q1 diag(s) Q2ᵀ with orthogonal Q1, Q2 from QR of random matrices.
+        let q = |rng: &mut Rng| to_mat(&rng.vec(r * r), r).qr().compute_Q();
+        let (q1, q2) = (q(&mut rng), q(&mut rng));
+        let s: Vec<f64> = (0..r).map(|i| 3.0 * spread.powf(i as f64 / (r - 1) as f64)).collect();
+        let m = &q1 * faer::Mat::from_fn(r, r, |a, b| if a == b { s[a] } else { 0.0 }) * q2.transpose();
+        let svd = m.thin_svd().unwrap();
+        let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
+        let diff: Vec<f64> = (0..r).map(|i| sv[i].ln() - target[i].ln()).collect();
+        let want_loss: f64 = diff.iter().map(|d| d * d).sum();
+        let want_grad = faer::Mat::from_fn(r, r, |a, i| u[(a, i)] * 2.0 * diff[i] / sv[i]) * v.transpose();
+        let (loss, grad) = spec.loss_grad(&m).unwrap();
+        assert!((loss - want_loss).abs() < 1e-9 * want_loss.max(1.0), "r={r}: loss {loss} vs {want_loss}");
+        assert!((spec.loss(&m).unwrap() - want_loss).abs() < 1e-9 * want_loss.max(1.0));
+        let scale = (0..r * r).map(|k| want_grad[(k / r, k % r)].abs()).fold(0.0, f64::max);
+        for k in 0..r * r {
+            let (got, want) = (grad[(k / r, k % r)], want_grad[(k / r, k % r)]);
+            assert!((got - want).abs() < 1e-7 * scale, "r={r} entry {k}: {got} vs {want} (largest {scale})");
+        }
+    }
+}
+
+/// `align::singular_values` (eigenvalues of the smaller Gram matrix) equals faer's SVD on wide,
+/// tall and square matrices, to 1e-9 of the largest value.
+#[test]
+fn singular_values_equal_the_svd() {
+    let mut rng = Rng(5);
+    for (rows, cols) in [(7, 19), (19, 7), (12, 12), (64, 160)] {
+        let m = faer::Mat::from_fn(rows, cols, |_, _| rng.vec(1)[0]);
+        let got = masa::align::singular_values(&m).unwrap();
+        let want = m.singular_values().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-9 * want[0], "{rows}x{cols}: {g} vs {w}");
+        }
+    }
+}
+
 #[test]
 fn output_gradient_matches_finite_differences() {
     let mut rng = Rng(9);
