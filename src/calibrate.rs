@@ -56,8 +56,8 @@ impl<'a> Accumulator<'a> {
         }
     }
 
-    /// Count a batch entering the pass (once per batch); returns its ids `(batch, seq)`.
-    pub fn count(&mut self, b: &Batch) -> Result<Tensor> {
+    /// Check and count a batch entering the pass (once per batch).
+    pub fn count(&mut self, b: &Batch) -> Result<()> {
         if b.ids.len() != b.batch * b.seq_len || b.dataset.len() != b.batch || b.dataset.iter().any(|&d| d >= self.datasets.len()) {
             return Err(MasaError::Shape(format!("calibration batch of {} ids is not {}x{} of known datasets", b.ids.len(), b.batch, b.seq_len)));
         }
@@ -66,7 +66,7 @@ impl<'a> Accumulator<'a> {
         }
         self.tokens += (b.batch * b.seq_len) as u64;
         self.seq_len = b.seq_len;
-        Ok(Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &Device::Cpu)?)
+        Ok(())
     }
 
     /// Add `xᵀx` of one FFN input site's rows `x` (`n × d`, row-major): computed in f32 per
@@ -270,7 +270,8 @@ pub fn calibrate_with(
         while n < pass.block_tokens.max(1) {
             let Some(b) = batches.next() else { break };
             let b = b?;
-            let x = model.embed(&acc.count(&b)?)?;
+            acc.count(&b)?;
+            let x = model.embed(&Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &Device::Cpu)?)?;
             n += b.ids.len();
             block.push((b, x));
         }

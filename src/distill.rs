@@ -60,7 +60,7 @@ impl TeacherCache {
         id.update(file_size_sum(&d.teacher).to_le_bytes());
         let key_json = serde_json::json!({"format": 2, "sampling": "chunks", "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
         id.update(key_json.to_string().as_bytes());
-        let key: String = id.finalize().iter().take(8).map(|x| format!("{x:02x}")).collect();
+        let key = crate::fetch::hex(&id.finalize()[..8]);
         let root = d.cache_dir.clone().unwrap_or_else(|| crate::home::masa_home().join("teacher-cache"));
         let dir = root.join(key);
         std::fs::create_dir_all(&dir).at(&dir)?;

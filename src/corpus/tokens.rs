@@ -82,7 +82,7 @@ fn cache_key(corpus: &Corpus, split: Split, tok: &Tokenizer) -> Result<String> {
         h.update((d.text.len() as u64).to_le_bytes());
         h.update(d.text.as_bytes());
     }
-    Ok(h.finalize().iter().take(12).map(|x| format!("{x:02x}")).collect())
+    Ok(crate::fetch::hex(&h.finalize()[..12]))
 }
 
 impl TokenSplit {
@@ -128,7 +128,7 @@ impl TokenSplit {
         }
         // SAFETY: the cache file is only ever replaced by rename, never written in place.
         let map = unsafe { memmap2::Mmap::map(&file) }.at(&tp)?;
-        let sha: String = Sha256::digest(&map[..]).iter().map(|x| format!("{x:02x}")).collect();
+        let sha = crate::fetch::hex(&Sha256::digest(&map[..]));
         if sha != manifest.sha256 {
             return Err(MasaError::bad_file(&tp, "sha256 differs from the manifest: the file was altered"));
         }
@@ -204,7 +204,7 @@ impl TokenSplit {
             eos,
             dtype: if wide { "uint32" } else { "uint16" }.into(),
             tokens: n,
-            sha256: sha.finalize().iter().map(|x| format!("{x:02x}")).collect(),
+            sha256: crate::fetch::hex(&sha.finalize()),
             domains,
             documents,
         };

@@ -103,7 +103,7 @@ pub fn hash(kind: &str, inputs: &Value) -> String {
     let mut h = Sha256::new();
     h.update(kind.as_bytes());
     h.update(inputs.to_string().as_bytes());
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    crate::fetch::hex(&h.finalize()[..8])
 }
 
 /// The stage's files and their sizes, written beside the record: a finished stage whose files

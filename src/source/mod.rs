@@ -356,6 +356,6 @@ impl SourceWeights {
                 h.update(format!("{f} {}\n", m.len()).as_bytes());
             }
         }
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(crate::fetch::hex(&h.finalize()))
     }
 }

@@ -226,7 +226,7 @@ impl Tokenizer {
         let mut h = sha2::Sha256::new();
         h.update(json.as_bytes());
         h.update(format!("{:?} {:?} {}", self.bos_id, self.eos_id, self.add_bos).as_bytes());
-        Ok(h.finalize().iter().map(|x| format!("{x:02x}")).collect())
+        Ok(crate::fetch::hex(&h.finalize()))
     }
 
     /// Write `tokenizer.json` and `tokenizer_config.json` (HF layout, loadable by HF
