@@ -35,6 +35,11 @@ pub struct Accumulator<'a> {
     /// Dataset of each token of the current batch.
     token_dataset: Vec<usize>,
     n_experts: usize,
+    /// Routed experts whose statistics are kept, by MoE layer (`calibrate --experts`); an
+    /// expert of a layer listed here but not in its list is skipped. `None`: all.
+    keep: Option<BTreeMap<usize, Vec<usize>>>,
+    /// Count routing only (the first pass of `calibrate --experts`).
+    routing_only: bool,
     tokens: u64,
     dataset_tokens: BTreeMap<String, u64>,
     seq_len: usize,
@@ -50,6 +55,8 @@ impl<'a> Accumulator<'a> {
             datasets,
             token_dataset: Vec::new(),
             n_experts: config.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+            keep: None,
+            routing_only: false,
             tokens: 0,
             dataset_tokens: BTreeMap::new(),
             seq_len: 0,
@@ -99,6 +106,13 @@ impl<'a> Accumulator<'a> {
 
 impl Hooks for Accumulator<'_> {
     fn ffn_input(&mut self, layer: usize, mlp: MlpId, site: Site, x: &Tensor) -> Result<()> {
+        let skipped = match (mlp, &self.keep) {
+            (MlpId::Expert(e), Some(keep)) => keep.get(&layer).is_some_and(|k| !k.contains(&e)),
+            _ => false,
+        };
+        if self.routing_only || skipped {
+            return Ok(());
+        }
         if let Some(plan) = &self.rank_targets {
             if let Some(targets) = plan.get(&(layer, mlp.site_name(site))) {
                 for t in targets {
@@ -187,6 +201,10 @@ pub struct PassOptions {
     /// Accumulate statistics of these layers only (the pass stops after the last of them), so
     /// statistics too large for one machine are computed in layer ranges; `None`: all layers.
     pub layers: Option<Vec<usize>>,
+    /// MoE sources: statistics of only the `k` most-routed routed experts of each MoE layer
+    /// ([`Stats::most_routed`], as extraction chooses them), found by a first pass that counts
+    /// routing only; shared experts and dense layers always. `None`: every expert.
+    pub experts: Option<usize>,
 }
 
 impl PassOptions {
@@ -205,12 +223,16 @@ impl PassOptions {
 }
 
 /// Bytes of the f64 statistics a pass accumulates for `config`, counting every routed expert
-/// (an expert no token reaches adds nothing, so this is an upper bound for MoE sources).
+/// it keeps (an expert no token reaches adds nothing, so this is an upper bound for MoE sources).
 pub fn stats_bytes(config: &ModelConfig, pass: &PassOptions) -> u64 {
     let wanted = |l: usize| pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
     let mut sites = std::collections::BTreeSet::new();
     let mut values = 0u64;
-    for m in config.ffn_matrices().into_iter().filter(|m| wanted(m.layer)) {
+    let kept = |m: &crate::source::FfnMatrix| match (m.kind, m.expert, pass.experts) {
+        (crate::source::FfnKind::Expert, Some(e), Some(k)) => e < k,
+        _ => true,
+    };
+    for m in config.ffn_matrices().into_iter().filter(|m| wanted(m.layer) && kept(m)) {
         match pass.rank {
             // One d×d sum and a count per input site (gate and up share theirs).
             None if sites.insert((m.layer, m.stats_site())) => values += (m.d_in * m.d_in + 1) as u64,
@@ -260,8 +282,45 @@ pub fn calibrate_with(
         return calibrate_fused(source, &cfg, batches, datasets, meta, pass, on_progress);
     }
     let model = Transformer::load_without_layers(source)?;
-    let last = pass.last_layer(&model.config)?;
     let mut acc = Accumulator::new(&model.config, datasets);
+    let (Some(k), Some(moe)) = (pass.experts, &model.config.moe) else {
+        sequential(source, &model, batches, &mut acc, pass, on_progress)?;
+        return acc.into_stats(meta);
+    };
+    // `--experts k`: a routing-only pass over the same batches finds each MoE layer's k
+    // most-routed experts (not needed for k = 0), then the pass with statistics keeps only them.
+    let batches: Vec<Batch> = batches.collect::<Result<_>>()?;
+    let wanted = |l: usize| model.config.is_moe_layer(l) && pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
+    let moe_layers: Vec<usize> = (0..=pass.last_layer(&model.config)?).filter(|&l| wanted(l)).collect();
+    let mut keep = BTreeMap::new();
+    if k > 0 {
+        let mut routing = Accumulator::new(&model.config, datasets);
+        routing.routing_only = true;
+        sequential(source, &model, batches.iter().cloned().map(Ok), &mut routing, pass, on_progress)?;
+        let counts = routing.into_stats(meta.clone())?;
+        for &l in &moe_layers {
+            keep.insert(l, counts.most_routed(l, moe.n_routed_experts, k)?);
+        }
+    } else {
+        keep.extend(moe_layers.iter().map(|&l| (l, Vec::new())));
+    }
+    acc.keep = Some(keep);
+    sequential(source, &model, batches.into_iter().map(Ok), &mut acc, pass, on_progress)?;
+    let mut stats = acc.into_stats(meta)?;
+    stats.meta.experts = Some(k);
+    Ok(stats)
+}
+
+/// The layer-sequential pass of [`calibrate_with`], feeding `acc`.
+fn sequential(
+    source: &SourceWeights,
+    model: &Transformer,
+    batches: impl Iterator<Item = Result<Batch>>,
+    acc: &mut Accumulator,
+    pass: &PassOptions,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<()> {
+    let last = pass.last_layer(&model.config)?;
     let mut batches = batches.peekable();
     while batches.peek().is_some() {
         // One block: its batches and their hidden states, embedded.
@@ -285,13 +344,13 @@ pub fn calibrate_with(
             let layer = model.load_layer(source, l)?;
             let wanted = pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
             acc.rank_targets = match pass.rank {
-                Some(r) if wanted => Some(rank_targets(&model.config, l, &layer, r)?),
+                Some(r) if wanted && !acc.routing_only => Some(rank_targets(&model.config, l, &layer, r)?),
                 _ => None,
             };
             for (b, x) in block.iter_mut() {
                 let pos = positions.iter().find(|p| p.seq_len() == b.seq_len).ok_or_else(|| MasaError::Shape("positions".into()))?;
                 acc.observe(b);
-                let hooks: &mut dyn Hooks = if wanted { &mut acc } else { &mut NoHooks };
+                let hooks: &mut dyn Hooks = if wanted { &mut *acc } else { &mut NoHooks };
                 *x = model.run_layer(&layer, l, x, b.batch, pos, hooks)?;
                 on_progress(b.ids.len());
             }
@@ -299,7 +358,7 @@ pub fn calibrate_with(
             acc.rank_targets = None;
         }
     }
-    acc.into_stats(meta)
+    Ok(())
 }
 
 /// Plain Llama sources up to this many bytes of f32 weights (SmolLM2-135M: 0.54 GB) calibrate
@@ -380,6 +439,10 @@ pub struct CalibrateOptions {
     /// Only this shard of the batches (distributed calibration; [`Shard`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard: Option<Shard>,
+    /// MoE sources: statistics of only the k most-routed experts per MoE layer
+    /// ([`PassOptions::experts`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<usize>,
 }
 
 /// Shard `index` of `count` (0-based) of a calibration stream: batch `k` belongs to shard
@@ -411,6 +474,20 @@ impl CalibrateOptions {
         count("--batch", self.batch, MAX_BATCH, "")?;
         count("--seq", self.seq_len, max_positions, "the source's positions")
     }
+
+    /// `--experts` against the source: MoE only, at most its routed experts per layer, and not
+    /// with `--shard` (each shard would choose its experts from its own tokens).
+    pub fn check_experts(&self, config: &ModelConfig) -> Result<()> {
+        let Some(k) = self.experts else { return Ok(()) };
+        let Some(moe) = &config.moe else {
+            return Err(MasaError::Invalid(format!("--experts {k}: the source is dense ({}); --experts applies to MoE sources only", config.arch.name())));
+        };
+        crate::limits::in_range("--experts", k as u64, 0..=moe.n_routed_experts as u64, "the source's routed experts per layer")?;
+        if self.shard.is_some() {
+            return Err(MasaError::Invalid("--experts with --shard: each shard would keep the experts its own tokens route to most, and the shards would not merge; calibrate the shards without --experts".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The rank-specific targets of layer `l`: each of its FFN matrices at its rank, grouped by
@@ -437,6 +514,7 @@ pub fn corpus_batches_with<'a>(
 ) -> Result<(Vec<String>, Vec<crate::corpus::TokenStream<'a>>, usize)> {
     use crate::corpus::{token_stream, Split};
     opts.check(source.weights.config.max_position_embeddings)?;
+    opts.check_experts(&source.weights.config)?;
     let datasets: Vec<String> = match &opts.domains {
         Some(d) => d.clone(),
         None => corpus.iter(Split::Train, None).map(|d| d.domain.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
@@ -488,16 +566,18 @@ pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::
         seeds: vec![opts.seed],
         dataset_tokens: BTreeMap::new(),
         masa_version: env!("CARGO_PKG_VERSION").into(),
+        experts: None,
     };
     // Every batch is drawn (the streams advance alike in every shard); a shard keeps its own.
     let mine = |k: usize| opts.shard.is_none_or(|s| k % s.count == s.index);
     let kept = (0..n_batches).filter(|&k| mine(k)).count() as u64;
     let batches = (0..n_batches).map(|k| (k, next_batch(&mut streams, k, opts))).filter(move |(k, _)| mine(*k)).map(|(_, b)| b);
     let w = &source.weights;
-    let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone() };
+    let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone(), experts: opts.experts };
     let layers = pass.last_layer(&w.config)? as u64 + 1;
     check_memory(&w.config, &pass)?;
-    let bar = crate::progress::count_bar(kept * per_batch * layers, "calibrating", "token-layers");
+    let passes = if opts.experts.is_some_and(|k| k > 0) { 2 } else { 1 };
+    let bar = crate::progress::count_bar(passes * kept * per_batch * layers, "calibrating", "token-layers");
     let stats = calibrate_with(w, batches, &datasets, meta, &pass, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(stats)
@@ -509,7 +589,7 @@ mod tests {
 
     #[test]
     fn calibration_options_have_ranges() {
-        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None };
+        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: None };
         ok.check(2048).unwrap();
         for (o, want) in [
             (CalibrateOptions { tokens: 0, ..ok.clone() }, "--tokens 0"),

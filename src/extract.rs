@@ -158,22 +158,12 @@ pub fn select_matrices(source: &SourceWeights, stats: &Stats, opts: &ExtractOpti
             if k == 0 {
                 continue;
             }
-            let prefix = format!("layers.{l}.routing.");
-            let mut freq = vec![0.0; moe.n_routed_experts];
-            let mut datasets = 0.0;
-            for (_, counts) in stats.routing.iter().filter(|(k, _)| k.starts_with(&prefix)) {
-                let total: f64 = counts.iter().sum();
-                if total > 0.0 {
-                    freq.iter_mut().zip(counts).for_each(|(f, c)| *f += c / total);
-                    datasets += 1.0;
-                }
+            if let Some(kept) = stats.meta.experts.filter(|&kept| k > kept) {
+                return Err(MasaError::Invalid(format!(
+                    "these statistics hold only the {kept} most-routed experts of each MoE layer (calibrate --experts {kept}) and extraction asks for {k}; extract with at most {kept}, or calibrate with --experts {k}"
+                )));
             }
-            if datasets == 0.0 {
-                return Err(MasaError::Invalid(format!("statistics hold no routing counts for MoE layer {l}; calibrate this model first")));
-            }
-            let mut order: Vec<usize> = (0..moe.n_routed_experts).collect();
-            order.sort_by(|&a, &b| freq[b].total_cmp(&freq[a]).then(a.cmp(&b)));
-            keep_experts.insert(l, order.into_iter().take(k).collect());
+            keep_experts.insert(l, stats.most_routed(l, moe.n_routed_experts, k)?);
         }
     }
     let matrices = all

@@ -122,6 +122,11 @@ enum Command {
         /// merge` of the N shards equals one pass (docs/extraction.md, "Distributed calibration").
         #[arg(long)]
         shard: Option<masa::calibrate::Shard>,
+        /// MoE sources: keep statistics of only the K most-routed routed experts of each MoE
+        /// layer (a first pass counts the routing), as extraction with `--experts` ≤ K (or
+        /// `--routed-with-shared` ≤ K) reads them; statistics shrink by (routed experts)/K.
+        #[arg(long)]
+        experts: Option<usize>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -466,6 +471,7 @@ impl StreamArgs {
             rank: None,
             layers: None,
             shard: None,
+            experts: None,
         }
     }
 }
@@ -671,11 +677,11 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {:.2} GB of bf16 weights in {:.0} s -> {}", bytes as f64 / 1e9, t0.elapsed().as_secs_f64(), opts.out.display());
             Ok(())
         }
-        Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, out } => {
+        Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, experts, out } => {
             let rank = masa::align::RankSpec::from_options(rank, ratio)?;
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
-            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, ..stream.options(262_144) };
+            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, experts, ..stream.options(262_144) };
             let t0 = std::time::Instant::now();
             let stats = masa::calibrate::calibrate_on_corpus(&source, &corpus, &desc, &opts)?;
             let secs = t0.elapsed().as_secs_f64();

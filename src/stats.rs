@@ -32,6 +32,10 @@ pub struct StatsMeta {
     /// Tokens per dataset (corpus domain or task file).
     pub dataset_tokens: BTreeMap<String, u64>,
     pub masa_version: String,
+    /// MoE sources calibrated with `--experts K`: only the K most-routed routed experts of each
+    /// MoE layer ([`Stats::most_routed`]) have statistics; `None`: every expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<usize>,
 }
 
 /// The second-moment sum of one input site.
@@ -173,7 +177,36 @@ impl Stats {
     }
 
     /// Add another shard of statistics of the same source model.
+    /// The `k` routed experts of MoE layer `layer` that receive the largest share of tokens,
+    /// the shares averaged over datasets (each dataset weighs the same, whatever its size); ties
+    /// go to the lower index. Extraction keeps these, and `calibrate --experts` accumulates
+    /// statistics for these only.
+    pub fn most_routed(&self, layer: usize, n_experts: usize, k: usize) -> Result<Vec<usize>> {
+        let prefix = format!("layers.{layer}.routing.");
+        let mut freq = vec![0.0; n_experts];
+        let mut datasets = 0.0;
+        for (_, counts) in self.routing.iter().filter(|(key, _)| key.starts_with(&prefix)) {
+            let total: f64 = counts.iter().sum();
+            if total > 0.0 {
+                freq.iter_mut().zip(counts).for_each(|(f, c)| *f += c / total);
+                datasets += 1.0;
+            }
+        }
+        if datasets == 0.0 {
+            return Err(MasaError::Invalid(format!("statistics hold no routing counts for MoE layer {layer}; calibrate this model first")));
+        }
+        let mut order: Vec<usize> = (0..n_experts).collect();
+        order.sort_by(|&a, &b| freq[b].total_cmp(&freq[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        Ok(order)
+    }
+
     pub fn merge(&mut self, other: &Stats, other_name: &str) -> Result<()> {
+        if self.meta.experts.is_some() || other.meta.experts.is_some() {
+            return Err(MasaError::Invalid(format!(
+                "{other_name}: statistics calibrated with --experts hold only the experts their own tokens routed to most, which differ between shards; calibrate the shards without --experts"
+            )));
+        }
         if other.meta.source_hash != self.meta.source_hash {
             return Err(MasaError::Invalid(format!(
                 "{other_name}: statistics of a different source model ({} vs {}); shards must come from the same model",

@@ -175,6 +175,7 @@ fn seeds() -> Seeds {
         seeds: vec![0],
         dataset_tokens: Default::default(),
         masa_version: "test".into(),
+        experts: None,
     };
     let datasets = vec!["a".to_string(), "b".to_string()];
     let stats = masa::calibrate::calibrate(&w, batches.into_iter().map(Ok), &datasets, meta, &mut |_| {}).unwrap();

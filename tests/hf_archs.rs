@@ -603,6 +603,7 @@ fn empty_meta() -> StatsMeta {
         seeds: vec![0],
         dataset_tokens: Default::default(),
         masa_version: "test".into(),
+        experts: None,
     }
 }
 
@@ -786,6 +787,69 @@ fn crafted_statistics_are_clear_errors_not_panics() {
     assert!(text.contains("aééééééééééé…"), "{text}");
 }
 
+/// `calibrate --experts k`: a routing-only first pass picks each MoE layer's k most-routed
+/// experts, and the statistics pass keeps exactly the full pass's sums for those experts (and
+/// for shared experts and dense layers), none for the others, with the same routing counts.
+/// Extraction with k experts from them gives the genes the full statistics give; asking for
+/// more experts than were kept, and merging such statistics, are refused. OLMoE (k = 2) and
+/// DeepSeekMoE (k = 1, and k = 0: shared experts only, no first pass), full and rank-specific.
+#[test]
+fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
+    let datasets = vec!["a".to_string(), "b".to_string()];
+    for (spec, k, rank) in [(Spec::olmoe(), 2, None), (Spec::deepseek(), 1, None), (Spec::deepseek(), 0, None), (Spec::olmoe(), 1, Some(masa::align::RankSpec::Rank(5)))] {
+        let dir = tempfile::tempdir().unwrap();
+        spec.weights(31).write(dir.path(), Dtype::F32, 1);
+        write_config(dir.path(), &spec.config_json());
+        let w = SourceWeights::open(dir.path()).unwrap();
+        let hash = w.fingerprint().unwrap();
+        let pass = |experts| masa::calibrate::PassOptions { rank, block_tokens: 24, layers: None, experts };
+        let run = |experts| {
+            let mut s = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &pass(experts), &mut |_| {}).unwrap();
+            s.meta.source_hash = hash.clone();
+            s
+        };
+        let (full, kept) = (run(None), run(Some(k)));
+        let what = format!("{:?} k={k} rank={rank:?}", spec.family);
+        assert_eq!(kept.meta.experts, Some(k), "{what}");
+        assert_eq!(kept.routing, full.routing, "{what}");
+        let n_routed = spec.experts;
+        let mut kept_experts = 0;
+        for l in (0..spec.layers).filter(|&l| w.config.is_moe_layer(l)) {
+            let top = full.most_routed(l, n_routed, k).unwrap();
+            for e in 0..n_routed {
+                // Full mode: `layers.L.experts.E.<site>`; rank mode: `layers.L.mlp.experts.E.<proj>.rR.*`.
+                let mine = |key: &str| key.starts_with(&format!("layers.{l}.experts.{e}.")) || key.starts_with(&format!("layers.{l}.mlp.experts.{e}."));
+                let of = |st: &Stats| {
+                    let m: Vec<_> = st.moments.iter().filter(|(key, _)| mine(key)).map(|(key, m)| (key.clone(), m.xxt.clone(), m.count)).collect();
+                    let c: Vec<_> = st.cross.iter().filter(|(key, _)| mine(key)).map(|(key, v)| (key.clone(), v.clone())).collect();
+                    (m, c)
+                };
+                if top.contains(&e) {
+                    assert_eq!(of(&kept), of(&full), "{what}: layer {l} expert {e} kept, its sums must equal the full pass's");
+                    kept_experts += usize::from(!of(&full).0.is_empty());
+                } else {
+                    assert!(of(&kept).0.is_empty() && of(&kept).1.is_empty(), "{what}: layer {l} expert {e} is not among the {k} most routed {top:?}");
+                }
+            }
+        }
+        assert_eq!(kept_experts, k * (0..spec.layers).filter(|&l| w.config.is_moe_layer(l)).count(), "{what}");
+        // Everything that is not a routed expert (dense layers, shared experts) is kept whole.
+        for (key, m) in full.moments.iter().filter(|(key, _)| !key.contains(".experts.")) {
+            assert_eq!(kept.moments.get(key), Some(m), "{what}: {key}");
+        }
+        assert!(full.moments.keys().any(|key| !key.contains(".experts.")) || spec.n_shared == 0, "{what}: shared experts and dense layers have sums");
+        let (experts, routed_with_shared) = if spec.n_shared > 0 { (1, k) } else { (k, 0) };
+        let opts = masa::extract::ExtractOptions { rank: rank.unwrap_or(masa::align::RankSpec::Rank(4)), lambda: 0.1, experts, routed_with_shared, ..Default::default() };
+        let (a, b) = (masa::extract::extract(&w, &hash, &full, &opts, &|_| {}).unwrap(), masa::extract::extract(&w, &hash, &kept, &opts, &|_| {}).unwrap());
+        assert_eq!(a.genes, b.genes, "{what}: genes from the kept experts' statistics");
+        let more = if spec.n_shared > 0 { masa::extract::ExtractOptions { routed_with_shared: k + 1, ..opts } } else { masa::extract::ExtractOptions { experts: k + 1, ..opts } };
+        let e = masa::extract::extract(&w, &hash, &kept, &more, &|_| {}).unwrap_err().to_string();
+        assert!(e.contains(&format!("only the {k} most-routed experts")) && e.contains(&format!("--experts {}", k + 1)), "{what}: {e}");
+        let e = full.clone().merge(&kept, "kept.safetensors").unwrap_err().to_string();
+        assert!(e.contains("kept.safetensors") && e.contains("--experts"), "{what}: {e}");
+    }
+}
+
 #[test]
 fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     // OLMoE: dense-free, so experts (top-k routed rows) and both sites are exercised.
@@ -798,7 +862,7 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     let datasets = vec!["a".to_string(), "b".to_string()];
     let full = run_calibration(&w, tiny_batches(&spec, 8, 6));
     // Blocks of 2 batches: each layer's targets are rebuilt per block.
-    let small = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None }, &mut |_| {}).unwrap();
+    let small = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None, experts: None }, &mut |_| {}).unwrap();
     assert!(small.moments.keys().all(|k| k.contains(".r5.block")), "no full moments in rank-specific mode");
     assert_eq!(small.routing, full.routing);
     let mut checked = 0;

@@ -133,6 +133,7 @@ impl Fixture {
             seeds: vec![0],
             dataset_tokens: Default::default(),
             masa_version: "test".into(),
+            experts: None,
         };
         let p = self.path("stats.safetensors");
         Stats { meta, moments, routing: Default::default(), cross: Default::default() }.save(&p).unwrap();

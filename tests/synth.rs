@@ -124,6 +124,7 @@ fn meta() -> StatsMeta {
         seeds: vec![0],
         dataset_tokens: Default::default(),
         masa_version: "test".into(),
+        experts: None,
     }
 }
 
@@ -139,7 +140,8 @@ fn whole_model(w: &SourceWeights, batches: &[Batch], datasets: &[String]) -> Sta
     let model = Transformer::load(w).unwrap();
     let mut acc = Accumulator::new(&model.config, datasets);
     for b in batches {
-        let ids = acc.count(b).unwrap();
+        acc.count(b).unwrap();
+        let ids = candle_core::Tensor::from_slice(&b.ids, (b.batch, b.seq_len), &candle_core::Device::Cpu).unwrap();
         acc.observe(b);
         model.hidden_states(&ids, &mut acc).unwrap();
     }
@@ -191,7 +193,7 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         let estimate = masa::calibrate::stats_bytes(&w.config, &PassOptions::default());
         if w.config.moe.is_none() {
             assert_eq!(estimate, bytes(&want), "{arch}");
-            let pass = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), block_tokens: 24, layers: None };
+            let pass = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), block_tokens: 24, layers: None, experts: None };
             let ranked = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &pass, &mut |_| {}).unwrap();
             let cross: u64 = ranked.cross.values().map(|(_, v)| 8 * v.len() as u64).sum();
             assert_eq!(masa::calibrate::stats_bytes(&w.config, &pass), bytes(&ranked) + cross, "{arch}: rank-specific");

@@ -343,6 +343,7 @@ pub fn count_tokens(corpus: &Corpus, split: Split, encode: Encode<'_>, eos: Opti
 }
 
 /// A batch of equal-length sequences, each labelled with its dataset (index into `datasets`).
+#[derive(Clone)]
 pub struct Batch {
     pub ids: Vec<u32>,
     pub batch: usize,

@@ -58,7 +58,7 @@ struct TrainRecord {
 /// extraction replays its token stream.
 fn calibrate_options(spec: &Spec, job: &CalibrationJob) -> crate::calibrate::CalibrateOptions {
     let c = &spec.calibration;
-    crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None, shard: None }
+    crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None, shard: None, experts: None }
 }
 
 /// Everything the fine-tune + evaluation stage of one task is given, as its key sees it.
