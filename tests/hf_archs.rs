@@ -847,7 +847,21 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
         assert!(e.contains(&format!("only the {k} most-routed experts")) && e.contains(&format!("--experts {}", k + 1)), "{what}: {e}");
         let e = full.clone().merge(&kept, "kept.safetensors").unwrap_err().to_string();
         assert!(e.contains("kept.safetensors") && e.contains("--experts"), "{what}: {e}");
+        // The option's checks against the source, before any work.
+        let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(k) };
+        opts.check_experts(&w.config).unwrap();
+        let e = masa::calibrate::CalibrateOptions { experts: Some(n_routed + 1), ..opts.clone() }.check_experts(&w.config).unwrap_err().to_string();
+        assert!(e.contains(&format!("--experts {}: must be in 0..={n_routed}", n_routed + 1)), "{e}");
+        let e = masa::calibrate::CalibrateOptions { shard: Some("0/2".parse().unwrap()), ..opts }.check_experts(&w.config).unwrap_err().to_string();
+        assert!(e.contains("--shard"), "{e}");
     }
+    let dir = tempfile::tempdir().unwrap();
+    Spec::olmo().weights(3).write(dir.path(), Dtype::F32, 1);
+    write_config(dir.path(), &Spec::olmo().config_json());
+    let dense = SourceWeights::open(dir.path()).unwrap();
+    let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(1) };
+    let e = opts.check_experts(&dense.config).unwrap_err().to_string();
+    assert!(e.contains("--experts 1: the source is dense"), "{e}");
 }
 
 #[test]
