@@ -93,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         seeds: vec![0],
         dataset_tokens: Default::default(),
         masa_version: env!("CARGO_PKG_VERSION").into(),
+        experts: None,
     };
     let stats = calibrate(&source.weights, batches.into_iter().map(Ok), &domains, meta, &mut |_| {})?;
     eprintln!("calibration: {} tokens, {:.1}s", stats.meta.tokens, t0.elapsed().as_secs_f64());
