@@ -309,7 +309,9 @@ pub fn extract(
         let r = opts.rank.rank(m.d_out, m.d_in);
         Layout::new(m.d_out, m.d_in, r).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
     }
-    let results: Vec<Result<(String, usize, Vec<f32>, MatrixReport)>> = matrices
+    // The first error stops the matrices not yet started (which one fails first may differ
+    // between runs when several would).
+    let results: Vec<(String, usize, Vec<f32>, MatrixReport)> = matrices
         .par_iter()
         .map(|m| {
             let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in))?;
@@ -323,11 +325,10 @@ pub fn extract(
             on_matrix(&rep);
             Ok((m.gene_name(), layout.r, gene.iter().map(|&v| v as f32).collect(), rep))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut genes = BTreeMap::new();
     let mut reports = Vec::new();
-    for r in results {
-        let (name, rank, g, rep) = r?;
+    for (name, rank, g, rep) in results {
         genes.insert(name, (rank, g));
         reports.push(rep);
     }
