@@ -4,12 +4,14 @@
 //! killed during fine-tuning and reporting, and a report killed while written, recover; a
 //! download's subprocess output stays off stdout and dies with masa.
 
+mod common;
 mod train_common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{kill_when, stage_dirs};
 use train_common::{small_config, write_corpus, write_scratch_student};
 
 const MASA: &str = env!("CARGO_BIN_EXE_masa");
@@ -204,28 +206,6 @@ fn a_download_subprocess_dies_with_masa() {
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "{status:?}");
     assert!(t0.elapsed() < Duration::from_secs(20));
-}
-
-/// `cmd`, started, SIGKILLed as soon as `now()` holds (polled every 2 ms); fails the test if the
-/// process ends first or `now()` never comes.
-fn kill_when(mut cmd: Command, what: &str, now: &dyn Fn() -> bool) {
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn masa");
-    let t0 = Instant::now();
-    while !now() {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("masa ended ({st}) before {what}");
-        }
-        assert!(t0.elapsed() < Duration::from_secs(300), "{what} never came");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
-/// The stage directories `artifacts/<prefix>*` of a runs store.
-fn stage_dirs(runs: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
-    let Ok(rd) = std::fs::read_dir(runs.join("artifacts")) else { return Vec::new() };
-    rd.map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).collect()
 }
 
 /// `masa run` with a fine-tuning task, SIGKILLed in the middle of the fine-tuning (its metrics

@@ -3,6 +3,8 @@
 //! run killed with SIGKILL (during calibration, during a pre-training) continues on rerun to
 //! the same numbers.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use masa::run::spec::{FinetuneSpec, Spec, TaskSpec};
@@ -305,25 +307,9 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
         c.arg("run").arg(&spec_path).arg("--runs").arg(&runs2).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
         c
     };
-    let stage_dirs = |prefix: &str| -> Vec<PathBuf> {
-        let Ok(rd) = std::fs::read_dir(runs2.join("artifacts")) else { return Vec::new() };
-        rd.map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).collect()
-    };
-    let kill_when = |what: &str, now: &dyn Fn() -> bool| {
-        let mut child = cli().spawn().unwrap();
-        let t0 = std::time::Instant::now();
-        while !now() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("the run ended ({st}) before {what}");
-            }
-            assert!(t0.elapsed().as_secs() < 900, "{what} never came");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-    };
-    kill_when("the calibration", &|| !stage_dirs("calibrate-").is_empty());
-    kill_when("a pre-training's first checkpoint", &|| stage_dirs("train-").iter().any(|d| d.join("latest").is_file() && !d.join("record.json").exists()));
+    let stage_dirs = |prefix: &str| common::stage_dirs(&runs2, prefix);
+    common::kill_when(cli(), "the calibration", &|| !stage_dirs("calibrate-").is_empty());
+    common::kill_when(cli(), "a pre-training's first checkpoint", &|| stage_dirs("train-").iter().any(|d| d.join("latest").is_file() && !d.join("record.json").exists()));
     let calibration = stage_dirs("calibrate-")[0].join("record.json");
     let finished = std::fs::metadata(&calibration).expect("calibration finished before training").modified().unwrap();
     assert!(cli().status().unwrap().success());

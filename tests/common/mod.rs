@@ -151,3 +151,26 @@ fn write_safetensors(path: &Path, ck: &Ckpt, names: &[&String], dtype: Dtype) {
 pub fn write_config(dir: &Path, config: &serde_json::Value) {
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
 }
+
+/// Start `cmd` (output discarded) and SIGKILL it as soon as `now()` holds, polled every 2 ms;
+/// fails the test if the process ends first or `now()` has not come within 15 minutes.
+pub fn kill_when(mut cmd: std::process::Command, what: &str, now: &dyn Fn() -> bool) {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn masa");
+    let t0 = std::time::Instant::now();
+    while !now() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("masa ended ({st}) before {what}");
+        }
+        assert!(t0.elapsed().as_secs() < 900, "{what} never came");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The stage directories `artifacts/<prefix>*` of a `masa run` store.
+pub fn stage_dirs(runs: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(runs.join("artifacts")) else { return Vec::new() };
+    rd.map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).collect()
+}
