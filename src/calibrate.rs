@@ -205,6 +205,8 @@ pub struct PassOptions {
     /// ([`Stats::most_routed`], as extraction chooses them), found by a first pass that counts
     /// routing only; shared experts and dense layers always. `None`: every expert.
     pub experts: Option<usize>,
+    /// Where the forward runs: the CPU, or a CUDA device (plain Llama sources, full mode).
+    pub device: crate::engine::Device,
 }
 
 impl PassOptions {
@@ -278,6 +280,23 @@ pub fn calibrate_with(
     pass: &PassOptions,
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<Stats> {
+    if let crate::engine::Device::Cuda(ordinal) = pass.device {
+        let cfg = crate::student::plain_llama(&source.config).filter(|_| pass.rank.is_none() && pass.experts.is_none()).ok_or_else(|| {
+            MasaError::Invalid(format!(
+                "--device {}: calibration on CUDA runs plain Llama sources (SmolLM2, masa's students) in the full mode; this is a {} source{}: use --device cpu",
+                pass.device,
+                source.config.arch.name(),
+                if pass.rank.is_some() { " in rank-specific mode" } else { "" }
+            ))
+        })?;
+        #[cfg(feature = "cuda")]
+        return calibrate_cuda(source, &cfg, ordinal, batches, datasets, meta, pass, on_progress);
+        #[cfg(not(feature = "cuda"))]
+        return Err({
+            let _ = (cfg, ordinal);
+            crate::engine::no_cuda()
+        });
+    }
     if let Some(cfg) = fused_calibration(&source.config, pass) {
         return calibrate_fused(source, &cfg, batches, datasets, meta, pass, on_progress);
     }
@@ -410,6 +429,46 @@ fn calibrate_fused(
     acc.into_stats(meta)
 }
 
+/// [`calibrate_with`] on CUDA device `ordinal` for a plain Llama source: each batch runs the
+/// GPU engine's forward in f32 (cuBLAS pedantic, no TF32), and each layer's two FFN-input
+/// `xᵀx` are one f32 product per batch added in f64 on the device, as [`calibrate_fused`] does
+/// on the CPU (`masa bench cuda-check` compares the two).
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn calibrate_cuda(
+    source: &SourceWeights,
+    cfg: &crate::student::StudentConfig,
+    ordinal: usize,
+    batches: impl Iterator<Item = Result<Batch>>,
+    datasets: &[String],
+    meta: StatsMeta,
+    pass: &PassOptions,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<Stats> {
+    let layers = pass.last_layer(&source.config)? + 1;
+    let mut model = {
+        let params = crate::student::load_params(source, cfg)?;
+        crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, false)?, cfg, &params)?
+    };
+    let mut sums = model.ffn_grams()?;
+    let mut acc = Accumulator::new(&source.config, datasets);
+    for b in batches {
+        let b = b?;
+        acc.count(&b)?;
+        model.forward(&b.ids, b.batch, b.seq_len)?;
+        model.add_ffn_grams(&mut sums, pass.layers.as_deref())?;
+        on_progress(b.ids.len() * layers);
+    }
+    let wanted = |l: usize| pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
+    let count = sums.rows as f64;
+    for (l, (xin, xmid)) in model.read_ffn_grams(&sums)?.into_iter().enumerate().filter(|(l, _)| wanted(*l)) {
+        for (site, xxt, dim) in [(Site::FfnIn, xin, cfg.hidden_size), (Site::FfnMid, xmid, cfg.intermediate_size)] {
+            acc.moments.insert(moment_key(l, &MlpId::Dense.site_name(site)), Moment { dim, xxt, count });
+        }
+    }
+    acc.into_stats(meta)
+}
+
 /// [`calibrate_with`] in the full mode with the default [`block_tokens`].
 pub fn calibrate(
     source: &SourceWeights,
@@ -443,6 +502,9 @@ pub struct CalibrateOptions {
     /// ([`PassOptions::experts`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experts: Option<usize>,
+    /// [`PassOptions::device`]; in cache keys only when not the CPU.
+    #[serde(skip_serializing_if = "crate::engine::Device::is_cpu")]
+    pub device: crate::engine::Device,
 }
 
 /// Shard `index` of `count` (0-based) of a calibration stream: batch `k` belongs to shard
@@ -470,6 +532,9 @@ impl CalibrateOptions {
     /// The options' ranges, checked before any work (`max_positions`: the source's context).
     pub fn check(&self, max_positions: usize) -> Result<()> {
         use crate::limits::{count, in_range, MAX_BATCH, MAX_TOKENS};
+        if !self.device.is_cpu() && !cfg!(feature = "cuda") {
+            return Err(crate::engine::no_cuda());
+        }
         in_range("--tokens", self.tokens, 1..=MAX_TOKENS, "")?;
         count("--batch", self.batch, MAX_BATCH, "")?;
         count("--seq", self.seq_len, max_positions, "the source's positions")
@@ -573,7 +638,7 @@ pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::
     let kept = (0..n_batches).filter(|&k| mine(k)).count() as u64;
     let batches = (0..n_batches).map(|k| (k, next_batch(&mut streams, k, opts))).filter(move |(k, _)| mine(*k)).map(|(_, b)| b);
     let w = &source.weights;
-    let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone(), experts: opts.experts };
+    let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone(), experts: opts.experts, device: opts.device };
     let layers = pass.last_layer(&w.config)? as u64 + 1;
     check_memory(&w.config, &pass)?;
     let passes = if opts.experts.is_some_and(|k| k > 0) { 2 } else { 1 };
@@ -589,7 +654,7 @@ mod tests {
 
     #[test]
     fn calibration_options_have_ranges() {
-        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: None };
+        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: None, device: Default::default() };
         ok.check(2048).unwrap();
         for (o, want) in [
             (CalibrateOptions { tokens: 0, ..ok.clone() }, "--tokens 0"),

@@ -6,13 +6,19 @@
 //! Cache layout: `<cache>/<key>/topk.bin`, fixed-size records, record `i` = micro-batch `i` of
 //! the stream: `b·t·k` u32 token ids then `b·t·k` f32 log-probs, little endian; `meta.json`
 //! says what the key covers. A partial trailing record (a killed run) is cut off on open.
+//!
+//! With `--device cuda` a plain Llama teacher (SmolLM2, masa's students) runs on the GPU engine
+//! ([`crate::cuda::llama::GpuLlama::top_k_logprobs`]) at the run's precision; the key then
+//! names that engine, since its log-probs differ from the CPU's by rounding. Other teachers run
+//! on the CPU.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use sha2::{Digest, Sha256};
 
+use crate::engine::{Device, Precision};
 use crate::error::{IoContext, MasaError, Result};
 use crate::source::model::{NoHooks, Transformer};
 use crate::source::SourceModel;
@@ -29,9 +35,18 @@ pub struct DistillOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// The teacher, loaded on the first batch not in the cache.
+enum TeacherModel {
+    Cpu(Transformer),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::llama::GpuLlama),
+}
+
 /// Teacher top-k log-probabilities per training batch, computed once and cached on disk.
 pub struct TeacherCache {
-    model: Option<Transformer>,
+    model: Option<TeacherModel>,
+    /// The CUDA device and precision the teacher runs on; `None`: the CPU.
+    gpu: Option<(usize, Precision)>,
     teacher_path: PathBuf,
     file: std::fs::File,
     path: PathBuf,
@@ -42,7 +57,9 @@ pub struct TeacherCache {
 }
 
 impl TeacherCache {
-    pub fn open(d: &DistillOptions, student_tok: &Tokenizer, corpus: &[PathBuf], seed: u64, b: usize, t: usize, progress: bool) -> Result<Self> {
+    /// `device`/`precision`: the student's; a plain Llama teacher runs there too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(d: &DistillOptions, student_tok: &Tokenizer, corpus: &[PathBuf], seed: u64, b: usize, t: usize, device: Device, precision: Precision, progress: bool) -> Result<Self> {
         let teacher = SourceModel::open(&d.teacher)?;
         // Same tokenizer: same vocabulary size and the same ids on a probe text.
         let probe = "Distillation needs the teacher's tokenizer: fn main() { println!(\"héllo\"); } 12345";
@@ -58,7 +75,18 @@ impl TeacherCache {
         let canon = d.teacher.canonicalize().unwrap_or_else(|_| d.teacher.clone());
         id.update(canon.to_string_lossy().as_bytes());
         id.update(file_size_sum(&d.teacher).to_le_bytes());
-        let key_json = serde_json::json!({"format": 2, "sampling": "chunks", "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
+        let gpu = match device {
+            Device::Cuda(ordinal) if crate::student::plain_llama(&teacher.weights.config).is_some() => Some((ordinal, precision)),
+            Device::Cuda(_) => {
+                eprintln!("note: the teacher ({}) is not a plain Llama model, so its top-k runs on the CPU", teacher.weights.config.arch.name());
+                None
+            }
+            Device::Cpu => None,
+        };
+        let mut key_json = serde_json::json!({"format": 2, "sampling": "chunks", "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
+        if let Some((_, p)) = gpu {
+            key_json["engine"] = serde_json::json!(if p == Precision::Bf16 { "cuda-bf16" } else { "cuda-f32" });
+        }
         id.update(key_json.to_string().as_bytes());
         let key = crate::fetch::hex(&id.finalize()[..8]);
         let root = d.cache_dir.clone().unwrap_or_else(|| crate::home::masa_home().join("teacher-cache"));
@@ -77,7 +105,7 @@ impl TeacherCache {
         if progress {
             eprintln!("teacher cache {}: {records} batches cached", path.display());
         }
-        Ok(TeacherCache { model: None, teacher_path: d.teacher.clone(), file, path, records, b, t, k: d.top_k })
+        Ok(TeacherCache { model: None, gpu, teacher_path: d.teacher.clone(), file, path, records, b, t, k: d.top_k })
     }
 
     /// Top-k `(ids, log-probs)`, `(b·t, k)` row-major, for micro-batch `index` of the stream,
@@ -94,9 +122,27 @@ impl TeacherCache {
         }
         if self.model.is_none() {
             let w = crate::source::SourceWeights::open(&self.teacher_path)?;
-            self.model = Some(Transformer::load(&w)?);
+            self.model = Some(match self.gpu {
+                None => TeacherModel::Cpu(Transformer::load(&w)?),
+                #[cfg(feature = "cuda")]
+                Some((ordinal, precision)) => {
+                    let cfg = crate::student::plain_llama(&w.config).expect("checked in open");
+                    let params = crate::student::load_params(&w, &cfg)?;
+                    TeacherModel::Cuda(crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, precision == Precision::Bf16)?, &cfg, &params)?)
+                }
+                #[cfg(not(feature = "cuda"))]
+                Some(_) => return Err(crate::engine::no_cuda()),
+            });
         }
-        let (ids, lp) = top_k_logprobs(self.model.as_ref().unwrap(), seqs, self.t, self.k)?;
+        let (ids, lp) = match self.model.as_mut().unwrap() {
+            TeacherModel::Cpu(m) => top_k_logprobs(m, seqs, self.t, self.k)?,
+            #[cfg(feature = "cuda")]
+            TeacherModel::Cuda(m) => {
+                let flat: Vec<u32> = seqs.iter().flat_map(|s| s[..self.t].iter().copied()).collect();
+                m.forward(&flat, seqs.len(), self.t)?;
+                m.top_k_logprobs(self.k)?
+            }
+        };
         if index == self.records {
             let mut buf = Vec::with_capacity(n * 8);
             ids.iter().for_each(|x| buf.extend(x.to_le_bytes()));
@@ -115,17 +161,22 @@ fn file_size_sum(p: &Path) -> u64 {
     std::fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
-
 /// The teacher's top-k next-token log-probs at every input position.
 pub fn top_k_logprobs(model: &Transformer, seqs: &[Vec<u32>], t: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
     let b = seqs.len();
     let flat: Vec<u32> = seqs.iter().flat_map(|s| s[..t].iter().copied()).collect();
-    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu)?;
+    let x = Tensor::from_vec(flat, (b, t), &candle_core::Device::Cpu)?;
     let logits: Vec<f32> = model.forward(&x, &mut NoHooks)?.flatten_all()?.to_vec1()?;
-    let v = model.config.vocab_size;
+    Ok(top_k_rows(&logits, model.config.vocab_size, k))
+}
+
+/// The `k` largest log-softmax entries of each `v`-wide row of `logits`: `(ids, log-probs)`,
+/// `(rows, k)` row-major, in descending order, ties to the lower id.
+pub fn top_k_rows(logits: &[f32], v: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
     let k = k.min(v);
-    let mut ids = Vec::with_capacity(b * t * k);
-    let mut lps = Vec::with_capacity(b * t * k);
+    let rows = logits.len() / v;
+    let mut ids = Vec::with_capacity(rows * k);
+    let mut lps = Vec::with_capacity(rows * k);
     let mut idx: Vec<u32> = Vec::with_capacity(v);
     for row in logits.chunks_exact(v) {
         let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -139,5 +190,5 @@ pub fn top_k_logprobs(model: &Transformer, seqs: &[Vec<u32>], t: usize, k: usize
             lps.push(row[i as usize] - lse);
         }
     }
-    Ok((ids, lps))
+    (ids, lps)
 }

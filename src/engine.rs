@@ -201,12 +201,17 @@ pub fn open(device: Device, precision: Precision, cfg: &StudentConfig, params: V
             Ok(Box::new(crate::cuda::llama::GpuLlama::new(gpu, cfg, &params, adam, &decay)?))
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(MasaError::Invalid(
-            "--device cuda: this masa was built without CUDA support; rebuild with `cargo build --release --features cuda` \
-             (no CUDA toolkit is needed to build; the driver, cuBLAS and NVRTC libraries are needed to run)"
-                .into(),
-        )),
+        Device::Cuda(_) => Err(no_cuda()),
     }
+}
+
+/// The error of `--device cuda` in a build without the `cuda` feature.
+pub fn no_cuda() -> MasaError {
+    MasaError::Invalid(
+        "--device cuda: this masa was built without CUDA support; rebuild with `cargo build --release --features cuda` \
+         (no CUDA toolkit is needed to build; the driver, cuBLAS and NVRTC libraries are needed to run)"
+            .into(),
+    )
 }
 
 /// The CPU engine: [`Llama`] with a [`Workspace`] and [`AdamW`].

@@ -127,6 +127,10 @@ enum Command {
         /// `--routed-with-shared` ≤ K) reads them; statistics shrink by (routed experts)/K.
         #[arg(long)]
         experts: Option<usize>,
+        /// Where the source's forward runs: cpu, or cuda / cuda:N for plain Llama sources in
+        /// the full mode (f32 products, sums in f64 as on the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: masa::engine::Device,
         #[arg(long)]
         out: PathBuf,
     },
@@ -472,6 +476,7 @@ impl StreamArgs {
             layers: None,
             shard: None,
             experts: None,
+            device: Default::default(),
         }
     }
 }
@@ -677,11 +682,11 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {:.2} GB of bf16 weights in {:.0} s -> {}", bytes as f64 / 1e9, t0.elapsed().as_secs_f64(), opts.out.display());
             Ok(())
         }
-        Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, experts, out } => {
+        Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, experts, device, out } => {
             let rank = masa::align::RankSpec::from_options(rank, ratio)?;
             let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
-            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, experts, ..stream.options(262_144) };
+            let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, experts, device, ..stream.options(262_144) };
             let t0 = std::time::Instant::now();
             let stats = masa::calibrate::calibrate_on_corpus(&source, &corpus, &desc, &opts)?;
             let secs = t0.elapsed().as_secs_f64();

@@ -219,7 +219,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         sampler.restore(s)?;
     }
     let mut teacher = match &opts.distill {
-        Some(d) => Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.progress)?),
+        Some(d) => Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.device, opts.precision, opts.progress)?),
         None => None,
     };
 

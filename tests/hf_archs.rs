@@ -802,7 +802,7 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
         write_config(dir.path(), &spec.config_json());
         let w = SourceWeights::open(dir.path()).unwrap();
         let hash = w.fingerprint().unwrap();
-        let pass = |experts| masa::calibrate::PassOptions { rank, block_tokens: 24, layers: None, experts };
+        let pass = |experts| masa::calibrate::PassOptions { rank, block_tokens: 24, layers: None, experts, device: Default::default() };
         let run = |experts| {
             let mut s = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &pass(experts), &mut |_| {}).unwrap();
             s.meta.source_hash = hash.clone();
@@ -848,7 +848,7 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
         let e = full.clone().merge(&kept, "kept.safetensors").unwrap_err().to_string();
         assert!(e.contains("kept.safetensors") && e.contains("--experts"), "{what}: {e}");
         // The option's checks against the source, before any work.
-        let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(k) };
+        let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(k), device: Default::default() };
         opts.check_experts(&w.config).unwrap();
         let e = masa::calibrate::CalibrateOptions { experts: Some(n_routed + 1), ..opts.clone() }.check_experts(&w.config).unwrap_err().to_string();
         assert!(e.contains(&format!("--experts {}: must be in 0..={n_routed}", n_routed + 1)), "{e}");

@@ -193,7 +193,7 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         let estimate = masa::calibrate::stats_bytes(&w.config, &PassOptions::default());
         if w.config.moe.is_none() {
             assert_eq!(estimate, bytes(&want), "{arch}");
-            let pass = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), block_tokens: 24, layers: None, experts: None };
+            let pass = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), block_tokens: 24, layers: None, experts: None, device: Default::default() };
             let ranked = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &pass, &mut |_| {}).unwrap();
             let cross: u64 = ranked.cross.values().map(|(_, v)| 8 * v.len() as u64).sum();
             assert_eq!(masa::calibrate::stats_bytes(&w.config, &pass), bytes(&ranked) + cross, "{arch}: rank-specific");

@@ -368,6 +368,86 @@ extern "C" __global__ void sum_partials(const double* part, int m, double* out, 
     if (threadIdx.x == 0) out[slot] = accumulate ? out[slot] + acc : acc;
 }
 
+// acc[i] += x[i] in f64: per-batch f32 products summed across batches in f64, as the CPU
+// calibration does (src/calibrate.rs).
+extern "C" __global__ void add_f64(double* acc, const float* x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) acc[i] += (double)x[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Teacher top-k (distillation, src/distill.rs): the k largest log-softmax entries of each row,
+// in descending order, ties to the lower id (the CPU's order). One block of TOPK_THREADS per
+// row: each thread keeps the k largest of its strided share, sorted; then k rounds of a block
+// arg-max over the lists' heads merge them. Log-probs are z − (max + log Σ exp(z − max)).
+
+#define TOPK_MAX 64
+#define TOPK_THREADS 128
+
+extern "C" __global__ void topk_rows(const float* logits, int vocab, int k, u32* ids, float* lp) {
+    __shared__ float sh[WARP];
+    __shared__ float cand_v[TOPK_THREADS / WARP];
+    __shared__ int cand_i[TOPK_THREADS / WARP];
+    __shared__ int winner;
+    const float* row = logits + (u64)blockIdx.x * vocab;
+    float tv[TOPK_MAX];
+    int ti[TOPK_MAX];
+    int cnt = 0;
+    float mx = NEG_INF_F;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float z = row[j];
+        mx = fmaxf(mx, z);
+        if (cnt < k || z > tv[cnt - 1]) {
+            // Insert keeping descending order; an equal value stays ahead (it has the lower id).
+            int p = cnt < k ? cnt++ : k - 1;
+            while (p > 0 && tv[p - 1] < z) {
+                tv[p] = tv[p - 1];
+                ti[p] = ti[p - 1];
+                p--;
+            }
+            tv[p] = z;
+            ti[p] = j;
+        }
+    }
+    mx = block_max(mx, sh);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(row[j] - mx);
+    s = block_sum(s, sh);
+    float lse = mx + logf(s);
+    int lane = threadIdx.x & (WARP - 1), w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int head = 0;
+    for (int r = 0; r < k; r++) {
+        float v = head < cnt ? tv[head] : NEG_INF_F;
+        int id = head < cnt ? ti[head] : 0x7fffffff;
+        for (int o = WARP / 2; o > 0; o >>= 1) {
+            float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            int i2 = __shfl_xor_sync(0xffffffffu, id, o);
+            if (v2 > v || (v2 == v && i2 < id)) {
+                v = v2;
+                id = i2;
+            }
+        }
+        if (lane == 0) {
+            cand_v[w] = v;
+            cand_i[w] = id;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int q = 1; q < nw; q++)
+                if (cand_v[q] > v || (cand_v[q] == v && cand_i[q] < id)) {
+                    v = cand_v[q];
+                    id = cand_i[q];
+                }
+            u64 o = (u64)blockIdx.x * k + r;
+            ids[o] = (u32)id;
+            lp[o] = v - lse;
+            winner = id;
+        }
+        __syncthreads();
+        if (head < cnt && ti[head] == winner) head++;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AdamW as torch.optim.AdamW (decoupled decay where decay[i] = 1), gradient scaled by the clip
 // factor; the same expression order as src/optim.rs. Sets *bad when a parameter is not finite.

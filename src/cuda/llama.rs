@@ -23,6 +23,18 @@ const SUM_BLOCKS: usize = 512;
 const LOGIT_CHUNK_FLOATS: usize = 1 << 28;
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
+/// Most log-probs per position the teacher top-k kernel keeps, and its block size (both as in
+/// `kernels.cu`).
+const TOPK_MAX: usize = 64;
+const TOPK_THREADS: u32 = 128;
+
+/// Per-layer f64 sums `Σ x xᵀ` of the FFN inputs on the device (CUDA calibration).
+pub struct FfnGrams {
+    layers: Vec<(DevBuf<f64>, DevBuf<f64>)>,
+    scratch: DevBuf<f32>,
+    /// Rows (tokens) added.
+    pub rows: u64,
+}
 
 struct LayerCache {
     x: DevBuf<f32>,
@@ -126,9 +138,22 @@ fn grid1(n: usize, threads: u32) -> (u32, u32, u32) {
 impl GpuLlama {
     /// Upload `params` (flat, [`Layout`] order) with AdamW state zero.
     pub fn new(gpu: Gpu, cfg: &StudentConfig, params: &[f32], hyper: AdamConfig, decay_ranges: &[(usize, usize, bool)]) -> Result<Self> {
+        Self::upload(gpu, cfg, params, hyper, Some(decay_ranges))
+    }
+
+    /// Parameters only, for inference (a distillation teacher, a calibration source): no
+    /// gradient, optimizer state or backward buffers. [`Self::loss`] with `grad`,
+    /// [`Self::backward`] and [`Self::step`] refuse.
+    pub fn frozen(gpu: Gpu, cfg: &StudentConfig, params: &[f32]) -> Result<Self> {
+        // Never used: `step` refuses a frozen model.
+        let unused = AdamConfig { beta1: 0.0, beta2: 0.0, eps: 0.0, weight_decay: 0.0 };
+        Self::upload(gpu, cfg, params, unused, None)
+    }
+
+    fn upload(gpu: Gpu, cfg: &StudentConfig, params: &[f32], hyper: AdamConfig, decay_ranges: Option<&[(usize, usize, bool)]>) -> Result<Self> {
         let layout = Layout::new(cfg);
         assert_eq!(params.len(), layout.total, "parameter count does not match the config");
-        let n = layout.total;
+        let n = if decay_ranges.is_some() { layout.total } else { 0 };
         let p = gpu.upload(params)?;
         let grads = gpu.alloc::<f32>(n)?;
         gpu.zero(&grads, 0, n)?;
@@ -137,7 +162,7 @@ impl GpuLlama {
         let v = gpu.alloc::<f32>(n)?;
         gpu.zero(&v, 0, n)?;
         let mut mask = vec![0u8; n];
-        for &(off, len, d) in decay_ranges {
+        for &(off, len, d) in decay_ranges.unwrap_or_default() {
             mask[off..off + len].fill(d as u8);
         }
         let decay = gpu.upload(&mask)?;
@@ -145,6 +170,19 @@ impl GpuLlama {
         let part = gpu.alloc::<f64>(SUM_BLOCKS)?;
         let bad = gpu.upload(&[0i32])?;
         Ok(GpuLlama { gpu, cfg: cfg.clone(), layout, params: p, grads, m, v, decay, hyper, adam_t: 0, sums, part, bad, ws: None })
+    }
+
+    /// Whether this model holds gradients and optimizer state (not [`Self::frozen`]).
+    pub fn trainable(&self) -> bool {
+        self.grads.len > 0
+    }
+
+    fn check_trainable(&self, what: &str) -> Result<()> {
+        if self.trainable() {
+            Ok(())
+        } else {
+            Err(crate::MasaError::Invalid(format!("{what}: this model was loaded for inference only (GpuLlama::frozen)")))
+        }
     }
 
     /// Replace the AdamW state (resume).
@@ -180,6 +218,9 @@ impl GpuLlama {
         let (qd, kd) = (nh * hd, nkv * hd);
         let w = qd + 2 * kd;
         let heads = b * nh * t * hd;
+        // Backward buffers: none for a frozen model.
+        let train = self.trainable();
+        let bw = |len: usize| if train { len } else { 0 };
         // Flash attention where it applies and the stored probabilities (about twice their size
         // with the backward's dP) would take over half the free memory: measured on an H200, the
         // flash kernels are correct but still ~20% slower than the batched products (see
@@ -244,28 +285,28 @@ impl GpuLlama {
             chunk_rows,
             row_loss: g.alloc(n)?,
             row_nll: g.alloc(n)?,
-            dx: g.alloc(n * h)?,
-            dxn: g.alloc(n * h)?,
-            dqkv: g.alloc(n * w)?,
-            dattn: g.alloc(n * qd)?,
-            dff: g.alloc(n * f)?,
-            dgu: g.alloc(n * 2 * f)?,
-            dp: g.alloc(probs)?,
-            dq: g.alloc(heads)?,
-            dk: g.alloc(heads)?,
-            dv: g.alloc(heads)?,
-            dw_part: g.alloc(n.div_ceil(DW_ROWS) * h.max(f))?,
+            dx: g.alloc(bw(n * h))?,
+            dxn: g.alloc(bw(n * h))?,
+            dqkv: g.alloc(bw(n * w))?,
+            dattn: g.alloc(bw(n * qd))?,
+            dff: g.alloc(bw(n * f))?,
+            dgu: g.alloc(bw(n * 2 * f))?,
+            dp: g.alloc(bw(probs))?,
+            dq: g.alloc(bw(heads))?,
+            dk: g.alloc(bw(heads))?,
+            dv: g.alloc(bw(heads))?,
+            dw_part: g.alloc(bw(n.div_ceil(DW_ROWS) * h.max(f)))?,
             cos: g.upload(&cos)?,
             sin: g.upload(&sin)?,
-            emb_order: g.alloc(n)?,
-            emb_uid: g.alloc(n)?,
-            emb_start: g.alloc(n + 1)?,
+            emb_order: g.alloc(bw(n))?,
+            emb_uid: g.alloc(bw(n))?,
+            emb_start: g.alloc(bw(n + 1))?,
             n_uid: 0,
             t_ids: None,
             t_logp: None,
-            do16: g.alloc(bf_heads)?,
-            dot16: g.alloc(bf_heads)?,
-            dd: g.alloc(rows)?,
+            do16: g.alloc(bw(bf_heads))?,
+            dot16: g.alloc(bw(bf_heads))?,
+            dd: g.alloc(bw(rows))?,
         });
         Ok(())
     }
@@ -385,6 +426,9 @@ impl GpuLlama {
     /// hidden states (kept for [`Self::backward`]) and the lm head's (added to the gradient).
     /// `nll`: per-row NLL copied back when given.
     pub fn loss(&mut self, targets: &[u32], weights: &[f32], teacher: Option<&Teacher>, grad: bool, nll: Option<&mut [f32]>) -> Result<()> {
+        if grad {
+            self.check_trainable("loss with gradient")?;
+        }
         let c = self.cfg.clone();
         let (h, v) = (c.hidden_size, c.vocab_size);
         let ws = self.ws.as_mut().expect("forward before loss");
@@ -453,6 +497,7 @@ impl GpuLlama {
 
     /// Backward from the last `loss(grad = true)`, adding every parameter's gradient.
     pub fn backward(&mut self) -> Result<()> {
+        self.check_trainable("backward")?;
         let c = self.cfg.clone();
         let ws = self.ws.as_mut().expect("forward before backward");
         let (b, t) = (ws.b, ws.seq);
@@ -558,6 +603,73 @@ impl GpuLlama {
         self.gpu.read(&out, 0, n * v)
     }
 
+    /// The top-k next-token log-probs at every position of the last forward (a distillation
+    /// teacher): `(ids, log-probs)`, `(b·t, k)` row-major, descending, ties to the lower id, as
+    /// [`crate::distill::top_k_row`] on the CPU. Logits are made chunk by chunk and never leave
+    /// the device.
+    pub fn top_k_logprobs(&self, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let ws = self.ws.as_ref().expect("forward before top_k_logprobs");
+        let (h, v, n) = (self.cfg.hidden_size, self.cfg.vocab_size, ws.b * ws.seq);
+        let k = k.min(v);
+        if k == 0 || k > TOPK_MAX {
+            return Err(crate::MasaError::Invalid(format!("distillation top_k {k}: the CUDA teacher keeps 1..={TOPK_MAX} log-probs per position")));
+        }
+        let g = &self.gpu;
+        let (ids, lp) = (g.alloc::<u32>(n * k)?, g.alloc::<f32>(n * k)?);
+        let (v32, k32) = (v as i32, k as i32);
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = ws.chunk_rows.min(n - r0);
+            g.gemm(false, true, rows, v, h, ws.xf.at(r0 * h), h, self.params.at(self.layout.head), h, ws.logits.ptr(), v, 0.0, None)?;
+            g.launch("topk_rows", (rows as u32, 1, 1), TOPK_THREADS, cuda_args!(ws.logits.ptr(), v32, k32, ids.at(r0 * k), lp.at(r0 * k)))?;
+            r0 += rows;
+        }
+        Ok((g.read(&ids, 0, n * k)?, g.read(&lp, 0, n * k)?))
+    }
+
+    /// Zeroed device sums for [`Self::add_ffn_grams`].
+    pub fn ffn_grams(&self) -> Result<FfnGrams> {
+        let (h, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let zeroed = |len: usize| -> Result<DevBuf<f64>> {
+            let b = self.gpu.alloc::<f64>(len)?;
+            self.gpu.zero(&b, 0, len)?;
+            Ok(b)
+        };
+        let mut layers = Vec::with_capacity(self.cfg.num_hidden_layers);
+        for _ in 0..self.cfg.num_hidden_layers {
+            layers.push((zeroed(h * h)?, zeroed(f * f)?));
+        }
+        Ok(FfnGrams { layers, scratch: self.gpu.alloc(h.max(f) * h.max(f))?, rows: 0 })
+    }
+
+    /// Add the last forward's `xᵀx` of each layer's two FFN inputs (the post-attention norm's
+    /// output, input of gate/up_proj, and the SwiGLU output, input of down_proj) to `sums`:
+    /// one f32 product per batch, summed across batches in f64, as the CPU calibration
+    /// ([`crate::calibrate`]). `layers`: only these (all when `None`).
+    pub fn add_ffn_grams(&self, sums: &mut FfnGrams, layers: Option<&[usize]>) -> Result<()> {
+        let ws = self.ws.as_ref().expect("forward before add_ffn_grams");
+        let (h, f, n) = (self.cfg.hidden_size, self.cfg.intermediate_size, ws.b * ws.seq);
+        let g = &self.gpu;
+        for (l, (sin, smid)) in sums.layers.iter().enumerate() {
+            if layers.is_some_and(|ls| !ls.contains(&l)) {
+                continue;
+            }
+            let lc = &ws.layers[l];
+            for (x, d, acc) in [(lc.xn2.ptr(), h, sin), (lc.a.ptr(), f, smid)] {
+                g.gemm(true, false, d, d, n, x, d, x, d, sums.scratch.ptr(), d, 0.0, None)?;
+                let len = (d * d) as u64;
+                g.launch("add_f64", grid1(d * d, 256), 256, cuda_args!(acc.ptr(), sums.scratch.ptr(), len))?;
+            }
+        }
+        sums.rows += n as u64;
+        Ok(())
+    }
+
+    /// The sums as `(Σ x xᵀ of the FFN input, of the SwiGLU output)` per layer, row-major.
+    pub fn read_ffn_grams(&self, sums: &FfnGrams) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
+        sums.layers.iter().map(|(a, b)| Ok((self.gpu.read(a, 0, a.len)?, self.gpu.read(b, 0, b.len)?))).collect()
+    }
+
     /// Whether the last batch's attention ran on the flash kernels.
     pub fn uses_flash(&self) -> bool {
         self.ws.as_ref().is_some_and(|w| w.flash)
@@ -565,7 +677,7 @@ impl GpuLlama {
 
     /// Zero the gradient and the loss sum.
     pub fn zero_grad(&mut self) -> Result<()> {
-        self.gpu.zero(&self.grads, 0, self.layout.total)?;
+        self.gpu.zero(&self.grads, 0, self.grads.len)?;
         self.gpu.zero(&self.sums, 0, 2)
     }
 
@@ -589,6 +701,7 @@ impl GpuLlama {
     /// One AdamW update (torch's formula, as [`crate::student::optim::AdamW::step`]) with gradient
     /// scale `gscale` (the clip factor); false when a parameter became NaN/Inf.
     pub fn step(&mut self, gscale: f32, lr: f64) -> Result<bool> {
+        self.check_trainable("optimizer step")?;
         self.adam_t += 1;
         let hp = self.hyper;
         let bc1 = 1.0 - hp.beta1.powi(self.adam_t as i32);

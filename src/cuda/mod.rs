@@ -46,6 +46,8 @@ const KERNELS: &[&str] = &[
     "flash_bwd_dq",
     "flash_bwd_dkdv",
     "f32_to_bf16",
+    "add_f64",
+    "topk_rows",
 ];
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> MasaError {

@@ -72,7 +72,7 @@ impl EepOptions {
 
     /// The fitness batches' stream: `tokens` over all domains, 4 sequences of `seq_len` a batch.
     pub fn stream(&self, seed: u64) -> crate::calibrate::CalibrateOptions {
-        crate::calibrate::CalibrateOptions { tokens: self.tokens, seq_len: self.seq_len, batch: 4, seed, domains: None, rank: None, layers: None, shard: None, experts: None }
+        crate::calibrate::CalibrateOptions { tokens: self.tokens, seq_len: self.seq_len, batch: 4, seed, domains: None, rank: None, layers: None, shard: None, experts: None, device: Default::default() }
     }
 }
 

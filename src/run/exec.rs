@@ -55,10 +55,11 @@ struct TrainRecord {
 }
 
 /// The spec's calibration of one calibration job: the calibration stage runs it, minibatch
-/// extraction replays its token stream.
-fn calibrate_options(spec: &Spec, job: &CalibrationJob) -> crate::calibrate::CalibrateOptions {
+/// extraction replays its token stream. `device`: where the pass runs.
+fn calibrate_options(spec: &Spec, job: &CalibrationJob, device: crate::engine::Device) -> crate::calibrate::CalibrateOptions {
     let c = &spec.calibration;
-    crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains: job.domains.clone(), rank: None, layers: None, shard: None, experts: None }
+    let domains = job.domains.clone();
+    crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains, rank: None, layers: None, shard: None, experts: None, device }
 }
 
 /// Everything the fine-tune + evaluation stage of one task is given, as its key sees it.
@@ -77,7 +78,7 @@ impl<'a> Ctx<'a> {
         // The ranges that depend on the source (`[calibration]` seq_len against its positions),
         // checked before anything is fetched or computed.
         let all_domains = CalibrationJob { label: String::new(), domains: None };
-        calibrate_options(spec, &all_domains).check(source.weights.config.max_position_embeddings).map_err(|e| MasaError::Invalid(format!("spec `{}`: [calibration]: {e}", spec.name)))?;
+        calibrate_options(spec, &all_domains, Default::default()).check(source.weights.config.max_position_embeddings).map_err(|e| MasaError::Invalid(format!("spec `{}`: [calibration]: {e}", spec.name)))?;
         if spec.corpus.iter().any(|c| c == "default") {
             crate::corpus::fetch_default_corpus(true)?;
         }
@@ -157,7 +158,9 @@ impl<'a> Ctx<'a> {
     /// One pass of the source over the corpus: second moments per FFN input site.
     pub(crate) fn calibration(&mut self, job: &CalibrationJob) -> Result<()> {
         let c = &self.spec.calibration;
-        let opts = calibrate_options(self.spec, job);
+        // On the spec's device where the GPU engine can run the source (plain Llama), else the CPU.
+        let plain = crate::student::plain_llama(&self.source.weights.config).is_some();
+        let opts = calibrate_options(self.spec, job, if plain { self.spec.device } else { Default::default() });
         let k = Stage::Calibrate.key(json!({"source": self.source_hash, "corpus": self.corpus_key}), &opts)?;
         let dir = Stage::Calibrate.dir(&self.store, &k);
         let path = dir.join("stats.safetensors");
@@ -206,7 +209,7 @@ impl<'a> Ctx<'a> {
         };
         // Minibatch mode replays the calibration stream the statistics came from.
         let minibatch = (e.mode == ExtractionMode::Minibatch).then(|| {
-            let copts = calibrate_options(self.spec, cal);
+            let copts = calibrate_options(self.spec, cal, Default::default());
             let mb = MinibatchOptions { epochs: e.epochs, lr: e.lr, init_std: crate::extract::MINIBATCH_INIT_STD, seed: copts.seed };
             (copts, mb)
         });
