@@ -7,6 +7,11 @@
 //! - The same GPU step twice: bit-identical gradients (no order-dependent reductions).
 //! - Loss curves of `steps` optimizer steps (warmup + cosine, clip 1, AdamW) from the same init
 //!   on the same learnable token stream: CPU engine f32 vs GPU f32 and GPU bf16.
+//! - The distillation teacher's top-k on the device (an inference-only model, f32 and bf16)
+//!   against the CPU f64 logits: log-prob error of each chosen id, the share of the true top-k
+//!   probability mass the chosen ids hold, order and duplicates.
+//! - Calibration: `Σ x xᵀ` of every FFN input from `calibrate_with` on the device against the
+//!   CPU pass, on the same weights written as an HF checkpoint and the same batches.
 //!
 //! Prints one table; returns whether every check passed.
 
@@ -40,12 +45,47 @@ struct Row {
 }
 
 fn rel(got: &[f32], want: &[f64]) -> f64 {
-    if got.iter().any(|v| !v.is_finite()) {
+    rel64(got.iter().map(|&g| g as f64), want)
+}
+
+fn rel64(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
+    let (mut num, mut den, mut n) = (0.0, 0.0, 0);
+    for (g, &w) in got.zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g - w).powi(2);
+        den += w * w;
+        n += 1;
+    }
+    if n != want.len() {
         return f64::INFINITY;
     }
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
     (num / den.max(1e-300)).sqrt()
+}
+
+/// The GPU teacher's top-k `(ids, lp)` of `v`-wide rows against the f64 reference logits:
+/// `(worst |lp − reference log-prob of that id|, lowest share of the reference top-k mass the
+/// chosen ids hold, rows out of order or with a repeated id)`.
+fn teacher_errors(ids: &[u32], lp: &[f32], k: usize, reference: &[f64], v: usize) -> (f64, f64, usize) {
+    let (mut worst, mut mass, mut bad) = (0f64, 1f64, 0);
+    for ((row, ids), lp) in reference.chunks_exact(v).zip(ids.chunks_exact(k)).zip(lp.chunks_exact(k)) {
+        let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = mx + row.iter().map(|z| (z - mx).exp()).sum::<f64>().ln();
+        let mut sorted = row.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let best: f64 = sorted[..k].iter().map(|z| (z - lse).exp()).sum();
+        let mut got = 0.0;
+        for (&id, &l) in ids.iter().zip(lp) {
+            let Some(&z) = row.get(id as usize) else { return (f64::INFINITY, 0.0, bad + 1) };
+            worst = worst.max((l as f64 - (z - lse)).abs());
+            got += (z - lse).exp();
+        }
+        mass = mass.min(got / best);
+        let distinct = ids.iter().collect::<std::collections::BTreeSet<_>>().len() == k;
+        bad += usize::from(!distinct || lp.windows(2).any(|w| !(w[0] >= w[1])));
+    }
+    (worst, mass, bad)
 }
 
 /// Worst per-tensor relative error and its tensor.
@@ -72,6 +112,67 @@ fn markov_tokens(rng: &mut crate::rng::SplitMix64, vocab: usize, len: usize) -> 
         cur = table[cur as usize][rng.below(4)];
     }
     out
+}
+
+/// `calibrate_with` on the device and on the CPU over two random batches (the second half as
+/// large), with `params` written as an HF checkpoint in a temporary directory: `(worst
+/// per-site relative error, its site, sites or counts that differ)`.
+fn calibration_errors(cfg: &StudentConfig, params: &[f32], rng: &mut crate::rng::SplitMix64, b: usize, t: usize, ordinal: usize) -> Result<(f64, String, usize)> {
+    use crate::calibrate::{block_tokens, calibrate_with, PassOptions};
+    let dir = std::env::temp_dir().join(format!("masa-cuda-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).at(&dir)?;
+    let result = (|| {
+        let cfg_path = dir.join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg.hf_config_json()).unwrap_or_default()).at(&cfg_path)?;
+        let mut tensors = std::collections::HashMap::new();
+        let mut off = 0;
+        for (name, shape) in cfg.tensor_shapes() {
+            let n: usize = shape.iter().product();
+            tensors.insert(name, candle_core::Tensor::from_slice(&params[off..off + n], shape.as_slice(), &candle_core::Device::Cpu)?);
+            off += n;
+        }
+        let st = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
+        let w = crate::source::SourceWeights::open(&dir)?;
+        let v = cfg.vocab_size;
+        let batches: Vec<crate::corpus::Batch> = [b, b.div_ceil(2)]
+            .into_iter()
+            .map(|bb| crate::corpus::Batch { ids: (0..bb * t).map(|_| rng.below(v) as u32).collect(), batch: bb, seq_len: t, dataset: vec![0; bb] })
+            .collect();
+        let datasets = vec!["random".to_string()];
+        let meta = crate::stats::StatsMeta {
+            format: String::new(),
+            source_hash: String::new(),
+            source: dir.display().to_string(),
+            arch: "llama".into(),
+            corpus: vec!["random tokens".into()],
+            tokens: 0,
+            seq_len: t,
+            seeds: vec![],
+            dataset_tokens: Default::default(),
+            masa_version: env!("CARGO_PKG_VERSION").into(),
+            experts: None,
+        };
+        let pass = PassOptions { block_tokens: block_tokens(&w.config), ..Default::default() };
+        let cpu = calibrate_with(&w, batches.iter().cloned().map(Ok), &datasets, meta.clone(), &pass, &mut |_| {})?;
+        let gpu = calibrate_with(&w, batches.into_iter().map(Ok), &datasets, meta, &PassOptions { device: Device::Cuda(ordinal), ..pass }, &mut |_| {})?;
+        let mut differ = usize::from(cpu.meta.tokens != gpu.meta.tokens || cpu.moments.len() != gpu.moments.len());
+        let mut worst = (0.0, String::new());
+        for (key, want) in &cpu.moments {
+            let Some(got) = gpu.moments.get(key) else {
+                differ += 1;
+                continue;
+            };
+            differ += usize::from(got.count != want.count || got.dim != want.dim);
+            let e = rel64(got.xxt.iter().copied(), &want.xxt);
+            if !(e <= worst.0) {
+                worst = (e, key.clone());
+            }
+        }
+        Ok((worst.0, worst.1, differ))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 pub fn run(o: &CheckOptions) -> Result<bool> {
@@ -167,6 +268,25 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
         rows.push(Row { check: format!("{tag}: distillation worst gradient rel. error ({name})"), value: e, limit: grad_limit, at_least: false });
     }
 
+    // ---- the distillation teacher's top-k on the device (inference-only model) ----
+    let k_teacher = 32.min(v);
+    for (precision, lp_limit, mass_limit) in [(Precision::F32, 1e-4, 1.0 - 1e-5), (Precision::Bf16, 5e-2, 0.99)] {
+        let mut g = GpuLlama::frozen(Gpu::open(o.ordinal, precision == Precision::Bf16)?, &cfg, &params)?;
+        g.poison(b, t)?;
+        g.forward(&ids, b, t)?;
+        let (tid, tlp) = g.top_k_logprobs(k_teacher)?;
+        let tag = format!("{precision:?}").to_lowercase();
+        let (worst, mass, bad) = teacher_errors(&tid, &tlp, k_teacher, &logits_ref, v);
+        rows.push(Row { check: format!("{tag} teacher top-{k_teacher}: worst log-prob error vs CPU f64 (nats)"), value: worst, limit: lp_limit, at_least: false });
+        rows.push(Row { check: format!("{tag} teacher top-{k_teacher}: lowest share of the true top-k mass"), value: mass, limit: mass_limit, at_least: true });
+        rows.push(Row { check: format!("{tag} teacher top-{k_teacher}: rows out of order or with a repeated id"), value: bad as f64, limit: 0.0, at_least: false });
+    }
+
+    // ---- calibration: the CUDA pass against the CPU pass on the same checkpoint and batches ----
+    let (worst, site, counts_equal) = calibration_errors(&cfg, &params, &mut rng, b, t, o.ordinal)?;
+    rows.push(Row { check: format!("calibration: worst Σxxᵀ rel. error vs CPU ({site})"), value: worst, limit: 1e-4, at_least: false });
+    rows.push(Row { check: "calibration: sites or token counts differing from CPU".into(), value: counts_equal as f64, limit: 0.0, at_least: false });
+
     // ---- loss curves: CPU f32 vs GPU f32 / bf16, same init, same stream ----
     let stream = markov_tokens(&mut rng, v, o.steps * b * (t + 1));
     let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -214,4 +334,29 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     }
     println!("seed {seed}: {}", if ok { "all checks passed" } else { "SOME CHECKS FAILED" });
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn teacher_errors_accept_the_cpu_top_k_and_catch_a_wrong_pick() {
+        let mut rng = crate::rng::SplitMix64(7);
+        let (rows, v, k) = (6, 300, 8);
+        let logits: Vec<f64> = crate::rng::normals(&mut rng, rows * v).into_iter().map(|z| 3.0 * z).collect();
+        let f32s: Vec<f32> = logits.iter().map(|&z| z as f32).collect();
+        let (ids, lp) = crate::distill::top_k_rows(&f32s, v, k);
+        let (worst, mass, bad) = teacher_errors(&ids, &lp, k, &logits, v);
+        assert!(worst < 1e-5 && (mass - 1.0).abs() < 1e-12 && bad == 0, "{worst} {mass} {bad}");
+        // The last pick of row 0 replaced by the row's smallest entry: mass drops, order breaks.
+        let mut wrong = ids.clone();
+        let row0 = &logits[..v];
+        wrong[k - 1] = (0..v).min_by(|&a, &b| row0[a].total_cmp(&row0[b])).unwrap() as u32;
+        let (worst, mass, _) = teacher_errors(&wrong, &lp, k, &logits, v);
+        assert!(worst > 1.0 && mass < 1.0, "{worst} {mass}");
+        let mut repeated = ids.clone();
+        repeated[1] = repeated[0];
+        assert_eq!(teacher_errors(&repeated, &lp, k, &logits, v).2, 1);
+    }
 }
