@@ -35,7 +35,8 @@ struct Cli {
 enum Command {
     /// Run an experiment spec end to end (fetch, calibrate, extract, init, pre-train, fine-tune,
     /// evaluate) and write `runs/<name>/report.md` + `report.html`. SPEC: a built-in spec
-    /// (`default`, `quick`, `extended`, `paper`) or a TOML file; finished stages are reused.
+    /// (`default`, `quick`, `extended`, `paper`, `medium`, `scaling`, `gpu`; docs/run.md) or a TOML
+    /// file; finished stages are reused.
     Run {
         #[arg(default_value = "default")]
         spec: String,

@@ -59,6 +59,11 @@ fn builtin_specs_validate() {
         assert_eq!(s.name, name);
         assert!(s.seeds.len() >= if name == "quick" { 1 } else { 2 }, "{name}");
     }
+    // `gpu` asks for CUDA: valid in a `--features cuda` build, refused with how to build one otherwise.
+    match Spec::load("gpu") {
+        Ok(s) => assert!(cfg!(feature = "cuda") && s.name == "gpu" && s.seeds.len() == 3 && !s.device.is_cpu()),
+        Err(e) => assert!(!cfg!(feature = "cuda") && e.to_string().contains("--features cuda"), "{e}"),
+    }
     let d = Spec::load("default").unwrap();
     for s in ["masa", "scratch", "weight-selection", "prune", "distill"] {
         assert!(d.strategies.iter().any(|x| x == s), "default lacks {s}");

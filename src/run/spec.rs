@@ -18,6 +18,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("paper", include_str!("../../specs/paper.toml")),
     ("medium", include_str!("../../specs/medium.toml")),
     ("scaling", include_str!("../../specs/scaling.toml")),
+    ("gpu", include_str!("../../specs/gpu.toml")),
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,7 +63,8 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "is_default_eep")]
     pub eep: crate::init::eep::EepOptions,
     /// Where pre-training and fine-tuning run: `cpu` (default), `cuda` or `cuda:N` (a build
-    /// with `--features cuda`); calibration, extraction and evaluation run on the CPU.
+    /// with `--features cuda`); so do calibration and the distillation teacher when the source
+    /// is plain Llama. Extraction, initialisation and evaluation run on the CPU.
     #[serde(default)]
     pub device: crate::engine::Device,
     /// Matrix-product precision of training: `f32` (default) or `bf16` (CUDA only).
