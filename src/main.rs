@@ -46,7 +46,9 @@ enum Command {
         /// Runs directory (default `runs`, or $MASA_RUNS); artifacts are shared under `<runs>/artifacts`.
         #[arg(long)]
         runs: Option<PathBuf>,
-        /// Train and fine-tune on this device (cpu, cuda, cuda:N), overriding the spec's `device`.
+        /// Compute on this device (cpu, cuda, cuda:N), overriding the spec's `device`: training and
+        /// fine-tuning, and for plain Llama models calibration, the distillation teacher and
+        /// multiple-choice scoring.
         #[arg(long)]
         device: Option<masa::engine::Device>,
         /// Training precision (f32, bf16), overriding the spec's `precision`.
@@ -249,6 +251,10 @@ enum Command {
         /// Generation: maximum new tokens.
         #[arg(long, default_value_t = 48)]
         max_new_tokens: usize,
+        /// Where multiple-choice items are scored: cpu, or cuda / cuda:N for plain Llama models
+        /// (generation and perplexity run on the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: masa::engine::Device,
         /// Write the results JSON here.
         #[arg(long)]
         out: PathBuf,
@@ -609,12 +615,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score { model, texts, bos, out } => cmd_score(&model, &texts, bos, out.as_deref()),
-        Command::Eval { model, tasks, split, limit, temperature, seed, max_new_tokens, out } => {
+        Command::Eval { model, tasks, split, limit, temperature, seed, max_new_tokens, device, out } => {
             let tasks = masa::eval::parse_tasks(&tasks)?;
             let opt = masa::eval::EvalOptions {
                 split: masa::eval::TaskSplit::parse(&split)?,
                 limit: masa::eval::Limit::parse(&limit)?,
                 gen: masa::eval::generation::GenOptions { temperature, seed, max_new_tokens, ..Default::default() },
+                device,
                 ..Default::default()
             };
             let path = fetch::resolve_model(&model)?;

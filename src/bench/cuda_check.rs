@@ -12,6 +12,9 @@
 //!   probability mass the chosen ids hold, order and duplicates.
 //! - Calibration: `Σ x xᵀ` of every FFN input from `calibrate_with` on the device against the
 //!   CPU pass, on the same weights written as an HF checkpoint and the same batches.
+//! - Multiple-choice scoring: log-likelihoods of 200 four-choice items (contexts from the token
+//!   stream, the true continuation against three from elsewhere) under the model the CPU curve
+//!   trained, on the device against the CPU engine in f64, and the predictions they give.
 //!
 //! Prints one table; returns whether every check passed.
 
@@ -175,6 +178,48 @@ fn calibration_errors(cfg: &StudentConfig, params: &[f32], rng: &mut crate::rng:
     result
 }
 
+/// Log-likelihoods of 200 four-choice items from `stream` (32-token context; its true
+/// 8-token continuation and three taken from elsewhere) under `params`: GPU
+/// ([`crate::eval::multiple_choice::score_pairs`]) against the CPU engine in f64.
+/// `(relative error of the 800 log-likelihoods, share of items with the same prediction)`.
+fn scoring_errors(cfg: &StudentConfig, params: &[f32], stream: &[u32], rng: &mut crate::rng::SplitMix64, ordinal: usize) -> Result<(f64, f64)> {
+    let (items, choices, nc, nk) = (200, 4, 32, 8);
+    let span = stream.len() - nc - nk;
+    let mut pairs = Vec::with_capacity(items * choices);
+    for _ in 0..items {
+        let p = rng.below(span);
+        for c in 0..choices {
+            let q = if c == 0 { p } else { rng.below(span) };
+            pairs.push((stream[p..p + nc].to_vec(), stream[q + nc..q + nc + nk].to_vec()));
+        }
+    }
+    let mut g = GpuLlama::frozen(Gpu::open(ordinal, false)?, cfg, params)?;
+    let got = crate::eval::multiple_choice::score_pairs(&mut g, &pairs, 0, &mut |_| {})?;
+    drop(g);
+    // Reference: the f64 engine's log-softmax, 50 sequences per forward pass.
+    let (model, t, v) = (Llama::new(cfg), nc + nk - 1, cfg.vocab_size);
+    let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
+    let mut want = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(50) {
+        let ids: Vec<u32> = chunk.iter().flat_map(|(a, b)| a.iter().chain(&b[..nk - 1]).copied()).collect();
+        let mut ws = Workspace::<f64>::new(cfg, chunk.len(), t);
+        model.forward(&p64, &mut ws, &ids, chunk.len(), t);
+        let logits = model.logits(&p64, &ws);
+        for (r, (_, cont)) in chunk.iter().enumerate() {
+            let mut ll = 0.0;
+            for (j, &y) in cont.iter().enumerate() {
+                let row = &logits[(r * t + nc - 1 + j) * v..(r * t + nc + j) * v];
+                let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                ll += row[y as usize] - mx - row.iter().map(|z| (z - mx).exp()).sum::<f64>().ln();
+            }
+            want.push(ll);
+        }
+    }
+    let pred = |lls: &[f64]| (0..choices).fold(0, |best, c| if lls[c] > lls[best] { c } else { best });
+    let same = got.chunks(choices).zip(want.chunks(choices)).filter(|(a, b)| pred(a) == pred(b)).count();
+    Ok((rel64(got.iter().copied(), &want), same as f64 / items as f64))
+}
+
 pub fn run(o: &CheckOptions) -> Result<bool> {
     let text = std::fs::read_to_string(o.config).at(o.config)?;
     let cfg: StudentConfig = serde_json::from_str(&text).map_err(|e| MasaError::bad_file(o.config, format!("invalid config: {e}")))?;
@@ -290,7 +335,7 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     // ---- loss curves: CPU f32 vs GPU f32 / bf16, same init, same stream ----
     let stream = markov_tokens(&mut rng, v, o.steps * b * (t + 1));
     let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let curve = |device: Device, precision: Precision| -> Result<Vec<f64>> {
+    let curve = |device: Device, precision: Precision| -> Result<(Vec<f64>, Vec<f32>)> {
         let mut e = engine::open(device, precision, &cfg, params.clone(), adam, b, t)?;
         let w = vec![1.0 / n as f32; n];
         let mut out = Vec::new();
@@ -308,13 +353,13 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
                 Err(d) => return Err(MasaError::Invalid(format!("{} diverged at step {s}: loss {}", e.describe(), d.loss))),
             }
         }
-        Ok(out)
+        Ok((out, e.params()?))
     };
     let t0 = std::time::Instant::now();
-    let cpu = curve(Device::Cpu, Precision::F32)?;
+    let (cpu, trained) = curve(Device::Cpu, Precision::F32)?;
     eprintln!("cpu curve: {:.1} s", t0.elapsed().as_secs_f64());
-    let gf = curve(Device::Cuda(o.ordinal), Precision::F32)?;
-    let gb = curve(Device::Cuda(o.ordinal), Precision::Bf16)?;
+    let (gf, _) = curve(Device::Cuda(o.ordinal), Precision::F32)?;
+    let (gb, _) = curve(Device::Cuda(o.ordinal), Precision::Bf16)?;
     let maxdiff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
     eprintln!("step  cpu-f32  gpu-f32  gpu-bf16");
     for s in (0..o.steps).step_by((o.steps / 10).max(1)).chain([o.steps - 1]) {
@@ -324,6 +369,11 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     rows.push(Row { check: format!("{}-step loss curve: CPU f32 fell by (nats, at least)", o.steps), value: learned, limit: 0.5, at_least: true });
     rows.push(Row { check: format!("{}-step curve max |GPU f32 - CPU f32| (nats)", o.steps), value: maxdiff(&cpu, &gf), limit: 0.01, at_least: false });
     rows.push(Row { check: format!("{}-step curve max |GPU bf16 - CPU f32| (nats)", o.steps), value: maxdiff(&cpu, &gb), limit: 0.05, at_least: false });
+
+    // ---- multiple-choice scoring on the device against the CPU engine in f64 ----
+    let (ll_err, agree) = scoring_errors(&cfg, &trained, &stream, &mut rng, o.ordinal)?;
+    rows.push(Row { check: "scoring: 800 choice log-likelihoods, rel. error vs CPU f64".into(), value: ll_err, limit: 1e-4, at_least: false });
+    rows.push(Row { check: "scoring: share of 200 items with the CPU's prediction".into(), value: agree, limit: 0.99, at_least: true });
 
     let mut ok = true;
     println!("| check | value | limit | |\n|---|---|---|---|");

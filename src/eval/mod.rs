@@ -87,13 +87,24 @@ pub struct EvalOptions {
     pub ppl_batch: usize,
     /// Show progress bars.
     pub progress: bool,
+    /// Where multiple-choice items are scored: the CPU, or a CUDA device for plain Llama
+    /// models ([`multiple_choice::score_items_batched`], f32 products). Generation and perplexity
+    /// run on the CPU. In cache keys only when not the CPU.
+    #[serde(skip_serializing_if = "crate::engine::Device::is_cpu")]
+    pub device: crate::engine::Device,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { split: TaskSplit::Test, limit: Limit::Default, gen: Default::default(), ppl_seq_len: 256, ppl_batch: 4, progress: true }
+        EvalOptions { split: TaskSplit::Test, limit: Limit::Default, gen: Default::default(), ppl_seq_len: 256, ppl_batch: 4, progress: true, device: Default::default() }
     }
 }
+
+/// The model on a CUDA device for scoring; without the `cuda` feature there is none.
+#[cfg(feature = "cuda")]
+pub type GpuModel = crate::cuda::llama::GpuLlama;
+#[cfg(not(feature = "cuda"))]
+pub type GpuModel = std::convert::Infallible;
 
 /// Parse `boolq,hellaswag,...` (or `all`) into task names, rejecting unknown names before any
 /// work starts.
@@ -118,8 +129,26 @@ fn bar(progress: bool, n: usize, msg: &str, unit: &str) -> indicatif::ProgressBa
 
 /// Open a model (GGUF file or HF directory, e.g. a student checkpoint) and evaluate it.
 pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+    if !opt.device.is_cpu() && !cfg!(feature = "cuda") {
+        return Err(crate::engine::no_cuda());
+    }
     let source = SourceModel::open(path)?;
     let model = Transformer::load(&source.weights)?;
+    let mc = tasks.iter().any(|t| find_task(t).is_ok_and(|s| s.kind == TaskKind::MultipleChoice));
+    let mut gpu = match opt.device {
+        crate::engine::Device::Cuda(ordinal) if mc => {
+            let Some(cfg) = crate::student::plain_llama(&source.weights.config) else {
+                return Err(MasaError::Invalid(format!(
+                    "--device {}: scoring on CUDA runs plain Llama models (masa's students, SmolLM2); {} is a {} model: use --device cpu",
+                    opt.device,
+                    path.display(),
+                    source.weights.config.arch.name()
+                )));
+            };
+            Some(open_gpu(ordinal, &cfg, &crate::student::load_params(&source.weights, &cfg)?)?)
+        }
+        _ => None,
+    };
     let info = json!({
         "spec": spec,
         "path": path.display().to_string(),
@@ -128,11 +157,29 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
         "vocab_size": source.weights.config.vocab_size,
         "tokenizer_vocab_size": source.tokenizer.vocab_size(),
     });
-    evaluate(&model, &source.tokenizer, info, tasks, opt)
+    evaluate(&model, gpu.as_mut(), &source.tokenizer, info, tasks, opt)
 }
 
-/// Evaluate `tasks` in order; see the module docs for the JSON layout.
-pub fn evaluate(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, model_info: Value, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
+/// `params` of `cfg` on CUDA device `ordinal` for scoring (f32 products).
+#[cfg(feature = "cuda")]
+fn open_gpu(ordinal: usize, cfg: &crate::student::StudentConfig, params: &[f32]) -> Result<GpuModel> {
+    crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, false)?, cfg, params)
+}
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(_: usize, _: &crate::student::StudentConfig, _: &[f32]) -> Result<GpuModel> {
+    Err(crate::engine::no_cuda())
+}
+
+/// Evaluate `tasks` in order; see the module docs for the JSON layout. `gpu`: the same model on
+/// a CUDA device, which then scores the multiple-choice tasks.
+pub fn evaluate(
+    model: &Transformer,
+    mut gpu: Option<&mut GpuModel>,
+    tok: &crate::source::tokenizer::Tokenizer,
+    model_info: Value,
+    tasks: &[&str],
+    opt: &EvalOptions,
+) -> Result<Value> {
     let g = &opt.gen;
     crate::limits::non_negative("--temperature", g.temperature)?;
     crate::limits::count("--max-new-tokens", g.max_new_tokens, model.config.max_position_embeddings, "the model's positions")?;
@@ -146,7 +193,7 @@ pub fn evaluate(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, 
         let limit = opt.limit.resolve(name);
         let t0 = Instant::now();
         let mut r = match spec.kind {
-            TaskKind::MultipleChoice => eval_mc(model, tok, spec, opt.split, limit, opt.progress)?,
+            TaskKind::MultipleChoice => eval_mc(model, gpu.as_deref_mut(), tok, spec, opt.split, limit, opt.progress)?,
             TaskKind::Generation => eval_ni(model, tok, spec, opt, limit)?,
             TaskKind::Perplexity => eval_ppl(model, tok, opt, limit)?,
         };
@@ -187,7 +234,15 @@ fn summary(r: &Value) -> String {
     }
 }
 
-fn eval_mc(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec: &data::TaskSpec, split: TaskSplit, limit: Option<usize>, progress: bool) -> Result<Value> {
+fn eval_mc(
+    model: &Transformer,
+    gpu: Option<&mut GpuModel>,
+    tok: &crate::source::tokenizer::Tokenizer,
+    spec: &data::TaskSpec,
+    split: TaskSplit,
+    limit: Option<usize>,
+    progress: bool,
+) -> Result<Value> {
     let rows = data::load_rows(spec)?;
     let n_shipped = rows.len();
     let items = rows
@@ -198,11 +253,13 @@ fn eval_mc(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec:
         .map(|(i, r)| multiple_choice::build_item(spec.name, r, i))
         .collect::<Result<Vec<_>>>()?;
     let bar = bar(progress, items.len(), spec.name, "items");
-    let mut scores = Vec::with_capacity(items.len());
-    for it in &items {
-        scores.push(multiple_choice::score_item(model, tok, it)?);
-        bar.inc(1);
-    }
+    let scores = match gpu {
+        #[cfg(feature = "cuda")]
+        Some(g) => multiple_choice::score_items_batched(g, tok, &items, &mut || bar.inc(1))?,
+        #[cfg(not(feature = "cuda"))]
+        Some(never) => match *never {},
+        None => items.iter().map(|it| multiple_choice::score_item(model, tok, it).inspect(|_| bar.inc(1))).collect::<Result<Vec<_>>>()?,
+    };
     bar.finish_and_clear();
     let path = data::task_path(spec);
     Ok(json!({

@@ -27,6 +27,10 @@
 //! Target delimiter `" "` between context and continuation everywhere; zero-shot, no
 //! description. When all choices share one context, the context runs once and its keys and
 //! values are reused by a batch of all continuations (`Transformer::forward_cached`).
+//!
+//! On a CUDA device ([`score_items_batched`]) every choice's whole sequence (context ++
+//! continuation) is run instead, many per forward pass, right-padded; causal attention makes
+//! the continuation's log-probabilities the same as with the shared context.
 
 use candle_core::{Device, IndexOp, Tensor, D};
 use serde::Serialize;
@@ -295,8 +299,112 @@ pub fn score_item(model: &Transformer, tok: &Tokenizer, item: &McItem) -> Result
             tokens[i] = b.len();
         }
     }
+    Ok(finish(item, lls, tokens))
+}
+
+/// The score of `item` from its choices' log-likelihoods and continuation token counts.
+fn finish(item: &McItem, lls: Vec<f64>, tokens: Vec<usize>) -> McScore {
     let norm: Vec<f64> = lls.iter().zip(&item.choices).map(|(l, c)| l / c.chars().count().max(1) as f64).collect();
-    Ok(McScore { index: item.index, gold: item.gold, pred: argmax(&lls), pred_norm: argmax(&norm), lls, tokens })
+    McScore { index: item.index, gold: item.gold, pred: argmax(&lls), pred_norm: argmax(&norm), lls, tokens }
+}
+
+/// Sequences per forward pass of [`score_pairs`].
+const SCORE_ROWS: usize = 64;
+
+/// A model that gives the next-token NLL at every position of a batch: the GPU engine (the
+/// `cuda` feature), or the CPU engine in the tests.
+pub trait PositionNll {
+    /// Positions the model has (RoPE tables).
+    fn max_positions(&self) -> usize;
+    /// NLL of `y[i]` after inputs `x[..=i]` of each of `b` sequences of `t` tokens, `b·t`
+    /// row-major.
+    fn position_nll(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> Result<Vec<f32>>;
+}
+
+#[cfg(feature = "cuda")]
+impl PositionNll for crate::cuda::llama::GpuLlama {
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+    fn position_nll(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
+        let mut nll = vec![0f32; b * t];
+        self.forward(x, b, t)?;
+        self.loss(y, &vec![0f32; b * t], None, false, Some(&mut nll))?;
+        Ok(nll)
+    }
+}
+
+/// Score `items` by [`score_pairs`] over every choice's harness-encoded `(context,
+/// continuation)`: the multiple-choice path of a batched engine (`masa eval --device cuda`).
+/// `on_item` is called once per item scored.
+pub fn score_items_batched(model: &mut dyn PositionNll, tok: &Tokenizer, items: &[McItem], on_item: &mut dyn FnMut()) -> Result<Vec<McScore>> {
+    let add_bos = tok.default_add_bos();
+    let mut pairs = Vec::new();
+    let mut owner = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        for (c, cont) in item.continuations.iter().enumerate() {
+            let context = if item.contexts.len() == 1 { &item.contexts[0] } else { &item.contexts[c] };
+            pairs.push(encode_pair(tok, context, cont, add_bos).map_err(|e| MasaError::Invalid(format!("item {}: {e}", item.index)))?);
+            owner.push(i);
+        }
+    }
+    let mut left: Vec<usize> = items.iter().map(|it| it.continuations.len()).collect();
+    let lls = score_pairs(model, &pairs, tok.eos_id().unwrap_or(0), &mut |p| {
+        left[owner[p]] -= 1;
+        if left[owner[p]] == 0 {
+            on_item();
+        }
+    })?;
+    let (mut lls, mut pairs) = (lls.into_iter(), pairs.iter());
+    Ok(items
+        .iter()
+        .map(|it| {
+            let n = it.continuations.len();
+            let tokens = pairs.by_ref().take(n).map(|(_, c)| c.len()).collect();
+            finish(it, lls.by_ref().take(n).collect(), tokens)
+        })
+        .collect())
+}
+
+/// Summed log-probability of each pair's continuation after its context: each input
+/// `(context ++ continuation)[..len − 1]` is right-padded with `pad` to a multiple of 64
+/// tokens, sequences of one padded length run [`SCORE_ROWS`] per forward pass, and a pair's
+/// score is minus the summed NLL of its continuation positions (causal attention: padding
+/// changes nothing before it). `on_done(i)` follows pair `i`'s score.
+pub fn score_pairs(model: &mut dyn PositionNll, pairs: &[(Vec<u32>, Vec<u32>)], pad: u32, on_done: &mut dyn FnMut(usize)) -> Result<Vec<f64>> {
+    let max_pos = model.max_positions();
+    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (p, (ctx, cont)) in pairs.iter().enumerate() {
+        if ctx.is_empty() || cont.is_empty() {
+            return Err(MasaError::Invalid("a context or continuation encodes to no tokens, so there is nothing to score".into()));
+        }
+        let inputs = ctx.len() + cont.len() - 1;
+        if inputs > max_pos {
+            return Err(MasaError::Invalid(format!("{inputs} tokens of context and continuation exceed the model's {max_pos} positions")));
+        }
+        groups.entry(inputs.div_ceil(64).saturating_mul(64).min(max_pos)).or_default().push(p);
+    }
+    let mut lls = vec![0f64; pairs.len()];
+    for (&t, members) in &groups {
+        for batch in members.chunks(SCORE_ROWS) {
+            let b = batch.len();
+            let (mut x, mut y) = (vec![pad; b * t], vec![0u32; b * t]);
+            for (r, &p) in batch.iter().enumerate() {
+                let seq = [pairs[p].0.as_slice(), pairs[p].1.as_slice()].concat();
+                let n = seq.len() - 1;
+                x[r * t..r * t + n].copy_from_slice(&seq[..n]);
+                y[r * t..r * t + n].copy_from_slice(&seq[1..]);
+            }
+            let nll = model.position_nll(&x, &y, b, t)?;
+            for (r, &p) in batch.iter().enumerate() {
+                let (ctx, cont) = &pairs[p];
+                let from = r * t + ctx.len() - 1;
+                lls[p] = -nll[from..from + cont.len()].iter().map(|&v| v as f64).sum::<f64>();
+                on_done(p);
+            }
+        }
+    }
+    Ok(lls)
 }
 
 /// Mean and the harness's standard error (sample std with n−1, over √n).
@@ -333,6 +441,69 @@ pub fn metrics(scores: &[McScore]) -> McMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU engine in f32 as a [`PositionNll`] (a fresh workspace per call).
+    struct CpuNll {
+        model: crate::student::llama::Llama,
+        params: Vec<f32>,
+    }
+
+    impl PositionNll for CpuNll {
+        fn max_positions(&self) -> usize {
+            self.model.cfg.max_position_embeddings
+        }
+        fn position_nll(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
+            let mut ws = crate::student::llama::Workspace::<f32>::new(&self.model.cfg, b, t);
+            self.model.forward(&self.params, &mut ws, x, b, t);
+            let mut nll = vec![0f32; b * t];
+            let zeros = vec![0f32; b * t];
+            self.model.loss(&self.params, &mut ws, &crate::student::kernels::Targets { ids: y, weights: &zeros }, None, None, Some(&mut nll));
+            Ok(nll)
+        }
+    }
+
+    #[test]
+    fn batched_scores_equal_each_pair_scored_alone() {
+        let mut cfg = crate::student::StudentConfig::preset("tiny").unwrap();
+        cfg.vocab_size = 300;
+        cfg.max_position_embeddings = 160;
+        let params = crate::rng::scratch_init(&cfg, 3);
+        let mut rng = crate::rng::SplitMix64(11);
+        // 150 pairs in three length buckets (more than one batch in the first), plus the longest.
+        let mut pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..150)
+            .map(|i| {
+                let (nc, nk) = (1 + rng.below([40, 90, 120][i % 3]), 1 + rng.below(20));
+                ((0..nc).map(|_| rng.below(300) as u32).collect(), (0..nk).map(|_| rng.below(300) as u32).collect())
+            })
+            .collect();
+        pairs.push(((0..150).map(|_| rng.below(300) as u32).collect(), (0..11).map(|_| rng.below(300) as u32).collect()));
+        let mut m = CpuNll { model: crate::student::llama::Llama::new(&cfg), params: params.clone() };
+        let mut done = vec![0; pairs.len()];
+        let got = score_pairs(&mut m, &pairs, 0, &mut |p| done[p] += 1).unwrap();
+        assert!(done.iter().all(|&d| d == 1));
+        // Each pair alone, unpadded, in f64.
+        let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
+        for ((ctx, cont), g) in pairs.iter().zip(&got) {
+            let seq = [ctx.as_slice(), cont.as_slice()].concat();
+            let t = seq.len() - 1;
+            let mut ws = crate::student::llama::Workspace::<f64>::new(&cfg, 1, t);
+            m.model.forward(&p64, &mut ws, &seq[..t], 1, t);
+            let logits = m.model.logits(&p64, &ws);
+            let v = cfg.vocab_size;
+            let want: f64 = (ctx.len() - 1..t)
+                .map(|i| {
+                    let row = &logits[i * v..(i + 1) * v];
+                    let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    row[seq[i + 1] as usize] - mx - row.iter().map(|z| (z - mx).exp()).sum::<f64>().ln()
+                })
+                .sum();
+            assert!((g - want).abs() < 1e-4 * want.abs().max(1.0), "{g} vs {want} (context {}, continuation {})", ctx.len(), cont.len());
+        }
+        // Too long for the positions, or nothing to score: refused.
+        let long = (vec![1u32; 150], vec![2u32; 12]);
+        assert!(score_pairs(&mut m, &[long], 0, &mut |_| {}).unwrap_err().to_string().contains("positions"));
+        assert!(score_pairs(&mut m, &[(vec![], vec![1])], 0, &mut |_| {}).is_err());
+    }
 
     #[test]
     fn hellaswag_preprocess_matches_python() {

@@ -431,6 +431,7 @@ impl<'a> Ctx<'a> {
         let eval = crate::eval::EvalOptions {
             limit: crate::eval::Limit::First(task.eval_limit),
             gen: crate::eval::generation::GenOptions { max_new_tokens: f.max_new_tokens, ..Default::default() },
+            device: self.spec.device,
             ..Default::default()
         };
         let k = Stage::Finetune.key(
