@@ -859,7 +859,7 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
     Spec::olmo().weights(3).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &Spec::olmo().config_json());
     let dense = SourceWeights::open(dir.path()).unwrap();
-    let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(1) };
+    let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(1), device: Default::default() };
     let e = opts.check_experts(&dense.config).unwrap_err().to_string();
     assert!(e.contains("--experts 1: the source is dense"), "{e}");
 }
@@ -876,7 +876,7 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     let datasets = vec!["a".to_string(), "b".to_string()];
     let full = run_calibration(&w, tiny_batches(&spec, 8, 6));
     // Blocks of 2 batches: each layer's targets are rebuilt per block.
-    let small = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None, experts: None }, &mut |_| {}).unwrap();
+    let small = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None, experts: None, device: Default::default() }, &mut |_| {}).unwrap();
     assert!(small.moments.keys().all(|k| k.contains(".r5.block")), "no full moments in rank-specific mode");
     assert_eq!(small.routing, full.routing);
     let mut checked = 0;
