@@ -87,9 +87,9 @@ pub struct EvalOptions {
     pub ppl_batch: usize,
     /// Show progress bars.
     pub progress: bool,
-    /// Where multiple-choice items are scored: the CPU, or a CUDA device for plain Llama
-    /// models ([`multiple_choice::score_items_batched`], f32 products). Generation and perplexity
-    /// run on the CPU. In cache keys only when not the CPU.
+    /// Where multiple-choice items and perplexity are scored: the CPU, or a CUDA device for
+    /// plain Llama models ([`multiple_choice::score_items_batched`], f32 products). Generation
+    /// runs on the CPU. In cache keys only when not the CPU.
     #[serde(skip_serializing_if = "crate::engine::Device::is_cpu")]
     pub device: crate::engine::Device,
 }
@@ -134,9 +134,9 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
     }
     let source = SourceModel::open(path)?;
     let model = Transformer::load(&source.weights)?;
-    let mc = tasks.iter().any(|t| find_task(t).is_ok_and(|s| s.kind == TaskKind::MultipleChoice));
+    let scored = tasks.iter().any(|t| find_task(t).is_ok_and(|s| s.kind != TaskKind::Generation));
     let mut gpu = match opt.device {
-        crate::engine::Device::Cuda(ordinal) if mc => {
+        crate::engine::Device::Cuda(ordinal) if scored => {
             let Some(cfg) = crate::student::plain_llama(&source.weights.config) else {
                 return Err(MasaError::Invalid(format!(
                     "--device {}: scoring on CUDA runs plain Llama models (masa's students, SmolLM2); {} is a {} model: use --device cpu",
@@ -171,7 +171,7 @@ fn open_gpu(_: usize, _: &crate::student::StudentConfig, _: &[f32]) -> Result<Gp
 }
 
 /// Evaluate `tasks` in order; see the module docs for the JSON layout. `gpu`: the same model on
-/// a CUDA device, which then scores the multiple-choice tasks.
+/// a CUDA device, which then scores the multiple-choice and perplexity tasks.
 pub fn evaluate(
     model: &Transformer,
     mut gpu: Option<&mut GpuModel>,
@@ -195,7 +195,7 @@ pub fn evaluate(
         let mut r = match spec.kind {
             TaskKind::MultipleChoice => eval_mc(model, gpu.as_deref_mut(), tok, spec, opt.split, limit, opt.progress)?,
             TaskKind::Generation => eval_ni(model, tok, spec, opt, limit)?,
-            TaskKind::Perplexity => eval_ppl(model, tok, opt, limit)?,
+            TaskKind::Perplexity => eval_ppl(model, gpu.as_deref_mut(), tok, opt, limit)?,
         };
         let secs = t0.elapsed().as_secs_f64();
         if let Value::Object(m) = &mut r {
@@ -254,10 +254,7 @@ fn eval_mc(
         .collect::<Result<Vec<_>>>()?;
     let bar = bar(progress, items.len(), spec.name, "items");
     let scores = match gpu {
-        #[cfg(feature = "cuda")]
         Some(g) => multiple_choice::score_items_batched(g, tok, &items, &mut || bar.inc(1))?,
-        #[cfg(not(feature = "cuda"))]
-        Some(never) => match *never {},
         None => items.iter().map(|it| multiple_choice::score_item(model, tok, it).inspect(|_| bar.inc(1))).collect::<Result<Vec<_>>>()?,
     };
     bar.finish_and_clear();
@@ -320,7 +317,7 @@ fn answer_nll(scores: &[generation::GenScore]) -> f64 {
     -scores.iter().map(|s| s.answer_logprob).sum::<f64>() / tokens.max(1) as f64
 }
 
-fn eval_ppl(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {
+fn eval_ppl(model: &Transformer, gpu: Option<&mut GpuModel>, tok: &crate::source::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {
     let dir = crate::corpus::default_corpus_dir();
     if !dir.join("manifest.json").exists() {
         return Err(MasaError::Invalid(format!("{}: the default corpus is missing; run `masa fetch corpus`", dir.display())));
@@ -332,7 +329,8 @@ fn eval_ppl(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, opt:
     };
     let cap = max_per_domain.unwrap_or(usize::MAX);
     let bar = bar(opt.progress, cap.min(1_000_000) * corpus.domains().len(), "perplexity", "sequences");
-    let per = perplexity::perplexity(model, tok, &corpus, split, opt.ppl_seq_len, cap, opt.ppl_batch, &mut || bar.inc(1))?;
+    let batched = gpu.map(|g| g as &mut dyn multiple_choice::PositionNll);
+    let per = perplexity::perplexity(model, batched, tok, &corpus, split, opt.ppl_seq_len, cap, opt.ppl_batch, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     let n: usize = per.values().map(|d| d.sequences).sum();
     Ok(json!({

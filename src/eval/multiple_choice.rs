@@ -334,6 +334,17 @@ impl PositionNll for crate::cuda::llama::GpuLlama {
     }
 }
 
+/// Without the `cuda` feature there is no batched engine ([`crate::eval::GpuModel`]).
+#[cfg(not(feature = "cuda"))]
+impl PositionNll for std::convert::Infallible {
+    fn max_positions(&self) -> usize {
+        match *self {}
+    }
+    fn position_nll(&mut self, _: &[u32], _: &[u32], _: usize, _: usize) -> Result<Vec<f32>> {
+        match *self {}
+    }
+}
+
 /// Score `items` by [`score_pairs`] over every choice's harness-encoded `(context,
 /// continuation)`: the multiple-choice path of a batched engine (`masa eval --device cuda`).
 /// `on_item` is called once per item scored.

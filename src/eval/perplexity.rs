@@ -25,6 +25,7 @@ pub struct DomainPpl {
 /// scored `batch` at a time).
 pub fn perplexity(
     model: &Transformer,
+    mut batched: Option<&mut dyn crate::eval::multiple_choice::PositionNll>,
     tok: &Tokenizer,
     corpus: &Corpus,
     split: Split,
@@ -40,11 +41,22 @@ pub fn perplexity(
         let mut total = 0f64;
         let mut count = 0usize;
         for chunk in seqs.chunks(batch.max(1)) {
-            let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-            let x = Tensor::from_vec(flat, (chunk.len(), seq_len), &Device::Cpu)?;
-            let logits = model.forward(&x, &mut NoHooks)?;
-            for (i, s) in chunk.iter().enumerate() {
-                let nll = next_token_nll(&logits.get(i)?, s)?;
+            let nlls: Vec<Vec<f32>> = match batched.as_deref_mut() {
+                // A batched engine (the GPU): inputs s[..L−1], targets s[1..].
+                Some(m) if seq_len > 1 => {
+                    let t = seq_len - 1;
+                    let x: Vec<u32> = chunk.iter().flat_map(|s| s[..t].iter().copied()).collect();
+                    let y: Vec<u32> = chunk.iter().flat_map(|s| s[1..].iter().copied()).collect();
+                    m.position_nll(&x, &y, chunk.len(), t)?.chunks(t).map(<[f32]>::to_vec).collect()
+                }
+                _ => {
+                    let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+                    let x = Tensor::from_vec(flat, (chunk.len(), seq_len), &Device::Cpu)?;
+                    let logits = model.forward(&x, &mut NoHooks)?;
+                    (0..chunk.len()).map(|i| next_token_nll(&logits.get(i)?, &chunk[i])).collect::<Result<_>>()?
+                }
+            };
+            for nll in nlls {
                 total += nll.iter().map(|&v| v as f64).sum::<f64>();
                 count += nll.len();
                 on_seq();
