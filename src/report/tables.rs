@@ -26,6 +26,7 @@ pub fn run_overview(r: &RunResults) -> Table {
         ("Wall time of this invocation", format::duration(r.wall_seconds)),
         ("Invocations", invocations_text(&r.invocations)),
         ("Threads", r.threads.to_string()),
+        ("Device", device_text(&r.spec)),
         ("Students", join_or_none(students.iter().map(|s| s.to_string()))),
         ("Seeds", join_or_none(seeds.iter().map(|s| s.to_string()))),
         ("Training runs", format!("{} ({finished} finished pre-training)", r.trainings.len())),
@@ -34,6 +35,14 @@ pub fn run_overview(r: &RunResults) -> Table {
         t.row([k.to_string(), v]);
     }
     t
+}
+
+/// The spec's `device` and `precision` (absent in results of specs before them: the CPU).
+fn device_text(spec: &serde_json::Value) -> String {
+    match spec.get("device").and_then(|d| d.as_str()).unwrap_or("cpu") {
+        "cpu" => "cpu".into(),
+        d => format!("{d}, {} matrix products", spec.get("precision").and_then(|p| p.as_str()).unwrap_or("f32")),
+    }
 }
 
 fn join_or_none(items: impl Iterator<Item = String>) -> String {
