@@ -83,6 +83,11 @@ impl TeacherCache {
             }
             Device::Cpu => None,
         };
+        #[cfg(feature = "cuda")]
+        if gpu.is_some() && d.top_k > crate::cuda::llama::TOPK_MAX {
+            let max = crate::cuda::llama::TOPK_MAX;
+            return Err(MasaError::Invalid(format!("distillation top_k {}: the CUDA teacher keeps at most {max} log-probs per position", d.top_k)));
+        }
         let mut key_json = serde_json::json!({"format": 2, "sampling": "chunks", "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
         if let Some((_, p)) = gpu {
             key_json["engine"] = serde_json::json!(if p == Precision::Bf16 { "cuda-bf16" } else { "cuda-f32" });

@@ -292,7 +292,7 @@ fn ni_answer_likelihood_matches_full_forward_reference() {
     let targets = vec!["Paris".to_string(), "paris".to_string()];
     let opt = masa::eval::generation::GenOptions { max_new_tokens: 3, ..Default::default() };
     let mut rng = masa::rng::SplitMix64::new(0);
-    let got = masa::eval::generation::score_example(&m, &tok, "t", 0, def, input, &targets, &opt, &mut rng).unwrap();
+    let got = masa::eval::generation::score_example(&m, None, &tok, "t", 0, def, input, &targets, &opt, &mut rng).unwrap();
     let (a, b) = encode_pair(&tok, &masa::eval::generation::ni_prompt(def, input), " Paris", false).unwrap();
     let want = reference_ll(&m, &a, &b);
     assert!((got.answer_logprob - want).abs() < 1e-3, "{} vs {want}", got.answer_logprob);

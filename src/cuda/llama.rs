@@ -25,7 +25,7 @@ const LOGIT_CHUNK_FLOATS: usize = 1 << 28;
 const ROW_THREADS: u32 = 256;
 /// Most log-probs per position the teacher top-k kernel keeps, and its block size (both as in
 /// `kernels.cu`).
-const TOPK_MAX: usize = 64;
+pub const TOPK_MAX: usize = 64;
 const TOPK_THREADS: u32 = 128;
 
 /// Per-layer f64 sums `Σ x xᵀ` of the FFN inputs on the device (CUDA calibration).
@@ -187,6 +187,7 @@ impl GpuLlama {
 
     /// Replace the AdamW state (resume).
     pub fn set_moments(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {
+        self.check_trainable("optimizer state")?;
         self.gpu.write(&self.m, 0, m)?;
         self.gpu.write(&self.v, 0, v)?;
         self.adam_t = t;
@@ -197,9 +198,11 @@ impl GpuLlama {
         self.gpu.read(&self.params, 0, self.layout.total)
     }
     pub fn download_grads(&self) -> Result<Vec<f32>> {
+        self.check_trainable("gradient")?;
         self.gpu.read(&self.grads, 0, self.layout.total)
     }
     pub fn download_moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_trainable("optimizer state")?;
         Ok((self.gpu.read(&self.m, 0, self.layout.total)?, self.gpu.read(&self.v, 0, self.layout.total)?))
     }
 
@@ -455,7 +458,8 @@ impl GpuLlama {
         let ws = self.ws.as_ref().unwrap();
         let g = &self.gpu;
         let e = self.params.at(self.layout.head);
-        let de = self.grads.at(self.layout.head);
+        // A frozen model has no gradient buffer (and `grad` is refused above).
+        let de = if grad { self.grads.at(self.layout.head) } else { 0 };
         let (tid_base, tlp_base) = (ws.t_ids.as_ref().map(|b| b.ptr()).unwrap_or(0), ws.t_logp.as_ref().map(|b| b.ptr()).unwrap_or(0));
         let mut r0 = 0;
         while r0 < n {
@@ -665,9 +669,41 @@ impl GpuLlama {
         Ok(())
     }
 
-    /// The sums as `(Σ x xᵀ of the FFN input, of the SwiGLU output)` per layer, row-major.
+    /// The sums as `(Σ x xᵀ of the FFN input, of the SwiGLU output)` per layer, row-major and
+    /// exactly symmetric: the upper triangle mirrored, as the CPU's `gram` does (cuBLAS does
+    /// not promise `C[i][j] == C[j][i]` bit for bit).
     pub fn read_ffn_grams(&self, sums: &FfnGrams) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
-        sums.layers.iter().map(|(a, b)| Ok((self.gpu.read(a, 0, a.len)?, self.gpu.read(b, 0, b.len)?))).collect()
+        let read = |b: &DevBuf<f64>, d: usize| -> Result<Vec<f64>> {
+            let mut m = self.gpu.read(b, 0, d * d)?;
+            for i in 0..d {
+                for j in 0..i {
+                    m[i * d + j] = m[j * d + i];
+                }
+            }
+            Ok(m)
+        };
+        let (h, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        sums.layers.iter().map(|(a, b)| Ok((read(a, h)?, read(b, f)?))).collect()
+    }
+
+    /// Next-token logits after `ids` (one sequence), for generation: the forward over the whole
+    /// prefix, right-padded to a multiple of 64 positions so that consecutive steps reuse the
+    /// workspace (causal attention: the padding changes nothing before it), then the lm-head
+    /// product of the last position only. There is no KV cache: each new token reruns the
+    /// prefix, which for masa's students and evaluation lengths is a few milliseconds a token.
+    pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (h, v, max_pos) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.max_position_embeddings);
+        let n = ids.len();
+        if n == 0 || n > max_pos {
+            return Err(crate::MasaError::Invalid(format!("generation from {n} tokens: the model takes 1..={max_pos}")));
+        }
+        let t = (n.div_ceil(64) * 64).min(max_pos);
+        let mut x = ids.to_vec();
+        x.resize(t, 0);
+        self.forward(&x, 1, t)?;
+        let ws = self.ws.as_ref().unwrap();
+        self.gpu.gemm(false, true, 1, v, h, ws.xf.at((n - 1) * h), h, self.params.at(self.layout.head), h, ws.logits.ptr(), v, 0.0, None)?;
+        self.gpu.read(&ws.logits, 0, v)
     }
 
     /// Whether the last batch's attention ran on the flash kernels.
@@ -683,6 +719,7 @@ impl GpuLlama {
 
     /// `(summed loss since zero_grad, global gradient L2 norm)`; waits for the device.
     pub fn loss_and_grad_norm(&mut self) -> Result<(f64, f64)> {
+        self.check_trainable("gradient norm")?;
         self.sum_into(self.grads.ptr(), self.layout.total, 1, true, false)?;
         let s = self.gpu.read(&self.sums, 0, 2)?;
         Ok((s[0], s[1].sqrt()))

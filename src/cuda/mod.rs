@@ -114,10 +114,7 @@ impl Gpu {
         let math = cbs::cublasMath_t::CUBLAS_PEDANTIC_MATH;
         let math = if bf16 { cbs::cublasMath_t::CUBLAS_DEFAULT_MATH } else { math };
         unsafe { cbs::cublasSetMathMode(blas, math) }.result().map_err(|e| cuda_err("cuBLAS math mode", e))?;
-        let arch = format!("--gpu-architecture=sm_{major}{minor}");
-        let opts = cudarc::nvrtc::CompileOptions { options: vec![arch, "--std=c++17".into()], ..Default::default() };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| MasaError::Invalid(format!("compiling src/cuda/kernels.cu with NVRTC: {e}")))?;
-        let image = CString::new(ptx.to_src()).map_err(|e| cuda_err("PTX", e))?;
+        let image = ptx_for(major, minor)?;
         let module = unsafe { dr::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| cuda_err("loading the kernels", e))?;
         let mut funcs = HashMap::new();
         for &k in KERNELS {
@@ -338,6 +335,23 @@ impl Drop for Gpu {
             let _ = dr::stream::destroy(self.stream);
         }
     }
+}
+
+/// The kernels compiled by NVRTC for compute capability `major.minor`, once per process (a
+/// run opens the device for calibration, the teacher, training and evaluation; each compile
+/// takes about a second).
+fn ptx_for(major: i32, minor: i32) -> Result<CString> {
+    static PTX: std::sync::Mutex<Vec<((i32, i32), CString)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = PTX.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = cache.iter().find(|(cc, _)| *cc == (major, minor)) {
+        return Ok(p.clone());
+    }
+    let arch = format!("--gpu-architecture=sm_{major}{minor}");
+    let opts = cudarc::nvrtc::CompileOptions { options: vec![arch, "--std=c++17".into()], ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| MasaError::Invalid(format!("compiling src/cuda/kernels.cu with NVRTC: {e}")))?;
+    let image = CString::new(ptx.to_src()).map_err(|e| cuda_err("PTX", e))?;
+    cache.push(((major, minor), image.clone()));
+    Ok(image)
 }
 
 /// A device allocation of `len` elements of `T`, freed on drop.

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::rng::SplitMix64;
 use crate::error::Result;
+use crate::eval::multiple_choice::ScoringEngine;
 use crate::source::model::{KvCache, Transformer};
 use crate::source::tokenizer::Tokenizer;
 
@@ -51,21 +52,35 @@ pub fn ni_prompt(definition: &str, input: &str) -> String {
 }
 
 /// Generate a continuation of `prompt`; returns the decoded text (untrimmed) and the number of
-/// generated tokens.
-pub fn generate(model: &Transformer, tok: &Tokenizer, prompt: &str, opt: &GenOptions, rng: &mut SplitMix64) -> Result<(String, usize)> {
+/// generated tokens. On the candle model with a KV cache, or on a batched engine (the GPU),
+/// which reruns the prefix for each token.
+pub fn generate(
+    model: &Transformer,
+    mut engine: Option<&mut (dyn ScoringEngine + 'static)>,
+    tok: &Tokenizer,
+    prompt: &str,
+    opt: &GenOptions,
+    rng: &mut SplitMix64,
+) -> Result<(String, usize)> {
     let mut ids = tok.encode(prompt, tok.default_add_bos())?;
     if ids.len() > opt.max_prompt_tokens {
         ids = ids[ids.len() - opt.max_prompt_tokens..].to_vec();
     }
     let eos = tok.eos_id();
     let mut cache = KvCache::new();
-    let mut input = ids;
+    let mut fed = 0;
     let mut out: Vec<u32> = Vec::new();
     for _ in 0..opt.max_new_tokens {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward_cached(&x, &mut cache)?;
-        let last = logits.i((0, input.len() - 1))?.to_vec1::<f32>()?;
-        let mut last = last;
+        let mut last = match engine.as_deref_mut() {
+            Some(e) => e.next_logits(&ids)?,
+            None => {
+                // Only the tokens the cache has not seen.
+                let x = Tensor::new(&ids[fed..], &Device::Cpu)?.unsqueeze(0)?;
+                let logits = model.forward_cached(&x, &mut cache)?;
+                fed = ids.len();
+                logits.i((0, x.dim(1)? - 1))?.to_vec1::<f32>()?
+            }
+        };
         let started = !tok.decode(&out)?.trim().is_empty();
         if let (Some(e), false) = (eos, started) {
             // No EOS before the first non-blank text (as HF `min_new_tokens`).
@@ -78,6 +93,7 @@ pub fn generate(model: &Transformer, tok: &Tokenizer, prompt: &str, opt: &GenOpt
             break;
         }
         out.push(next);
+        ids.push(next);
         let text = tok.decode(&out)?;
         let start = text.len() - text.trim_start().len();
         if let Some(nl) = text[start..].find('\n') {
@@ -85,7 +101,6 @@ pub fn generate(model: &Transformer, tok: &Tokenizer, prompt: &str, opt: &GenOpt
                 return Ok((text[..start + nl].to_string(), out.len()));
             }
         }
-        input = vec![next];
     }
     Ok((tok.decode(&out)?, out.len()))
 }
@@ -127,6 +142,7 @@ pub struct GenScore {
 
 pub fn score_example(
     model: &Transformer,
+    mut engine: Option<&mut (dyn ScoringEngine + 'static)>,
     tok: &Tokenizer,
     subtask: &str,
     index: usize,
@@ -137,12 +153,15 @@ pub fn score_example(
     rng: &mut SplitMix64,
 ) -> Result<GenScore> {
     let prompt = ni_prompt(definition, input);
-    let (text, n) = generate(model, tok, &prompt, opt, rng)?;
+    let (text, n) = generate(model, engine.as_deref_mut(), tok, &prompt, opt, rng)?;
     let prediction = text.trim().to_string();
     let rouge_l = crate::rouge::rouge_l_multi(&prediction, targets) * 100.0;
     let answer = format!(" {}", targets.first().map(|t| t.trim()).unwrap_or_default());
     let item = crate::eval::multiple_choice::McItem { index, contexts: vec![prompt], continuations: vec![answer.clone()], choices: vec![answer], gold: 0 };
-    let scored = crate::eval::multiple_choice::score_item(model, tok, &item)?;
+    let scored = match engine {
+        Some(e) => crate::eval::multiple_choice::score_items_batched(e, tok, std::slice::from_ref(&item), &mut || {})?.remove(0),
+        None => crate::eval::multiple_choice::score_item(model, tok, &item)?,
+    };
     Ok(GenScore {
         subtask: subtask.into(),
         index,

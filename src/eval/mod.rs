@@ -134,9 +134,8 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
     }
     let source = SourceModel::open(path)?;
     let model = Transformer::load(&source.weights)?;
-    let scored = tasks.iter().any(|t| find_task(t).is_ok_and(|s| s.kind != TaskKind::Generation));
     let mut gpu = match opt.device {
-        crate::engine::Device::Cuda(ordinal) if scored => {
+        crate::engine::Device::Cuda(ordinal) => {
             let Some(cfg) = crate::student::plain_llama(&source.weights.config) else {
                 return Err(MasaError::Invalid(format!(
                     "--device {}: scoring on CUDA runs plain Llama models (masa's students, SmolLM2); {} is a {} model: use --device cpu",
@@ -194,7 +193,7 @@ pub fn evaluate(
         let t0 = Instant::now();
         let mut r = match spec.kind {
             TaskKind::MultipleChoice => eval_mc(model, gpu.as_deref_mut(), tok, spec, opt.split, limit, opt.progress)?,
-            TaskKind::Generation => eval_ni(model, tok, spec, opt, limit)?,
+            TaskKind::Generation => eval_ni(model, gpu.as_deref_mut(), tok, spec, opt, limit)?,
             TaskKind::Perplexity => eval_ppl(model, gpu.as_deref_mut(), tok, opt, limit)?,
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -268,7 +267,14 @@ fn eval_mc(
     }))
 }
 
-fn eval_ni(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec: &data::TaskSpec, opt: &EvalOptions, per_subtask: Option<usize>) -> Result<Value> {
+fn eval_ni(
+    model: &Transformer,
+    mut gpu: Option<&mut GpuModel>,
+    tok: &crate::source::tokenizer::Tokenizer,
+    spec: &data::TaskSpec,
+    opt: &EvalOptions,
+    per_subtask: Option<usize>,
+) -> Result<Value> {
     let dir = data::task_path(spec);
     if !dir.exists() {
         return Err(MasaError::Invalid(format!("{}: task data missing; run `masa fetch tasks`", dir.display())));
@@ -284,7 +290,8 @@ fn eval_ni(model: &Transformer, tok: &crate::source::tokenizer::Tokenizer, spec:
     let mut rng = crate::rng::SplitMix64(opt.gen.seed);
     let mut scores = Vec::with_capacity(work.len());
     for (s, i, input, targets) in work {
-        scores.push(generation::score_example(model, tok, &s.name, i, &s.definition, input, targets, &opt.gen, &mut rng)?);
+        let engine = gpu.as_deref_mut().map(|g| g as &mut (dyn multiple_choice::ScoringEngine + 'static));
+        scores.push(generation::score_example(model, engine, tok, &s.name, i, &s.definition, input, targets, &opt.gen, &mut rng)?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -329,7 +336,7 @@ fn eval_ppl(model: &Transformer, gpu: Option<&mut GpuModel>, tok: &crate::source
     };
     let cap = max_per_domain.unwrap_or(usize::MAX);
     let bar = bar(opt.progress, cap.min(1_000_000) * corpus.domains().len(), "perplexity", "sequences");
-    let batched = gpu.map(|g| g as &mut dyn multiple_choice::PositionNll);
+    let batched = gpu.map(|g| g as &mut dyn multiple_choice::ScoringEngine);
     let per = perplexity::perplexity(model, batched, tok, &corpus, split, opt.ppl_seq_len, cap, opt.ppl_batch, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     let n: usize = per.values().map(|d| d.sequences).sum();

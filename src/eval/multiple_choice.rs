@@ -308,21 +308,25 @@ fn finish(item: &McItem, lls: Vec<f64>, tokens: Vec<usize>) -> McScore {
     McScore { index: item.index, gold: item.gold, pred: argmax(&lls), pred_norm: argmax(&norm), lls, tokens }
 }
 
-/// Sequences per forward pass of [`score_pairs`].
+/// Sequences per forward pass of [`score_pairs`], and tokens (at most) when sequences are long:
+/// the engine keeps every layer's activations, attention probabilities included.
 const SCORE_ROWS: usize = 64;
+const SCORE_TOKENS: usize = 8192;
 
-/// A model that gives the next-token NLL at every position of a batch: the GPU engine (the
+/// A batched engine that evaluation runs on instead of the candle model: the GPU engine (the
 /// `cuda` feature), or the CPU engine in the tests.
-pub trait PositionNll {
+pub trait ScoringEngine {
     /// Positions the model has (RoPE tables).
     fn max_positions(&self) -> usize;
     /// NLL of `y[i]` after inputs `x[..=i]` of each of `b` sequences of `t` tokens, `b·t`
     /// row-major.
     fn position_nll(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> Result<Vec<f32>>;
+    /// Next-token logits after the whole of `ids` (generation).
+    fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
 }
 
 #[cfg(feature = "cuda")]
-impl PositionNll for crate::cuda::llama::GpuLlama {
+impl ScoringEngine for crate::cuda::llama::GpuLlama {
     fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
     }
@@ -332,15 +336,21 @@ impl PositionNll for crate::cuda::llama::GpuLlama {
         self.loss(y, &vec![0f32; b * t], None, false, Some(&mut nll))?;
         Ok(nll)
     }
+    fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        crate::cuda::llama::GpuLlama::next_logits(self, ids)
+    }
 }
 
 /// Without the `cuda` feature there is no batched engine ([`crate::eval::GpuModel`]).
 #[cfg(not(feature = "cuda"))]
-impl PositionNll for std::convert::Infallible {
+impl ScoringEngine for std::convert::Infallible {
     fn max_positions(&self) -> usize {
         match *self {}
     }
     fn position_nll(&mut self, _: &[u32], _: &[u32], _: usize, _: usize) -> Result<Vec<f32>> {
+        match *self {}
+    }
+    fn next_logits(&mut self, _: &[u32]) -> Result<Vec<f32>> {
         match *self {}
     }
 }
@@ -348,7 +358,7 @@ impl PositionNll for std::convert::Infallible {
 /// Score `items` by [`score_pairs`] over every choice's harness-encoded `(context,
 /// continuation)`: the multiple-choice path of a batched engine (`masa eval --device cuda`).
 /// `on_item` is called once per item scored.
-pub fn score_items_batched(model: &mut dyn PositionNll, tok: &Tokenizer, items: &[McItem], on_item: &mut dyn FnMut()) -> Result<Vec<McScore>> {
+pub fn score_items_batched(model: &mut dyn ScoringEngine, tok: &Tokenizer, items: &[McItem], on_item: &mut dyn FnMut()) -> Result<Vec<McScore>> {
     let add_bos = tok.default_add_bos();
     let mut pairs = Vec::new();
     let mut owner = Vec::new();
@@ -379,10 +389,11 @@ pub fn score_items_batched(model: &mut dyn PositionNll, tok: &Tokenizer, items: 
 
 /// Summed log-probability of each pair's continuation after its context: each input
 /// `(context ++ continuation)[..len − 1]` is right-padded with `pad` to a multiple of 64
-/// tokens, sequences of one padded length run [`SCORE_ROWS`] per forward pass, and a pair's
+/// tokens, sequences of one padded length run up to [`SCORE_ROWS`] (and [`SCORE_TOKENS`]) per
+/// forward pass, and a pair's
 /// score is minus the summed NLL of its continuation positions (causal attention: padding
 /// changes nothing before it). `on_done(i)` follows pair `i`'s score.
-pub fn score_pairs(model: &mut dyn PositionNll, pairs: &[(Vec<u32>, Vec<u32>)], pad: u32, on_done: &mut dyn FnMut(usize)) -> Result<Vec<f64>> {
+pub fn score_pairs(model: &mut dyn ScoringEngine, pairs: &[(Vec<u32>, Vec<u32>)], pad: u32, on_done: &mut dyn FnMut(usize)) -> Result<Vec<f64>> {
     let max_pos = model.max_positions();
     let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     for (p, (ctx, cont)) in pairs.iter().enumerate() {
@@ -397,7 +408,7 @@ pub fn score_pairs(model: &mut dyn PositionNll, pairs: &[(Vec<u32>, Vec<u32>)], 
     }
     let mut lls = vec![0f64; pairs.len()];
     for (&t, members) in &groups {
-        for batch in members.chunks(SCORE_ROWS) {
+        for batch in members.chunks((SCORE_TOKENS / t).clamp(1, SCORE_ROWS)) {
             let b = batch.len();
             let (mut x, mut y) = (vec![pad; b * t], vec![0u32; b * t]);
             for (r, &p) in batch.iter().enumerate() {
@@ -453,13 +464,13 @@ pub fn metrics(scores: &[McScore]) -> McMetrics {
 mod tests {
     use super::*;
 
-    /// The CPU engine in f32 as a [`PositionNll`] (a fresh workspace per call).
+    /// The CPU engine in f32 as a [`ScoringEngine`] (a fresh workspace per call).
     struct CpuNll {
         model: crate::student::llama::Llama,
         params: Vec<f32>,
     }
 
-    impl PositionNll for CpuNll {
+    impl ScoringEngine for CpuNll {
         fn max_positions(&self) -> usize {
             self.model.cfg.max_position_embeddings
         }
@@ -470,6 +481,12 @@ mod tests {
             let zeros = vec![0f32; b * t];
             self.model.loss(&self.params, &mut ws, &crate::student::kernels::Targets { ids: y, weights: &zeros }, None, None, Some(&mut nll));
             Ok(nll)
+        }
+        fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+            let mut ws = crate::student::llama::Workspace::<f32>::new(&self.model.cfg, 1, ids.len());
+            self.model.forward(&self.params, &mut ws, ids, 1, ids.len());
+            let v = self.model.cfg.vocab_size;
+            Ok(self.model.logits(&self.params, &ws)[(ids.len() - 1) * v..].to_vec())
         }
     }
 

@@ -25,7 +25,7 @@ pub struct DomainPpl {
 /// scored `batch` at a time).
 pub fn perplexity(
     model: &Transformer,
-    mut batched: Option<&mut dyn crate::eval::multiple_choice::PositionNll>,
+    mut batched: Option<&mut dyn crate::eval::multiple_choice::ScoringEngine>,
     tok: &Tokenizer,
     corpus: &Corpus,
     split: Split,
