@@ -48,7 +48,7 @@ enum Command {
         runs: Option<PathBuf>,
         /// Compute on this device (cpu, cuda, cuda:N), overriding the spec's `device`: training and
         /// fine-tuning, and for plain Llama models calibration, the distillation teacher and
-        /// multiple-choice and perplexity scoring.
+        /// evaluation.
         #[arg(long)]
         device: Option<masa::engine::Device>,
         /// Training precision (f32, bf16), overriding the spec's `precision`.
@@ -251,8 +251,8 @@ enum Command {
         /// Generation: maximum new tokens.
         #[arg(long, default_value_t = 48)]
         max_new_tokens: usize,
-        /// Where multiple-choice items and perplexity are scored: cpu, or cuda / cuda:N for plain
-        /// Llama models (generation runs on the CPU).
+        /// Where the model runs: cpu, or cuda / cuda:N for plain Llama models (multiple choice,
+        /// perplexity and generation; the candle model on the CPU otherwise).
         #[arg(long, default_value = "cpu")]
         device: masa::engine::Device,
         /// Write the results JSON here.

@@ -87,9 +87,9 @@ pub struct EvalOptions {
     pub ppl_batch: usize,
     /// Show progress bars.
     pub progress: bool,
-    /// Where multiple-choice items and perplexity are scored: the CPU, or a CUDA device for
-    /// plain Llama models ([`multiple_choice::score_items_batched`], f32 products). Generation
-    /// runs on the CPU. In cache keys only when not the CPU.
+    /// Where the model runs: the CPU (candle, with a KV cache for generation), or a CUDA device
+    /// for plain Llama models ([`multiple_choice::ScoringEngine`], f32 products). In cache keys
+    /// only when not the CPU.
     #[serde(skip_serializing_if = "crate::engine::Device::is_cpu")]
     pub device: crate::engine::Device,
 }
@@ -170,7 +170,7 @@ fn open_gpu(_: usize, _: &crate::student::StudentConfig, _: &[f32]) -> Result<Gp
 }
 
 /// Evaluate `tasks` in order; see the module docs for the JSON layout. `gpu`: the same model on
-/// a CUDA device, which then scores the multiple-choice and perplexity tasks.
+/// a CUDA device, which then runs every task.
 pub fn evaluate(
     model: &Transformer,
     mut gpu: Option<&mut GpuModel>,

@@ -63,9 +63,8 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "is_default_eep")]
     pub eep: crate::init::eep::EepOptions,
     /// Where pre-training and fine-tuning run: `cpu` (default), `cuda` or `cuda:N` (a build
-    /// with `--features cuda`); so do calibration, the distillation teacher, and multiple-choice
-    /// and perplexity scoring when the model is plain Llama. Extraction, initialisation and
-    /// generation run on the CPU.
+    /// with `--features cuda`); so do calibration, the distillation teacher and evaluation when
+    /// the model is plain Llama. Extraction and initialisation run on the CPU.
     #[serde(default)]
     pub device: crate::engine::Device,
     /// Matrix-product precision of training: `f32` (default) or `bf16` (CUDA only).
