@@ -11,7 +11,11 @@
 #   scripts/gpu_run.sh run [S]   device call 2 (carry .device/b; within the machine's warm window
 #                                after call 1): assemble $MASA_HOME, `masa run gpu` for at most S
 #                                seconds (default 540), report to $OUT/gpu-results.tar.gz. Run it
-#                                again (no carry needed) to resume a run cut off by S.
+#                                again (no carry needed) to resume a run cut off by S. A finished
+#                                run is followed by `parity`.
+#   scripts/gpu_run.sh parity    200 PIQA items of one fine-tuned student of the run scored on
+#                                the GPU and on the CPU: identical predictions, log-likelihood
+#                                differences ($OUT/piqa_parity.txt)
 #
 # Overrides for a dry run on a CPU machine: SPEC (a spec name or file), DEVICE (cpu), STAGE,
 # MASA_HOME, RUNS, OUT.
@@ -105,7 +109,28 @@ run)
         tar -C "$runs/$name" -czf "$out/gpu-results.tar.gz" $(cd "$runs/$name" && ls -d report.md report.html results.json plots 2>/dev/null)
         ls -la "$out"
     fi
+    [ "$rc" != 0 ] || [ "${DEVICE:-cuda}" = cpu ] || "$0" parity || true
     exit "$rc"
+    ;;
+parity)
+    export MASA_HOME=${MASA_HOME:-/tmp/masa-home}
+    runs=${RUNS:-/tmp/masa-runs}
+    out=${OUT:-/tmp/gpu-out}
+    mkdir -p "$out"
+    [ "${DEVICE:-cuda}" = cpu ] || source scripts/gpu_env.sh
+    ckpt=$(ls -d "$runs"/artifacts/finetune-*/sft/model 2>/dev/null | head -1)
+    [ -n "$ckpt" ] || { echo "gpu_run: no fine-tuned student under $runs/artifacts" >&2; exit 3; }
+    for d in cpu ${DEVICE:-cuda}; do
+        "$stage/masa" eval "$ckpt" --tasks piqa --limit 200 --device "$d" --out "$out/piqa_$d.json" 2>&1 | tail -1
+    done
+    python3 - "$out/piqa_cpu.json" "$out/piqa_${DEVICE:-cuda}.json" "$ckpt" <<'PY' | tee "$out/piqa_parity.txt"
+import json, sys
+a, b = (json.load(open(p))["tasks"]["piqa"]["items"] for p in sys.argv[1:3])
+same = sum(x["pred"] == y["pred"] for x, y in zip(a, b))
+dll = max(abs(u - v) for x, y in zip(a, b) for u, v in zip(x["lls"], y["lls"]))
+print(f"PIQA parity ({sys.argv[3]}): {same}/{len(a)} identical predictions (need >= 99%), "
+      f"max |log-likelihood difference| {dll:.2e} nats: {'pass' if same >= 0.99 * len(a) and len(a) == len(b) else 'FAIL'}")
+PY
     ;;
 *)
     sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
