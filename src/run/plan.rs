@@ -52,13 +52,20 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
     let h = e.total_seconds / 3600.0;
     let _ = writeln!(s, "estimated time on a 2-core CPU machine: {}", duration_words(h));
     let gpu_h = e.training_flops / (H100_EFFECTIVE_FLOPS * 3600.0);
-    let _ = writeln!(s, "pre-training on one H100 at an assumed {:.0} TFLOP/s effective (40% of bf16 dense peak): {gpu_h:.1} GPU-hours", H100_EFFECTIVE_FLOPS / 1e12);
+    let _ = writeln!(
+        s,
+        "pre-training on one H100 at an assumed {:.0} TFLOP/s effective (40% of bf16 dense peak): {} of GPU time ({})",
+        H100_EFFECTIVE_FLOPS / 1e12,
+        duration_words(gpu_h),
+        if spec.device.is_cpu() { "this spec trains on the CPU" } else { "small students run below that rate: docs/gpu.md has the measured tokens/s" }
+    );
     Ok(s)
 }
 
-/// `42 min`, `29.9 h`, `380 years`: hours in the unit that reads best.
+/// `40 s`, `42 min`, `29.9 h`, `380 years`: hours in the unit that reads best.
 fn duration_words(hours: f64) -> String {
     match hours {
+        h if h < 1.0 / 60.0 => format!("{:.0} s", h * 3600.0),
         h if h < 1.0 => format!("{:.0} min", h * 60.0),
         h if h < 72.0 => format!("{h:.1} h"),
         h if h < 24.0 * 365.0 => format!("{:.0} days", h / 24.0),
