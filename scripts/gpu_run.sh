@@ -7,7 +7,8 @@
 #                                stage .device/a (binary, first part of the source) and .device/b
 #                                (rest of the source, corpus, PIQA); prints the two device calls
 #   scripts/gpu_run.sh check     device call 1 (carry .device/a): install the binary and the first
-#                                part under $STAGE, then scripts/gpu_check.sh (NO_CHECK=1 skips it)
+#                                part under $STAGE, then scripts/gpu_check.sh (NO_CHECK=1 skips it;
+#                                BENCH=1 adds scripts/bench_gpu.sh, BENCH_COMPILE=0 without compile)
 #   scripts/gpu_run.sh run [S]   device call 2 (carry .device/b; within the machine's warm window
 #                                after call 1): assemble $MASA_HOME, `masa run gpu` for at most S
 #                                seconds (default 540), report to $OUT/gpu-results.tar.gz. Run it
@@ -74,6 +75,9 @@ check)
     if [ "${NO_CHECK:-0}" != 1 ]; then
         mkdir -p "${OUT:-/tmp}"
         scripts/gpu_check.sh "$stage/masa" 2>&1 | tee "${OUT:-/tmp}/gpu_check.log"
+    fi
+    if [ "${BENCH:-0}" = 1 ]; then
+        scripts/bench_gpu.sh "$stage/masa" 2>&1 | tee "${OUT:-/tmp}/bench_gpu.log"
     fi
     ;;
 run)
