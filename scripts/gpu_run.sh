@@ -14,9 +14,10 @@
 #                                seconds (default 540), report to $OUT/gpu-results.tar.gz. Run it
 #                                again (no carry needed) to resume a run cut off by S. A finished
 #                                run is followed by `parity`.
-#   scripts/gpu_run.sh parity    200 PIQA items of one fine-tuned student of the run scored on
-#                                the GPU and on the CPU: identical predictions, log-likelihood
-#                                differences ($OUT/piqa_parity.txt)
+#   scripts/gpu_run.sh parity    the real source and data on both devices ($OUT/parity.txt):
+#                                200 PIQA items of a fine-tuned student of the run (identical
+#                                predictions, log-likelihood differences) and calibration
+#                                statistics of 4,096 tokens (worst relative error per site)
 #
 # Overrides for a dry run on a CPU machine: SPEC (a spec name or file), DEVICE (cpu), STAGE,
 # MASA_HOME, RUNS, OUT.
@@ -127,7 +128,7 @@ parity)
     for d in cpu ${DEVICE:-cuda}; do
         "$stage/masa" eval "$ckpt" --tasks piqa --limit 200 --device "$d" --out "$out/piqa_$d.json" 2>&1 | tail -1
     done
-    python3 - "$out/piqa_cpu.json" "$out/piqa_${DEVICE:-cuda}.json" "$ckpt" <<'PY' | tee "$out/piqa_parity.txt"
+    python3 - "$out/piqa_cpu.json" "$out/piqa_${DEVICE:-cuda}.json" "$ckpt" <<'PY' | tee "$out/parity.txt"
 import json, sys
 a, b = (json.load(open(p))["tasks"]["piqa"]["items"] for p in sys.argv[1:3])
 same = sum(x["pred"] == y["pred"] for x, y in zip(a, b))
@@ -135,6 +136,26 @@ dll = max(abs(u - v) for x, y in zip(a, b) for u, v in zip(x["lls"], y["lls"]))
 print(f"PIQA parity ({sys.argv[3]}): {same}/{len(a)} identical predictions (need >= 99%), "
       f"max |log-likelihood difference| {dll:.2e} nats: {'pass' if same >= 0.99 * len(a) and len(a) == len(b) else 'FAIL'}")
 PY
+    for d in cpu ${DEVICE:-cuda}; do
+        "$stage/masa" calibrate smollm2-135m --tokens 4096 --device "$d" --out "$out/stats_$d.safetensors" 2>&1 | tail -1
+    done
+    python3 - "$out/stats_cpu.safetensors" "$out/stats_${DEVICE:-cuda}.safetensors" <<'PY' | tee -a "$out/parity.txt"
+import json, struct, sys
+import numpy as np
+def load(p):
+    with open(p, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head, data = json.loads(f.read(n)), f.read()
+    return {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], dtype="<f8") for k, v in head.items() if k != "__metadata__"}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+def rel(x, y):
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-300))
+worst = max((rel(b[k], a[k]), k) for k in a if k in b)
+ok = a.keys() == b.keys() and worst[0] < 1e-4
+print(f"calibration parity (smollm2-135m, 4096 tokens): {len(a)} tensors, worst rel. error {worst[0]:.2e} ({worst[1]}) "
+      f"(need < 1e-4): {'pass' if ok else 'FAIL'}")
+PY
+    rm -f "$out"/stats_*.safetensors
     ;;
 *)
     sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
