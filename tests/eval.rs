@@ -283,6 +283,19 @@ fn finetune_pairs_come_from_the_training_part_only() {
     assert!(err.contains("not a fine-tuning task"), "{err}");
 }
 
+/// `masa eval --device cuda` in a build without the `cuda` feature is refused naming how to
+/// build one (with the feature but no CUDA libraries, naming what is missing).
+#[test]
+fn eval_on_cuda_without_a_cuda_build_is_refused() {
+    let Some((d, _tok)) = student(0) else { return };
+    let opt = masa::eval::EvalOptions { device: masa::engine::Device::Cuda(0), progress: false, ..Default::default() };
+    match masa::eval::evaluate_path(&d.path().join("ckpt"), "student", &["piqa"], &opt) {
+        Err(e) if !cfg!(feature = "cuda") => assert!(e.to_string().contains("--features cuda"), "{e}"),
+        Err(e) => assert!(e.to_string().contains("--device cuda"), "{e}"),
+        Ok(_) => assert!(cfg!(feature = "cuda"), "scored on CUDA without the feature"),
+    }
+}
+
 #[test]
 fn ni_answer_likelihood_matches_full_forward_reference() {
     let Some((d, tok)) = student(0) else { return };

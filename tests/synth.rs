@@ -148,6 +148,36 @@ fn whole_model(w: &SourceWeights, batches: &[Batch], datasets: &[String]) -> Sta
     acc.into_stats(meta()).unwrap()
 }
 
+/// `--device cuda` calibration where the GPU engine cannot run it is refused before any work,
+/// naming why: a source that is not plain Llama (every other architecture here), or
+/// rank-specific mode; and, for a plain Llama source, a build without the `cuda` feature (or a
+/// machine without the CUDA libraries). The GPU pass itself is compared with the CPU pass by
+/// `masa bench cuda-check` on a device.
+#[test]
+fn calibration_on_cuda_is_refused_where_it_cannot_run() {
+    let datasets = vec!["a".to_string(), "b".to_string()];
+    let cuda = PassOptions { block_tokens: 24, device: masa::engine::Device::Cuda(0), ..Default::default() };
+    let run = |w: &SourceWeights, pass: &PassOptions| calibrate_with(w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), pass, &mut |_| {});
+    for (arch, config) in configs() {
+        let (_dir, w) = synth(&config, 11);
+        let name = w.config.arch.name();
+        if arch != "llama" {
+            let e = run(&w, &cuda).unwrap_err().to_string();
+            assert!(e.contains("--device cuda") && e.contains("plain Llama") && e.contains(&format!("a {name} source")), "{arch}: {e}");
+            continue;
+        }
+        let ranked = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), ..cuda.clone() };
+        let e = run(&w, &ranked).unwrap_err().to_string();
+        assert!(e.contains("plain Llama") && e.contains("rank-specific"), "{e}");
+        match run(&w, &cuda) {
+            Err(e) if !cfg!(feature = "cuda") => assert!(e.to_string().contains("--features cuda"), "{e}"),
+            Err(e) => assert!(e.to_string().contains("--device cuda"), "{e}"),
+            // A cuda build on a machine with a GPU: the pass runs.
+            Ok(stats) => assert!(cfg!(feature = "cuda") && !stats.moments.is_empty()),
+        }
+    }
+}
+
 /// The statistics of `calibrate_with` equal those of a whole-model pass through the hooks
 /// (candle's forward): bit for bit on the layer-sequential path, to f32 rounding where a plain
 /// Llama source runs on the training engine's fused kernels (the `llama` case).

@@ -129,9 +129,6 @@ fn bar(progress: bool, n: usize, msg: &str, unit: &str) -> indicatif::ProgressBa
 
 /// Open a model (GGUF file or HF directory, e.g. a student checkpoint) and evaluate it.
 pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions) -> Result<Value> {
-    if !opt.device.is_cpu() && !cfg!(feature = "cuda") {
-        return Err(crate::engine::no_cuda());
-    }
     let source = SourceModel::open(path)?;
     let model = Transformer::load(&source.weights)?;
     let mut gpu = match opt.device {
