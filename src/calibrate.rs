@@ -450,18 +450,17 @@ fn calibrate_cuda(
         let params = crate::student::load_params(source, cfg)?;
         crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, false)?, cfg, &params)?
     };
-    let mut sums = model.ffn_grams()?;
+    let mut sums = model.ffn_grams(pass.layers.as_deref())?;
     let mut acc = Accumulator::new(&source.config, datasets);
     for b in batches {
         let b = b?;
         acc.count(&b)?;
         model.forward(&b.ids, b.batch, b.seq_len)?;
-        model.add_ffn_grams(&mut sums, pass.layers.as_deref())?;
+        model.add_ffn_grams(&mut sums)?;
         on_progress(b.ids.len() * layers);
     }
-    let wanted = |l: usize| pass.layers.as_ref().is_none_or(|ls| ls.contains(&l));
     let count = sums.rows as f64;
-    for (l, (xin, xmid)) in model.read_ffn_grams(&sums)?.into_iter().enumerate().filter(|(l, _)| wanted(*l)) {
+    for (l, xin, xmid) in model.read_ffn_grams(&sums)? {
         for (site, xxt, dim) in [(Site::FfnIn, xin, cfg.hidden_size), (Site::FfnMid, xmid, cfg.intermediate_size)] {
             acc.moments.insert(moment_key(l, &MlpId::Dense.site_name(site)), Moment { dim, xxt, count });
         }

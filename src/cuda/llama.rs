@@ -30,7 +30,8 @@ const TOPK_THREADS: u32 = 128;
 
 /// Per-layer f64 sums `Σ x xᵀ` of the FFN inputs on the device (CUDA calibration).
 pub struct FfnGrams {
-    layers: Vec<(DevBuf<f64>, DevBuf<f64>)>,
+    /// `(layer, input sum, SwiGLU-output sum)` of the layers kept.
+    layers: Vec<(usize, DevBuf<f64>, DevBuf<f64>)>,
     scratch: DevBuf<f32>,
     /// Rows (tokens) added.
     pub rows: u64,
@@ -631,34 +632,31 @@ impl GpuLlama {
         Ok((g.read(&ids, 0, n * k)?, g.read(&lp, 0, n * k)?))
     }
 
-    /// Zeroed device sums for [`Self::add_ffn_grams`].
-    pub fn ffn_grams(&self) -> Result<FfnGrams> {
+    /// Zeroed device sums for [`Self::add_ffn_grams`], for `layers` only (all when `None`).
+    pub fn ffn_grams(&self, layers: Option<&[usize]>) -> Result<FfnGrams> {
         let (h, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let zeroed = |len: usize| -> Result<DevBuf<f64>> {
             let b = self.gpu.alloc::<f64>(len)?;
             self.gpu.zero(&b, 0, len)?;
             Ok(b)
         };
-        let mut layers = Vec::with_capacity(self.cfg.num_hidden_layers);
-        for _ in 0..self.cfg.num_hidden_layers {
-            layers.push((zeroed(h * h)?, zeroed(f * f)?));
+        let mut kept = Vec::new();
+        for l in (0..self.cfg.num_hidden_layers).filter(|l| layers.is_none_or(|ls| ls.contains(l))) {
+            kept.push((l, zeroed(h * h)?, zeroed(f * f)?));
         }
-        Ok(FfnGrams { layers, scratch: self.gpu.alloc(h.max(f) * h.max(f))?, rows: 0 })
+        Ok(FfnGrams { layers: kept, scratch: self.gpu.alloc(h.max(f) * h.max(f))?, rows: 0 })
     }
 
     /// Add the last forward's `xᵀx` of each layer's two FFN inputs (the post-attention norm's
     /// output, input of gate/up_proj, and the SwiGLU output, input of down_proj) to `sums`:
     /// one f32 product per batch, summed across batches in f64, as the CPU calibration
-    /// ([`crate::calibrate`]). `layers`: only these (all when `None`).
-    pub fn add_ffn_grams(&self, sums: &mut FfnGrams, layers: Option<&[usize]>) -> Result<()> {
+    /// ([`crate::calibrate`]), for the layers `sums` keeps.
+    pub fn add_ffn_grams(&self, sums: &mut FfnGrams) -> Result<()> {
         let ws = self.ws.as_ref().expect("forward before add_ffn_grams");
         let (h, f, n) = (self.cfg.hidden_size, self.cfg.intermediate_size, ws.b * ws.seq);
         let g = &self.gpu;
-        for (l, (sin, smid)) in sums.layers.iter().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&l)) {
-                continue;
-            }
-            let lc = &ws.layers[l];
+        for (l, sin, smid) in &sums.layers {
+            let lc = &ws.layers[*l];
             for (x, d, acc) in [(lc.xn2.ptr(), h, sin), (lc.a.ptr(), f, smid)] {
                 g.gemm(true, false, d, d, n, x, d, x, d, sums.scratch.ptr(), d, 0.0, None)?;
                 let len = (d * d) as u64;
@@ -669,10 +667,10 @@ impl GpuLlama {
         Ok(())
     }
 
-    /// The sums as `(Σ x xᵀ of the FFN input, of the SwiGLU output)` per layer, row-major and
-    /// exactly symmetric: the upper triangle mirrored, as the CPU's `gram` does (cuBLAS does
-    /// not promise `C[i][j] == C[j][i]` bit for bit).
-    pub fn read_ffn_grams(&self, sums: &FfnGrams) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
+    /// The sums as `(layer, Σ x xᵀ of the FFN input, of the SwiGLU output)` per layer kept,
+    /// row-major and exactly symmetric: the upper triangle mirrored, as the CPU's `gram` does
+    /// (cuBLAS does not promise `C[i][j] == C[j][i]` bit for bit).
+    pub fn read_ffn_grams(&self, sums: &FfnGrams) -> Result<Vec<(usize, Vec<f64>, Vec<f64>)>> {
         let read = |b: &DevBuf<f64>, d: usize| -> Result<Vec<f64>> {
             let mut m = self.gpu.read(b, 0, d * d)?;
             for i in 0..d {
@@ -683,7 +681,7 @@ impl GpuLlama {
             Ok(m)
         };
         let (h, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        sums.layers.iter().map(|(a, b)| Ok((read(a, h)?, read(b, f)?))).collect()
+        sums.layers.iter().map(|(l, a, b)| Ok((*l, read(a, h)?, read(b, f)?))).collect()
     }
 
     /// Next-token logits after `ids` (one sequence), for generation: the forward over the whole
