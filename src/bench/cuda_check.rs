@@ -12,8 +12,9 @@
 //!   probability mass the chosen ids hold, order and duplicates.
 //! - Calibration: `Σ x xᵀ` of every FFN input from `calibrate_with` on the device against the
 //!   CPU pass, on the same weights written as an HF checkpoint and the same batches.
-//! - Generation's next-token logits (the padded forward, last position only) after prefixes of
-//!   several lengths, against the CPU engine in f64.
+//! - Generation's next-token logits after prefixes of several lengths (the padded forward that
+//!   fills the KV cache) and after 20 single-token steps through the cache, against the CPU
+//!   engine in f64.
 //! - Multiple-choice scoring: log-likelihoods of 200 four-choice items (contexts from the token
 //!   stream, the true continuation against three from elsewhere) under the model the CPU curve
 //!   trained, on the device against the CPU engine in f64, and the predictions they give.
@@ -222,15 +223,16 @@ fn scoring_errors(cfg: &StudentConfig, params: &[f32], stream: &[u32], rng: &mut
     Ok((rel64(got.iter().copied(), &want), same as f64 / items as f64))
 }
 
-/// `GpuLlama::next_logits` (the padded forward of generation) after prefixes of `stream` of 1,
-/// 37, 64, 65 and 130 tokens against the CPU engine's last-position logits in f64: the worst
-/// relative error.
+/// `GpuLlama::next_logits` against the CPU engine's last-position logits in f64, the worst
+/// relative error: after prefixes of `stream` of 1, 37, 64, 65 and 130 tokens (each a new
+/// sequence: the padded forward fills the KV cache), then after 131 to 150 (one token at a time
+/// through the cache).
 fn next_logits_error(cfg: &StudentConfig, params: &[f32], stream: &[u32], ordinal: usize) -> Result<f64> {
     let mut g = GpuLlama::frozen(Gpu::open(ordinal, false)?, cfg, params)?;
     let (model, v) = (Llama::new(cfg), cfg.vocab_size);
     let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
     let mut worst = 0f64;
-    for n in [1, 37, 64, 65, 130].into_iter().filter(|&n| n <= cfg.max_position_embeddings.min(stream.len())) {
+    for n in [1, 37, 64, 65, 130].into_iter().chain(131..=150).filter(|&n| n <= cfg.max_position_embeddings.min(stream.len())) {
         let got = g.next_logits(&stream[..n])?;
         let mut ws = Workspace::<f64>::new(cfg, 1, n);
         model.forward(&p64, &mut ws, &stream[..n], 1, n);
@@ -393,7 +395,7 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     // ---- multiple-choice scoring on the device against the CPU engine in f64 ----
     let (ll_err, agree) = scoring_errors(&cfg, &trained, &stream, &mut rng, o.ordinal)?;
     let gen_err = next_logits_error(&cfg, &trained, &stream, o.ordinal)?;
-    rows.push(Row { check: "generation: next-token logits after 1–130-token prefixes, rel. error vs CPU f64".into(), value: gen_err, limit: 1e-5, at_least: false });
+    rows.push(Row { check: "generation: next-token logits (1–130-token prefixes, then 20 KV-cache steps), rel. error vs CPU f64".into(), value: gen_err, limit: 1e-5, at_least: false });
     rows.push(Row { check: "scoring: 800 choice log-likelihoods, rel. error vs CPU f64".into(), value: ll_err, limit: 1e-4, at_least: false });
     rows.push(Row { check: "scoring: share of 200 items with the CPU's prediction".into(), value: agree, limit: 0.99, at_least: true });
 

@@ -203,6 +203,42 @@ extern "C" __global__ void heads_rows(const float* src, float* dst, int t, int n
     }
 }
 
+// Generation with a KV cache: the attention of one new query per head over the cached keys and
+// values of positions 0..len-1. q (nh, hd); kc, vc rows (cap, nh, hd), K/V already repeated
+// for grouped-query attention as above; out (nh, hd). One block per head; the scores stay in
+// shared memory (len <= DECODE_MAX, checked by the host).
+
+#define DECODE_MAX 8192
+
+extern "C" __global__ void attn_decode(const float* q, const float* kc, const float* vc, float* out, int len, int nh, int hd, float scale) {
+    __shared__ float s[DECODE_MAX];
+    __shared__ float sh[WARP];
+    int h = blockIdx.x;
+    const float* qh = q + (u64)h * hd;
+    float mx = NEG_INF_F;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const float* kj = kc + ((u64)j * nh + h) * hd;
+        float d = 0.f;
+        for (int i = 0; i < hd; i++) d += qh[i] * kj[i];
+        d *= scale;
+        s[j] = d;
+        mx = fmaxf(mx, d);
+    }
+    mx = block_max(mx, sh);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        float e = expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, sh);  // its barrier also orders every s[j] write before the reads below
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < len; j++) acc += s[j] * vc[((u64)j * nh + h) * hd + i];
+        out[(u64)h * hd + i] = acc / sum;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Causal softmax over score rows (b·nh·t rows of t; row r is query position r % t), in place,
 // scale folded in; entries above the diagonal are set to 0. One block per row.

@@ -28,6 +28,21 @@ const ROW_THREADS: u32 = 256;
 pub const TOPK_MAX: usize = 64;
 const TOPK_THREADS: u32 = 128;
 
+/// Most positions generation keeps in its KV cache (`DECODE_MAX` of `attn_decode`).
+const DECODE_MAX: usize = 8192;
+
+/// The sequence being generated ([`GpuLlama::next_logits`]): its tokens, and per layer the keys
+/// and values of its positions as rows `(cap, heads, head_dim)` (K and V repeated for
+/// grouped-query attention, as the forward keeps them), with RoPE tables for all `cap` positions.
+struct Generation {
+    tokens: Vec<u32>,
+    k: Vec<DevBuf<f32>>,
+    v: Vec<DevBuf<f32>>,
+    cos: DevBuf<f32>,
+    sin: DevBuf<f32>,
+    cap: usize,
+}
+
 /// Per-layer f64 sums `Σ x xᵀ` of the FFN inputs on the device (CUDA calibration).
 pub struct FfnGrams {
     /// `(layer, input sum, SwiGLU-output sum)` of the layers kept.
@@ -128,6 +143,8 @@ pub struct GpuLlama {
     part: DevBuf<f64>,
     bad: DevBuf<i32>,
     ws: Option<Workspace>,
+    /// The KV cache of generation, kept between [`Self::next_logits`] calls.
+    gen: Option<Generation>,
     /// Declared last: dropped after every buffer above is freed.
     pub gpu: Gpu,
 }
@@ -170,7 +187,7 @@ impl GpuLlama {
         let sums = gpu.upload(&[0f64; 2])?;
         let part = gpu.alloc::<f64>(SUM_BLOCKS)?;
         let bad = gpu.upload(&[0i32])?;
-        Ok(GpuLlama { gpu, cfg: cfg.clone(), layout, params: p, grads, m, v, decay, hyper, adam_t: 0, sums, part, bad, ws: None })
+        Ok(GpuLlama { gpu, cfg: cfg.clone(), layout, params: p, grads, m, v, decay, hyper, adam_t: 0, sums, part, bad, ws: None, gen: None })
     }
 
     /// Whether this model holds gradients and optimizer state (not [`Self::frozen`]).
@@ -364,6 +381,13 @@ impl GpuLlama {
 
     /// Forward `ids` (`b` sequences of `t` tokens) to the final-norm hidden states.
     pub fn forward(&mut self, ids: &[u32], b: usize, t: usize) -> Result<()> {
+        self.forward_with(ids, b, t, None)
+    }
+
+    /// [`Self::forward`]; with `decode = (generation, p)`, `ids` is one token at position `p`
+    /// of that sequence: its keys and values are written to the cache at `p`, and its attention
+    /// reads the cache's positions `0..=p`.
+    fn forward_with(&mut self, ids: &[u32], b: usize, t: usize, decode: Option<(&Generation, usize)>) -> Result<()> {
         assert_eq!(ids.len(), b * t, "ids must hold b·t tokens");
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(crate::MasaError::Invalid(format!("token id {bad} is outside the student's vocabulary ({})", self.cfg.vocab_size)));
@@ -393,7 +417,17 @@ impl GpuLlama {
             let lc = &ws.layers[l];
             self.rmsnorm(lc.x.ptr(), pp(lo.input_norm), lc.xn1.ptr(), lc.rstd1.ptr(), n, h)?;
             g.gemm(false, true, n, w, h, lc.xn1.ptr(), h, pp(lo.wq), h, ws.qkv.ptr(), w, 0.0, None)?;
-            if ws.flash {
+            if let Some((gen, p)) = decode {
+                // One token (b = t = 1): RoPE at position p from the cache's tables, K and V
+                // appended as row p, attention over rows 0..=p.
+                let half = hd / 2;
+                let one = 1i32;
+                g.launch("qkv_split_rope", (1, nh as u32, 1), 64, cuda_args!(ws.qkv.ptr(), gen.cos.at(p * half), gen.sin.at(p * half), lc.q.ptr(), lc.k.ptr(), lc.v.ptr(), one, nh32, nkv32, hd32))?;
+                g.copy::<f32>(gen.k[l].at(p * nh * hd), lc.k.ptr(), nh * hd)?;
+                g.copy::<f32>(gen.v[l].at(p * nh * hd), lc.v.ptr(), nh * hd)?;
+                let len = (p + 1) as i32;
+                g.launch("attn_decode", (nh as u32, 1, 1), 128, cuda_args!(lc.q.ptr(), gen.k[l].ptr(), gen.v[l].ptr(), lc.o.ptr(), len, nh32, hd32, scale))?;
+            } else if ws.flash {
                 g.launch(
                     "qkv_split_rope16",
                     (n as u32, nh as u32, 1),
@@ -684,23 +718,57 @@ impl GpuLlama {
         sums.layers.iter().map(|(l, a, b)| Ok((*l, read(a, h)?, read(b, f)?))).collect()
     }
 
-    /// Next-token logits after `ids` (one sequence), for generation: the forward over the whole
-    /// prefix, right-padded to a multiple of 64 positions so that consecutive steps reuse the
-    /// workspace (causal attention: the padding changes nothing before it), then the lm-head
-    /// product of the last position only. There is no KV cache: each new token reruns the
-    /// prefix, which for masa's students and evaluation lengths is a few milliseconds a token.
+    /// Next-token logits after `ids` (one sequence), for generation with a KV cache. When `ids`
+    /// is the previous call's sequence plus one token, only that token runs (attention over the
+    /// cached keys and values); otherwise the whole prefix runs (right-padded to a multiple of
+    /// 64 positions; causal attention: the padding changes nothing before it) and its keys and
+    /// values fill the cache. Then the lm-head product of the last position only.
     pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let (h, v, max_pos) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.max_position_embeddings);
-        let n = ids.len();
+        let c = self.cfg.clone();
+        let (h, v, n) = (c.hidden_size, c.vocab_size, ids.len());
+        let max_pos = c.max_position_embeddings.min(DECODE_MAX);
         if n == 0 || n > max_pos {
-            return Err(crate::MasaError::Invalid(format!("generation from {n} tokens: the model takes 1..={max_pos}")));
+            return Err(crate::MasaError::Invalid(format!("generation from {n} tokens: the model takes 1..={max_pos} on CUDA")));
         }
-        let t = (n.div_ceil(64) * 64).min(max_pos);
-        let mut x = ids.to_vec();
-        x.resize(t, 0);
-        self.forward(&x, 1, t)?;
+        let mut gen = self.gen.take();
+        let extends = gen.as_ref().is_some_and(|g| g.tokens.len() + 1 == n && n <= g.cap && ids.starts_with(&g.tokens));
+        let row = if extends {
+            let g = gen.as_mut().unwrap();
+            self.forward_with(&ids[n - 1..], 1, 1, Some((g, n - 1)))?;
+            g.tokens.push(ids[n - 1]);
+            0
+        } else {
+            let t = (n.div_ceil(64) * 64).min(max_pos);
+            let mut x = ids.to_vec();
+            x.resize(t, 0);
+            self.forward(&x, 1, t)?;
+            if self.ws.as_ref().is_some_and(|w| w.flash) {
+                return Err(crate::MasaError::Invalid("generation on CUDA needs the f32 attention path (open the model with f32 products)".into()));
+            }
+            let hd = c.head_dim();
+            let (nh, width) = (c.num_attention_heads, c.num_attention_heads * hd);
+            if gen.is_none() {
+                let (cos, sin) = rope_tables::<f32>(hd, max_pos, c.rope_theta);
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for _ in 0..c.num_hidden_layers {
+                    k.push(self.gpu.alloc(max_pos * width)?);
+                    v.push(self.gpu.alloc(max_pos * width)?);
+                }
+                gen = Some(Generation { tokens: Vec::new(), k, v, cos: self.gpu.upload(&cos)?, sin: self.gpu.upload(&sin)?, cap: max_pos });
+            }
+            let g = gen.as_mut().unwrap();
+            let ws = self.ws.as_ref().unwrap();
+            let (t32, nh32, hd32, rows) = (t as i32, nh as i32, hd as i32, 1i32);
+            for (l, lc) in ws.layers.iter().enumerate() {
+                self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.k.ptr(), g.k[l].ptr(), t32, nh32, hd32, rows))?;
+                self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.v.ptr(), g.v[l].ptr(), t32, nh32, hd32, rows))?;
+            }
+            g.tokens = ids.to_vec();
+            n - 1
+        };
+        self.gen = gen;
         let ws = self.ws.as_ref().unwrap();
-        self.gpu.gemm(false, true, 1, v, h, ws.xf.at((n - 1) * h), h, self.params.at(self.layout.head), h, ws.logits.ptr(), v, 0.0, None)?;
+        self.gpu.gemm(false, true, 1, v, h, ws.xf.at(row * h), h, self.params.at(self.layout.head), h, ws.logits.ptr(), v, 0.0, None)?;
         self.gpu.read(&ws.logits, 0, v)
     }
 
@@ -737,6 +805,7 @@ impl GpuLlama {
     /// scale `gscale` (the clip factor); false when a parameter became NaN/Inf.
     pub fn step(&mut self, gscale: f32, lr: f64) -> Result<bool> {
         self.check_trainable("optimizer step")?;
+        self.gen = None; // its keys and values belong to the old parameters
         self.adam_t += 1;
         let hp = self.hyper;
         let bc1 = 1.0 - hp.beta1.powi(self.adam_t as i32);

@@ -48,6 +48,7 @@ const KERNELS: &[&str] = &[
     "f32_to_bf16",
     "add_f64",
     "topk_rows",
+    "attn_decode",
 ];
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> MasaError {

@@ -52,8 +52,8 @@ pub fn ni_prompt(definition: &str, input: &str) -> String {
 }
 
 /// Generate a continuation of `prompt`; returns the decoded text (untrimmed) and the number of
-/// generated tokens. On the candle model with a KV cache, or on a batched engine (the GPU),
-/// which reruns the prefix for each token.
+/// generated tokens. On the candle model with its KV cache, or on a batched engine (the GPU,
+/// with a KV cache of its own).
 pub fn generate(
     model: &Transformer,
     mut engine: Option<&mut (dyn ScoringEngine + 'static)>,

@@ -321,7 +321,8 @@ pub trait ScoringEngine {
     /// NLL of `y[i]` after inputs `x[..=i]` of each of `b` sequences of `t` tokens, `b·t`
     /// row-major.
     fn position_nll(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> Result<Vec<f32>>;
-    /// Next-token logits after the whole of `ids` (generation).
+    /// Next-token logits after the whole of `ids` (generation); an engine may keep what it
+    /// computed for `ids[..len − 1]` from the previous call (a KV cache).
     fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
 }
 
