@@ -224,15 +224,15 @@ fn scoring_errors(cfg: &StudentConfig, params: &[f32], stream: &[u32], rng: &mut
 }
 
 /// `GpuLlama::next_logits` against the CPU engine's last-position logits in f64, the worst
-/// relative error: after prefixes of `stream` of 1, 37, 64, 65 and 130 tokens (each a new
-/// sequence: the padded forward fills the KV cache), then after 131 to 150 (one token at a time
-/// through the cache).
+/// relative error: after prefixes of `stream` of 1, 37, 65, 64 and 130 tokens (none extends the
+/// one before by a token, so each is a new sequence whose padded forward fills the KV cache),
+/// then after 131 to 150 (one token at a time through the cache).
 fn next_logits_error(cfg: &StudentConfig, params: &[f32], stream: &[u32], ordinal: usize) -> Result<f64> {
     let mut g = GpuLlama::frozen(Gpu::open(ordinal, false)?, cfg, params)?;
     let (model, v) = (Llama::new(cfg), cfg.vocab_size);
     let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
     let mut worst = 0f64;
-    for n in [1, 37, 64, 65, 130].into_iter().chain(131..=150).filter(|&n| n <= cfg.max_position_embeddings.min(stream.len())) {
+    for n in [1, 37, 65, 64, 130].into_iter().chain(131..=150).filter(|&n| n <= cfg.max_position_embeddings.min(stream.len())) {
         let got = g.next_logits(&stream[..n])?;
         let mut ws = Workspace::<f64>::new(cfg, 1, n);
         model.forward(&p64, &mut ws, &stream[..n], 1, n);

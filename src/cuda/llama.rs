@@ -725,11 +725,11 @@ impl GpuLlama {
     /// values fill the cache. Then the lm-head product of the last position only.
     pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let c = self.cfg.clone();
-        let (h, v, n) = (c.hidden_size, c.vocab_size, ids.len());
-        let max_pos = c.max_position_embeddings.min(DECODE_MAX);
+        let (h, v, n, max_pos) = (c.hidden_size, c.vocab_size, ids.len(), c.max_position_embeddings);
         if n == 0 || n > max_pos {
-            return Err(crate::MasaError::Invalid(format!("generation from {n} tokens: the model takes 1..={max_pos} on CUDA")));
+            return Err(crate::MasaError::Invalid(format!("generation from {n} tokens: the model takes 1..={max_pos}")));
         }
+        let cap = max_pos.min(DECODE_MAX);
         let mut gen = self.gen.take();
         let extends = gen.as_ref().is_some_and(|g| g.tokens.len() + 1 == n && n <= g.cap && ids.starts_with(&g.tokens));
         let row = if extends {
@@ -742,28 +742,31 @@ impl GpuLlama {
             let mut x = ids.to_vec();
             x.resize(t, 0);
             self.forward(&x, 1, t)?;
-            if self.ws.as_ref().is_some_and(|w| w.flash) {
-                return Err(crate::MasaError::Invalid("generation on CUDA needs the f32 attention path (open the model with f32 products)".into()));
-            }
-            let hd = c.head_dim();
-            let (nh, width) = (c.num_attention_heads, c.num_attention_heads * hd);
-            if gen.is_none() {
-                let (cos, sin) = rope_tables::<f32>(hd, max_pos, c.rope_theta);
-                let (mut k, mut v) = (Vec::new(), Vec::new());
-                for _ in 0..c.num_hidden_layers {
-                    k.push(self.gpu.alloc(max_pos * width)?);
-                    v.push(self.gpu.alloc(max_pos * width)?);
+            // Cached where the keys and values are in f32 (not the flash path) and fit the
+            // cache; otherwise this call's forward is the whole answer (no cache).
+            if t > cap || self.ws.as_ref().is_some_and(|w| w.flash) {
+                gen = None;
+            } else {
+                let hd = c.head_dim();
+                let (nh, width) = (c.num_attention_heads, c.num_attention_heads * hd);
+                if gen.is_none() {
+                    let (cos, sin) = rope_tables::<f32>(hd, cap, c.rope_theta);
+                    let (mut k, mut v) = (Vec::new(), Vec::new());
+                    for _ in 0..c.num_hidden_layers {
+                        k.push(self.gpu.alloc(cap * width)?);
+                        v.push(self.gpu.alloc(cap * width)?);
+                    }
+                    gen = Some(Generation { tokens: Vec::new(), k, v, cos: self.gpu.upload(&cos)?, sin: self.gpu.upload(&sin)?, cap });
                 }
-                gen = Some(Generation { tokens: Vec::new(), k, v, cos: self.gpu.upload(&cos)?, sin: self.gpu.upload(&sin)?, cap: max_pos });
+                let g = gen.as_mut().unwrap();
+                let ws = self.ws.as_ref().unwrap();
+                let (t32, nh32, hd32, rows) = (t as i32, nh as i32, hd as i32, 1i32);
+                for (l, lc) in ws.layers.iter().enumerate() {
+                    self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.k.ptr(), g.k[l].ptr(), t32, nh32, hd32, rows))?;
+                    self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.v.ptr(), g.v[l].ptr(), t32, nh32, hd32, rows))?;
+                }
+                g.tokens = ids.to_vec();
             }
-            let g = gen.as_mut().unwrap();
-            let ws = self.ws.as_ref().unwrap();
-            let (t32, nh32, hd32, rows) = (t as i32, nh as i32, hd as i32, 1i32);
-            for (l, lc) in ws.layers.iter().enumerate() {
-                self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.k.ptr(), g.k[l].ptr(), t32, nh32, hd32, rows))?;
-                self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.v.ptr(), g.v[l].ptr(), t32, nh32, hd32, rows))?;
-            }
-            g.tokens = ids.to_vec();
             n - 1
         };
         self.gen = gen;
