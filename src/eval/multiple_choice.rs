@@ -498,10 +498,11 @@ mod tests {
         cfg.max_position_embeddings = 160;
         let params = crate::rng::scratch_init(&cfg, 3);
         let mut rng = crate::rng::SplitMix64(11);
-        // 150 pairs in three length buckets (more than one batch in the first), plus the longest.
-        let mut pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..150)
+        // 200 pairs in three padded lengths (64, 128, 160: the positions), 100 of them in the
+        // first (two passes of at most 64), plus the longest the positions allow.
+        let mut pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..200)
             .map(|i| {
-                let (nc, nk) = (1 + rng.below([40, 90, 120][i % 3]), 1 + rng.below(20));
+                let (nc, nk) = (1 + rng.below([40, 40, 90, 120][i % 4]), 1 + rng.below(20));
                 ((0..nc).map(|_| rng.below(300) as u32).collect(), (0..nk).map(|_| rng.below(300) as u32).collect())
             })
             .collect();
@@ -510,6 +511,9 @@ mod tests {
         let mut done = vec![0; pairs.len()];
         let got = score_pairs(&mut m, &pairs, 0, &mut |p| done[p] += 1).unwrap();
         assert!(done.iter().all(|&d| d == 1));
+        let padded = |(c, k): &(Vec<u32>, Vec<u32>)| (c.len() + k.len() - 1).div_ceil(64) * 64;
+        assert!(pairs.iter().filter(|p| padded(p) == 64).count() > SCORE_ROWS, "the first length takes two passes");
+        assert!(pairs.iter().any(|p| padded(p) > 160), "a length capped at the positions");
         // Each pair alone, unpadded, in f64.
         let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
         for ((ctx, cont), g) in pairs.iter().zip(&got) {
