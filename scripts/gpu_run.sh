@@ -21,6 +21,7 @@
 #
 # Overrides for a dry run on a CPU machine: SPEC (a spec name or file), DEVICE (cpu), STAGE,
 # MASA_HOME, RUNS, OUT.
+# Under `set -e`: every command that may fail on purpose ends in `|| true` or is tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
@@ -30,7 +31,7 @@ limit=$((64 * 1024 * 1024))
 
 # Bytes that travel with every call: tracked files and untracked files git does not ignore.
 tree_bytes() {
-    { git ls-files -z; git ls-files -z -o --exclude-standard; } | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}'
+    { git ls-files -z; git ls-files -z -o --exclude-standard; } | { xargs -0 -r stat -c %s 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}'
 }
 
 case $what in
@@ -123,7 +124,7 @@ parity)
     out=${OUT:-/tmp/gpu-out}
     mkdir -p "$out"
     [ "${DEVICE:-cuda}" = cpu ] || source scripts/gpu_env.sh
-    ckpt=$(ls -d "$runs"/artifacts/finetune-*/sft/model 2>/dev/null | head -1)
+    ckpt=$(ls -d "$runs"/artifacts/finetune-*/sft/model 2>/dev/null | head -1) || true
     [ -n "$ckpt" ] || { echo "gpu_run: no fine-tuned student under $runs/artifacts" >&2; exit 3; }
     for d in cpu ${DEVICE:-cuda}; do
         "$stage/masa" eval "$ckpt" --tasks piqa --limit 200 --device "$d" --out "$out/piqa_$d.json" 2>&1 | tail -1
