@@ -446,10 +446,7 @@ fn calibrate_cuda(
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<Stats> {
     let layers = pass.last_layer(&source.config)? + 1;
-    let mut model = {
-        let params = crate::student::load_params(source, cfg)?;
-        crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, false)?, cfg, &params)?
-    };
+    let mut model = crate::cuda::llama::GpuLlama::load_frozen(source, cfg, ordinal, false)?;
     let mut sums = model.ffn_grams(pass.layers.as_deref())?;
     let mut acc = Accumulator::new(&source.config, datasets);
     for b in batches {

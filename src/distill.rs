@@ -132,8 +132,7 @@ impl TeacherCache {
                 #[cfg(feature = "cuda")]
                 Some((ordinal, precision)) => {
                     let cfg = crate::student::plain_llama(&w.config).expect("checked in open");
-                    let params = crate::student::load_params(&w, &cfg)?;
-                    TeacherModel::Cuda(crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, precision == Precision::Bf16)?, &cfg, &params)?)
+                    TeacherModel::Cuda(crate::cuda::llama::GpuLlama::load_frozen(&w, &cfg, ordinal, precision == Precision::Bf16)?)
                 }
                 #[cfg(not(feature = "cuda"))]
                 Some(_) => return Err(crate::engine::no_cuda()),

@@ -76,8 +76,7 @@ fn rel64(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
 fn teacher_errors(ids: &[u32], lp: &[f32], k: usize, reference: &[f64], v: usize) -> (f64, f64, usize) {
     let (mut worst, mut mass, mut bad) = (0f64, 1f64, 0);
     for ((row, ids), lp) in reference.chunks_exact(v).zip(ids.chunks_exact(k)).zip(lp.chunks_exact(k)) {
-        let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = mx + row.iter().map(|z| (z - mx).exp()).sum::<f64>().ln();
+        let lse = crate::student::kernels::log_sum_exp(row);
         let mut sorted = row.to_vec();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let best: f64 = sorted[..k].iter().map(|z| (z - lse).exp()).sum();
@@ -130,13 +129,7 @@ fn calibration_errors(cfg: &StudentConfig, params: &[f32], rng: &mut crate::rng:
     let result = (|| {
         let cfg_path = dir.join("config.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg.hf_config_json()).unwrap_or_default()).at(&cfg_path)?;
-        let mut tensors = std::collections::HashMap::new();
-        let mut off = 0;
-        for (name, shape) in cfg.tensor_shapes() {
-            let n: usize = shape.iter().product();
-            tensors.insert(name, candle_core::Tensor::from_slice(&params[off..off + n], shape.as_slice(), &candle_core::Device::Cpu)?);
-            off += n;
-        }
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = crate::student::student_tensors(cfg, params)?.into_iter().collect();
         let st = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
         let w = crate::source::SourceWeights::open(&dir)?;
@@ -212,8 +205,7 @@ fn scoring_errors(cfg: &StudentConfig, params: &[f32], stream: &[u32], rng: &mut
             let mut ll = 0.0;
             for (j, &y) in cont.iter().enumerate() {
                 let row = &logits[(r * t + nc - 1 + j) * v..(r * t + nc + j) * v];
-                let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                ll += row[y as usize] - mx - row.iter().map(|z| (z - mx).exp()).sum::<f64>().ln();
+                ll += row[y as usize] - crate::student::kernels::log_sum_exp(row);
             }
             want.push(ll);
         }

@@ -168,6 +168,13 @@ impl GpuLlama {
         Self::upload(gpu, cfg, params, unused, None)
     }
 
+    /// A plain Llama model's weights (`cfg` from [`crate::student::plain_llama`]) on CUDA device
+    /// `ordinal` for inference, with bf16 or f32 products.
+    pub fn load_frozen(weights: &crate::source::SourceWeights, cfg: &StudentConfig, ordinal: usize, bf16: bool) -> Result<Self> {
+        let params = crate::student::load_params(weights, cfg)?;
+        Self::frozen(Gpu::open(ordinal, bf16)?, cfg, &params)
+    }
+
     fn upload(gpu: Gpu, cfg: &StudentConfig, params: &[f32], hyper: AdamConfig, decay_ranges: Option<&[(usize, usize, bool)]>) -> Result<Self> {
         let layout = Layout::new(cfg);
         assert_eq!(params.len(), layout.total, "parameter count does not match the config");

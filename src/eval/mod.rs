@@ -141,7 +141,7 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
                     source.weights.config.arch.name()
                 )));
             };
-            Some(open_gpu(ordinal, &cfg, &crate::student::load_params(&source.weights, &cfg)?)?)
+            Some(open_gpu(&source.weights, &cfg, ordinal)?)
         }
         _ => None,
     };
@@ -156,13 +156,13 @@ pub fn evaluate_path(path: &Path, spec: &str, tasks: &[&str], opt: &EvalOptions)
     evaluate(&model, gpu.as_mut(), &source.tokenizer, info, tasks, opt)
 }
 
-/// `params` of `cfg` on CUDA device `ordinal` for scoring (f32 products).
+/// The model on CUDA device `ordinal` for scoring (f32 products).
 #[cfg(feature = "cuda")]
-fn open_gpu(ordinal: usize, cfg: &crate::student::StudentConfig, params: &[f32]) -> Result<GpuModel> {
-    crate::cuda::llama::GpuLlama::frozen(crate::cuda::Gpu::open(ordinal, false)?, cfg, params)
+fn open_gpu(weights: &crate::source::SourceWeights, cfg: &crate::student::StudentConfig, ordinal: usize) -> Result<GpuModel> {
+    crate::cuda::llama::GpuLlama::load_frozen(weights, cfg, ordinal, false)
 }
 #[cfg(not(feature = "cuda"))]
-fn open_gpu(_: usize, _: &crate::student::StudentConfig, _: &[f32]) -> Result<GpuModel> {
+fn open_gpu(_: &crate::source::SourceWeights, _: &crate::student::StudentConfig, _: usize) -> Result<GpuModel> {
     Err(crate::engine::no_cuda())
 }
 

@@ -78,8 +78,8 @@ pub fn load_params(weights: &SourceWeights, cfg: &StudentConfig) -> Result<Vec<f
     Ok(out)
 }
 
-/// Write flat parameters as an HF checkpoint directory (atomic, via [`save_checkpoint`]).
-pub fn save_student(dir: &Path, cfg: &StudentConfig, params: &[f32], tok: &Tokenizer, provenance: &serde_json::Value) -> Result<()> {
+/// Flat parameters (`tensor_shapes()` order) as named tensors.
+pub fn student_tensors(cfg: &StudentConfig, params: &[f32]) -> Result<Vec<(String, Tensor)>> {
     let mut tensors = Vec::new();
     let mut off = 0;
     for (name, shape) in cfg.tensor_shapes() {
@@ -87,7 +87,12 @@ pub fn save_student(dir: &Path, cfg: &StudentConfig, params: &[f32], tok: &Token
         tensors.push((name, Tensor::from_slice(&params[off..off + n], shape.as_slice(), &CpuDevice::Cpu)?));
         off += n;
     }
-    save_checkpoint(dir, cfg, &tensors, tok, provenance)
+    Ok(tensors)
+}
+
+/// Write flat parameters as an HF checkpoint directory (atomic, via [`save_checkpoint`]).
+pub fn save_student(dir: &Path, cfg: &StudentConfig, params: &[f32], tok: &Tokenizer, provenance: &serde_json::Value) -> Result<()> {
+    save_checkpoint(dir, cfg, &student_tensors(cfg, params)?, tok, provenance)
 }
 
 /// Write an HF-format checkpoint directory atomically: everything goes to a staging directory

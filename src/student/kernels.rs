@@ -306,6 +306,13 @@ wide_fn! {
     }
 }
 
+/// `log Σ exp(z)` of one row in f64, max-shifted: the reference log-partition of the checks
+/// that compare an engine's log-probs with the f64 engine's logits.
+pub fn log_sum_exp(row: &[f64]) -> f64 {
+    let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    mx + row.iter().map(|z| (z - mx).exp()).sum::<f64>().ln()
+}
+
 // ---------------------------------------------------------------------------------------------
 // RoPE, HF rotate-half convention: for i < d/2, with angle a = pos · θ^(−2i/d),
 // y[i] = x[i] cos a − x[i+d/2] sin a, y[i+d/2] = x[i+d/2] cos a + x[i] sin a.

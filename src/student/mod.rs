@@ -8,5 +8,5 @@ pub mod kernels;
 pub mod llama;
 pub mod optim;
 
-pub use checkpoint::{load_params, plain_llama, save_checkpoint, save_student, student_config_of};
+pub use checkpoint::{load_params, plain_llama, save_checkpoint, save_student, student_config_of, student_tensors};
 pub use config::{StudentConfig, PRESETS};
