@@ -306,9 +306,13 @@ max_new_tokens = 4
 }
 
 /// `masa report` SIGKILLed while it replaces a previous report: every report file is at every
-/// moment either the old one or the new one, byte for byte, never half-written. The kill time is
-/// bisected until one kill lands between the first and the last file written. A rerun then
-/// writes the whole new report and removes the temp files the kills left.
+/// moment either the old one or the new one, byte for byte, never half-written. The report
+/// renders everything before it writes anything, so its write phase is ~1 ms of a ~60 ms run:
+/// too short to hit by wall-clock delays on a loaded machine (a bisection of the delay failed in
+/// CI). Each attempt therefore waits for the write phase itself (a temp file or a changed
+/// file in `plots/`), then kills after a further 0–1.5 ms that varies with the attempt, until three kills
+/// have landed between the first and the last file replaced. A rerun then writes the whole new
+/// report and removes the temp files the kills left.
 #[test]
 fn a_report_killed_while_written_leaves_each_file_old_or_new() {
     let dir = tempfile::tempdir().unwrap();
@@ -325,55 +329,63 @@ fn a_report_killed_while_written_leaves_each_file_old_or_new() {
     let files = |d: &Path| -> std::collections::BTreeMap<String, Vec<u8>> {
         tree(d).into_iter().filter(|p| !p.ends_with(".tmp") && !d.join(p).is_dir()).map(|p| (p.clone(), std::fs::read(d.join(&p)).unwrap())).collect()
     };
+    // The write phase has begun once plots/ holds a temp file or a plot has changed on disk.
+    let stamp = |plots: &Path| -> Vec<(std::ffi::OsString, Option<(u64, std::time::SystemTime)>)> {
+        let mut s: Vec<_> = std::fs::read_dir(plots)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| (e.file_name(), e.metadata().ok().map(|m| (m.len(), m.modified().unwrap()))))
+            .collect();
+        s.sort();
+        s
+    };
     let (old_dir, new_dir) = (dir.path().join("old"), dir.path().join("new"));
     write("default", &old_dir);
     write("medium", &new_dir);
     let (old, new) = (files(&old_dir), files(&new_dir));
     assert!(new.keys().filter(|k| old.contains_key(*k)).count() >= 3, "the two reports share report.md, report.html and some plots");
+    let changed = new.iter().filter(|(p, b)| old.get(*p) != Some(*b)).count();
 
-    let (mut lo, mut hi) = (0.0f64, 0.5f64);
-    let mut between = 0;
-    for attempt in 0..80 {
+    let (mut between, mut seen) = (0, 0);
+    for attempt in 0..200 {
         let out = dir.path().join(format!("k{attempt}"));
         for (p, bytes) in &old {
             std::fs::create_dir_all(out.join(p).parent().unwrap()).unwrap();
             std::fs::write(out.join(p), bytes).unwrap();
         }
-        let delay = (lo + hi) / 2.0;
+        let extra = Duration::from_micros(100 * (attempt % 16));
+        let before = stamp(&out.join("plots"));
         let mut child = report("medium", &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_secs_f64(delay));
-        child.kill().unwrap();
+        let started = Instant::now();
+        while stamp(&out.join("plots")) == before && child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60) {}
+        if child.try_wait().unwrap().is_none() {
+            seen += 1;
+            let at = Instant::now();
+            while at.elapsed() < extra {}
+        }
+        let _ = child.kill();
         child.wait().unwrap();
         let now = files(&out);
         let mut fresh = 0;
         for (p, bytes) in &now {
             let is_new = new.get(p) == Some(bytes);
-            assert!(is_new || old.get(p) == Some(bytes), "{p} is neither the old nor the new file after a kill at {:.1} ms", delay * 1e3);
+            assert!(is_new || old.get(p) == Some(bytes), "{p} is neither the old nor the new file after a kill {extra:?} into the write phase");
             fresh += usize::from(is_new && old.get(p) != Some(bytes));
         }
-        let changed = new.iter().filter(|(p, b)| old.get(*p) != Some(*b)).count();
-        if fresh == 0 {
-            lo = delay;
-        } else if fresh == changed {
-            hi = delay;
-        } else {
+        if fresh > 0 && fresh < changed {
             between += 1;
-            if between >= 3 {
-                eprintln!("{between} kills between the first and the last file, {} attempts", attempt + 1);
-                // A rerun completes the report and removes the dead processes' temp files.
-                write("medium", &out);
-                assert!(tree(&out).iter().all(|p| !p.ends_with(".tmp")), "{:?}", tree(&out));
-                assert!(new.iter().all(|(p, b)| std::fs::read(out.join(p)).unwrap() == *b));
-                return;
-            }
-            // Look on either side of this point too.
-            (lo, hi) = if between % 2 == 1 { (lo, delay) } else { (delay, hi) };
         }
-        if hi - lo < 2e-4 {
-            (lo, hi) = ((lo - 0.01).max(0.0), hi + 0.01);
+        if between >= 3 {
+            eprintln!("{between} kills between the first and the last file, {} attempts", attempt + 1);
+            // A rerun completes the report and removes the dead processes' temp files.
+            write("medium", &out);
+            assert!(tree(&out).iter().all(|p| !p.ends_with(".tmp")), "{:?}", tree(&out));
+            assert!(new.iter().all(|(p, b)| std::fs::read(out.join(p)).unwrap() == *b));
+            return;
         }
     }
-    panic!("no kill landed while the report was written (window between {lo:.4} s and {hi:.4} s, {between} hits)");
+    panic!("no three kills landed between the first and the last file replaced ({between} did; the write phase was seen in {seen} of 200 attempts)");
 }
 
 /// A command that triggers a download keeps stdout for its own output: pip's lines go to
