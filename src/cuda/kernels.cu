@@ -519,6 +519,13 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, c
 #define HD 64
 typedef unsigned short u16;
 
+// Two adjacent bf16 (4-byte aligned).
+__device__ __forceinline__ u32 ld2(const u16* p) {
+    return *(const u32*)p;
+}
+// The three inline-PTX operations. Under MASA_EMU (tests/cuda_emu: the kernels on the CPU)
+// the emulator defines them from the PTX ISA's description instead.
+#ifndef MASA_EMU
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -529,15 +536,12 @@ __device__ __forceinline__ u16 to_bf16(float x) {
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
     return r;
 }
-// Two adjacent bf16 (4-byte aligned).
-__device__ __forceinline__ u32 ld2(const u16* p) {
-    return *(const u32*)p;
-}
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 // A operand (16 rows × 64) of rows r0..r0+15 of a row-major (·, 64) bf16 matrix, 4 k-steps.
 __device__ __forceinline__ void load_a_rows(u32 a[4][4], const u16* m, int r0, int g, int c) {
     for (int kk = 0; kk < 4; kk++) {
