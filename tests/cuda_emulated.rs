@@ -1,5 +1,5 @@
 //! The CUDA kernels (`src/cuda/kernels.cu`) checked on the CPU: `tests/cuda_emu/check.cpp` runs
-//! every kernel under the small CUDA emulator of `tests/cuda_emu/emu.h` (blocks of cooperative
+//! every kernel under the small CUDA emulator of `src/cuda/emu.h` (blocks of cooperative
 //! threads, `__syncthreads`, warp shuffles, and the bf16 conversions and `mma.sync` of the flash
 //! kernels from the PTX ISA's description), with the block sizes `src/cuda/llama.rs` launches,
 //! against f64 references, finite differences and adjoint identities. It needs no GPU and no

@@ -1,4 +1,4 @@
-// Every kernel of src/cuda/kernels.cu, run on the CPU under tests/cuda_emu/emu.h with the block
+// Every kernel of src/cuda/kernels.cu, run on the CPU under src/cuda/emu.h with the block
 // sizes src/cuda/llama.rs launches it with, against a reference written here from the kernel's
 // definition in f64 (or, for backward kernels, against finite differences or the adjoint
 // identity of the forward). Prints one line per check and exits 1 if any fails.

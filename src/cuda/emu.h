@@ -2,7 +2,7 @@
 // kernels can be checked against references on a machine without a GPU (tests/cuda_emulated.rs).
 //
 // - A launch runs the grid's blocks one after another. A block's threads are cooperative
-//   contexts (ucontext) on one OS thread, scheduled round-robin, forward on even blocks and
+//   contexts on one OS thread (a few lines of assembly on x86-64, ucontext elsewhere), scheduled round-robin, forward on even blocks and
 //   backward on odd ones: each runs until it reaches a barrier or ends. `threadIdx` and
 //   `blockIdx` are set on every switch; `__shared__` variables are function statics (blocks
 //   never overlap in time, and CUDA shared memory starts uninitialised).
@@ -28,7 +28,9 @@
 #include <functional>
 #include <vector>
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -57,22 +59,83 @@ inline double __longlong_as_double(unsigned long long v) {
 namespace emu {
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
 
-inline ucontext_t scheduler;
-inline std::vector<ucontext_t> contexts;
 inline std::vector<State> states;
 inline std::function<void()> kernel;
 inline uint64_t shuffle_slot[1024];
 inline uint32_t mma_slot[1024][6];
 
+#if defined(__x86_64__)
+// A context is its saved stack pointer; switching pushes the callee-saved registers (System V
+// ABI), swaps stacks and pops the other side's (~10 ns, where swapcontext makes a system call).
+using Context = void*;
+extern "C" void masa_emu_switch(Context* save, Context to);
+asm(R"(
+    .text
+    .globl masa_emu_switch
+    .type masa_emu_switch, @function
+masa_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size masa_emu_switch, .-masa_emu_switch
+)");
+inline Context scheduler;
+inline std::vector<Context> contexts;
+inline void thread_main();
+[[noreturn]] inline void entry() {
+    thread_main();
+    __builtin_unreachable();
+}
+// A fresh context on `stack` that starts in `entry` (16-byte aligned at its call, as after a call).
+inline Context make_context(char* stack, size_t size) {
+    uintptr_t top = ((uintptr_t)(stack + size)) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;                    // entry's return address slot: entry never returns
+    *--sp = (void*)&entry;              // popped by masa_emu_switch's ret
+    for (int i = 0; i < 6; i++) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+    return (Context)sp;
+}
+inline void to_thread(unsigned t) { masa_emu_switch(&scheduler, contexts[t]); }
+inline void to_scheduler(unsigned t) { masa_emu_switch(&contexts[t], scheduler); }
+#else
+using Context = ucontext_t;
+inline Context scheduler;
+inline std::vector<Context> contexts;
+inline void thread_main();
+inline void make_context_at(Context& c, char* stack, size_t size) {
+    getcontext(&c);
+    c.uc_stack.ss_sp = stack;
+    c.uc_stack.ss_size = size;
+    c.uc_link = &scheduler;
+    makecontext(&c, thread_main, 0);
+}
+inline void to_thread(unsigned t) { swapcontext(&scheduler, &contexts[t]); }
+inline void to_scheduler(unsigned t) { swapcontext(&contexts[t], &scheduler); }
+#endif
+
 inline void thread_main() {
     kernel();
-    states[threadIdx.x] = State::Done;  // uc_link returns to the scheduler
+    unsigned t = threadIdx.x;
+    states[t] = State::Done;
+    to_scheduler(t);  // never resumed
 }
 
 inline void wait(State at) {
     unsigned t = threadIdx.x;
     states[t] = at;
-    swapcontext(&contexts[t], &scheduler);
+    to_scheduler(t);
 }
 
 /// Run `body` (a call of one kernel) on `grid` blocks of `threads` threads.
@@ -86,19 +149,19 @@ void launch(dim3 grid, unsigned threads, F body) {
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
     kernel = body;
-    std::vector<std::vector<char>> stacks(threads, std::vector<char>(stack));
-    contexts.assign(threads, ucontext_t{});
+    std::unique_ptr<char[]> stacks(new char[threads * stack]);  // untouched pages stay unmapped
+    contexts.assign(threads, Context{});
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 blockIdx = dim3{x, y, z};
                 states.assign(threads, State::Runnable);
                 for (unsigned t = 0; t < threads; t++) {
-                    getcontext(&contexts[t]);
-                    contexts[t].uc_stack.ss_sp = stacks[t].data();
-                    contexts[t].uc_stack.ss_size = stack;
-                    contexts[t].uc_link = &scheduler;
-                    makecontext(&contexts[t], thread_main, 0);
+#if defined(__x86_64__)
+                    contexts[t] = make_context(stacks.get() + t * stack, stack);
+#else
+                    make_context_at(contexts[t], stacks.get() + t * stack, stack);
+#endif
                 }
                 for (;;) {
                     // Run every runnable thread until it finishes or waits at a barrier: in
@@ -109,7 +172,7 @@ void launch(dim3 grid, unsigned threads, F body) {
                         unsigned t = reverse ? threads - 1 - i : i;
                         if (states[t] == State::Runnable) {
                             threadIdx = dim3{t, 0, 0};
-                            swapcontext(&scheduler, &contexts[t]);
+                            to_thread(t);
                         }
                     }
                     // Release a warp whose 32 lanes all wait at a shuffle, or the block when every
