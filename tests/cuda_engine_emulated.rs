@@ -4,7 +4,8 @@
 //! on the CPU (`src/cuda/emu.rs`). Every check of the real device runs: training steps in f32
 //! and bf16 with flash attention against the CPU engine in f64 (logits, losses, every gradient,
 //! distillation, determinism), the frozen model's teacher top-k, calibration, batched
-//! multiple-choice scoring, and generation through the KV cache. So buffer sizes, offsets,
+//! multiple-choice scoring, and generation through the KV cache; and `masa train --device
+//! cuda` end to end (curve, validation, checkpoints, resume). So buffer sizes, offsets,
 //! strides and the order of launches are checked here; speed, cuBLAS's column-major calls and
 //! the driver are not (docs/gpu.md).
 //!
@@ -55,4 +56,73 @@ fn cuda_check_passes_on_the_emulated_device() {
     for needed in ["bf16 flash: worst gradient", "teacher top-32", "calibration:", "generation:", "scoring:", "curve max |GPU f32"] {
         assert!(rows.iter().any(|r| r.contains(needed)), "no `{needed}` row");
     }
+}
+
+#[path = "train_common/mod.rs"]
+mod train_common;
+
+/// `(step, loss, val_mean)` of every metrics line.
+fn curve(out: &std::path::Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64(), v["val_mean"].as_f64())
+        })
+        .collect()
+}
+
+/// `masa train --device cuda` end to end on the emulated device, as a user runs it: the same
+/// loss and validation curve as `--device cpu` (f32 products: within 1e-4 nats), checkpoints
+/// written on the way, and a run SIGKILLed halfway then `--resume`d that ends with exactly the
+/// uninterrupted run's curve.
+#[test]
+fn masa_train_on_the_emulated_device_matches_the_cpu_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("student");
+    train_common::write_scratch_student(&model, &train_common::small_config(), 5);
+    let corpus = dir.path().join("corpus.jsonl");
+    train_common::write_corpus(&corpus, 60);
+    let train = |out: &std::path::Path, device: &str, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_masa"));
+        c.args(["--threads", "2", "train"]).arg(&model).arg("--corpus").arg(&corpus).arg("--out").arg(out);
+        c.args(["--tokens", "2048", "--batch", "4", "--seq", "32", "--warmup", "2", "--lr", "1e-3", "--eval-every", "4", "--eval-seqs", "2"]);
+        c.args(["--ckpt-every", "3", "--quiet", "--seed", "9", "--device", device, "--precision", "f32"]).args(extra);
+        c
+    };
+    let run = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (cpu, gpu, cut) = (dir.path().join("cpu"), dir.path().join("gpu"), dir.path().join("cut"));
+    run(&mut train(&cpu, "cpu", &[]));
+    run(&mut train(&gpu, "cuda", &[]));
+    let (a, b) = (curve(&cpu), curve(&gpu));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().filter(|r| r.2.is_some()).count() >= 2, "validation ran: {a:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        for (p, q) in [(x.1, y.1), (x.2, y.2)] {
+            assert_eq!(p.is_some(), q.is_some());
+            if let (Some(p), Some(q)) = (p, q) {
+                assert!((p - q).abs() < 1e-4, "step {}: cpu {p} vs emulated cuda {q}", x.0);
+            }
+        }
+    }
+    // Killed once a third of the steps are logged, then resumed from its last checkpoint.
+    let steps = b.iter().filter(|r| r.1.is_some()).count();
+    let logged = |d: &std::path::Path| std::fs::read_to_string(d.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+    let mut child = train(&cut, "cuda", &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while logged(&cut) < steps / 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(t0.elapsed() < Duration::from_secs(600));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(logged(&cut) < b.len(), "the kill came too late to test anything");
+    run(&mut train(&cut, "cuda", &["--resume", cut.to_str().unwrap()]));
+    assert_eq!(curve(&cut), b, "the resumed emulated-cuda run differs from the uninterrupted one");
 }
