@@ -58,20 +58,7 @@ fn cuda_check_passes_on_the_emulated_device() {
     }
 }
 
-#[path = "train_common/mod.rs"]
 mod train_common;
-
-/// `(step, loss, val_mean)` of every metrics line.
-fn curve(out: &std::path::Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64(), v["val_mean"].as_f64())
-        })
-        .collect()
-}
 
 /// `masa train --device cuda` end to end on the emulated device, as a user runs it: the same
 /// loss and validation curve as `--device cpu` (f32 products: within 1e-4 nats), checkpoints
@@ -98,7 +85,7 @@ fn masa_train_on_the_emulated_device_matches_the_cpu_and_resumes() {
     let (cpu, gpu, cut) = (dir.path().join("cpu"), dir.path().join("gpu"), dir.path().join("cut"));
     run(&mut train(&cpu, "cpu", &[]));
     run(&mut train(&gpu, "cuda", &[]));
-    let (a, b) = (curve(&cpu), curve(&gpu));
+    let (a, b) = (train_common::curve(&cpu), train_common::curve(&gpu));
     assert_eq!(a.len(), b.len());
     assert!(a.iter().filter(|r| r.2.is_some()).count() >= 2, "validation ran: {a:?}");
     for (x, y) in a.iter().zip(&b) {
@@ -124,5 +111,5 @@ fn masa_train_on_the_emulated_device_matches_the_cpu_and_resumes() {
     child.wait().unwrap();
     assert!(logged(&cut) < b.len(), "the kill came too late to test anything");
     run(&mut train(&cut, "cuda", &["--resume", cut.to_str().unwrap()]));
-    assert_eq!(curve(&cut), b, "the resumed emulated-cuda run differs from the uninterrupted one");
+    assert_eq!(train_common::curve(&cut), b, "the resumed emulated-cuda run differs from the uninterrupted one");
 }

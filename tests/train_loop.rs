@@ -11,7 +11,7 @@ use masa::student::kernels::Targets;
 use masa::student::llama::{Llama, Workspace};
 use masa::student::optim::{clip_factor, grad_norm, AdamW};
 use masa::train::{train, TrainOptions};
-use train_common::{byte_tokenizer, small_config, write_corpus, write_scratch_student};
+use train_common::{byte_tokenizer, curve, small_config, write_corpus, write_scratch_student};
 
 const MASA: &str = env!("CARGO_BIN_EXE_masa");
 
@@ -66,18 +66,6 @@ fn train_cmd(model: &Path, corpus: &Path, out: &Path, extra: &[&str]) -> Command
     c.args(["--eval-every", "25", "--eval-seqs", "4", "--ckpt-every", "7", "--quiet", "--seed", "9"]);
     c.args(extra);
     c
-}
-
-/// `(step, loss, val_mean)` of every metrics line, as written.
-fn curve(out: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64(), v["val_mean"].as_f64())
-        })
-        .collect()
 }
 
 /// A run killed with SIGKILL mid-run and resumed gives the same losses as an uninterrupted one.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys as cbs;
 use cudarc::driver::{result as dr, sys as ds, CudaContext};
 
-use super::{cuda_err, KERNELS, SOURCE};
+use super::{cuda_err, DevBuf, KERNELS, SOURCE};
 use crate::error::{MasaError, Result};
 
 /// A device, its context, a stream, cuBLAS and the compiled kernels.
@@ -309,24 +309,6 @@ fn ptx_for(major: i32, minor: i32) -> Result<CString> {
     let image = CString::new(ptx.to_src()).map_err(|e| cuda_err("PTX", e))?;
     cache.push(((major, minor), image.clone()));
     Ok(image)
-}
-
-/// A device allocation of `len` elements of `T`, freed on drop.
-pub struct DevBuf<T> {
-    ptr: ds::CUdeviceptr,
-    pub len: usize,
-    _t: PhantomData<T>,
-}
-
-impl<T> DevBuf<T> {
-    /// Device address of element `i`.
-    pub fn at(&self, i: usize) -> ds::CUdeviceptr {
-        debug_assert!(i <= self.len);
-        self.ptr + (i * std::mem::size_of::<T>()) as u64
-    }
-    pub fn ptr(&self) -> ds::CUdeviceptr {
-        self.ptr
-    }
 }
 
 impl<T> Drop for DevBuf<T> {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::sys as ds;
 
-use super::KERNELS;
+use super::{DevBuf, KERNELS};
 use crate::error::{MasaError, Result};
 
 extern "C" {
@@ -158,24 +158,6 @@ impl Gpu {
     pub fn memory(&self) -> (usize, usize) {
         let used = IN_USE.load(Ordering::Relaxed);
         (used, used)
-    }
-}
-
-/// A host allocation standing for device memory, freed on drop.
-pub struct DevBuf<T> {
-    ptr: ds::CUdeviceptr,
-    pub len: usize,
-    _t: PhantomData<T>,
-}
-
-impl<T> DevBuf<T> {
-    /// Address of element `i`.
-    pub fn at(&self, i: usize) -> ds::CUdeviceptr {
-        debug_assert!(i <= self.len);
-        self.ptr + (i * std::mem::size_of::<T>()) as u64
-    }
-    pub fn ptr(&self) -> ds::CUdeviceptr {
-        self.ptr
     }
 }
 

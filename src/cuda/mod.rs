@@ -15,7 +15,7 @@ mod device;
 #[cfg(feature = "cuda-emu")]
 #[path = "emu.rs"]
 mod device;
-pub use device::{DevBuf, Gpu};
+pub use device::Gpu;
 
 
 /// The kernels' CUDA C++ source.
@@ -55,6 +55,24 @@ const KERNELS: &[&str] = &[
 #[cfg(not(feature = "cuda-emu"))]
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> crate::error::MasaError {
     crate::error::MasaError::Invalid(format!("CUDA: {what}: {e:?}"))
+}
+
+/// A device allocation of `len` elements of `T`, freed on drop (by the device module).
+pub struct DevBuf<T> {
+    ptr: cudarc::driver::sys::CUdeviceptr,
+    pub len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T> DevBuf<T> {
+    /// Device address of element `i`.
+    pub fn at(&self, i: usize) -> cudarc::driver::sys::CUdeviceptr {
+        debug_assert!(i <= self.len);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+    pub fn ptr(&self) -> cudarc::driver::sys::CUdeviceptr {
+        self.ptr
+    }
 }
 
 /// Build the argument array of a kernel launch: `args!(a, b, c)` with each a local value.

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
-use masa::student::StudentConfig;
 use masa::source::tokenizer::Tokenizer;
+use masa::student::StudentConfig;
 
 /// GPT-2's byte-to-unicode table.
 fn byte_char(b: u8) -> char {
@@ -70,8 +70,7 @@ pub fn small_config() -> StudentConfig {
 /// Write a Scratch-initialised student (normal std 0.02, norms 1) with the byte tokenizer.
 pub fn write_scratch_student(dir: &Path, cfg: &StudentConfig, seed: u64) {
     let params = masa::rng::scratch_init(cfg, seed);
-    masa::student::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed}))
-        .expect("write student");
+    masa::student::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed})).expect("write student");
 }
 
 /// A two-domain JSONL corpus of deterministic pseudo-English, `docs` documents per domain.
@@ -88,4 +87,16 @@ pub fn write_corpus(path: &Path, docs: usize) {
         }
     }
     std::fs::write(path, out).unwrap();
+}
+
+/// `(step, loss, val_mean)` of every metrics line, as written.
+pub fn curve(out: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64(), v["val_mean"].as_f64())
+        })
+        .collect()
 }
