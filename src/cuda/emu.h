@@ -1,11 +1,13 @@
 // A CPU emulator of the part of the CUDA execution model that src/cuda/kernels.cu uses, so the
-// kernels can be checked against references on a machine without a GPU (tests/cuda_emulated.rs).
+// kernels can be checked against references on a machine without a GPU: on their own
+// (tests/cuda_emu/check.cpp) and inside the whole engine (the `cuda-emu` build, src/cuda/emu.rs).
 //
 // - A launch runs the grid's blocks one after another. A block's threads are cooperative
-//   contexts on one OS thread (a few lines of assembly on x86-64, ucontext elsewhere), scheduled round-robin, forward on even blocks and
-//   backward on odd ones: each runs until it reaches a barrier or ends. `threadIdx` and
-//   `blockIdx` are set on every switch; `__shared__` variables are function statics (blocks
-//   never overlap in time, and CUDA shared memory starts uninitialised).
+//   contexts on one OS thread (a few lines of assembly on x86-64 Linux, ucontext elsewhere), scheduled
+//   round-robin, forward on even blocks and backward on odd ones: each runs until it reaches a
+//   barrier or ends. `threadIdx` and `blockIdx` are set on every switch; `__shared__` variables
+//   are function statics (blocks never overlap in time, and CUDA shared memory starts
+//   uninitialised).
 // - `__syncthreads()` releases the block when all its threads wait there; `__shfl_xor_sync`
 //   exchanges through per-warp slots between two warp-wide barriers. A kernel whose threads do
 //   not all reach a `__syncthreads`, or whose lanes do not all reach a shuffle, is reported as a
@@ -24,11 +26,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <functional>
+#include <memory>
 #include <vector>
 
-#if !defined(__x86_64__)
+#if !(defined(__x86_64__) && defined(__linux__))
 #include <ucontext.h>
 #endif
 
@@ -64,7 +66,7 @@ inline std::function<void()> kernel;
 inline uint64_t shuffle_slot[1024];
 inline uint32_t mma_slot[1024][6];
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__linux__)
 // A context is its saved stack pointer; switching pushes the callee-saved registers (System V
 // ABI), swaps stacks and pops the other side's (~10 ns, where swapcontext makes a system call).
 using Context = void*;
@@ -98,7 +100,8 @@ inline void thread_main();
     thread_main();
     __builtin_unreachable();
 }
-// A fresh context on `stack` that starts in `entry` (16-byte aligned at its call, as after a call).
+// A fresh context on `stack` that starts in `entry`, its stack aligned as the ABI expects on
+// entry to a function (16 bytes, less the return address).
 inline Context make_context(char* stack, size_t size) {
     uintptr_t top = ((uintptr_t)(stack + size)) & ~(uintptr_t)15;
     void** sp = (void**)top;
@@ -157,7 +160,7 @@ void launch(dim3 grid, unsigned threads, F body) {
                 blockIdx = dim3{x, y, z};
                 states.assign(threads, State::Runnable);
                 for (unsigned t = 0; t < threads; t++) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__linux__)
                     contexts[t] = make_context(stacks.get() + t * stack, stack);
 #else
                     make_context_at(contexts[t], stacks.get() + t * stack, stack);
