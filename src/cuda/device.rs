@@ -97,13 +97,6 @@ impl Gpu {
         Ok(DevBuf { ptr, len, _t: PhantomData })
     }
 
-    /// Allocate and copy `src` in.
-    pub fn upload<T: Copy>(&self, src: &[T]) -> Result<DevBuf<T>> {
-        let b = self.alloc::<T>(src.len())?;
-        self.write(&b, 0, src)?;
-        Ok(b)
-    }
-
     /// Copy `src` into `dst` at element `at` (ordered on the stream; returns when copied).
     pub fn write<T: Copy>(&self, dst: &DevBuf<T>, at: usize, src: &[T]) -> Result<()> {
         assert!(at + src.len() <= dst.len, "write past the end of a device buffer");

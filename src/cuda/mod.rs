@@ -57,6 +57,15 @@ fn cuda_err(what: &str, e: impl std::fmt::Debug) -> crate::error::MasaError {
     crate::error::MasaError::Invalid(format!("CUDA: {what}: {e:?}"))
 }
 
+impl Gpu {
+    /// Allocate and copy `src` in.
+    pub fn upload<T: Copy>(&self, src: &[T]) -> crate::error::Result<DevBuf<T>> {
+        let b = self.alloc::<T>(src.len())?;
+        self.write(&b, 0, src)?;
+        Ok(b)
+    }
+}
+
 /// A device allocation of `len` elements of `T`, freed on drop (by the device module).
 pub struct DevBuf<T> {
     ptr: cudarc::driver::sys::CUdeviceptr,
