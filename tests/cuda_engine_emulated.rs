@@ -130,12 +130,7 @@ fn masa_run_on_the_emulated_device_matches_the_cpu() {
     let d = dir.path();
     write_scratch_student(&d.join("source"), &small_config(), 3);
     write_corpus(&d.join("corpus.jsonl"), 40);
-    let ni = d.join("home/tasks/natural_instructions/subtask001_repeat");
-    std::fs::create_dir_all(&ni).unwrap();
-    let words = ["apple", "pear", "fig", "plum", "kiwi", "lime", "date", "yam"];
-    let examples: Vec<serde_json::Value> =
-        (0..48).map(|i| serde_json::json!({"input": format!("{} {}", words[i % 8], words[(i / 8) % 8]), "target": [words[i % 8]]})).collect();
-    std::fs::write(ni.join("task.json"), serde_json::json!({"task_prefix": "Definition: Repeat the first word.", "examples": examples}).to_string()).unwrap();
+    train_common::write_repeat_task(&d.join("home"));
     let spec = |device: &str| {
         let path = d.join(format!("{device}.toml"));
         let text = format!(

@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{kill_when, stage_dirs};
-use train_common::{small_config, write_corpus, write_scratch_student};
+use train_common::{small_config, write_corpus, write_repeat_task, write_scratch_student};
 
 const MASA: &str = env!("CARGO_BIN_EXE_masa");
 
@@ -220,12 +220,7 @@ fn a_run_killed_during_fine_tuning_and_reporting_ends_with_the_uninterrupted_num
     let d = dir.path();
     write_scratch_student(&d.join("source"), &small_config(), 3);
     write_corpus(&d.join("corpus.jsonl"), 40);
-    let ni = d.join("home/tasks/natural_instructions/subtask001_repeat");
-    std::fs::create_dir_all(&ni).unwrap();
-    let words = ["apple", "pear", "fig", "plum", "kiwi", "lime", "date", "yam"];
-    let examples: Vec<serde_json::Value> =
-        (0..48).map(|i| serde_json::json!({"input": format!("{} {}", words[i % 8], words[(i / 8) % 8]), "target": [words[i % 8]]})).collect();
-    std::fs::write(ni.join("task.json"), serde_json::json!({"task_prefix": "Definition: Repeat the first word.", "examples": examples}).to_string()).unwrap();
+    write_repeat_task(&d.join("home"));
     let spec = d.join("ft.toml");
     std::fs::write(
         &spec,

@@ -17,7 +17,6 @@ mod device;
 mod device;
 pub use device::Gpu;
 
-
 /// The kernels' CUDA C++ source.
 #[cfg(not(feature = "cuda-emu"))]
 const SOURCE: &str = include_str!("kernels.cu");

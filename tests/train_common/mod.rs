@@ -100,3 +100,14 @@ pub fn curve(out: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
         })
         .collect()
 }
+
+/// A Natural Instructions subtask under `home` (a `MASA_HOME`): 48 examples of "repeat the first
+/// word", for runs that fine-tune and generate without the real task data.
+pub fn write_repeat_task(home: &Path) {
+    let ni = home.join("tasks/natural_instructions/subtask001_repeat");
+    std::fs::create_dir_all(&ni).unwrap();
+    let words = ["apple", "pear", "fig", "plum", "kiwi", "lime", "date", "yam"];
+    let examples: Vec<serde_json::Value> =
+        (0..48).map(|i| serde_json::json!({"input": format!("{} {}", words[i % 8], words[(i / 8) % 8]), "target": [words[i % 8]]})).collect();
+    std::fs::write(ni.join("task.json"), serde_json::json!({"task_prefix": "Definition: Repeat the first word.", "examples": examples}).to_string()).unwrap();
+}
