@@ -4,7 +4,7 @@
 #
 # usage: scripts/bench_forward.sh [MODEL]
 #   MODEL: a GGUF path or a masa model name (default smollm2-135m; masa fetches it).
-# env:   BATCH=8 SEQ=256 THREADS=2 ITERS=5 WARMUP=1 MASA=target/release/masa
+# env:   BATCH=8 SEQ=256 THREADS=2 ITERS=5 WARMUP=1 MASA=$CARGO_TARGET_DIR/release/masa
 #        OUTDIR=runs/bench   TORCH_ATTN=sdpa (or eager)   SKIP_MASA=1 / SKIP_TORCH=1
 #        PATHS="fused candle" (masa's forward implementations to time: `bench forward --path`)
 #        ROUNDS=1: alternate masa and PyTorch this many times (a noisy machine drifts over
@@ -20,7 +20,8 @@ cd "$ROOT"
 MODEL="${1:-smollm2-135m}"
 BATCH="${BATCH:-8}" SEQ="${SEQ:-256}" THREADS="${THREADS:-2}"
 ITERS="${ITERS:-5}" WARMUP="${WARMUP:-1}"
-MASA="${MASA:-target/release/masa}"
+source scripts/masa_bin.sh
+MASA="${MASA:-$MASA_BIN}"
 OUTDIR="${OUTDIR:-runs/bench}"
 PY="${PY:-$ROOT/.venv-bench/bin/python}"
 mkdir -p "$OUTDIR"

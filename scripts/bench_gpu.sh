@@ -9,7 +9,8 @@
 #   BENCH_COMPILE=0 skips torch.compile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-masa=${1:-target/release/masa}
+source scripts/masa_bin.sh
+masa=${1:-$MASA_BIN}
 shift || true
 shapes=${*:-small smollm paper}
 source scripts/gpu_env.sh

@@ -8,13 +8,14 @@
 #
 # usage: scripts/bench_sources.sh [PRESET...]   (default: olmo-7b olmoe-1b-7b deepseek-moe-16b)
 # env:   DIR=/work/synth (outside any repository; needs ~45 GB free for DeepSeekMoE)
-#        MASA=target/release/masa THREADS=2 TOKENS=512 BATCH=2 SEQ=256
+#        MASA=$CARGO_TARGET_DIR/release/masa THREADS=2 TOKENS=512 BATCH=2 SEQ=256
 #        RANK_olmo_7b=634 RANK_olmoe_1b_7b=128 RANK_deepseek_moe_16b=64 (rank-specific mode:
 #        full d×d sums of these models are 35–89 GB; see the docs for the sizes per rank)
 # Logs: $DIR/<preset>-{synth,calibrate,extract-r*}.log (the `time -v` report at the end).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-MASA="$(realpath "${MASA:-$ROOT/target/release/masa}")"
+source "$ROOT/scripts/masa_bin.sh"
+MASA="$(realpath "${MASA:-$MASA_BIN}")"
 DIR="${DIR:-/work/synth}" THREADS="${THREADS:-2}" TOKENS="${TOKENS:-512}" BATCH="${BATCH:-2}" SEQ="${SEQ:-256}"
 PRESETS=("$@")
 [[ ${#PRESETS[@]} -gt 0 ]] || PRESETS=(olmo-7b olmoe-1b-7b deepseek-moe-16b)

@@ -3,7 +3,7 @@
 # eager, same shape, random init, random tokens, run one after the other.
 #
 # usage: scripts/bench_train.sh CONFIG.json     (e.g. scripts/bench_configs/llama-7m.json)
-# env:   BATCH=8 SEQ=128 THREADS=2 STEPS=10 WARMUP=2 MASA=target/release/masa
+# env:   BATCH=8 SEQ=128 THREADS=2 STEPS=10 WARMUP=2 MASA=$CARGO_TARGET_DIR/release/masa
 #        OUTDIR=runs/bench   TORCH_ATTN=eager (or sdpa)   SKIP_MASA=1 / SKIP_TORCH=1
 # Results: $OUTDIR/train-<config>-{masa,torch}.json, then both tokens/s and the ratio.
 set -euo pipefail
@@ -12,7 +12,8 @@ cd "$ROOT"
 CONFIG="${1:?usage: scripts/bench_train.sh CONFIG.json}"
 BATCH="${BATCH:-8}" SEQ="${SEQ:-128}" THREADS="${THREADS:-2}"
 STEPS="${STEPS:-10}" WARMUP="${WARMUP:-2}"
-MASA="${MASA:-target/release/masa}"
+source scripts/masa_bin.sh
+MASA="${MASA:-$MASA_BIN}"
 OUTDIR="${OUTDIR:-runs/bench}"
 PY="${PY:-$ROOT/.venv-bench/bin/python}"
 NAME="$(basename "$CONFIG" .json)"

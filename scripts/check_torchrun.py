@@ -63,7 +63,7 @@ def curve(run):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True)
-    ap.add_argument("--masa", default=os.path.join(ROOT, "target/release/masa"))
+    ap.add_argument("--masa", default=os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release/masa"))
     ap.add_argument("--corpus", default=os.path.expanduser(os.path.join(os.environ.get("MASA_HOME", "~/.cache/masa"), "corpus/default")))
     ap.add_argument("--student", default="tiny", help="masa init --student preset or student.toml")
     ap.add_argument("--steps", type=int, default=100)

@@ -142,7 +142,7 @@ def prepare(a, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working directory (students, exports, runs)")
-    ap.add_argument("--masa", default=os.path.join(ROOT, "target/release/masa"))
+    ap.add_argument("--masa", default=os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"), "release/masa"))
     ap.add_argument("--corpus", default=os.path.expanduser(os.path.join(os.environ.get("MASA_HOME", "~/.cache/masa"), "corpus/default")))
     ap.add_argument("--student", default="cpu-6l-256")
     ap.add_argument("--check", choices=["same-data", "own-sampling", "both"], default="both")

@@ -5,7 +5,8 @@
 # Outputs under runs/extraction/ (a summary in runs/extraction/summary.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=./target/release/masa
+source scripts/masa_bin.sh
+M=$MASA_BIN
 OUT=runs/extraction
 TOKENS="${TOKENS:-262144}"
 SWEEP_LAYERS="${SWEEP_LAYERS:-0,7,15,22,29}"

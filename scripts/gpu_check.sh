@@ -5,10 +5,11 @@
 # loss curves GPU vs CPU. Two shapes: cpu-6l-256 (tied head, multi-head attention) and a small
 # grouped-query shape with an untied head. Exits non-zero if any check fails.
 #
-#   scripts/gpu_check.sh [MASA_BINARY]     (default target/release/masa, built with --features cuda)
+#   scripts/gpu_check.sh [MASA_BINARY]     (default: the release binary in CARGO_TARGET_DIR or target/, built with --features cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-masa=${1:-target/release/masa}
+source scripts/masa_bin.sh
+masa=${1:-$MASA_BIN}
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
 status=0

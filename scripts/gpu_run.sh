@@ -39,9 +39,10 @@ prepare)
     grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
     source scripts/ensure_rust.sh
     cargo build --release --features cuda
-    masa=target/release/masa
+    source scripts/masa_bin.sh
+    masa=$MASA_BIN
     home=${MASA_HOME:-$HOME/.cache/masa}
-    "$masa" fetch smollm2-135m corpus tasks
+    "$masa" fetch smollm2-135m corpus piqa
     src="$home/models/smollm2-135m/$gguf"
     [ -f "$src" ] || { echo "gpu_run: $src is missing after masa fetch" >&2; exit 1; }
     rm -rf .device && mkdir -p .device/a .device/b

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_rust.sh
+source scripts/masa_bin.sh
 echo "== building masa (release; the first build takes ~10-15 min on 2 cores)"
 cargo build --release
-exec ./target/release/masa run "$@"
+exec "$MASA_BIN" run "$@"

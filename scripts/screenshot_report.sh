@@ -17,7 +17,8 @@ if [ -f "$dir/report.html" ]; then
 elif [ -f "$dir/results.json" ]; then
     masa=${MASA:-}
     if [ -z "$masa" ]; then
-        if [ -x "$root/target/release/masa" ]; then masa="$root/target/release/masa"; else masa=masa; fi
+        source "$root/scripts/masa_bin.sh"
+        if [ -x "$MASA_BIN" ]; then masa="$MASA_BIN"; else masa=masa; fi
     fi
     "$masa" report "$dir"
     html="$dir/report.html"

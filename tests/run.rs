@@ -125,7 +125,7 @@ fn invalid_specs_name_the_field() {
     let e = Spec::load("no-such-spec").unwrap_err().to_string();
 
     // Fine-tuning: the task's epochs/lr, else [finetune]'s, else the paper's by task kind.
-    let tasks = "\n[[finetune.tasks]]\nname = \"piqa\"\nexamples = 4\neval_limit = 4\n[[finetune.tasks]]\nname = \"natural_instructions\"\nexamples = 1\neval_limit = 1\nepochs = 7\n";
+    let tasks = "\n[[finetune.tasks]]\nname = \"piqa\"\nexamples = 4\neval_limit = 4\n[[finetune.tasks]]\nname = \"instruct_qa\"\nexamples = 1\neval_limit = 1\nepochs = 7\n";
     let s = Spec::load(write(dir.path(), "ft.toml", &format!("{ok}{tasks}")).to_str().unwrap()).unwrap();
     let f = &s.finetune;
     assert_eq!(f.epochs_lr(&f.tasks[0]).unwrap(), (3, 3e-5));
@@ -133,7 +133,7 @@ fn invalid_specs_name_the_field() {
     let s = Spec::load(write(dir.path(), "ft2.toml", &format!("{ok}\n[finetune]\nepochs = 2\nlr = 1e-4\n{}", tasks.trim_start())).to_str().unwrap()).unwrap();
     let f = &s.finetune;
     assert_eq!((f.epochs_lr(&f.tasks[0]).unwrap(), f.epochs_lr(&f.tasks[1]).unwrap()), ((2, 1e-4), (7, 1e-4)));
-    let gen = TaskSpec { name: "natural_instructions".into(), examples: 1, eval_limit: 1, epochs: None, lr: None };
+    let gen = TaskSpec { name: "instruct_qa".into(), examples: 1, eval_limit: 1, epochs: None, lr: None };
     assert_eq!(FinetuneSpec::default().epochs_lr(&gen).unwrap(), (100, 3e-5));
     assert!(e.contains("default") && e.contains("no-such-spec"), "{e}");
 
@@ -196,8 +196,8 @@ fn notes_depend_on_the_spec_source_corpus_and_tasks() {
     assert!(notes.contains("The source (smollm2-135m, llama) is dense") && notes.contains("obtainable through the package registries"), "{notes}");
     assert!(notes.contains("quantized (smollm2-135m: Q4_1 for 2 tensors, Q8_0 for model.embed_tokens.weight), dequantized to f32"), "{notes}");
     assert!(notes.contains("Debian-package corpus"), "{notes}");
-    // The default spec fine-tunes on PIQA and Natural Instructions, not on MMLU professional_law.
-    assert!(notes.contains("Natural Instructions subtasks stand in") && !notes.contains("CaseHOLD"), "{notes}");
+    // The default spec fine-tunes on PIQA and instruct_qa, not on MMLU professional_law.
+    assert!(notes.contains("instruct_qa (answer generation") && !notes.contains("CaseHOLD"), "{notes}");
 
     // Your own unquantized model and corpus, no fine-tuning: nothing about SmolLM2, Debian or tasks.
     let dir = tempfile::tempdir().unwrap();

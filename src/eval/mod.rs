@@ -29,7 +29,7 @@ pub use data::{find_task, TaskSplit, TaskKind, TASKS};
 pub const PROMPT_FORMAT_VERSION: &str = "masa-eval-v1 (lm-evaluation-harness zero-shot MC formats; S-NI definition+input generation)";
 
 /// Items evaluated per task when no `--limit` is given: the first N items of the chosen split
-/// in file order (natural_instructions: per subtask). Chosen so that all tasks together take
+/// in file order (generation tasks: per subtask). Chosen so that all tasks together take
 /// about 35 minutes for SmolLM2-135M on 2 shared CPU cores (WinoGrande's
 /// whole test split, 390 items, is its default); `--limit all` evaluates everything.
 pub const DEFAULT_LIMITS: &[(&str, usize)] = &[
@@ -39,7 +39,7 @@ pub const DEFAULT_LIMITS: &[(&str, usize)] = &[
     ("winogrande", 390),
     ("medmcqa", 200),
     ("mmlu_professional_law", 100),
-    ("natural_instructions", 2),
+    ("instruct_qa", 25),
     ("perplexity", 8),
 ];
 
@@ -190,7 +190,7 @@ pub fn evaluate(
         let t0 = Instant::now();
         let mut r = match spec.kind {
             TaskKind::MultipleChoice => eval_mc(model, gpu.as_deref_mut(), tok, spec, opt.split, limit, opt.progress)?,
-            TaskKind::Generation => eval_ni(model, gpu.as_deref_mut(), tok, spec, opt, limit)?,
+            TaskKind::Generation => eval_generation(model, gpu.as_deref_mut(), tok, spec, opt, limit)?,
             TaskKind::Perplexity => eval_ppl(model, gpu.as_deref_mut(), tok, opt, limit)?,
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -264,7 +264,7 @@ fn eval_mc(
     }))
 }
 
-fn eval_ni(
+fn eval_generation(
     model: &Transformer,
     mut gpu: Option<&mut GpuModel>,
     tok: &crate::source::tokenizer::Tokenizer,
@@ -276,7 +276,7 @@ fn eval_ni(
     if !dir.exists() {
         return Err(MasaError::Invalid(format!("{}: task data missing; run `masa fetch tasks`", dir.display())));
     }
-    let subs = data::read_natural_instructions(&dir)?;
+    let subs = data::read_generation_subtasks(&dir)?;
     let mut work = Vec::new();
     for s in &subs {
         for (i, (input, targets)) in s.examples.iter().enumerate().filter(|(i, _)| opt.split.keeps(&s.name, *i)).take(per_subtask.unwrap_or(usize::MAX)) {
@@ -303,7 +303,7 @@ fn eval_ni(
     Ok(json!({
         "n_items": scores.len(),
         "n_subtasks": per.len(),
-        "source": {"dir": dir.display().to_string(), "package": format!("{}=={}", data::BIGBENCH.package, data::BIGBENCH.version)},
+        "source": {"dir": dir.display().to_string(), "package": spec.package.map(|p| format!("{}=={}", p.package, p.version))},
         "metrics": {
             "rouge_l": mean,
             "rouge_l_stderr": se,
@@ -346,9 +346,9 @@ fn eval_ppl(model: &Transformer, gpu: Option<&mut GpuModel>, tok: &crate::source
 
 /// Supervised fine-tuning pairs `(prompt, response)` of a task's **training** part (the test part
 /// is never trained on), in the exact prompt format the evaluation scores: multiple choice gives
-/// the gold choice's context and continuation; Natural Instructions the prompt of
-/// [`generation::ni_prompt`] and `" " + first target`. `limit`: at most this many pairs (per
-/// subtask for natural_instructions).
+/// the gold choice's context and continuation; a generation task the prompt of
+/// [`generation::instruction_prompt`] and `" " + first target`. `limit`: at most this many pairs
+/// (per subtask for a generation task).
 pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, String)>> {
     if limit == Some(0) {
         return Err(MasaError::Invalid("--limit 0: fine-tuning on no examples; give a positive number, or leave it out for all".into()));
@@ -371,13 +371,13 @@ pub fn finetune_pairs(task: &str, limit: Option<usize>) -> Result<Vec<(String, S
         }
         data::TaskKind::Generation => {
             let dir = data::task_path(spec);
-            let subs = data::read_natural_instructions(&dir)?;
+            let subs = data::read_generation_subtasks(&dir)?;
             let mut out = Vec::new();
             for s in &subs {
                 let train = s.examples.iter().enumerate().filter(|(i, _)| TaskSplit::Train.keeps(&s.name, *i));
                 for (_, (input, targets)) in train.take(limit.unwrap_or(usize::MAX)) {
                     if let Some(t) = targets.first() {
-                        out.push((generation::ni_prompt(&s.definition, input), format!(" {}", t.trim())));
+                        out.push((generation::instruction_prompt(&s.definition, input), format!(" {}", t.trim())));
                     }
                 }
             }

@@ -82,11 +82,16 @@ impl<'a> Ctx<'a> {
         if spec.corpus.iter().any(|c| c == "default") {
             crate::corpus::fetch_default_corpus(true)?;
         }
-        if !spec.finetune.tasks.is_empty() {
-            let missing = spec.finetune.tasks.iter().any(|t| crate::eval::data::find_task(&t.name).and_then(crate::eval::data::check_available).is_err());
-            if missing {
-                crate::eval::data::fetch_tasks()?;
-            }
+        // The evaluation data of the spec's tasks and nothing else, before any compute.
+        let missing: Vec<&str> = spec
+            .finetune
+            .tasks
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|t| crate::eval::data::find_task(t).and_then(crate::eval::data::check_available).is_err())
+            .collect();
+        if !missing.is_empty() {
+            crate::eval::data::fetch_tasks(&missing)?;
         }
         let source_hash = source.fingerprint()?;
         let corpus = spec.corpus_paths();

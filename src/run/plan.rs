@@ -290,9 +290,12 @@ pub(crate) fn job_seconds(spec: &Spec, j: &TrainingJob, vocab: usize, with_teach
     pre + teacher + 6.0 * n * ft_tokens / TRAIN_FLOPS_PER_S
 }
 
-/// Fine-tuning examples a task spec asks for (natural_instructions counts per subtask).
+/// Fine-tuning examples a task spec asks for (a generation task counts per subtask).
 fn finetune_examples(t: &TaskSpec) -> usize {
-    if t.name == "natural_instructions" { t.examples * 61 } else { t.examples }
+    match crate::eval::data::find_task(&t.name) {
+        Ok(s) if s.kind == crate::eval::data::TaskKind::Generation => t.examples * crate::eval::data::INSTRUCT_QA.len(),
+        _ => t.examples,
+    }
 }
 
 /// Cost estimate of a plan: work per stage and seconds at the rates above.

@@ -141,7 +141,7 @@ pub struct TrainingRun {
     pub curve: Vec<CurvePoint>,
     pub train_seconds: f64,
     pub train_tokens_per_s: f64,
-    /// Fine-tuned downstream scores, by task name (`piqa`, `natural_instructions`, ...).
+    /// Fine-tuned downstream scores, by task name (`piqa`, `instruct_qa`, ...).
     pub downstream: BTreeMap<String, TaskScore>,
     /// Finished stages of this run: `init`, `train`, `finetune:<task>`, `eval:<task>`.
     pub done: Vec<String>,
@@ -228,10 +228,11 @@ pub fn notes(spec: &Spec, arch: Arch, tensors: &[TensorEntry]) -> Vec<String> {
     if tasks.contains("mmlu_professional_law") {
         notes.push("CaseHOLD is not obtainable: MMLU professional_law stands in for it.".into());
     }
-    if tasks.contains("natural_instructions") {
+    if tasks.contains("instruct_qa") {
         notes.push(
-            "Dolly-15k, full Super-NaturalInstructions, Unnatural Instructions, Self-Instruct and Vicuna-80 are not obtainable: \
-             BIG-bench's 61 Natural Instructions subtasks stand in for the instruction data."
+            "Dolly-15k, Super-NaturalInstructions, Natural Instructions, Unnatural Instructions, Self-Instruct and Vicuna-80 are not obtainable: \
+             instruct_qa (answer generation on SQuAD, DROP, Natural Questions and Jeopardy!, in the S-NI definition + input format, Rouge-L) \
+             stands in for the instruction data (docs/evaluation.md)."
                 .into(),
         );
     }

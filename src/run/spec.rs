@@ -322,11 +322,11 @@ impl Default for FinetuneSpec {
 }
 
 /// One downstream task: fine-tune on `examples` of its training part, score `eval_limit` test
-/// items (natural_instructions: both per subtask, of 61).
+/// items (a generation task: both per subtask; instruct_qa has 4).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// A `masa eval` task name (piqa, hellaswag, natural_instructions, ...).
+    /// A `masa eval` task name (piqa, hellaswag, instruct_qa, ...).
     pub name: String,
     pub examples: usize,
     pub eval_limit: usize,

@@ -101,10 +101,10 @@ pub fn curve(out: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
         .collect()
 }
 
-/// A Natural Instructions subtask under `home` (a `MASA_HOME`): 48 examples of "repeat the first
+/// An instruct_qa subtask under `home` (a `MASA_HOME`): 48 examples of "repeat the first
 /// word", for runs that fine-tune and generate without the real task data.
 pub fn write_repeat_task(home: &Path) {
-    let ni = home.join("tasks/natural_instructions/subtask001_repeat");
+    let ni = home.join("tasks/instruct_qa/subtask001_repeat");
     std::fs::create_dir_all(&ni).unwrap();
     let words = ["apple", "pear", "fig", "plum", "kiwi", "lime", "date", "yam"];
     let examples: Vec<serde_json::Value> =
