@@ -384,7 +384,7 @@ pub fn pinned_assets() -> Vec<(Pin, String)> {
         }
     }
     for p in crate::eval::data::PACKAGES {
-        let tasks: Vec<&str> = crate::eval::data::TASKS.iter().filter(|t| t.package.is_some_and(|q| std::ptr::eq(q, *p))).map(|t| t.name).collect();
+        let tasks: Vec<&str> = crate::eval::data::TASKS.iter().filter(|t| t.package.is_some_and(|q| q.package == p.package)).map(|t| t.name).collect();
         out.push((Pin::Pip { package: p.package.into(), version: p.version.into() }, format!("tasks {}", tasks.join(", "))));
     }
     for (domain, pkgs) in crate::corpus::DEFAULT_DOMAINS {

@@ -1154,3 +1154,47 @@ fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
     );
     assert!(!dir.path().join("student").exists());
 }
+
+/// The RoPE base is read where transformers 5 writes it (`rope_parameters`, per layer type for
+/// Gemma 3) as well as at the top level; scaled RoPE (`rope_type` other than `default`, in
+/// `rope_parameters` or in the older `rope_scaling`) and two disagreeing bases are refused
+/// naming the field, never read with the field silently ignored.
+#[test]
+fn rope_parameters_are_read_and_scaled_rope_is_refused() {
+    use masa::source::ModelConfig;
+    let path = Path::new("/models/x/config.json");
+    let llama = |extra: serde_json::Value| {
+        let mut c = json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_hf_config(path, &c)
+    };
+    // transformers 5 (SmolLM2 saved by 5.25), the older top-level key, both agreeing, neither.
+    assert_eq!(llama(json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})).unwrap().rope_theta, 100000.0);
+    assert_eq!(llama(json!({"rope_theta": 50000.0})).unwrap().rope_theta, 50000.0);
+    assert_eq!(llama(json!({"rope_theta": 50000.0, "rope_parameters": {"rope_theta": 50000.0, "rope_type": "default"}})).unwrap().rope_theta, 50000.0);
+    assert_eq!(llama(json!({"rope_scaling": null})).unwrap().rope_theta, 10000.0);
+    let err = |v: serde_json::Value| llama(v).unwrap_err().to_string();
+    let e = err(json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}}));
+    assert!(e.contains("config.json") && e.contains("`rope_parameters`") && e.contains("`llama3` is not supported"), "{e}");
+    let e = err(json!({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}));
+    assert!(e.contains("`rope_scaling`") && e.contains("`linear`"), "{e}");
+    let e = err(json!({"rope_theta": 10000.0, "rope_parameters": {"rope_theta": 100000.0}}));
+    assert!(e.contains("rope_parameters.rope_theta") && e.contains("disagrees"), "{e}");
+    let e = err(json!({"rope_parameters": {"rope_theta": "fast"}}));
+    assert!(e.contains("rope_parameters.rope_theta") && e.contains("expected a number"), "{e}");
+
+    // Gemma 3 in transformers 5: one entry per layer type; local and global bases apart.
+    let gemma = |rope: serde_json::Value| {
+        let c = json!({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4,
+            "rope_parameters": rope});
+        ModelConfig::from_hf_config(path, &c)
+    };
+    let c = gemma(json!({"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"}, "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}})).unwrap();
+    assert_eq!((c.rope_theta, c.rope_local_theta), (1000000.0, Some(10000.0)));
+    let e = gemma(json!({"full_attention": {"rope_theta": 1000000.0, "rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_theta": 10000.0}}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rope_parameters.full_attention") && e.contains("`linear`"), "{e}");
+}

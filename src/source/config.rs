@@ -245,7 +245,16 @@ impl ModelConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rope_theta: g.opt_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_theta: {
+                // llama.cpp writes `rope.scaling.type` (none, linear, yarn, ...) for scaled RoPE;
+                // masa implements the unscaled one only.
+                if let Some(t) = g.opt_str(&k("rope.scaling.type"))? {
+                    if t != "none" {
+                        return Err(MasaError::unsupported(&g.path, "RoPE scaling", format!("`{t}` ({}); masa implements the unscaled RoPE only", k("rope.scaling.type"))));
+                    }
+                }
+                g.opt_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0)
+            },
             rope_local_theta: gemma.then_some(10_000.0),
             norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
             norm: if gemma { NormKind::RmsOnePlus } else { NormKind::Rms },
@@ -332,8 +341,8 @@ impl ModelConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rope_local_theta: if gemma { Some(f.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
+            rope_theta: f.rope_theta("full_attention", "rope_theta")?.unwrap_or(10_000.0),
+            rope_local_theta: if gemma { Some(f.rope_theta("sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
             norm_eps: match arch {
                 // `OlmoLayerNorm` hard-codes eps = 1e-5 and reads no config field.
                 Arch::Olmo => 1e-5,
@@ -385,6 +394,62 @@ struct HfFields<'a> {
 impl HfFields<'_> {
     fn present(&self, key: &str) -> Option<&serde_json::Value> {
         self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    /// The RoPE base, from the top-level key `old` (transformers ≤ 4) or from `rope_parameters`
+    /// (transformers 5: `{"rope_theta": ..., "rope_type": ...}`, or for Gemma 3 one such object
+    /// per layer type, of which `layer_type`'s is read). masa implements only the unscaled
+    /// ("default") RoPE: any other `rope_type`, or a `rope_scaling` object (the older key for
+    /// the same thing), is refused naming the field, never silently ignored. Two different
+    /// bases in the two places are an error too.
+    fn rope_theta(&self, layer_type: &str, old: &str) -> Result<Option<f64>> {
+        let check_type = |field: &str, v: &serde_json::Value| -> Result<()> {
+            let ty = v.get("rope_type").or_else(|| v.get("type")).filter(|t| !t.is_null());
+            match ty.map(|t| t.as_str()) {
+                None | Some(Some("default")) => Ok(()),
+                Some(Some(other)) => Err(MasaError::field(
+                    self.path,
+                    field,
+                    format!(
+                        "RoPE scaling `{other}` is not supported: masa implements the unscaled (`default`) RoPE only, \
+                         so this model's positions would be encoded wrongly; remove the scaling only if the checkpoint was trained without it"
+                    ),
+                )),
+                Some(None) => Err(MasaError::field(self.path, field, format!("expected a string rope_type, found {v}"))),
+            }
+        };
+        if let Some(scaling) = self.present("rope_scaling") {
+            let scaled = |v: &serde_json::Value| v.as_object().is_some_and(|o| !o.is_empty());
+            if scaled(scaling) {
+                // Gemma 3 style: one object per layer type.
+                match scaling.get(layer_type) {
+                    Some(v) if scaled(v) => check_type(&format!("rope_scaling.{layer_type}"), v)?,
+                    _ => check_type("rope_scaling", scaling)?,
+                }
+            }
+        }
+        let top = self.opt_f64(old)?;
+        let Some(params) = self.present("rope_parameters") else { return Ok(top) };
+        let (field, params) = match params.get(layer_type).filter(|v| v.is_object()) {
+            Some(v) => (format!("rope_parameters.{layer_type}"), v),
+            None => ("rope_parameters".to_string(), params),
+        };
+        if !params.is_object() {
+            return Err(MasaError::field(self.path, &field, format!("expected an object, found {params}")));
+        }
+        check_type(&field, params)?;
+        let nested = match params.get("rope_theta").filter(|v| !v.is_null()) {
+            None => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| MasaError::field(self.path, format!("{field}.rope_theta"), format!("expected a number, found {v}")))?),
+        };
+        match (top, nested) {
+            (Some(a), Some(b)) if a != b => Err(MasaError::field(
+                self.path,
+                format!("{field}.rope_theta"),
+                format!("{b} disagrees with the top-level `{old}` {a}; say the RoPE base once"),
+            )),
+            (a, b) => Ok(b.or(a)),
+        }
     }
     fn usize(&self, key: &str) -> Result<usize> {
         self.opt_usize(key)?.ok_or_else(|| MasaError::field(self.path, key, "required field is missing"))

@@ -91,6 +91,10 @@ impl GgufFile {
         if self.content.metadata.contains_key(key) { self.get_f64(key).map(Some) } else { Ok(None) }
     }
 
+    pub fn opt_str(&self, key: &str) -> Result<Option<String>> {
+        if self.content.metadata.contains_key(key) { self.get_str(key).map(Some) } else { Ok(None) }
+    }
+
     /// Tensor shape in PyTorch order (`(out, in)` for matrices) and GGML type.
     pub fn tensor_info(&self, gguf_name: &str) -> Option<(Vec<usize>, GgmlDType)> {
         self.content.tensor_infos.get(gguf_name).map(|ti| (ti.shape.dims().to_vec(), ti.ggml_dtype))
