@@ -182,11 +182,13 @@ enum Command {
         /// Minibatch mode: the calibration stream to replay (same options as `masa calibrate`).
         #[command(flatten)]
         stream: StreamArgs,
-        /// Minibatch mode: passes over the tokens, Adam learning rate.
+        /// Minibatch mode: passes over the calibration tokens.
         #[arg(long, default_value_t = 10)]
         epochs: usize,
+        /// Minibatch mode: Adam learning rate.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
+        /// The gene file to write (safetensors), with its report beside it (`.report.json`).
         #[arg(long)]
         out: PathBuf,
     },

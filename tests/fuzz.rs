@@ -388,7 +388,9 @@ fn mutated_files_give_errors_never_panics_or_hangs() {
     let budget = env_u64("MASA_FUZZ_SECS").map(Duration::from_secs);
     let cases = env_u64("MASA_FUZZ_CASES").unwrap_or(320);
     let only = env_u64("MASA_FUZZ_CASE");
-    let failures_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz-failures");
+    // Cargo's target directory (CARGO_TARGET_DIR, relative to the repository root, or target/).
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    let failures_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(target).join("fuzz-failures");
     let start = Instant::now();
     let mut counts = std::collections::BTreeMap::<String, [u64; 4]>::new();
     let mut failures = Vec::new();
