@@ -492,3 +492,35 @@ fn a_run_fetches_only_the_task_data_its_spec_needs_before_any_compute() {
     let downloaded: Vec<_> = std::fs::read_dir(d.join("home/downloads/tasks")).map(|r| r.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
     assert!(downloaded.is_empty(), "a package was fetched: {downloaded:?}");
 }
+
+/// With stderr in a file or pipe (not a terminal), the progress bars become plain log lines
+/// with the time since start, step/total, loss, rate and ETA: the first drawing of a bar at
+/// once, then at most every `MASA_PROGRESS_EVERY` seconds (here 0: every redraw, ≤ 1 per s).
+#[test]
+fn progress_reaches_a_log_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_scratch_student(&d.join("st"), &small_config(), 3);
+    write_corpus(&d.join("c.jsonl"), 40);
+    let train = |every: Option<&str>, out: &str| {
+        let mut c = Command::new(MASA);
+        c.args(["--threads", "1", "train"]).arg(d.join("st")).arg("--corpus").arg(d.join("c.jsonl")).arg("--out").arg(d.join(out));
+        c.args(["--tokens", "65536", "--batch", "4", "--seq", "32", "--warmup", "0", "--eval-seqs", "1"]).env("MASA_HOME", d.join("home"));
+        match every {
+            Some(e) => c.env("MASA_PROGRESS_EVERY", e),
+            None => c.env_remove("MASA_PROGRESS_EVERY"),
+        };
+        let out = run_within(c, Duration::from_secs(300));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let is_progress = |l: &&str| l.starts_with("[00:") && l.contains("step ") && l.contains(" loss ") && l.contains(" tok ") && l.contains("/s eta ");
+    let log = train(Some("0"), "every");
+    let lines: Vec<&str> = log.lines().filter(is_progress).collect();
+    assert!(lines.len() >= 2, "expected progress lines every redraw:\n{log}");
+    assert!(lines.iter().any(|l| l.contains("/512 ")), "the step total is shown:\n{log}");
+    assert!(!log.contains('\r') && !log.contains("\u{1b}["), "terminal control characters in a log:\n{log:?}");
+    // The default interval (30 s) still writes the bar's first drawing at once.
+    let log = train(None, "default");
+    assert!(log.lines().filter(is_progress).count() >= 1, "{log}");
+}
