@@ -505,7 +505,7 @@ fn progress_reaches_a_log_when_stderr_is_not_a_terminal() {
     let train = |every: Option<&str>, out: &str| {
         let mut c = Command::new(MASA);
         c.args(["--threads", "1", "train"]).arg(d.join("st")).arg("--corpus").arg(d.join("c.jsonl")).arg("--out").arg(d.join(out));
-        c.args(["--tokens", "65536", "--batch", "4", "--seq", "32", "--warmup", "0", "--eval-seqs", "1"]).env("MASA_HOME", d.join("home"));
+        c.args(["--tokens", "262144", "--batch", "4", "--seq", "32", "--warmup", "0", "--eval-seqs", "1"]).env("MASA_HOME", d.join("home"));
         match every {
             Some(e) => c.env("MASA_PROGRESS_EVERY", e),
             None => c.env_remove("MASA_PROGRESS_EVERY"),
@@ -514,11 +514,13 @@ fn progress_reaches_a_log_when_stderr_is_not_a_terminal() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let is_progress = |l: &&str| l.starts_with("[00:") && l.contains("step ") && l.contains(" loss ") && l.contains(" tok ") && l.contains("/s eta ");
+    // A line of the training bar: "[hh:mm:ss] train [...] 128/262,144 tok 5,000/s eta 9s", with
+    // "step N/2048 loss L" in place of "train" once a step is done.
+    let is_progress = |l: &&str| l.starts_with("[00:") && (l.contains("] train [") || l.contains("] step ")) && l.contains(" tok ") && l.contains("/s eta ");
     let log = train(Some("0"), "every");
     let lines: Vec<&str> = log.lines().filter(is_progress).collect();
     assert!(lines.len() >= 2, "expected progress lines every redraw:\n{log}");
-    assert!(lines.iter().any(|l| l.contains("/512 ")), "the step total is shown:\n{log}");
+    assert!(lines.iter().any(|l| l.contains("] step ") && l.contains("/2048 loss ")), "step/total and the loss are shown:\n{log}");
     assert!(!log.contains('\r') && !log.contains("\u{1b}["), "terminal control characters in a log:\n{log:?}");
     // The default interval (30 s) still writes the bar's first drawing at once.
     let log = train(None, "default");
