@@ -956,8 +956,9 @@ fn cmd_fetch(what: &[String], check: bool) -> Result<()> {
                     fetch::fetch_model(m)?;
                 }
                 None => anyhow::bail!(
-                    "unknown asset `{name}`; known: models, corpus, tasks, {}",
-                    fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                    "unknown asset `{name}`; known: models, corpus, tasks, a model ({}) or a task ({})",
+                    fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+                    masa::eval::data::fetchable_tasks().join(", ")
                 ),
             },
         }
