@@ -342,6 +342,14 @@ struct InitArgs {
     /// Expansion of genes to wider matrices: cyclic or none (refuse).
     #[arg(long, default_value = "cyclic")]
     expand: masa::init::Expand,
+    /// Separation of repeated neurons (cyclic expansion past 2r, or --coupled): a in (0, 1]
+    /// mixes each copy's weights with noise of the same norm (cosine to the original ≈ √(1−a²)).
+    #[arg(long, default_value_t = masa::init::scale::DEFAULT_REPLICA_NOISE)]
+    replica_noise: f64,
+    /// The control `masa-rotated`: replace each gene by Q₁ M Q₂ with seeded random orthogonal
+    /// Q₁, Q₂ (its spectrum without the source's singular vectors) before adaptive scaling.
+    #[arg(long)]
+    rotate_genes: bool,
 }
 
 #[derive(Subcommand)]
@@ -743,6 +751,8 @@ fn run(cli: Cli) -> Result<()> {
                 gene_scale: a.gene_scale,
                 rest: a.rest,
                 expand: a.expand,
+                replica_noise: masa::limits::ratio("--replica-noise", a.replica_noise).map(|_| a.replica_noise)?,
+                rotate_genes: a.rotate_genes,
                 eep: (a.strategy == masa::init::Strategy::Eep).then(|| masa::init::eep::EepOptions {
                     population: a.eep_population,
                     generations: a.eep_generations,

@@ -227,8 +227,9 @@ fn every_strategy_is_deterministic_finite_and_scores() {
             assert_eq!(cfg["vocab_size"], V);
             assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
             assert_eq!(cfg["bos_token_id"], 1);
-            let inherits = matches!(s, "weight-selection" | "prune");
-            assert_eq!(cfg["rope_theta"].as_f64().unwrap(), if inherits { 5000.0 } else { 10000.0 }, "{s}");
+            // One architecture for every strategy: the student config's, never the source's
+            // RoPE base (5000) or norm epsilon (1e-6).
+            assert_eq!((cfg["rope_theta"].as_f64().unwrap(), cfg["rms_norm_eps"].as_f64().unwrap()), (10000.0, 1e-5), "{s}");
             let prov: serde_json::Value = serde_json::from_slice(&std::fs::read(req.out.join("masa.json")).unwrap()).unwrap();
             assert_eq!(prov["strategy"], s);
             assert_eq!(prov["seed"], 3);
@@ -337,6 +338,101 @@ fn default_adaptive_scaling_writes_the_principal_component_reconstruction() {
     }
 }
 
+/// The (gate row, up row, down column) of every neuron of student layer `l`, concatenated.
+fn neurons(t: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>, l: usize) -> Vec<Vec<f64>> {
+    let (gs, g) = &t[&format!("model.layers.{l}.mlp.gate_proj.weight")];
+    let (_, u) = &t[&format!("model.layers.{l}.mlp.up_proj.weight")];
+    let (_, d) = &t[&format!("model.layers.{l}.mlp.down_proj.weight")];
+    let (f, h) = (gs[0], gs[1]);
+    (0..f)
+        .map(|i| g[i * h..(i + 1) * h].iter().chain(&u[i * h..(i + 1) * h]).copied().chain((0..h).map(|j| d[j * f + i])).map(f64::from).collect())
+        .collect()
+}
+
+/// The largest cosine between two different neurons of a layer.
+fn max_twin_cosine(ns: &[Vec<f64>]) -> f64 {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mut max = f64::MIN;
+    for a in 0..ns.len() {
+        for b in 0..a {
+            assert_ne!(ns[a], ns[b], "neurons {b} and {a} are equal");
+            let dot: f64 = ns[a].iter().zip(&ns[b]).map(|(x, y)| x * y).sum();
+            max = max.max(dot / (norm(&ns[a]) * norm(&ns[b])));
+        }
+    }
+    max
+}
+
+/// Issue 31: expansion past 2r (here FFN 44 from genes of rank 12: plain cycling repeats the
+/// neurons 12..20 as 24..44, and `--coupled` repeats every neuron past r) leaves no two
+/// neurons equal and none with a twin at cosine > 0.9999, in default and coupled mode,
+/// and for the control; the rows up to r stay the paper's.
+#[test]
+fn masa_students_wider_than_2r_have_no_twin_neurons() {
+    let f = Fixture::new();
+    let r = 12;
+    let genes = f.genes(r, &f.hash());
+    let g = Genes::load(&genes).unwrap();
+    let wide = student_file(f.dir.path(), "wide.toml", "hidden_size = 16\nintermediate_size = 44\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n");
+    for (name, coupled, rotate) in [("default", false, false), ("coupled", true, false), ("rotated", false, true)] {
+        let mut opts = InitOptions::new(Strategy::Masa);
+        (opts.coupled, opts.rotate_genes, opts.gene_scale, opts.components) = (coupled, rotate, GeneScale::None, Some("all".parse().unwrap()));
+        let mut req = request(&f, &wide, &format!("wide-{name}"), opts);
+        req.genes = Some(genes.clone());
+        run(&req).unwrap();
+        let t = tensors(&req.out);
+        for l in 0..2 {
+            let cos = max_twin_cosine(&neurons(&t, l));
+            assert!(cos < 0.9999, "{name}, layer {l}: a neuron has a twin at cosine {cos}");
+        }
+        let prov: serde_json::Value = serde_json::from_slice(&std::fs::read(req.out.join("masa.json")).unwrap()).unwrap();
+        let separated = prov["init"]["matrices"][0]["genes"][0]["repeated_neurons_separated"].as_u64().unwrap();
+        assert!(separated >= 44 - 2 * r as u64, "{name}: {separated} separated");
+        if !rotate {
+            // r' = r, no gene scale: the first r neurons are the gene's rows, untouched.
+            let m = gene(&g, 0, "gate_proj");
+            let w = &t["model.layers.0.mlp.gate_proj.weight"].1;
+            for i in 0..r {
+                for j in 0..r {
+                    assert!((w[i * 16 + j] as f64 - m[(i, j)]).abs() < 1e-4, "{name}: gate [{i},{j}]");
+                }
+            }
+        }
+    }
+}
+
+/// Issue 31: the hybrid's FFN reads and writes the source hidden channels its embeddings,
+/// attention and norms keep: student channel t is source channel hid[t], and gene coordinate
+/// hid[t] mod r is what stands for it under f_c and f_d.
+#[test]
+fn hybrid_ffn_uses_the_gene_coordinates_of_the_inherited_channels() {
+    let f = Fixture::new();
+    let r = 12;
+    let genes = f.genes(r, &f.hash());
+    let g = Genes::load(&genes).unwrap();
+    let mut opts = InitOptions::new(Strategy::Masa);
+    (opts.rest, opts.gene_scale, opts.components) = (Rest::WeightSelection, GeneScale::None, Some("all".parse().unwrap()));
+    let mut req = request(&f, &small_student(&f), "hybrid", opts);
+    req.genes = Some(genes);
+    run(&req).unwrap();
+    let t = tensors(&req.out);
+    let hid = masa::init::select::uniform_indices(H, 16, "x").unwrap();
+    // The embedding keeps source channels hid (weight selection's part)...
+    assert_eq!(t["model.embed_tokens.weight"].1, sub(&f.ck.get("model.embed_tokens.weight"), H, &(0..V).collect::<Vec<_>>(), &hid));
+    // ... and the FFN the gene coordinates those channels fold to (the first r neurons are the
+    // gene's rows at r' = r).
+    for (lt, ls) in [(0, 0), (1, 2)] {
+        let (mg, md) = (gene(&g, ls, "gate_proj"), gene(&g, ls, "down_proj"));
+        let (wg, wd) = (&t[&format!("model.layers.{lt}.mlp.gate_proj.weight")].1, &t[&format!("model.layers.{lt}.mlp.down_proj.weight")].1);
+        for i in 0..r {
+            for (j, &c) in hid.iter().enumerate() {
+                assert!((wg[i * 16 + j] as f64 - mg[(i, c % r)]).abs() < 1e-4, "layer {lt} gate [{i},{j}]");
+                assert!((wd[j * 20 + i] as f64 - md[(c % r, i)]).abs() < 1e-4, "layer {lt} down [{j},{i}]");
+            }
+        }
+    }
+}
+
 #[test]
 fn naive_truncates_and_pads_with_scratch() {
     let f = Fixture::new();
@@ -441,7 +537,7 @@ fn same_shape_selection_and_pruning_are_the_identity_on_the_tiny_source() {
     let same = student_file(
         f.dir.path(),
         "same.toml",
-        &format!("hidden_size = {H}\nintermediate_size = {F}\nnum_hidden_layers = {L}\nnum_attention_heads = 4\nnum_key_value_heads = 2\n"),
+        &format!("hidden_size = {H}\nintermediate_size = {F}\nnum_hidden_layers = {L}\nnum_attention_heads = 4\nnum_key_value_heads = 2\nrope_theta = 5000.0\nrms_norm_eps = 1e-6\n"),
     );
     let stats = f.stats(&(0..H).map(|c| ((c * 13) % 7) as f64).collect::<Vec<_>>(), |l| (0..F).map(|i| ((i + l) % 5) as f64).collect());
     let want = mean_nll(&f.source(), &tiny_texts());
@@ -479,12 +575,15 @@ fn bad_inputs_are_clear_errors() {
     req.genes = Some(f.genes(12, &f.hash()));
     let e = err(&req);
     assert!(e.contains("without expansion") && e.contains("r = 12"), "{e}");
-    // --components beyond the rank.
+    // --components beyond a gene's rank is capped at it, as the default is (one resolution of
+    // r' for every variant), and masa.json says what was used.
     let mut o = InitOptions::new(Strategy::Masa);
     o.components = Some(masa::init::scale::Components::Rank(13));
-    let mut req = request(&f, &student, "x", o);
+    let mut req = request(&f, &student, "capped", o);
     req.genes = Some(f.genes(12, &f.hash()));
-    assert!(err(&req).contains("--components 13"));
+    run(&req).unwrap();
+    let prov: serde_json::Value = serde_json::from_slice(&std::fs::read(req.out.join("masa.json")).unwrap()).unwrap();
+    assert_eq!(prov["init"]["matrices"][0]["genes"][0]["components"], 12);
     // Unknown preset.
     let e = err(&request(&f, "cpu-7l-999", "x", InitOptions::new(Strategy::Scratch)));
     assert!(e.contains("unknown student preset `cpu-7l-999`") && e.contains("cpu-6l-256"), "{e}");
@@ -557,7 +656,7 @@ fn smollm2_same_shape_selection_is_the_identity() {
     let student = student_file(
         dir.path(),
         "smol.toml",
-        "hidden_size = 576\nintermediate_size = 1536\nnum_hidden_layers = 30\nnum_attention_heads = 9\nnum_key_value_heads = 3\n",
+        "hidden_size = 576\nintermediate_size = 1536\nnum_hidden_layers = 30\nnum_attention_heads = 9\nnum_key_value_heads = 3\nrope_theta = 100000.0\nrms_norm_eps = 1e-5\n",
     );
     let texts: Vec<String> = vec!["The quick brown fox jumps over the lazy dog.".into(), "fn main() { println!(\"hi\"); }".into()];
     let score = |p: &Path| -> Vec<f32> {

@@ -11,9 +11,10 @@
 //!   evolutionary search ([`eep`]), the paper's pruning baseline for MoE sources.
 //!
 //! The student always uses the source tokenizer and vocabulary (`vocab_size` = the source's
-//! embedding rows). Strategies that inherit weights beyond the FFN (`weight-selection`, `prune`,
-//! `--rest weight-selection`) also copy the source's `rope_theta` and `rms_norm_eps`, so with a
-//! student of exactly the source's shape they reproduce the source. Sources that are not
+//! embedding rows). Nothing else of its config depends on the strategy: every arm of a
+//! comparison is the same architecture (RoPE base, norm epsilon, ... as the student config
+//! says; set `rope_theta` and `rms_norm_eps` to the source's there to reproduce a source of the
+//! student's shape by weight selection). Sources that are not
 //! Llama-like are mapped as far as a Llama student can hold them: (1+w) norms become `1+w`,
 //! parameter-free norms become ones, attention biases, q/k norms, post-norms and Gemma's
 //! embedding scale are dropped, and the activation becomes SiLU.
@@ -95,7 +96,7 @@ cli_enum!(
     Expand { Cyclic = "cyclic", None = "none" }
 );
 
-/// `r'` when `--components` is not given: 64 components (at most the gene's rank), the best of
+/// `r'` when `--components` is not given: 64 components (capped at each gene's rank), the best of
 /// the measured settings (docs/scaling.md; r' = r, the former default, makes Eq. 6's scores
 /// all equal).
 pub const DEFAULT_COMPONENTS: scale::Components = scale::Components::Rank(64);
@@ -115,6 +116,11 @@ pub struct InitOptions {
     pub gene_scale: GeneScale,
     pub rest: Rest,
     pub expand: Expand,
+    /// `a` of the separation of repeated neurons ([`scale::separate`]), in (0, 1].
+    pub replica_noise: f64,
+    /// The `masa-rotated` control: each gene replaced by `Q₁ M Q₂` with seeded random
+    /// orthogonal `Q₁`, `Q₂` ([`scale::rotate`]) before adaptive scaling.
+    pub rotate_genes: bool,
     /// EEP's search (`eep` only; `None`: [`eep::EepOptions::default`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eep: Option<eep::EepOptions>,
@@ -131,6 +137,8 @@ impl InitOptions {
             gene_scale: GeneScale::Frobenius,
             rest: Rest::Scratch,
             expand: Expand::Cyclic,
+            replica_noise: scale::DEFAULT_REPLICA_NOISE,
+            rotate_genes: false,
             eep: None,
         }
     }
@@ -147,6 +155,12 @@ impl InitOptions {
             _ => self.eep.clone(),
         };
         InitOptions { components, eep, ..self.clone() }
+    }
+
+    /// r' for a gene of rank `r`: the option or [`DEFAULT_COMPONENTS`], capped at `r`. The one
+    /// place r' is resolved, for the default and every variant alike.
+    pub fn components_for(&self, r: usize) -> scale::Components {
+        self.components.unwrap_or(DEFAULT_COMPONENTS).capped(r)
     }
 
     pub fn layer_map(&self) -> LayerMap {
@@ -195,9 +209,9 @@ pub fn map_layers(l_t: usize, l_s: usize, map: LayerMap) -> Result<Vec<usize>> {
     }
 }
 
-/// The student config as built for a source: the source vocabulary and special tokens, and
-/// for inheriting strategies its RoPE base and norm epsilon.
-pub fn student_for_source(student: &StudentConfig, source: &SourceModel, inherit: bool) -> Result<StudentConfig> {
+/// The student config as built for a source: the source vocabulary and special tokens; every
+/// other field as `student` says, whatever the strategy (one architecture per comparison).
+pub fn student_for_source(student: &StudentConfig, source: &SourceModel) -> Result<StudentConfig> {
     let sc = &source.weights.config;
     let mut cfg = student.clone();
     if cfg.vocab_size != 0 && cfg.vocab_size != sc.vocab_size {
@@ -209,17 +223,8 @@ pub fn student_for_source(student: &StudentConfig, source: &SourceModel, inherit
     cfg.vocab_size = sc.vocab_size;
     cfg.bos_token_id = sc.bos_token_id.or(source.tokenizer.bos_id());
     cfg.eos_token_id = sc.eos_token_id.or(source.tokenizer.eos_id());
-    if inherit {
-        // GGUF stores these as f32: write the shortest decimal of that f32 (1e-5, not 9.9999997e-6).
-        cfg.rope_theta = f32_decimal(sc.rope_theta);
-        cfg.rms_norm_eps = f32_decimal(sc.norm_eps);
-    }
     cfg.validate()?;
     Ok(cfg)
-}
-
-fn f32_decimal(x: f64) -> f64 {
-    (x as f32).to_string().parse().unwrap_or(x)
 }
 
 /// A built student: final config, tensors in `tensor_shapes()` order, and what was done.
@@ -243,7 +248,7 @@ pub fn build(
     calibration: &[crate::corpus::Batch],
     opts: &InitOptions,
 ) -> Result<Built> {
-    let cfg = student_for_source(student, source, opts.inherits_rest())?;
+    let cfg = student_for_source(student, source)?;
     let l_s = source.weights.config.num_hidden_layers;
     let map = map_layers(cfg.num_hidden_layers, l_s, opts.layer_map())?;
     let mut parts = Parts::new();
@@ -252,8 +257,13 @@ pub fn build(
         Strategy::Scratch => {}
         Strategy::Masa | Strategy::Naive => {
             let g = genes.ok_or_else(|| MasaError::Invalid(format!("--strategy {} needs --genes FILE", opts.strategy)))?;
-            record["matrices"] = gene_ffn(&cfg, g, &map, opts, &mut parts)?;
-            if opts.rest == Rest::WeightSelection {
+            // The hybrid's FFN reads and writes the hidden channels its inherited parts keep.
+            let hid = match opts.rest {
+                Rest::WeightSelection => Some(hidden_channels(&cfg, source, Selector::Uniform)?),
+                Rest::Scratch => None,
+            };
+            record["matrices"] = gene_ffn(&cfg, g, &map, opts, hid.as_deref(), &mut parts)?;
+            if hid.is_some() {
                 inherit(&cfg, source, &map, Selector::Uniform, Ffn::Keep, energies, &mut parts)?;
             }
         }
@@ -294,13 +304,14 @@ fn assemble(cfg: &StudentConfig, seed: u64, mut parts: Parts) -> Result<Vec<(Str
 const PROJS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 /// The FFN of every student layer from the genes of its mapped source layer: Sec. 3.2
-/// adaptive scaling ([`scale::adaptive_scale`], `masa`; with `--coupled` one joint selection of
-/// the intermediate dimension) or truncation/padding (`naive`), then `--gene-scale`. When the
-/// source layer has several gene sets (MoE: shared experts, kept routed experts;
-/// [`Genes::ffn_genes`]) the student's intermediate dimension is split into that many
-/// contiguous blocks, one per gene set in its order, each scaled to its block: the dense FFN is
-/// the concatenation of the experts, as an MoE layer's output is their (weighted) sum.
-fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOptions, parts: &mut Parts) -> Result<serde_json::Value> {
+/// adaptive scaling (`masa`, [`scaled_ffn`]) or truncation/padding (`naive`), then
+/// `--gene-scale`. `hidden`: the source hidden channels the student's inherited parts keep (the
+/// hybrid), so its FFN reads and writes the same ones. When the source layer has several gene
+/// sets (MoE: shared experts, kept routed experts; [`Genes::ffn_genes`]) the student's
+/// intermediate dimension is split into that many contiguous blocks, one per gene set in its
+/// order, each scaled to its block: the dense FFN is the concatenation of the experts, as an MoE
+/// layer's output is their (weighted) sum.
+fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOptions, hidden: Option<&[usize]>, parts: &mut Parts) -> Result<serde_json::Value> {
     let (h, f, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
     let mut rec = Vec::new();
     for (t, &ls) in map.iter().enumerate() {
@@ -327,37 +338,23 @@ fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOption
             let shapes = [(fb, h), (fb, h), (h, fb)];
             // Each matrix's new values as a row-major (rows, cols) piece placed at the top-left of
             // its block: all of it for `masa`, the gene's top-left corner for `naive`.
-            let mut components = [None; 3];
-            let pieces: Vec<(usize, usize, Vec<f64>)> = if opts.strategy == Strategy::Masa {
-                let svds: Vec<scale::GeneSvd> = ms.iter().map(|m| scale::gene_svd(m, opts.components.unwrap_or(DEFAULT_COMPONENTS.capped(m.nrows())))).collect::<Result<_>>()?;
-                components = [0, 1, 2].map(|k| Some(svds[k].sigma.len()));
-                // --coupled: one selection of the block's neurons, the rows of gate and up and
-                // the columns of down; otherwise each gene selects by its own scores.
-                let joint = if opts.coupled {
-                    let scores = scale::coupled_scores(&svds[0], &svds[1], &svds[2])
-                        .ok_or_else(|| MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank ({})", set.mlp)))?;
-                    Some(scale::select_rows(&scores, fb))
-                } else {
-                    None
-                };
-                let joint = joint.as_deref();
-                let overrides = [(joint, None), (joint, None), (None, joint)];
-                svds.iter()
-                    .zip(&shapes)
-                    .zip(overrides)
-                    .map(|((svd, &(p, q)), (rows, cols))| Ok((p, q, scale::adaptive_scale(svd, p, q, opts.expand == Expand::Cyclic, rows, cols)?)))
-                    .collect::<Result<_>>()?
+            let (pieces, detail): (Vec<(usize, usize, Vec<f64>)>, [serde_json::Value; 3]) = if opts.strategy == Strategy::Masa {
+                let label = format!("model.layers.{t}.mlp.{}", b0);
+                let (pieces, detail) = scaled_ffn(&ms, fb, h, opts, hidden, &set.mlp, &label)?;
+                (pieces.into_iter().zip(shapes).map(|(v, (p, q))| (p, q, v)).collect(), detail)
             } else {
                 // Ablation "w/o adaptive scaling": the gene's top-left corner, Scratch around it.
-                ms.iter()
+                let pieces = ms
+                    .iter()
                     .zip(&shapes)
                     .map(|(m, &(p, q))| {
                         let (bp, bq) = (p.min(m.nrows()), q.min(m.ncols()));
                         (bp, bq, (0..bp * bq).map(|x| m[(x / bq, x % bq)]).collect())
                     })
-                    .collect()
+                    .collect();
+                (pieces, Default::default())
             };
-            for (kk, (pr, pc, v)) in pieces.iter().enumerate() {
+            for (kk, ((pr, pc, v), detail)) in pieces.iter().zip(detail).enumerate() {
                 let fac = match opts.gene_scale {
                     GeneScale::Frobenius => scale::frobenius_factor(v.iter().copied(), v.len(), std),
                     GeneScale::None => 1.0,
@@ -369,9 +366,13 @@ fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOption
                     }
                 }
                 let span = if kk < 2 { "rows" } else { "columns" };
-                matrices[kk].push(serde_json::json!({
-                    "gene": genes::gene_key(&set.mlp, PROJS[kk]), span: [b0, b1], "rank": ms[kk].nrows(), "components": components[kk], "scale": fac, "shape": shapes[kk],
-                }));
+                let mut m = serde_json::json!({
+                    "gene": genes::gene_key(&set.mlp, PROJS[kk]), span: [b0, b1], "rank": ms[kk].nrows(), "scale": fac, "shape": shapes[kk],
+                });
+                if let (Some(o), Some(d)) = (m.as_object_mut(), detail.as_object()) {
+                    o.extend(d.clone());
+                }
+                matrices[kk].push(m);
             }
         }
         for ((name, data), genes_used) in names.into_iter().zip(full).zip(matrices) {
@@ -382,6 +383,77 @@ fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOption
     Ok(serde_json::Value::Array(rec))
 }
 
+/// Adaptive scaling (Sec. 3.2) of one FFN's genes `[gate, up, down]` to a block of `fb`
+/// neurons and `h` hidden channels: the values of gate (`fb × h`), up (`fb × h`) and down
+/// (`h × fb`), row-major, and per matrix what was done (for `masa.json`).
+///
+/// - Each gene's SVD keeps r' components ([`InitOptions::components_for`]); the control
+///   `masa-rotated` first replaces the gene by `Q₁ M Q₂` ([`scale::rotate`]).
+/// - Neurons (rows of gate and up, columns of down): each gene's own selection by its scores,
+///   or with `--coupled` one joint selection ([`scale::coupled_scores`]).
+/// - Hidden channels: each gene's own selection; for the hybrid (`hidden` given) the gene
+///   columns (gate, up) and rows (down) that source channels `hidden` fold to under f_c and f_d
+///   (Eq. (1)-(3): gene coordinate `c mod r` stands for source coordinate `c`).
+/// - A neuron that repeats an earlier one's gene rows in all three matrices is separated
+///   ([`scale::repeated_neurons`], [`scale::separate`] with `--replica-noise`).
+fn scaled_ffn(
+    ms: &[&faer::Mat<f64>; 3],
+    fb: usize,
+    h: usize,
+    opts: &InitOptions,
+    hidden: Option<&[usize]>,
+    mlp: &str,
+    label: &str,
+) -> Result<(Vec<Vec<f64>>, [serde_json::Value; 3])> {
+    let genes: Vec<faer::Mat<f64>> = ms
+        .iter()
+        .zip(PROJS)
+        .map(|(m, p)| if opts.rotate_genes { scale::rotate(m, opts.seed, &format!("{label}.{p}.rotate")) } else { (*m).clone() })
+        .collect();
+    let svds: Vec<scale::GeneSvd> = genes.iter().map(|m| scale::gene_svd(m, opts.components_for(m.nrows()))).collect::<Result<_>>()?;
+    for m in &genes {
+        scale::check_expansion(m.nrows(), fb, if hidden.is_some() { 0 } else { h }, opts.expand == Expand::Cyclic)?;
+    }
+    let own = |u: &faer::Mat<f64>, n: usize| scale::select_rows(&scale::row_scores(u), n);
+    let neurons: [Vec<usize>; 3] = if opts.coupled {
+        let scores = scale::coupled_scores(&svds[0], &svds[1], &svds[2])
+            .ok_or_else(|| MasaError::Invalid(format!("--coupled needs gate, up and down genes of one rank ({mlp})")))?;
+        let joint = scale::select_rows(&scores, fb);
+        [joint.clone(), joint.clone(), joint]
+    } else {
+        [own(&svds[0].u, fb), own(&svds[1].u, fb), own(&svds[2].v, fb)]
+    };
+    let channels: [Vec<usize>; 3] = match hidden {
+        Some(hid) => [0, 1, 2].map(|k| hid.iter().map(|&c| c % genes[k].nrows()).collect()),
+        None => [own(&svds[0].v, h), own(&svds[1].v, h), own(&svds[2].u, h)],
+    };
+    let mut pieces = vec![
+        scale::compose(&svds[0], &neurons[0], &channels[0]),
+        scale::compose(&svds[1], &neurons[1], &channels[1]),
+        scale::compose(&svds[2], &channels[2], &neurons[2]),
+    ];
+    let repeated = scale::repeated_neurons(&[&neurons[0], &neurons[1], &neurons[2]]);
+    for (i, _) in repeated.iter().enumerate().filter(|(_, &r)| r) {
+        for (kk, piece) in pieces.iter_mut().enumerate() {
+            let z = crate::rng::normal(opts.seed, &format!("{label}.{}.replica.{i}", PROJS[kk]), h, 1.0);
+            if kk < 2 {
+                scale::separate(&mut piece[i * h..(i + 1) * h], opts.replica_noise, &z);
+            } else {
+                let mut col: Vec<f64> = (0..h).map(|j| piece[j * fb + i]).collect();
+                scale::separate(&mut col, opts.replica_noise, &z);
+                for (j, v) in col.into_iter().enumerate() {
+                    piece[j * fb + i] = v;
+                }
+            }
+        }
+    }
+    let n_repeated = repeated.iter().filter(|&&r| r).count();
+    let detail = [0, 1, 2].map(|k| {
+        serde_json::json!({ "components": svds[k].sigma.len(), "repeated_neurons_separated": n_repeated, "rotated": opts.rotate_genes })
+    });
+    Ok((pieces, detail))
+}
+
 /// How `inherit` chooses what to keep.
 #[derive(Clone, Copy)]
 enum Selector<'a> {
@@ -389,6 +461,15 @@ enum Selector<'a> {
     Uniform,
     /// Pruning: highest activation energy / weight norm.
     Energy(&'a Energies),
+}
+
+/// The source hidden channels an inheriting student keeps, in order.
+fn hidden_channels(cfg: &StudentConfig, source: &SourceModel, selector: Selector) -> Result<Vec<usize>> {
+    let h_s = source.weights.config.hidden_size;
+    match selector {
+        Selector::Uniform => uniform_indices(h_s, cfg.hidden_size, "hidden channels"),
+        Selector::Energy(e) => top_k_in_order(&e.hidden, cfg.hidden_size, "hidden channels"),
+    }
 }
 
 /// A source RMSNorm weight as a Llama student's norm: `w`, `1 + w` for (1+w) norms, ones for
@@ -430,10 +511,7 @@ fn inherit(
 ) -> Result<serde_json::Value> {
     let sc = &source.weights.config;
     let w = &source.weights;
-    let hid = match selector {
-        Selector::Uniform => uniform_indices(sc.hidden_size, cfg.hidden_size, "hidden channels")?,
-        Selector::Energy(e) => top_k_in_order(&e.hidden, cfg.hidden_size, "hidden channels")?,
-    };
+    let hid = hidden_channels(cfg, source, selector)?;
     let src_heads = Heads { n: sc.num_attention_heads, kv: sc.num_key_value_heads, dim: sc.head_dim };
     let dst_heads = Heads { n: cfg.num_attention_heads, kv: cfg.num_key_value_heads, dim: cfg.head_dim() };
     let all_vocab: Vec<usize> = (0..sc.vocab_size).collect();

@@ -5,8 +5,10 @@
 //! placed by `masa init` itself.)
 //!
 //! design.md gives the equations of Sec. 3.2 no numbers, so the functions cite the section:
-//! SVD [`gene_svd`], scores [`row_scores`], selection [`select_rows`], composition [`compose`],
-//! and [`adaptive_scale`], the one function `masa init` calls per gene, built from them.
+//! SVD [`gene_svd`], scores [`row_scores`], selection [`select_rows`] and composition
+//! [`compose`], which `masa init` (`init::gene_ffn`) calls per gene. Beyond the paper: the
+//! separation of repeated neurons ([`repeated_neurons`], [`separate`]) and the `masa-rotated`
+//! control ([`rotate`]).
 
 use faer::Mat;
 
@@ -33,8 +35,9 @@ pub enum Components {
 }
 
 impl Components {
-    /// A count capped at the gene's rank `r` (how the default applies to small genes; an
-    /// explicit count beyond the rank stays an error).
+    /// A count capped at the gene's rank `r`: how every r' reaches a gene
+    /// ([`crate::init::InitOptions::components_for`]); [`gene_svd`] itself refuses a count
+    /// beyond the rank.
     pub fn capped(self, r: usize) -> Components {
         match self {
             Components::Rank(k) => Components::Rank(k.min(r)),
@@ -147,7 +150,8 @@ pub fn ranking(scores: &[f64]) -> Vec<usize> {
 /// Which `p` of the `r` rows make the target (Sec. 3.2; design.md "Adaptive scaling"): `p ≤ r`
 /// keeps the `p` highest-scoring rows in their original order (compression); `p > r` keeps all
 /// `r` and appends the highest scoring rows again, cycling through the ranking, until there
-/// are `p` (expansion).
+/// are `p` (expansion: the paper's rule for `p − r ≤ r`, cycled beyond it). A neuron that this
+/// makes a copy of another is separated afterwards ([`repeated_neurons`], [`separate`]).
 pub fn select_rows(scores: &[f64], p: usize) -> Vec<usize> {
     let r = scores.len();
     let rank = ranking(scores);
@@ -160,7 +164,10 @@ pub fn select_rows(scores: &[f64], p: usize) -> Vec<usize> {
     }
 }
 
-/// `M̂ = U_p Σ_{r'} V_qᵀ` (Sec. 3.2), row-major `p × q`, from the selected rows of U and V.
+/// `M̂ = U_p Σ_{r'} V_qᵀ` (Sec. 3.2), row-major `p × q`, from the selected rows of U (`rows`)
+/// and of V (`cols`): adaptive scaling of one gene once its selections are made
+/// ([`select_rows`]; `--coupled` shares one selection of the intermediate dimension,
+/// [`coupled_scores`]; the hybrid takes the columns its inherited hidden channels fold to).
 pub fn compose(svd: &GeneSvd, rows: &[usize], cols: &[usize]) -> Vec<f64> {
     let rp = svd.sigma.len();
     let us = Mat::from_fn(rows.len(), rp, |i, k| svd.u[(rows[i], k)] * svd.sigma[k]);
@@ -170,18 +177,50 @@ pub fn compose(svd: &GeneSvd, rows: &[usize], cols: &[usize]) -> Vec<f64> {
     (0..rows.len() * q).map(|x| m[(x / q, x % q)]).collect()
 }
 
-/// Adaptive scaling of one gene (Sec. 3.2; design.md gives this step no equation number): from
-/// its SVD ([`gene_svd`]), `M̂ = U_p Σ_{r'} V_qᵀ ∈ R^{p×q}`, row-major. The `p` rows of U are the
-/// gene's own choice by row score ([`row_scores`], [`select_rows`]) unless `rows` overrides it,
-/// and likewise the `q` rows of V with `cols`: `--coupled` passes one joint selection of the
-/// intermediate dimension as the rows of gate/up and the columns of down ([`coupled_scores`]).
-/// `expand = false` refuses `p > r` or `q > r` instead of replicating rows.
-pub fn adaptive_scale(svd: &GeneSvd, p: usize, q: usize, expand: bool, rows: Option<&[usize]>, cols: Option<&[usize]>) -> Result<Vec<f64>> {
-    check_expansion(svd.u.nrows(), p, q, expand)?;
-    let own = |u: &Mat<f64>, n: usize| select_rows(&row_scores(u), n);
-    let rows = rows.map_or_else(|| own(&svd.u, p), <[usize]>::to_vec);
-    let cols = cols.map_or_else(|| own(&svd.v, q), <[usize]>::to_vec);
-    Ok(compose(svd, &rows, &cols))
+/// The neurons of an FFN whose gate row, up row and down column come from the same gene rows
+/// as an earlier neuron's: `selections` holds, per matrix, the gene row each neuron takes
+/// (gate's and up's rows of U, down's rows of V). Expansion past `2r` (and `--coupled`
+/// expansion at any width) makes such copies; they would receive identical gradients and
+/// never separate.
+pub fn repeated_neurons(selections: &[&[usize]]) -> Vec<bool> {
+    let n = selections.first().map_or(0, |s| s.len());
+    let mut seen = std::collections::HashSet::new();
+    (0..n).map(|i| !seen.insert(selections.iter().map(|s| s[i]).collect::<Vec<_>>())).collect()
+}
+
+/// masa's extension beyond the paper (design.md "Adaptive scaling"): the weights `v` of a
+/// repeated neuron (its gate row, up row or down column) become
+/// `sqrt(1 − a²) · v + a · rms(v) · z` with `z ~ N(0, I)` (`noise`, seeded per neuron and
+/// matrix): the same expected norm, cosine ≈ `sqrt(1 − a²)` to the original. `a` is
+/// `--replica-noise` ([`DEFAULT_REPLICA_NOISE`], in (0, 1]; 1 keeps only the norm).
+pub fn separate(v: &mut [f64], a: f64, noise: &[f32]) {
+    let rms = (v.iter().map(|x| x * x).sum::<f64>() / v.len().max(1) as f64).sqrt();
+    let keep = (1.0 - a * a).max(0.0).sqrt();
+    for (x, z) in v.iter_mut().zip(noise) {
+        *x = keep * *x + a * rms * *z as f64;
+    }
+}
+
+/// `--replica-noise` when not given, chosen by measurement (docs/scaling.md "Repeated neurons").
+pub const DEFAULT_REPLICA_NOISE: f64 = 0.5;
+
+/// A seeded Haar-random orthogonal `r × r` matrix: the Q of the QR factorisation of a Gaussian
+/// matrix with its columns' signs fixed by R's diagonal (Mezzadri 2007), so the distribution is
+/// uniform over O(r).
+pub fn random_orthogonal(r: usize, seed: u64, label: &str) -> Mat<f64> {
+    let g = crate::rng::normal(seed, label, r * r, 1.0);
+    let qr = Mat::from_fn(r, r, |i, j| g[i * r + j] as f64).qr();
+    let (q, rr) = (qr.compute_Q(), qr.R());
+    Mat::from_fn(r, r, |i, j| if rr[(j, j)] < 0.0 { -q[(i, j)] } else { q[(i, j)] })
+}
+
+/// The `masa-rotated` control (issue 31): `Q₁ M Q₂` with seeded Haar-random orthogonal `Q₁`,
+/// `Q₂`: exactly M's singular values (spectrum, rank, norm) with singular vectors that carry no
+/// information from the source.
+pub fn rotate(m: &Mat<f64>, seed: u64, label: &str) -> Mat<f64> {
+    let r = m.nrows();
+    let (q1, q2) = (random_orthogonal(r, seed, &format!("{label}.q1")), random_orthogonal(r, seed, &format!("{label}.q2")));
+    &(&q1 * m) * &q2
 }
 
 /// `--coupled` (design.md "Adaptive scaling", an experiment, not the paper): one score per
@@ -231,7 +270,8 @@ mod tests {
     #[test]
     fn full_rank_identity_selection_gives_m_back() {
         let m = gene(7, 1);
-        let out = adaptive_scale(&gene_svd(&m, Components::All).unwrap(), 7, 7, true, None, None).unwrap();
+        let svd = gene_svd(&m, Components::All).unwrap();
+        let out = compose(&svd, &select_rows(&row_scores(&svd.u), 7), &select_rows(&row_scores(&svd.v), 7));
         for i in 0..7 {
             for j in 0..7 {
                 assert!((out[i * 7 + j] - m[(i, j)]).abs() < 1e-10);
@@ -276,7 +316,8 @@ mod tests {
     fn result_has_rank_at_most_components() {
         let m = gene(8, 3);
         let (p, q, rp) = (20, 13, 3);
-        let out = adaptive_scale(&gene_svd(&m, Components::Rank(rp)).unwrap(), p, q, true, None, None).unwrap();
+        let svd = gene_svd(&m, Components::Rank(rp)).unwrap();
+        let out = compose(&svd, &select_rows(&row_scores(&svd.u), p), &select_rows(&row_scores(&svd.v), q));
         let mh = Mat::from_fn(p, q, |i, j| out[i * q + j]);
         let s = mh.singular_values().unwrap();
         assert!(s[rp - 1] > 1e-6 * s[0]);
@@ -287,26 +328,60 @@ mod tests {
     fn components_beyond_rank_and_expansion_off_are_errors() {
         let m = gene(4, 4);
         assert!(gene_svd(&m, Components::Rank(5)).err().unwrap().to_string().contains("--components"));
-        let e = adaptive_scale(&gene_svd(&m, Components::All).unwrap(), 6, 4, false, None, None).unwrap_err().to_string();
+        let e = check_expansion(4, 6, 4, false).unwrap_err().to_string();
         assert!(e.contains("without expansion") && e.contains("r = 4"), "{e}");
     }
 
     #[test]
-    fn overridden_rows_and_columns_are_taken_as_given() {
-        // A selection passed in (coupled mode) replaces the gene's own, on either side; with
-        // r' = r, M̂ is then exactly that submatrix of M.
+    fn given_rows_and_columns_make_that_submatrix_at_full_rank() {
+        // With r' = r, M̂ is exactly the selected submatrix of M, repeats included.
         let m = gene(5, 5);
         let svd = gene_svd(&m, Components::All).unwrap();
         let (rows, cols) = ([4, 0, 4], [1, 3]);
-        let out = adaptive_scale(&svd, 3, 2, true, Some(&rows), Some(&cols)).unwrap();
+        let out = compose(&svd, &rows, &cols);
         for (i, &ri) in rows.iter().enumerate() {
             for (j, &cj) in cols.iter().enumerate() {
                 assert!((out[i * 2 + j] - m[(ri, cj)]).abs() < 1e-10);
             }
         }
-        // Only one side overridden: the other is the gene's own choice.
-        let own_cols = select_rows(&row_scores(&svd.v), 2);
-        assert_eq!(adaptive_scale(&svd, 3, 2, true, Some(&rows), None).unwrap(), compose(&svd, &rows, &own_cols));
+    }
+
+    /// A neuron repeats when all its matrices take the same gene rows as an earlier one; the
+    /// separation keeps the expected norm and leaves cosine ≈ sqrt(1 − a²).
+    #[test]
+    fn repeated_neurons_are_found_and_separated() {
+        let (g, u, d) = ([0, 1, 2, 0, 1, 0], [0, 1, 2, 1, 1, 0], [0, 1, 2, 0, 1, 0]);
+        assert_eq!(repeated_neurons(&[&g, &u, &d]), vec![false, false, false, false, true, true]);
+        let v: Vec<f64> = crate::rng::normal(3, "v", 4096, 1.0).iter().map(|&x| x as f64).collect();
+        for a in [0.05, 0.5, 1.0] {
+            let mut w = v.clone();
+            separate(&mut w, a, &crate::rng::normal(4, "z", 4096, 1.0));
+            let dot: f64 = v.iter().zip(&w).map(|(x, y)| x * y).sum();
+            let (nv, nw) = (v.iter().map(|x| x * x).sum::<f64>().sqrt(), w.iter().map(|x| x * x).sum::<f64>().sqrt());
+            assert!((nw / nv - 1.0).abs() < 0.05, "a = {a}: norm ratio {}", nw / nv);
+            assert!((dot / (nv * nw) - (1.0 - a * a).sqrt()).abs() < 0.05, "a = {a}: cosine {}", dot / (nv * nw));
+        }
+    }
+
+    /// The control keeps the gene's singular values exactly and draws new singular vectors:
+    /// Q is orthogonal, different seeds give different rotations.
+    #[test]
+    fn rotation_keeps_the_spectrum_and_nothing_else() {
+        let m = gene(12, 6);
+        let q = random_orthogonal(12, 1, "q");
+        let qtq = q.transpose() * &q;
+        for i in 0..12 {
+            for j in 0..12 {
+                assert!((qtq[(i, j)] - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+        let (a, b) = (rotate(&m, 1, "g"), rotate(&m, 2, "g"));
+        let (sm, sa) = (m.singular_values().unwrap(), a.singular_values().unwrap());
+        for k in 0..12 {
+            assert!((sm[k] - sa[k]).abs() < 1e-10 * sm[0]);
+        }
+        assert!((0..144).any(|x| (a[(x / 12, x % 12)] - b[(x / 12, x % 12)]).abs() > 1e-3));
+        assert!((0..144).any(|x| (a[(x / 12, x % 12)] - m[(x / 12, x % 12)]).abs() > 1e-3));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod aggregate;
 pub mod document;
 pub mod findings;
 pub mod format;
+pub mod paired;
 pub mod plots;
 pub mod tables;
 
@@ -103,6 +104,8 @@ pub fn build(r: &RunResults) -> Result<Report> {
     efficiency_section(&mut doc, &main)?;
     domains_section(&mut doc, &main);
     downstream_section(&mut doc, &main);
+    statistics_section(&mut doc, &all);
+    decision_section(&mut doc, &all, r);
     ablation_section(&mut doc, &all)?;
     ratio_section(&mut doc, &all, r)?;
     scaling_section(&mut doc, &all)?;
@@ -272,6 +275,116 @@ fn efficiency_section(doc: &mut Doc, main: &[&Cohort]) -> Result<()> {
         doc.figure(&format!("data-efficiency-{}", setting_slug(&s)), caption, &plot, plots::SIZE)?;
     }
     Ok(())
+}
+
+/// Each run's final mean validation loss by seed.
+fn final_losses(c: &Cohort) -> Vec<(u64, f64)> {
+    c.runs.iter().filter_map(|r| Some((r.seed, aggregate::final_point(r)?.val_mean))).collect()
+}
+
+/// One table row of a paired comparison: pairs, per-seed differences, mean, interval, p.
+fn paired_row(t: &mut Table, what: String, p: &paired::Paired) {
+    let d = |x: f64| format::num(x, tables::LOSS_DECIMALS + 1);
+    t.row([
+        what,
+        p.diffs.len().to_string(),
+        p.diffs.iter().map(|&x| d(x)).collect::<Vec<_>>().join(", "),
+        d(p.mean),
+        p.interval.map_or("—".into(), |(lo, hi)| format!("[{}, {}]", d(lo), d(hi))),
+        p.p_value.map_or("—".into(), |v| format::num(v, 4)),
+    ]);
+}
+
+fn paired_table() -> Table {
+    Table::new(["Comparison (A − B)", "Paired seeds", "Per-seed difference", "Mean", "95% interval", "p (sign-flip)"])
+}
+
+const PAIRED_CAPTION: &str = "Final mean validation loss (nats/token), A − B per seed: negative means A ends lower (better). Seeds pair runs with the same rest of the student and the same data order. Interval: Student t over the per-seed differences; p: two-sided paired sign-flip test (exact over all 2ⁿ sign patterns for n ≤ 20).";
+
+/// Paired statistics against Scratch for every arm of every setting that has Scratch.
+fn statistics_section(doc: &mut Doc, all: &[Cohort]) {
+    let main = group(all, Group::Main);
+    let refs: Vec<&Cohort> = main.iter().copied().filter(|c| c.strategy == "scratch").collect();
+    if refs.is_empty() {
+        return;
+    }
+    doc.h(2, "Statistics: paired differences against Scratch");
+    doc.p(PAIRED_CAPTION);
+    for scratch in refs {
+        let s = scratch.setting();
+        doc.h(3, setting_title(&s));
+        let base = final_losses(scratch);
+        let mut t = paired_table();
+        for c in all.iter().filter(|c| c.setting() == s && !std::ptr::eq(*c, scratch)) {
+            if let Some(p) = paired::paired(&final_losses(c), &base, 0.95) {
+                paired_row(&mut t, format!("{} − Scratch", c.label), &p);
+            }
+        }
+        if t.rows.is_empty() {
+            doc.p("No arm shares a seed with Scratch in this setting.");
+        } else {
+            doc.table(t);
+        }
+    }
+}
+
+/// The spec's pre-registered rule (`[decision]`) applied, with its sentences.
+fn decision_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) {
+    let Some(d) = r.spec.get("decision").and_then(|v| serde_json::from_value::<crate::run::spec::DecisionSpec>(v.clone()).ok()) else {
+        return;
+    };
+    doc.h(2, "Decision (the rule written in the spec before the run)");
+    doc.p(format!(
+        "Rule: for each comparison A − B, the per-seed differences of final mean validation loss over the paired seeds; A is better when the whole {}% interval lies below 0, worse when it lies above 0, and no difference is shown otherwise. The genes carry usable knowledge only if MASA beats `masa-rotated` (the same genes' spectra with random singular vectors) by that rule.",
+        format::num(d.confidence * 100.0, 0)
+    ));
+    let main = group(all, Group::Main);
+    for s in settings(&main) {
+        let cs = in_setting(&main, &s);
+        doc.h(3, setting_title(&s));
+        let mut t = paired_table();
+        let mut outcomes = Vec::new();
+        for (a, b) in d.pairs() {
+            let (Some(ca), Some(cb)) = (cs.iter().find(|c| c.strategy == a), cs.iter().find(|c| c.strategy == b)) else { continue };
+            if let Some(p) = paired::paired(&final_losses(ca), &final_losses(cb), d.confidence) {
+                paired_row(&mut t, format!("{} − {}", ca.label, cb.label), &p);
+                outcomes.push((a.clone(), b.clone(), ca.label.clone(), cb.label.clone(), p));
+            }
+        }
+        if outcomes.is_empty() {
+            doc.p("No comparison of the rule has paired seeds yet.");
+            continue;
+        }
+        doc.table(t);
+        doc.blocks.push(Block::List(decision_sentences(&outcomes, d.confidence)));
+    }
+}
+
+/// The rule's sentences, mechanically: one per comparison, then the knowledge verdict when
+/// `masa - masa-rotated` was compared.
+pub fn decision_sentences(outcomes: &[(String, String, String, String, paired::Paired)], confidence: f64) -> Vec<String> {
+    let pct = format::num(confidence * 100.0, 0);
+    let d = |x: f64| format::num(x, tables::LOSS_DECIMALS + 1);
+    let mut out = Vec::new();
+    for (a, b, la, lb, p) in outcomes {
+        let stats = match (p.interval, p.p_value) {
+            (Some((lo, hi)), Some(pv)) => format!("mean difference {} ({pct}% interval [{}, {}], sign-flip p = {}, {} paired seeds)", d(p.mean), d(lo), d(hi), format::num(pv, 4), p.diffs.len()),
+            _ => format!("mean difference {} from {} paired seed(s), too few for an interval", d(p.mean), p.diffs.len()),
+        };
+        let outcome = match p.interval {
+            Some((_, hi)) if hi < 0.0 => format!("{la} ends with a lower validation loss than {lb}"),
+            Some((lo, _)) if lo > 0.0 => format!("{la} ends with a higher validation loss than {lb}"),
+            _ => format!("no difference between {la} and {lb} is shown"),
+        };
+        out.push(format!("{outcome}: {stats}."));
+        if a == "masa" && b == "masa-rotated" {
+            out.push(match p.interval {
+                Some((_, hi)) if hi < 0.0 => "Verdict: the genes carry usable knowledge — MASA beats the same genes' spectra with random singular vectors.".to_string(),
+                _ => "Verdict: this experiment does not show that the genes carry usable knowledge — MASA does not beat the same genes' spectra with random singular vectors; whatever MASA gains over Scratch is not shown to come from what the genes learned from the source.".to_string(),
+            });
+        }
+    }
+    out
 }
 
 fn domains_section(doc: &mut Doc, main: &[&Cohort]) {

@@ -33,8 +33,8 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
         let _ = writeln!(s, "student {st}: {:.1}M parameters", student_parameters(st, vocab) / 1e6);
     }
     let variants = plan.jobs.iter().map(|j| j.strategy.as_str()).collect::<BTreeSet<_>>().len();
-    let _ = writeln!(s, "pre-training runs: {} ({} strategies/variants, {} seeds, {} budgets, {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
-        e.training_runs, variants, spec.seeds.len(), spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
+    let _ = writeln!(s, "pre-training runs: {} ({} strategies/variants, {} seeds{}, {} budgets, {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
+        e.training_runs, variants, spec.seeds.len(), if spec.seed_limit.is_empty() { "" } else { " (fewer where [seed_limit] says)" }, spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
     let _ = writeln!(s, "teacher passes (distillation): {:.3e} tokens; fine-tune + eval runs: {}", e.teacher_tokens as f64, e.finetune_runs);
     if !plan.infeasible.is_empty() {
         if spec.skip_infeasible {
@@ -222,7 +222,7 @@ impl Plan {
                         // of them, named `strategy@engine`, in their own report section.
                         let (strategy, group) = if i == 0 { (v.name.clone(), v.group) } else { (strategies::on_engine(&v.name, engine), Group::Engine) };
                         let label = if engine == Engine::Masa { v.label.clone() } else { format!("{} ({})", v.label, engine.name()) };
-                        for &seed in &spec.seeds {
+                        for &seed in spec.seeds_of(&v.name) {
                             jobs.push(TrainingJob {
                                 student: st.clone(),
                                 budget,

@@ -1,5 +1,5 @@
-//! Experiment specs: what `masa run` does, as TOML. Six ship embedded (`default`, `quick`,
-//! `extended`, `paper`, `medium`, `scaling`); any other TOML file with the same fields works. [`Spec::load`]
+//! Experiment specs: what `masa run` does, as TOML. Eight ship embedded (`default`, `quick`,
+//! `extended`, `paper`, `medium`, `scaling`, `gpu`, `controlled`); any other TOML file with the same fields works. [`Spec::load`]
 //! validates everything that can be checked before work starts (strategy names, student
 //! shapes, budgets, tasks, files) and names the offending field.
 
@@ -19,6 +19,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("medium", include_str!("../../specs/medium.toml")),
     ("scaling", include_str!("../../specs/scaling.toml")),
     ("gpu", include_str!("../../specs/gpu.toml")),
+    ("controlled", include_str!("../../specs/controlled.toml")),
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,6 +40,10 @@ pub struct Spec {
     pub strategies: Vec<String>,
     /// Seeds: each seeds the init and the pre-training data order of one run per strategy.
     pub seeds: Vec<u64>,
+    /// Strategies run on only the first N `seeds` (descriptive arms beside confirmatory ones),
+    /// e.g. `[seed_limit]` `prune = 3`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub seed_limit: std::collections::BTreeMap<String, usize>,
     pub calibration: CalibrationSpec,
     pub extraction: ExtractionSpec,
     pub pretrain: PretrainSpec,
@@ -59,6 +64,9 @@ pub struct Spec {
     pub skip_infeasible: bool,
     #[serde(default)]
     pub ablations: AblationSpec,
+    /// The pre-registered decision rule the report applies (`[decision]`), written before the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionSpec>,
     /// The `eep` strategy's search (`masa init --eep-*`); default [`crate::init::eep::EepOptions::default`].
     #[serde(default, skip_serializing_if = "is_default_eep")]
     pub eep: crate::init::eep::EepOptions,
@@ -365,6 +373,35 @@ pub struct ScalingSpec {
     /// One selection of the intermediate dimension shared by gate, up and down.
     #[serde(default)]
     pub coupled: bool,
+    /// `a` of the separation of repeated neurons, in (0, 1]; default
+    /// [`crate::init::scale::DEFAULT_REPLICA_NOISE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_noise: Option<f64>,
+}
+
+/// A decision rule fixed before the run (issue 31): paired comparisons of the final mean
+/// validation loss over the seeds both arms share, each judged by whether its interval
+/// excludes 0. The report prints the outcome of each, and for `masa - masa-rotated` whether
+/// the genes carry usable knowledge ([`crate::report::decision_sentences`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionSpec {
+    /// `"A - B"` with A and B strategies of this spec: the mean of `loss_A − loss_B` per seed.
+    pub comparisons: Vec<String>,
+    /// Confidence level of the intervals (default 0.95).
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+}
+
+impl DecisionSpec {
+    /// The strategy names of each comparison.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        self.comparisons.iter().filter_map(|c| c.split_once(" - ").map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))).collect()
+    }
+}
+
+fn default_confidence() -> f64 {
+    0.95
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -427,6 +464,12 @@ fn invalid(origin: &str, field: &str, msg: impl std::fmt::Display) -> MasaError 
 }
 
 impl Spec {
+    /// The seeds strategy (or sweep variant) `name` runs: `seeds`, or their first N by `[seed_limit]`.
+    pub fn seeds_of(&self, name: &str) -> &[u64] {
+        let n = self.seed_limit.get(name).map_or(self.seeds.len(), |&n| n.min(self.seeds.len()));
+        &self.seeds[..n]
+    }
+
     /// A built-in spec name or a TOML file; parsed and validated.
     pub fn load(name_or_path: &str) -> Result<Spec> {
         let (origin, text, file) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
@@ -513,6 +556,9 @@ impl Spec {
         if self.seeds.is_empty() || has_duplicates(&self.seeds) {
             return bad("seeds", "give one or more distinct seeds".into());
         }
+        if let Some((name, n)) = self.seed_limit.iter().find(|(name, &n)| n == 0 || !self.strategies.contains(name)) {
+            return bad("seed_limit", format!("`{name} = {n}`: name a strategy of this spec and at least 1 seed"));
+        }
         self.eep.check().map_err(|e| invalid(origin, "eep", e))?;
         let c = &self.calibration;
         if c.tokens == 0 || c.seq_len < 2 || c.batch == 0 {
@@ -527,6 +573,11 @@ impl Spec {
         if e.mode == ExtractionMode::Minibatch && (e.epochs == 0 || !(e.lr > 0.0 && e.lr.is_finite())) {
             return bad("extraction", format!("mode = \"minibatch\" needs epochs ≥ 1 (got {}) and a positive, finite lr (got {})", e.epochs, e.lr));
         }
+        for (field, sc) in std::iter::once(("scaling.replica_noise", &self.scaling)).chain(self.ablations.scaling.iter().map(|s| ("ablations.scaling.replica_noise", s))) {
+            if let Some(a) = sc.replica_noise {
+                crate::limits::ratio("replica_noise", a).map_err(|m| invalid(origin, field, m))?;
+            }
+        }
         if has_duplicates(&self.ablations.scaling) || self.ablations.scaling.contains(&self.scaling) {
             return bad("ablations.scaling", "a setting is listed twice, or repeats the main `[scaling]`".into());
         }
@@ -539,6 +590,17 @@ impl Spec {
             let known: Vec<&str> = crate::corpus::DEFAULT_DOMAINS.iter().map(|(d, _)| *d).collect();
             if let Some(d) = self.ablations.calibration_domains.iter().find(|d| !known.contains(&d.as_str())) {
                 return bad("ablations.calibration_domains", format!("`{d}` is not a domain of the default corpus ({})", known.join(", ")));
+            }
+        }
+        if let Some(d) = &self.decision {
+            if !(d.confidence > 0.0 && d.confidence < 1.0) {
+                return bad("decision.confidence", format!("{} must be in (0, 1)", d.confidence));
+            }
+            if d.comparisons.is_empty() || d.pairs().len() != d.comparisons.len() {
+                return bad("decision.comparisons", "give one or more comparisons written `\"A - B\"` (strategy names of this spec)".into());
+            }
+            if let Some((a, b)) = d.pairs().into_iter().find(|(a, b)| a == b || !self.strategies.contains(a) || !self.strategies.contains(b)) {
+                return bad("decision.comparisons", format!("`{a} - {b}`: both must be different strategies of this spec ({})", self.strategies.join(", ")));
             }
         }
         let p = &self.pretrain;

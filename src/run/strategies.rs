@@ -64,16 +64,18 @@ pub struct StrategyDef {
     pub distill: bool,
     /// `masa init --components` fixed by the strategy (else the spec's `[scaling]`).
     pub components: Option<Components>,
+    /// `masa init --rotate-genes`: the control whose genes keep only their spectrum.
+    pub rotate_genes: bool,
 }
 
 impl StrategyDef {
     const fn new(name: &'static str, label: &'static str, group: Group, init: Strategy) -> Self {
-        StrategyDef { name, label, group, init, rest: Rest::Scratch, gene_scale: GeneScale::Frobenius, spectral: true, distill: false, components: None }
+        StrategyDef { name, label, group, init, rest: Rest::Scratch, gene_scale: GeneScale::Frobenius, spectral: true, distill: false, components: None, rotate_genes: false }
     }
 
     /// The `masa init` options of this strategy (seed 0; each run sets its own).
     pub fn init_options(&self) -> InitOptions {
-        InitOptions { rest: self.rest, gene_scale: self.gene_scale, components: self.components, ..InitOptions::new(self.init) }
+        InitOptions { rest: self.rest, gene_scale: self.gene_scale, components: self.components, rotate_genes: self.rotate_genes, ..InitOptions::new(self.init) }
     }
 
     /// Whether the student is made from gene matrices (so the run needs an extraction).
@@ -97,6 +99,10 @@ pub const STRATEGIES: &[StrategyDef] = &[
     StrategyDef {
         components: Some(Components::All),
         ..StrategyDef::new("masa-submatrix", "MASA, r′ = r (a submatrix of each gene)", Group::Ablation, Strategy::Masa)
+    },
+    StrategyDef {
+        rotate_genes: true,
+        ..StrategyDef::new("masa-rotated", "MASA, genes randomly rotated (control: spectrum only)", Group::Main, Strategy::Masa)
     },
     StrategyDef::new("masa", "MASA", Group::Main, Strategy::Masa),
 ];
@@ -174,14 +180,22 @@ pub fn scaling_variant(sc: &ScalingSpec) -> Variant {
         Components::Rank(k) => format!("r{k}"),
         Components::Energy(e) => format!("energy{e}"),
     };
+    let noise = sc.replica_noise.map_or(String::new(), |a| format!("-noise{a}"));
     let mut v = Variant {
-        name: format!("masa-{slug}{coupled}"),
-        label: format!("MASA, r′ = {r}{}", if sc.coupled { ", coupled" } else { "" }),
+        name: format!("masa-{slug}{coupled}{noise}"),
+        label: format!(
+            "MASA, r′ = {r}{}{}",
+            if sc.coupled { ", coupled" } else { "" },
+            sc.replica_noise.map_or(String::new(), |a| format!(", replica noise {a}"))
+        ),
         group: Group::Scaling,
         ..masa()
     };
     v.init.components = Some(r);
     v.init.coupled = sc.coupled;
+    if let Some(a) = sc.replica_noise {
+        v.init.replica_noise = a;
+    }
     v
 }
 
@@ -193,6 +207,9 @@ impl Variant {
                 self.init.components = sc.components;
             }
             self.init.coupled |= sc.coupled;
+            if let Some(a) = sc.replica_noise {
+                self.init.replica_noise = a;
+            }
         }
         self
     }
@@ -221,21 +238,22 @@ mod tests {
     /// variants carry their own setting and name it.
     #[test]
     fn scaling_spec_reaches_masa_variants() {
-        let sc = ScalingSpec { components: Some(Components::Rank(64)), coupled: true };
+        let sc = ScalingSpec { components: Some(Components::Rank(64)), coupled: true, replica_noise: None };
         let v = |n: &str| Variant::from(find(n).unwrap()).with_scaling(&sc);
-        for n in ["masa", "hybrid", "masa-no-spectral", "masa-paper-scale"] {
+        for n in ["masa", "hybrid", "masa-no-spectral", "masa-paper-scale", "masa-rotated"] {
             assert_eq!((v(n).init.components, v(n).init.coupled), (Some(Components::Rank(64)), true), "{n}");
         }
         assert_eq!(v("masa-submatrix").init.components, Some(Components::All));
         for n in ["scratch", "weight-selection", "prune", "naive"] {
             assert_eq!((v(n).init.components, v(n).init.coupled), (None, false), "{n}");
         }
-        let e = scaling_variant(&ScalingSpec { components: Some(Components::Energy(0.9)), coupled: false });
+        let e = scaling_variant(&ScalingSpec { components: Some(Components::Energy(0.9)), coupled: false, replica_noise: None });
         assert_eq!((e.name.as_str(), e.group, e.init.components), ("masa-energy0.9", Group::Scaling, Some(Components::Energy(0.9))));
         // Without a count: the default r' (named after it), untouched by the main `[scaling]`.
-        let c = scaling_variant(&ScalingSpec { components: None, coupled: true }).with_scaling(&ScalingSpec { components: Some(Components::Rank(16)), coupled: false });
+        let c = scaling_variant(&ScalingSpec { components: None, coupled: true, replica_noise: None })
+            .with_scaling(&ScalingSpec { components: Some(Components::Rank(16)), coupled: false, replica_noise: None });
         assert_eq!((c.name.as_str(), c.init.components, c.init.coupled), ("masa-r64-coupled", Some(crate::init::DEFAULT_COMPONENTS), true));
-        let a = scaling_variant(&ScalingSpec { components: Some(Components::All), coupled: true });
+        let a = scaling_variant(&ScalingSpec { components: Some(Components::All), coupled: true, replica_noise: None });
         assert_eq!((a.name.as_str(), a.init.components), ("masa-rall-coupled", Some(Components::All)));
     }
 }
