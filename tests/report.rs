@@ -410,3 +410,43 @@ fn engine_section_sets_other_engines_beside_the_main_runs() {
     assert!(!md[..at].contains("MASA (torchrun)"), "{md}");
     assert!(figure_names(&files).contains(&"curves-engines-tiny-1k".to_string()), "{:?}", figure_names(&files));
 }
+
+/// Issue 31: every report has paired statistics against Scratch, computed here by hand from
+/// the fixture's final losses (MASA − Scratch: −0.4 on both seeds, p = 2/4; weight selection:
+/// +0.15, +0.05, interval 0.1 ± t(0.975, 1)·0.0707/√2 = [−0.535, 0.735]; the one-seed ablation:
+/// no interval).
+#[test]
+fn every_report_states_paired_statistics_against_scratch() {
+    let (_d, _f, md, _) = render(&fixture());
+    assert!(md.contains("## Statistics: paired differences against Scratch"), "{md}");
+    let row = |label: &str| md.lines().find(|l| l.starts_with(&format!("| {label} − Scratch"))).unwrap_or_else(|| panic!("no row for {label}")).replace('\\', "");
+    let masa = row("MASA");
+    assert!(masa.contains("| 2 |") && masa.contains("-0.4000, -0.4000") && masa.contains("[-0.4000, -0.4000]") && masa.contains("0.5000"), "{masa}");
+    let ws = row("Weight selection");
+    assert!(ws.contains("0.1500, 0.0500") && ws.contains("[-0.5353, 0.7353]"), "{ws}");
+    let abl = row("w/o spectral (λ=0)");
+    assert!(abl.contains("| 1 |") && abl.contains("—"), "{abl}");
+    // No [decision] in the spec: no decision section.
+    assert!(!md.contains("## Decision"));
+}
+
+/// A spec's `[decision]` rule is applied mechanically: the sentence follows the interval, and
+/// the knowledge verdict is positive only when MASA − rotated lies wholly below 0.
+#[test]
+fn the_decision_rule_prints_its_verdict_mechanically() {
+    let mut r = fixture();
+    r.spec = serde_json::json!({"name": "fixture", "decision": {"comparisons": ["masa - scratch", "masa - masa-rotated"], "confidence": 0.95}});
+    r.trainings.push(run("masa-rotated", "MASA, rotated", "main", 0, &[10.8, 7.0, 6.5, 6.3, 6.2], None, None));
+    r.trainings.push(run("masa-rotated", "MASA, rotated", "main", 1, &[10.8, 7.0, 6.5, 6.3, 6.35], None, None));
+    let (_d, _f, md, _) = render(&r);
+    assert!(md.contains("## Decision"), "{md}");
+    // MASA − rotated: −0.10, −0.05: the interval [−0.393, 0.243] contains 0.
+    assert!(md.contains("no difference between MASA and MASA, rotated is shown"), "{md}");
+    assert!(md.contains("Verdict: this experiment does not show that the genes carry usable knowledge"), "{md}");
+    // MASA − Scratch: −0.4 on both seeds, an interval of zero width below 0.
+    assert!(md.contains("MASA ends with a lower validation loss than Scratch"), "{md}");
+    use masa::report::paired::paired;
+    let p = paired(&[(0, 1.0), (1, 1.1), (2, 0.9)], &[(0, 1.2), (1, 1.25), (2, 1.15)], 0.95).unwrap();
+    let s = masa::report::decision_sentences(&[("masa".into(), "masa-rotated".into(), "MASA".into(), "rotated".into(), p)], 0.95);
+    assert!(s[1].starts_with("Verdict: the genes carry usable knowledge"), "{s:?}");
+}

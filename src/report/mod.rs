@@ -315,7 +315,8 @@ fn statistics_section(doc: &mut Doc, all: &[Cohort]) {
         doc.h(3, setting_title(&s));
         let base = final_losses(scratch);
         let mut t = paired_table();
-        for c in all.iter().filter(|c| c.setting() == s && !std::ptr::eq(*c, scratch)) {
+        // Every arm of the setting but the copies on a second training engine.
+        for c in all.iter().filter(|c| c.setting() == s && !std::ptr::eq(*c, scratch) && c.group != Group::Engine.name()) {
             if let Some(p) = paired::paired(&final_losses(c), &base, 0.95) {
                 paired_row(&mut t, format!("{} − Scratch", c.label), &p);
             }

@@ -683,4 +683,29 @@ mod tests {
             assert_eq!(&s.name, name);
         }
     }
+
+    /// The controlled spec validates; `[seed_limit]`, `[decision]` and `replica_noise` are
+    /// checked with the field named; a limited strategy runs the first N seeds.
+    #[test]
+    fn seed_limits_decisions_and_replica_noise_are_validated() {
+        let text = BUILTIN.iter().find(|(n, _)| *n == "controlled").unwrap().1;
+        let s: Spec = toml::from_str(text).unwrap();
+        s.validate("controlled").unwrap();
+        assert_eq!(s.seeds_of("prune"), &[1000, 1001, 1002]);
+        assert_eq!(s.seeds_of("masa-rotated").len(), 10);
+        assert_eq!(s.decision.as_ref().unwrap().pairs()[1], ("masa".to_string(), "masa-rotated".to_string()));
+        let bad = |edit: &dyn Fn(&mut Spec), field: &str| {
+            let mut t = s.clone();
+            edit(&mut t);
+            let e = t.validate("x.toml").unwrap_err().to_string();
+            assert!(e.contains(&format!("field `{field}`")), "{field}: {e}");
+        };
+        bad(&|t| _ = t.seed_limit.insert("distill".into(), 2), "seed_limit");
+        bad(&|t| _ = t.seed_limit.insert("prune".into(), 0), "seed_limit");
+        bad(&|t| t.decision.as_mut().unwrap().comparisons.push("masa - distill".into()), "decision.comparisons");
+        bad(&|t| t.decision.as_mut().unwrap().comparisons.push("masa versus scratch".into()), "decision.comparisons");
+        bad(&|t| t.decision.as_mut().unwrap().confidence = 1.0, "decision.confidence");
+        bad(&|t| t.scaling.replica_noise = Some(0.0), "scaling.replica_noise");
+        bad(&|t| t.ablations.scaling.push(ScalingSpec { replica_noise: Some(1.5), ..Default::default() }), "ablations.scaling.replica_noise");
+    }
 }
