@@ -13,7 +13,7 @@
 //! on the CPU.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
@@ -54,6 +54,8 @@ pub struct TeacherCache {
     b: usize,
     t: usize,
     k: usize,
+    /// Held while this cache is open ([`crate::home::lock_dir`]).
+    _lock: std::fs::File,
 }
 
 impl TeacherCache {
@@ -71,10 +73,11 @@ impl TeacherCache {
                 "the teacher's tokenizer differs from the student's: distillation needs the source model the student was built from",
             ));
         }
+        // Keyed by content: the teacher's fingerprint and the corpus's documents, not their paths.
         let mut id = Sha256::new();
         let canon = d.teacher.canonicalize().unwrap_or_else(|_| d.teacher.clone());
-        id.update(canon.to_string_lossy().as_bytes());
-        id.update(file_size_sum(&d.teacher).to_le_bytes());
+        id.update(teacher.fingerprint()?.as_bytes());
+        id.update(crate::corpus::load_corpus(corpus)?.content_hash().as_bytes());
         let gpu = match device {
             Device::Cuda(ordinal) if crate::student::plain_llama(&teacher.weights.config).is_some() => Some((ordinal, precision)),
             Device::Cuda(_) => {
@@ -88,7 +91,7 @@ impl TeacherCache {
             let max = crate::cuda::llama::TOPK_MAX;
             return Err(MasaError::Invalid(format!("distillation top_k {}: the CUDA teacher keeps at most {max} log-probs per position", d.top_k)));
         }
-        let mut key_json = serde_json::json!({"format": 2, "sampling": "chunks", "corpus": corpus, "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
+        let mut key_json = serde_json::json!({"format": 3, "sampling": "chunks", "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
         if let Some((_, p)) = gpu {
             key_json["engine"] = serde_json::json!(if p == Precision::Bf16 { "cuda-bf16" } else { "cuda-f32" });
         }
@@ -96,8 +99,11 @@ impl TeacherCache {
         let key = crate::fetch::hex(&id.finalize()[..8]);
         let root = d.cache_dir.clone().unwrap_or_else(|| crate::home::masa_home().join("teacher-cache"));
         let dir = root.join(key);
-        std::fs::create_dir_all(&dir).at(&dir)?;
-        let meta = serde_json::json!({"teacher": canon, "key": key_json});
+        // One writer at a time: two runs appending to one topk.bin would interleave records.
+        let lock = crate::home::lock_dir(&dir, ".masa-teacher.lock", |pid| {
+            format!("{}: another masa process ({pid}) is filling this teacher cache; wait for it to finish, or give another --teacher-cache", dir.display())
+        })?;
+        let meta = serde_json::json!({"teacher": canon, "corpus": corpus, "key": key_json});
         crate::home::write_atomic(&dir.join("meta.json"), meta.to_string().as_bytes())?;
         let path = dir.join("topk.bin");
         let file = std::fs::OpenOptions::new().read(true).append(true).create(true).open(&path).at(&path)?;
@@ -110,7 +116,7 @@ impl TeacherCache {
         if progress {
             eprintln!("teacher cache {}: {records} batches cached", path.display());
         }
-        Ok(TeacherCache { model: None, gpu, teacher_path: d.teacher.clone(), file, path, records, b, t, k: d.top_k })
+        Ok(TeacherCache { model: None, gpu, teacher_path: d.teacher.clone(), file, path, records, b, t, k: d.top_k, _lock: lock })
     }
 
     /// Top-k `(ids, log-probs)`, `(b·t, k)` row-major, for micro-batch `index` of the stream,
@@ -156,13 +162,6 @@ impl TeacherCache {
         }
         Ok((ids, lp))
     }
-}
-
-fn file_size_sum(p: &Path) -> u64 {
-    if p.is_file() {
-        return p.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    std::fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
 /// The teacher's top-k next-token log-probs at every input position.

@@ -189,6 +189,27 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// [`sha256_file`] remembered by (canonical path, size, modification time) under
+/// `$MASA_HOME/hashes/`, so an unchanged file is hashed once; any change to its size or
+/// modification time hashes it again. One small file per path, written atomically: no lock.
+pub fn sha256_file_cached(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).at(path)?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let stamp = format!("{} {} {mtime}", canon.display(), meta.len());
+    let entry = crate::home::masa_home().join("hashes").join(&hex(&Sha256::digest(canon.to_string_lossy().as_bytes()))[..32]);
+    if let Ok(text) = std::fs::read_to_string(&entry) {
+        if let Some((st, digest)) = text.rsplit_once('\n').filter(|(st, _)| *st == stamp) {
+            let _ = st;
+            return Ok(digest.to_string());
+        }
+    }
+    let digest = sha256_file(path)?;
+    // A cache that cannot be written only costs the next hash.
+    let _ = crate::home::write_atomic(&entry, format!("{stamp}\n{digest}").as_bytes());
+    Ok(digest)
+}
+
 /// Lower-case hex of `bytes` (digests in manifests and cache keys).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

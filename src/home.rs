@@ -112,3 +112,29 @@ mod tests {
         assert_eq!(left, want, "live pid {live}");
     }
 }
+
+/// Hold directory `dir` for this process: an exclusive lock on `dir/name`, kept while the
+/// returned file is open and released by the system when the process ends, however it ends
+/// (SIGKILL included: no stale lock to clean up). A second holder gets `busy(pid)` as its
+/// error, with the first holder's process id.
+pub fn lock_dir(dir: &Path, name: &str, busy: impl Fn(&str) -> String) -> Result<std::fs::File> {
+    use std::io::{Read, Write};
+    std::fs::create_dir_all(dir).at(dir)?;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).at(&path)?;
+    match f.try_lock() {
+        Ok(()) => {
+            // The holder's pid, for the message the next one gives.
+            f.set_len(0).at(&path)?;
+            f.write_all(std::process::id().to_string().as_bytes()).at(&path)?;
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = if pid.trim().is_empty() { "unknown".to_string() } else { pid.trim().to_string() };
+            Err(MasaError::Invalid(busy(&pid)))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(MasaError::io(&path, e)),
+    }
+}

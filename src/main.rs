@@ -343,7 +343,8 @@ struct InitArgs {
     #[arg(long, default_value = "cyclic")]
     expand: masa::init::Expand,
     /// Separation of repeated neurons (cyclic expansion past 2r, or --coupled): a in (0, 1]
-    /// mixes each copy's weights with noise of the same norm (cosine to the original ≈ √(1−a²)).
+    /// mixes each copy's weights with noise of the same norm (cosine to the original ≈ √(1−a²));
+    /// default 0.02 (docs/scaling.md "Repeated neurons").
     #[arg(long, default_value_t = masa::init::scale::DEFAULT_REPLICA_NOISE)]
     replica_noise: f64,
     /// The control `masa-rotated`: replace each gene by Q₁ M Q₂ with seeded random orthogonal

@@ -176,9 +176,39 @@ pub fn check_options(o: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
+/// Refuse to start a run in `out` when it holds an earlier run's metrics or checkpoints: a new
+/// run would truncate the one and delete the others.
+pub fn check_fresh_out(out: &Path) -> Result<()> {
+    let earlier: Vec<String> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n == "metrics.jsonl" || n == "latest" || n.starts_with("step-"))
+        .collect();
+    if earlier.is_empty() {
+        return Ok(());
+    }
+    Err(MasaError::bad_file(
+        out,
+        format!(
+            "holds an earlier training run ({}); masa will not overwrite it: pass `--resume {}` to continue it, or train into another --out",
+            earlier.join(", "),
+            out.display()
+        ),
+    ))
+}
+
 /// Train the student in `model_dir` (an HF Llama directory with tokenizer) on `opts.corpus`.
 pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     check_options(opts)?;
+    // One writer per output directory, and never over an earlier run unless resuming it.
+    let _lock = crate::home::lock_dir(&opts.out, ".masa-train.lock", |pid| {
+        format!("{}: another `masa train` (process {pid}) is writing this directory; wait for it to finish, or train into another --out", opts.out.display())
+    })?;
+    if opts.resume.is_none() {
+        check_fresh_out(&opts.out)?;
+    }
     // ---- model, tokenizer, engine with optimizer (fresh or resumed) ----
     let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
     let cfg = student_config_of(model_dir, &weights.config)?;

@@ -117,6 +117,18 @@ pub struct Corpus {
 }
 
 impl Corpus {
+    /// sha256 of what a run reads: every document's domain, split and text, in order. Caches
+    /// key on it, so an edited corpus, or another file behind the same path, is another corpus.
+    pub fn content_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for d in &self.docs {
+            h.update(format!("{}\0{}\0{}\0", d.domain, d.split, d.text.len()).as_bytes());
+            h.update(d.text.as_bytes());
+        }
+        crate::fetch::hex(&h.finalize())
+    }
+
     pub fn len(&self) -> usize {
         self.docs.len()
     }

@@ -95,14 +95,8 @@ impl<'a> Ctx<'a> {
         }
         let source_hash = source.fingerprint()?;
         let corpus = spec.corpus_paths();
-        let manifest: Vec<String> = corpus
-            .iter()
-            .map(|p| {
-                let m = p.join("manifest.json");
-                if m.is_file() { crate::fetch::sha256_file(&m) } else { Ok(p.display().to_string()) }
-            })
-            .collect::<Result<_>>()?;
-        let corpus_key = store::hash("corpus", &json!(manifest));
+        // The corpus by its content (documents, domains, splits), not by its paths.
+        let corpus_key = store::hash("corpus", &json!(crate::corpus::load_corpus(&corpus)?.content_hash()));
         let c = &source.weights.config;
         let results = RunResults {
             format: FORMAT.into(),
@@ -405,6 +399,11 @@ impl<'a> Ctx<'a> {
                     Engine::Masa => {
                         opts.out = dir.clone();
                         opts.resume = crate::train::resolve_checkpoint(&dir).ok().map(|_| dir.clone());
+                        if opts.resume.is_none() {
+                            // The store's own stage, killed before its first checkpoint: its
+                            // metrics cannot be continued, so the stage starts over.
+                            let _ = std::fs::remove_file(dir.join("metrics.jsonl"));
+                        }
                         crate::train::train(init_model, &opts)?.checkpoint
                     }
                     Engine::Torchrun => crate::run::torchrun::pretrain(&p.torchrun, init_model, &opts, &dir)?,

@@ -18,7 +18,6 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::error::IoContext;
 use crate::{MasaError, Result};
 
 /// The stages whose results the store keeps.
@@ -172,34 +171,13 @@ pub fn write_record<T: Serialize>(dir: &Path, rec: &T) -> Result<()> {
     crate::home::write_atomic(&dir.join("record.json"), json.as_bytes())
 }
 
-/// Hold the runs directory `root` for this process: an exclusive lock on
-/// `<root>/.masa-run.lock`, kept while the returned file is open and released by the system
-/// when the process ends, however it ends (SIGKILL included: no stale lock to clean up). Two
-/// `masa run` on one store would write the same stages at once; the second refuses, naming
-/// the first's process id.
+/// Hold the runs directory `root` for this process ([`crate::home::lock_dir`] on
+/// `<root>/.masa-run.lock`). Two `masa run` on one store would write the same stages at once;
+/// the second refuses, naming the first's process id.
 pub fn lock_runs(root: &Path) -> Result<std::fs::File> {
-    use std::io::{Read, Write};
-    std::fs::create_dir_all(root).at(root)?;
-    let path = root.join(".masa-run.lock");
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).at(&path)?;
-    match f.try_lock() {
-        Ok(()) => {
-            // The holder's pid, for the message the next one gives.
-            f.set_len(0).at(&path)?;
-            f.write_all(std::process::id().to_string().as_bytes()).at(&path)?;
-            Ok(f)
-        }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            let pid = if pid.trim().is_empty() { "unknown".to_string() } else { pid.trim().to_string() };
-            Err(MasaError::Invalid(format!(
-                "{}: another `masa run` (process {pid}) is using this runs directory; wait for it to finish, or give another with --runs",
-                root.display()
-            )))
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(MasaError::io(&path, e)),
-    }
+    crate::home::lock_dir(root, ".masa-run.lock", |pid| {
+        format!("{}: another `masa run` (process {pid}) is using this runs directory; wait for it to finish, or give another with --runs", root.display())
+    })
 }
 
 #[cfg(test)]

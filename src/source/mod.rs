@@ -333,8 +333,18 @@ impl SourceModel {
 
     /// A content fingerprint that identifies the model in downstream artifacts: sha256 of the
     /// GGUF file, or of `config.json` plus every safetensors header for HF directories.
+    /// The identity of the model for caches and provenance: a GGUF file's sha256 (its
+    /// tokenizer is inside); for an HF directory, the weights' fingerprint with the tokenizer's.
     pub fn fingerprint(&self) -> Result<String> {
-        self.weights.fingerprint()
+        let weights = self.weights.fingerprint()?;
+        if self.weights.gguf().is_some() {
+            return Ok(weights);
+        }
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(weights.as_bytes());
+        h.update(self.tokenizer.fingerprint()?.as_bytes());
+        Ok(crate::fetch::hex(&h.finalize()))
     }
 }
 
@@ -350,11 +360,18 @@ impl SourceWeights {
         for e in self.entries() {
             h.update(format!("{} {:?} {}\n", e.name, e.shape, e.dtype).as_bytes());
         }
-        for f in ["model.safetensors", "model.safetensors.index.json"] {
-            let p = self.path.join(f);
-            if let Ok(m) = std::fs::metadata(&p) {
-                h.update(format!("{f} {}\n", m.len()).as_bytes());
-            }
+        // The weights' content, not only their size: every safetensors file of the directory
+        // (hashed once per size and modification time, [`crate::fetch::sha256_file_cached`]).
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
+            .at(&self.path)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file())
+            .collect();
+        files.sort();
+        for p in files {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            h.update(format!("{name} {}\n", crate::fetch::sha256_file_cached(&p)?).as_bytes());
         }
         Ok(crate::fetch::hex(&h.finalize()))
     }
