@@ -176,27 +176,35 @@ pub fn check_options(o: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
-/// Refuse to start a run in `out` when it holds an earlier run's metrics or checkpoints: a new
-/// run would truncate the one and delete the others.
+/// Before a run starts in `out` (not resuming): refuse when `out` holds an earlier run's
+/// checkpoints (a new run would delete them); the metrics of an earlier attempt that left no
+/// checkpoint (nothing to resume) are kept beside, as `metrics.before-<unix seconds>.jsonl`.
 pub fn check_fresh_out(out: &Path) -> Result<()> {
-    let earlier: Vec<String> = std::fs::read_dir(out)
+    let checkpoints: Vec<String> = std::fs::read_dir(out)
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| e.file_name() == "latest" || is_checkpoint(&e.path()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n == "metrics.jsonl" || n == "latest" || n.starts_with("step-"))
         .collect();
-    if earlier.is_empty() {
-        return Ok(());
+    if !checkpoints.is_empty() {
+        return Err(MasaError::bad_file(
+            out,
+            format!(
+                "holds an earlier training run (metrics.jsonl, {}); masa will not overwrite it: pass `--resume {}` to continue it, or train into another --out",
+                checkpoints.join(", "),
+                out.display()
+            ),
+        ));
     }
-    Err(MasaError::bad_file(
-        out,
-        format!(
-            "holds an earlier training run ({}); masa will not overwrite it: pass `--resume {}` to continue it, or train into another --out",
-            earlier.join(", "),
-            out.display()
-        ),
-    ))
+    let metrics = out.join("metrics.jsonl");
+    if metrics.is_file() {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let kept = out.join(format!("metrics.before-{secs}.jsonl"));
+        std::fs::rename(&metrics, &kept).at(&metrics)?;
+        eprintln!("note: {} held the metrics of an earlier attempt without a checkpoint; kept as {}", out.display(), kept.display());
+    }
+    Ok(())
 }
 
 /// Train the student in `model_dir` (an HF Llama directory with tokenizer) on `opts.corpus`.

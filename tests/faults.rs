@@ -526,3 +526,35 @@ fn progress_reaches_a_log_when_stderr_is_not_a_terminal() {
     let log = train(None, "default");
     assert!(log.lines().filter(is_progress).count() >= 1, "{log}");
 }
+
+/// Issue 28: a second `masa train` into the directory of an earlier run, without `--resume`,
+/// is refused and leaves that run as it was; while another process holds the directory, a
+/// second writer is refused naming the holder's process id.
+#[test]
+fn train_never_overwrites_an_earlier_run_and_one_writer_holds_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_scratch_student(&d.join("st"), &small_config(), 3);
+    write_corpus(&d.join("c.jsonl"), 20);
+    let train = |out: &str, extra: &[&str]| {
+        let mut c = Command::new(MASA);
+        c.args(["--threads", "1", "train"]).arg(d.join("st")).arg("--corpus").arg(d.join("c.jsonl")).arg("--out").arg(d.join(out));
+        c.args(["--tokens", "256", "--batch", "2", "--seq", "16", "--warmup", "0", "--eval-seqs", "1", "--quiet"]).args(extra).env("MASA_HOME", d.join("home"));
+        run_within(c, Duration::from_secs(120))
+    };
+    let first = train("run", &[]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let before = tree(&d.join("run"));
+    let metrics = std::fs::read(d.join("run/metrics.jsonl")).unwrap();
+    let e = failure(&train("run", &[]));
+    assert!(e.contains("earlier training run") && e.contains("--resume") && e.contains("step-"), "{e}");
+    assert_eq!(tree(&d.join("run")), before);
+    assert_eq!(std::fs::read(d.join("run/metrics.jsonl")).unwrap(), metrics);
+    // Continuing it is what --resume is for (nothing left to do: it stops at once).
+    let resumed = train("run", &["--resume", d.join("run").to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    // A directory another process is writing.
+    let _held = masa::home::lock_dir(&d.join("busy"), ".masa-train.lock", |_| String::new()).unwrap();
+    let e = failure(&train("busy", &[]));
+    assert!(e.contains("another `masa train`") && e.contains(&format!("process {}", std::process::id())), "{e}");
+}

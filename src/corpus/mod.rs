@@ -453,6 +453,17 @@ pub fn resolve_corpus(spec: &[PathBuf]) -> Result<(Corpus, String)> {
 mod tests {
     use super::*;
 
+    /// The content key follows the documents, not where they were read from.
+    #[test]
+    fn content_hash_follows_the_documents() {
+        let c = |items: &[(&str, &str)]| Corpus::from_texts(items.iter().map(|(t, d)| (t.to_string(), d.to_string(), "x".to_string()))).content_hash();
+        let a = c(&[("one document", "web"), ("another one", "code")]);
+        assert_eq!(a, c(&[("one document", "web"), ("another one", "code")]));
+        assert_ne!(a, c(&[("one document", "web"), ("another onE", "code")]));
+        assert_ne!(a, c(&[("one document", "web"), ("another one", "prose")]));
+        assert_ne!(a, c(&[("one document", "web")]));
+    }
+
     #[test]
     fn dictd_numbers() {
         assert_eq!(dictd_b64("A"), Some(0));
