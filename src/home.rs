@@ -138,3 +138,17 @@ pub fn lock_dir(dir: &Path, name: &str, busy: impl Fn(&str) -> String) -> Result
         Err(std::fs::TryLockError::Error(e)) => Err(MasaError::io(&path, e)),
     }
 }
+
+/// Refuse an output path that is one of the command's inputs (`inputs`: the option that names
+/// each, and its path), so a typo never replaces a model, statistics or genes with the result.
+pub fn check_output_is_not_input(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let canon = |p: &Path| p.canonicalize().ok();
+    let Some(o) = canon(out) else { return Ok(()) };
+    match inputs.iter().find(|(_, p)| canon(p).as_ref() == Some(&o)) {
+        Some((what, _)) => Err(MasaError::bad_file(
+            out,
+            format!("is the {what} this command reads; masa will not write its output over an input: choose another --out"),
+        )),
+        None => Ok(()),
+    }
+}

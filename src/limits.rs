@@ -65,6 +65,13 @@ pub fn threads(n: usize) -> Result<()> {
     count("--threads", n, 8 * cores, &format!("8 × the {cores} cores here"))
 }
 
+/// This machine's memory (`MemTotal` of /proc/meminfo), in bytes; `None` where unknown.
+pub fn memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A fraction in `[0, 1]` (NaN refused).
 pub fn fraction(option: &str, value: f64) -> Result<()> {
     if (0.0..=1.0).contains(&value) {

@@ -709,7 +709,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, experts, device, out } => {
             let rank = masa::align::RankSpec::from_options(rank, ratio)?;
-            let source = masa::source::SourceModel::open(&fetch::resolve_model(&model)?)?;
+            let model_path = fetch::resolve_model(&model)?;
+            let mut inputs: Vec<(&str, &std::path::Path)> = vec![("model", &model_path)];
+            inputs.extend(stream.corpus.iter().map(|c| ("--corpus", c.as_path())));
+            masa::home::check_output_is_not_input(&out, &inputs)?;
+            let source = masa::source::SourceModel::open(&model_path)?;
             let (corpus, desc) = masa::corpus::resolve_corpus(&stream.corpus)?;
             let opts = masa::calibrate::CalibrateOptions { domains, rank, layers, shard, experts, device, ..stream.options(262_144) };
             let t0 = std::time::Instant::now();
@@ -725,11 +729,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stats { what: StatsCommand::Merge { inputs, out } } => {
-            let Some((first, rest)) = inputs.split_first() else { anyhow::bail!("name the statistics files to merge") };
-            let mut acc = masa::stats::Stats::load(first)?;
-            for p in rest {
-                acc.merge(&masa::stats::Stats::load(p)?, &p.display().to_string())?;
+            if inputs.is_empty() {
+                anyhow::bail!("name the statistics files to merge");
             }
+            masa::home::check_output_is_not_input(&out, &inputs.iter().map(|p| ("statistics shard", p.as_path())).collect::<Vec<_>>())?;
+            let acc = masa::stats::Stats::merge_files(&inputs)?;
             acc.save(&out)?;
             eprintln!("merged {} shards, {} tokens -> {}", inputs.len(), acc.meta.tokens, out.display());
             Ok(())
@@ -892,6 +896,7 @@ fn cmd_extract(
         mb.check()?;
     }
     let path = fetch::resolve_model(model)?;
+    masa::home::check_output_is_not_input(out, &[("model", &path), ("--stats file", stats_path)])?;
     let full = masa::source::SourceModel::open(&path)?;
     let (source, hash) = (&full.weights, full.fingerprint()?);
     let stats = masa::stats::Stats::load_layers(stats_path, layers.as_deref())?;

@@ -176,6 +176,27 @@ impl Stats {
         Ok(Stats { meta, moments, routing, cross })
     }
 
+    /// `masa stats merge`: the sum of the shards in `paths`. The same file (by content) given
+    /// twice is refused: it would count its tokens twice.
+    pub fn merge_files(paths: &[std::path::PathBuf]) -> Result<Stats> {
+        let mut seen: Vec<(String, &std::path::PathBuf)> = Vec::new();
+        for p in paths {
+            let h = crate::fetch::sha256_file(p)?;
+            if let Some((_, first)) = seen.iter().find(|(x, _)| *x == h) {
+                return Err(MasaError::bad_file(
+                    p,
+                    format!("is the same statistics as {} (identical content): a shard given twice would count its tokens twice", first.display()),
+                ));
+            }
+            seen.push((h, p));
+        }
+        let mut acc = Stats::load(&paths[0])?;
+        for p in &paths[1..] {
+            acc.merge(&Stats::load(p)?, &p.display().to_string())?;
+        }
+        Ok(acc)
+    }
+
     /// Add another shard of statistics of the same source model.
     /// The `k` routed experts of MoE layer `layer` that receive the largest share of tokens,
     /// the shares averaged over datasets (each dataset weighs the same, whatever its size); ties

@@ -220,6 +220,7 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     // ---- model, tokenizer, engine with optimizer (fresh or resumed) ----
     let SourceModel { weights, tokenizer: tok } = SourceModel::open(model_dir)?;
     let cfg = student_config_of(model_dir, &weights.config)?;
+    check_vocab(&cfg, &tok).map_err(|e| MasaError::bad_file(model_dir.join("config.json"), e.to_string()))?;
     crate::limits::count("--seq", opts.seq_len, cfg.max_position_embeddings, "the student's positions")?;
     let mut params = load_params(&weights, &cfg)?;
     drop(weights);
@@ -250,7 +251,6 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
 
     // ---- data: shuffled chunks of the tokenized train split, fixed validation sequences ----
-    check_vocab(&cfg, &tok)?;
     let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
     let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
     if let Some(s) = &resumed_sampler {
@@ -402,6 +402,13 @@ impl TrainData {
         }
         let encode = |s: &str| tok.encode(s, false);
         let val = corpus::validation_sequences(&corpus, Split::Valid, opts.seq_len + 1, opts.eval_seqs, &encode, tok.eos_id())?;
+        if val.is_empty() {
+            let domains = corpus.domains();
+            return Err(MasaError::Invalid(format!(
+                "the corpus has no validation text: none of its documents in {} went to the validation split                  (a domain needs at least two documents, one of which becomes validation; a document is never cut),                  so there would be no validation loss; give each domain more documents",
+                domains.join(", ")
+            )));
+        }
         Ok(TrainData { train_tokens, val })
     }
 }
@@ -511,6 +518,15 @@ fn nan_error(step: usize, d: &Diverged, last: Option<(&Path, Option<f64>)>, voca
 fn check_vocab(cfg: &StudentConfig, tok: &Tokenizer) -> Result<()> {
     if tok.vocab_size() > cfg.vocab_size {
         return Err(MasaError::Shape(format!("tokenizer has {} tokens, the student's vocabulary {}", tok.vocab_size(), cfg.vocab_size)));
+    }
+    // Special-token ids of the config or tokenizer beyond the embedding would index past it.
+    for (what, id) in [("bos_token_id", cfg.bos_token_id.or(tok.bos_id())), ("eos_token_id", cfg.eos_token_id.or(tok.eos_id()))] {
+        if let Some(id) = id.filter(|&i| i as usize >= cfg.vocab_size) {
+            return Err(MasaError::Invalid(format!(
+                "the student's {what} {id} is not a token of its vocabulary of {}: fix {what} in its config.json",
+                cfg.vocab_size
+            )));
+        }
     }
     Ok(())
 }

@@ -558,3 +558,60 @@ fn train_never_overwrites_an_earlier_run_and_one_writer_holds_its_directory() {
     let e = failure(&train("busy", &[]));
     assert!(e.contains("another `masa train`") && e.contains(&format!("process {}", std::process::id())), "{e}");
 }
+
+/// Issue 28: outputs that are inputs, a statistics shard merged twice, a corpus without
+/// validation text and special-token ids beyond the vocabulary are clear errors that change
+/// nothing.
+#[test]
+fn outputs_over_inputs_doubled_shards_and_impossible_corpora_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_scratch_student(&d.join("st"), &small_config(), 3);
+    write_corpus(&d.join("c.jsonl"), 20);
+    let masa = |args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(MASA);
+        c.args(["--threads", "1"]).args(args).env("MASA_HOME", d.join("home"));
+        run_within(c, Duration::from_secs(120))
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let p = |s: &str| d.join(s).into_os_string();
+    let calibrate = |out: &str| {
+        let a = [os("calibrate"), p("st"), os("--corpus"), p("c.jsonl"), os("--tokens"), os("256"), os("--seq"), os("16"), os("--batch"), os("2"), os("--out"), p(out)];
+        masa(&a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>())
+    };
+    let ok = calibrate("s0");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let model_before = tree(&d.join("st"));
+    let e = failure(&calibrate("st"));
+    assert!(e.contains("is the model this command reads") && e.contains("another --out"), "{e}");
+    assert_eq!(tree(&d.join("st")), model_before);
+    std::fs::copy(d.join("s0"), d.join("s1")).unwrap();
+    let merge = |ins: &[&str], out: &str| {
+        let mut a = vec![os("stats"), os("merge")];
+        a.extend(ins.iter().map(|i| p(i)));
+        a.extend([os("--out"), p(out)]);
+        masa(&a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>())
+    };
+    let e = failure(&merge(&["s0", "s1"], "m"));
+    assert!(e.contains("same statistics as") && e.contains("twice"), "{e}");
+    let e = failure(&merge(&["s0", "s1"], "s0"));
+    assert!(e.contains("is the statistics shard this command reads"), "{e}");
+    assert!(!d.join("m").exists());
+    // One document per domain: nothing for validation.
+    let long: String = (0..400).map(|i| format!("w{} ", i % 50)).collect();
+    std::fs::write(d.join("one.jsonl"), format!("{}\n{}\n", serde_json::json!({"text": long, "domain": "a"}), serde_json::json!({"text": long.clone() + "x", "domain": "b"}))).unwrap();
+    let train = |model: &str, corpus: &str, out: &str| {
+        let a = [os("train"), p(model), os("--corpus"), p(corpus), os("--out"), p(out), os("--tokens"), os("256"), os("--batch"), os("2"), os("--seq"), os("16"), os("--warmup"), os("0"), os("--eval-seqs"), os("1"), os("--quiet")];
+        masa(&a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>())
+    };
+    let e = failure(&train("st", "one.jsonl", "r1"));
+    assert!(e.contains("no validation text") && e.contains("a, b"), "{e}");
+    // An eos id past the vocabulary (257) is named in the student's config.json, not a panic.
+    let cfg_path = d.join("st/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["eos_token_id"] = serde_json::json!(99_999);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = train("st", "c.jsonl", "r2");
+    let e = failure(&out);
+    assert!(out.status.code() != Some(101) && e.contains("eos_token_id 99999") && e.contains("config.json"), "{e}");
+}

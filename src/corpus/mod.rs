@@ -301,7 +301,18 @@ fn stem_of(p: &Path) -> String {
     p.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "text".into())
 }
 
+/// The `.txt` and `.jsonl` files below `dir`, in sorted order, each once: a directory or file
+/// reached again through a symbolic link (a loop like `loop -> .`, or two links to one file)
+/// is read the first time only.
 fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    walk_dir_once(dir, out, &mut seen)
+}
+
+fn walk_dir_once(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet<PathBuf>) -> Result<()> {
+    if !seen.insert(dir.canonicalize().at(dir)?) {
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .at(dir)?
         .map(|e| e.map(|e| e.path()))
@@ -314,8 +325,8 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
             continue;
         }
         if e.is_dir() {
-            walk_dir(&e, out)?;
-        } else if matches!(ext_of(&e).as_str(), "txt" | "jsonl") {
+            walk_dir_once(&e, out, seen)?;
+        } else if matches!(ext_of(&e).as_str(), "txt" | "jsonl") && e.canonicalize().map_or(true, |c| seen.insert(c)) {
             out.push(e);
         }
     }
@@ -452,6 +463,21 @@ pub fn resolve_corpus(spec: &[PathBuf]) -> Result<(Corpus, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory with a symbolic-link loop (`loop -> .`) and a second link to one file is
+    /// read once, not once per path.
+    #[test]
+    fn symlink_loops_and_doubled_links_read_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("c");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("a.txt"), "first document").unwrap();
+        std::fs::write(d.join("b.txt"), "second document").unwrap();
+        let plain = load_corpus(&[d.clone()]).unwrap().len();
+        std::os::unix::fs::symlink(".", d.join("loop")).unwrap();
+        std::os::unix::fs::symlink(d.join("a.txt"), d.join("again.txt")).unwrap();
+        assert_eq!(load_corpus(&[d]).unwrap().len(), plain);
+    }
 
     /// The content key follows the documents, not where they were read from.
     #[test]

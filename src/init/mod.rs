@@ -581,6 +581,11 @@ pub struct InitRequest {
 /// Open and check the inputs (genes and statistics must come from `source`), build the
 /// student, write the HF-format directory with `masa.json`. Returns the final config.
 pub fn run(req: &InitRequest) -> Result<StudentConfig> {
+    let mut inputs: Vec<(&str, &Path)> = vec![("--source", &req.source)];
+    inputs.extend(req.genes.iter().map(|g| ("--genes file", g.as_path())));
+    inputs.extend(req.stats.iter().map(|g| ("--stats file", g.as_path())));
+    inputs.extend(req.corpus.iter().map(|g| ("--corpus", g.as_path())));
+    crate::home::check_output_is_not_input(&req.out, &inputs)?;
     let student = StudentConfig::from_spec(&req.student)?;
     student.validate()?;
     let source = SourceModel::open(&req.source)?;

@@ -100,6 +100,13 @@ impl StudentConfig {
         let cfg: StudentConfig = if spec.ends_with(".json") {
             serde_json::from_str(&text).map_err(|e| MasaError::bad_file(p, format!("invalid student config: {e}")))?
         } else {
+            // A misspelt key would otherwise fall back to its default without a word.
+            let table: toml::Table = toml::from_str(&text).map_err(|e| MasaError::bad_file(p, format!("invalid student config: {e}")))?;
+            let known = serde_json::to_value(Self::preset("cpu-6l-256")?).map_err(|e| MasaError::Invalid(e.to_string()))?;
+            if let Some(k) = table.keys().find(|k| known.get(k.as_str()).is_none()) {
+                let names: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+                return Err(MasaError::field(p, k, format!("unknown key; a student config has {}", names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "))));
+            }
             toml::from_str(&text).map_err(|e| MasaError::bad_file(p, format!("invalid student config: {e}")))?
         };
         cfg.validate().map_err(|e| MasaError::bad_file(p, e.to_string()))?;
@@ -126,6 +133,21 @@ impl StudentConfig {
         }
         if self.head_dim() % 2 != 0 {
             return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
+        }
+        // The weights alone (f32) must fit in this machine's memory; checked in u128 so that no
+        // shape overflows the count.
+        let (h, f, l, v) = (self.hidden_size as u128, self.intermediate_size as u128, self.num_hidden_layers as u128, self.vocab_size.max(1) as u128);
+        let params = v * h * 2 + l * (4 * h * h + 3 * h * f + 2 * h) + h;
+        let bytes = params * 4;
+        if let Some(total) = crate::limits::memory_bytes() {
+            if bytes > total as u128 {
+                return bad(format!(
+                    "about {:.3e} parameters ({:.1} GB of f32 weights alone) cannot fit in this machine's {:.1} GB of memory",
+                    params as f64,
+                    bytes as f64 / 1e9,
+                    total as f64 / 1e9
+                ));
+            }
         }
         Ok(())
     }
@@ -190,5 +212,24 @@ impl StudentConfig {
             "use_cache": true,
             "torch_dtype": "float32",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A misspelt key in a student TOML is an error naming it, not a silent default; a shape
+    /// whose weights cannot fit in memory is refused before anything is allocated.
+    #[test]
+    fn unknown_keys_and_impossible_shapes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, "hidden_size = 64\nintermediate_size = 128\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 2\ntie_embeddings = false\n").unwrap();
+        let e = StudentConfig::from_spec(p.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("tie_embeddings") && e.contains("unknown key") && e.contains("tie_word_embeddings"), "{e}");
+        std::fs::write(&p, "hidden_size = 64\nintermediate_size = 9223372036854775807\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 2\n").unwrap();
+        let e = StudentConfig::from_spec(p.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("cannot fit in this machine's") && e.contains("GB"), "{e}");
     }
 }
