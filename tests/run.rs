@@ -54,7 +54,7 @@ fn load_err(dir: &Path, text: &str) -> String {
 
 #[test]
 fn builtin_specs_validate() {
-    for name in ["default", "quick", "extended", "paper", "medium", "scaling"] {
+    for name in ["default", "quick", "extended", "paper", "medium", "scaling", "controlled"] {
         let s = Spec::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(s.name, name);
         assert!(s.seeds.len() >= if name == "quick" { 1 } else { 2 }, "{name}");
@@ -151,6 +151,16 @@ fn invalid_specs_name_the_field() {
 /// A corpus of real text from this repository: Rust sources and Markdown docs, two domains.
 /// A spec file reruns as `masa run <file as given>` (quoted when the shell needs it); a
 /// built-in spec as `masa run <name>`.
+/// A spec file named like a built-in spec in the current directory is not silently ignored.
+#[test]
+fn a_file_named_like_a_builtin_spec_is_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "quick", &spec_text("smollm2-135m", "default", ""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["run", "quick", "--plan"]).current_dir(dir.path()).env("MASA_HOME", dir.path().join("home")).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("both a built-in spec and a file") && e.contains("./quick"), "{e}");
+}
+
 #[test]
 fn spec_knows_the_command_that_runs_it() {
     assert_eq!(Spec::load("quick").unwrap().command(), "masa run quick");
@@ -301,6 +311,19 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     assert_eq!(fourth.invocations.last().unwrap().stages_computed, 1);
     let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
     assert_eq!(curves(&first), curves(&fourth));
+
+    // Another spec with the same name (here: one seed) in the same runs directory: the earlier
+    // results, report and plots are kept aside, not overwritten, and the history starts again
+    // (its stages all come from the shared store).
+    let one_seed = write(dir.path(), "e2e-one-seed.toml", &spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), "").replace("seeds = [0, 1]", "seeds = [0]"));
+    let spec1 = Spec::load(one_seed.to_str().unwrap()).unwrap();
+    let (fifth, out5) = masa::run::run(&spec1, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
+    assert_eq!(fifth.invocations.iter().map(|i| i.stages_computed).collect::<Vec<_>>(), vec![0]);
+    let aside: Vec<PathBuf> = std::fs::read_dir(&out5).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("superseded-")).collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = masa::run::results::RunResults::load(&aside[0].join("results.json")).unwrap();
+    assert_eq!((kept.trainings.len(), kept.invocations.len()), (6, 3));
+    assert!(aside[0].join("report.md").is_file());
 
     // Same inputs from scratch (fresh store), through the CLI, killed with SIGKILL during the
     // calibration and again during a pre-training (after its first checkpoint), then rerun: the

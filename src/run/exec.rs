@@ -122,6 +122,7 @@ impl<'a> Ctx<'a> {
         };
         let store = root.join("artifacts");
         std::fs::create_dir_all(&store).at(&store)?;
+        let history = earlier_invocations(out, &results.spec)?;
         Ok(Ctx {
             spec,
             store,
@@ -135,7 +136,7 @@ impl<'a> Ctx<'a> {
             stats: BTreeMap::new(),
             genes: BTreeMap::new(),
             overall: indicatif::ProgressBar::hidden(),
-            history: RunResults::load(&out.join("results.json")).map(|r| r.invocations).unwrap_or_default(),
+            history,
             computed: 0,
             t0: Instant::now(),
         })
@@ -463,3 +464,31 @@ impl<'a> Ctx<'a> {
         Ok(score)
     }
 }
+
+/// The invocations of this spec recorded in `out/results.json`. Results of another spec with
+/// the same name (or of this spec before an edit) are never overwritten: their results, report
+/// and plots move to `out/superseded-<unix seconds>/`, and the history starts again.
+fn earlier_invocations(out: &Path, spec: &serde_json::Value) -> Result<Vec<crate::run::results::Invocation>> {
+    let path = out.join("results.json");
+    let Ok(earlier) = RunResults::load(&path) else { return Ok(Vec::new()) };
+    if earlier.spec == *spec {
+        return Ok(earlier.invocations);
+    }
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let aside = out.join(format!("superseded-{secs}"));
+    std::fs::create_dir_all(&aside).at(&aside)?;
+    for name in ["results.json", "report.md", "report.html", "plots"] {
+        let from = out.join(name);
+        if from.exists() {
+            std::fs::rename(&from, aside.join(name)).at(&from)?;
+        }
+    }
+    eprintln!(
+        "note: {} held the results of a different spec named `{}` (or of this one before an edit); they are kept in {}",
+        out.display(),
+        earlier.name,
+        aside.display()
+    );
+    Ok(Vec::new())
+}
+

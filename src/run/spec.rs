@@ -473,6 +473,12 @@ impl Spec {
     /// A built-in spec name or a TOML file; parsed and validated.
     pub fn load(name_or_path: &str) -> Result<Spec> {
         let (origin, text, file) = match BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+            // A file of that name here would otherwise be silently ignored.
+            Some((n, _)) if Path::new(n).is_file() => {
+                return Err(MasaError::Invalid(format!(
+                    "`{n}` names both a built-in spec and a file in this directory; pass `./{n}` for the file, or run the built-in one from another directory"
+                )))
+            }
             Some((n, t)) => (format!("built-in spec `{n}`"), t.to_string(), None),
             None => {
                 let p = Path::new(name_or_path);
