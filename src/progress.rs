@@ -131,9 +131,21 @@ impl TermLike for LogLines {
 pub fn overall_bar(total_seconds: u64, msg: &str) -> ProgressBar {
     let bar = multi().add(ProgressBar::new(total_seconds));
     bar.set_style(
-        ProgressStyle::with_template(&format!("{msg} [{{bar:30}}] {{percent}}% elapsed {{elapsed_precise}} eta {{eta}}  {{msg}}"))
+        ProgressStyle::with_template(&format!("{msg} [{{bar:30}}] {{percent}}% elapsed {{elapsed_precise}} eta {{work_eta}}  {{msg}}"))
             .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("##-"),
+            .progress_chars("##-")
+            // The bar moves in jumps (a stage's estimated seconds when it ends), so indicatif's
+            // own rate-based ETA decays between them (it printed "eta 3147y"): remaining work at
+            // the average pace so far instead, unknown until the first stage ends.
+            .with_key("work_eta", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let (pos, len, secs) = (s.pos(), s.len().unwrap_or(0), s.elapsed().as_secs_f64());
+                let _ = if pos == 0 || pos >= len {
+                    w.write_str("?")
+                } else {
+                    let rest = (secs * (len - pos) as f64 / pos as f64) as u64;
+                    write!(w, "{}", indicatif::HumanDuration(std::time::Duration::from_secs(rest)))
+                };
+            }),
     );
     bar.enable_steady_tick(std::time::Duration::from_secs(1));
     bar
