@@ -115,15 +115,62 @@ pub fn model_path(asset: &ModelAsset) -> PathBuf {
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.exists() {
+        // A `masa train --out` directory stands for its newest checkpoint.
+        if p.is_dir() && !p.join("config.json").exists() {
+            if let Some(ck) = home::latest_in(p)? {
+                return Ok(ck);
+            }
+        }
         return Ok(p.to_path_buf());
     }
-    match find_model(spec) {
-        Some(a) => fetch_model(a),
-        None => Err(MasaError::Invalid(format!(
-            "`{spec}` is neither an existing file/directory nor a known model name ({})",
-            MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-        ))),
+    if let Some(a) = find_model(spec) {
+        return fetch_model(a);
     }
+    if let Some((repo, revision)) = hub_id(spec) {
+        return hf_cache_snapshot(repo, revision);
+    }
+    Err(MasaError::Invalid(format!(
+        "`{spec}` is neither an existing file/directory, a known model name ({}) nor a Hugging Face hub id (`org/name`)",
+        MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+/// `org/name` or `org/name@revision`: a Hugging Face hub id (two path-safe words).
+pub fn hub_id(spec: &str) -> Option<(&str, &str)> {
+    let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    let (org, name) = repo.split_once('/')?;
+    let word = |w: &str| !w.is_empty() && !w.starts_with('.') && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    (word(org) && word(name) && word(revision)).then_some((repo, revision))
+}
+
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub` (as `huggingface_hub` resolves it).
+pub fn hf_hub_cache() -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("HF_HUB_CACHE")
+        .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| env("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
+        .unwrap_or_else(|| env("HOME").unwrap_or_default().join(".cache/huggingface/hub"))
+}
+
+/// The snapshot directory of `repo` at `revision` (a branch or tag in `refs/`, or a commit
+/// hash) in the HF cache, read offline as transformers does with `local_files_only`.
+fn hf_cache_snapshot(repo: &str, revision: &str) -> Result<PathBuf> {
+    let cache = hf_hub_cache();
+    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let refs = dir.join("refs").join(revision);
+    let commit = if refs.is_file() { std::fs::read_to_string(&refs).at(&refs)?.trim().to_string() } else { revision.to_string() };
+    let snap = dir.join("snapshots").join(&commit);
+    if snap.join("config.json").is_file() {
+        return Ok(snap);
+    }
+    Err(MasaError::Invalid(format!(
+        "`{repo}` (revision {revision}) looks like a Hugging Face hub id but is not in the Hugging Face cache at {} \
+         (no {}); masa reads that cache offline: download it there first (for example \
+         `huggingface-cli download {repo}`, or from_pretrained in transformers), or pass the model's directory",
+        cache.display(),
+        snap.join("config.json").display()
+    )))
 }
 
 /// Fetch (if needed) and verify one model; returns its path.

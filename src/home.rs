@@ -152,3 +152,15 @@ pub fn check_output_is_not_input(out: &Path, inputs: &[(&str, &Path)]) -> Result
         None => Ok(()),
     }
 }
+
+/// The checkpoint a training run directory's `latest` file names (`dir/<name>`), if it has
+/// one: how `masa train --resume DIR`, `masa score DIR` and every command that takes a model
+/// find a run's newest checkpoint. The file's content is not checked here.
+pub fn latest_in(dir: &Path) -> Result<Option<PathBuf>> {
+    let latest = dir.join("latest");
+    if !latest.is_file() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&latest).at(&latest)?;
+    Ok(Some(dir.join(name.trim())))
+}

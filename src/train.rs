@@ -673,14 +673,11 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
     if is_checkpoint(p) {
         return Ok(p.to_path_buf());
     }
-    let latest = p.join("latest");
-    if latest.is_file() {
-        let name = std::fs::read_to_string(&latest).at(&latest)?;
-        let ck = p.join(name.trim());
+    if let Some(ck) = crate::home::latest_in(p)? {
         if is_checkpoint(&ck) {
             return Ok(ck);
         }
-        return Err(MasaError::bad_file(&latest, format!("names `{}`, which is not a complete checkpoint", name.trim())));
+        return Err(MasaError::bad_file(p.join("latest"), format!("names `{}`, which is not a complete checkpoint", ck.display())));
     }
     Err(MasaError::bad_file(
         p,

@@ -550,6 +550,11 @@ fn train_never_overwrites_an_earlier_run_and_one_writer_holds_its_directory() {
     assert!(e.contains("earlier training run") && e.contains("--resume") && e.contains("step-"), "{e}");
     assert_eq!(tree(&d.join("run")), before);
     assert_eq!(std::fs::read(d.join("run/metrics.jsonl")).unwrap(), metrics);
+    // The run directory stands for its newest checkpoint wherever a model is expected.
+    let mut c = Command::new(MASA);
+    c.arg("inspect").arg(d.join("run")).env("MASA_HOME", d.join("home"));
+    let inspected = run_within(c, Duration::from_secs(60));
+    assert!(inspected.status.success(), "{}", String::from_utf8_lossy(&inspected.stderr));
     // Continuing it is what --resume is for (nothing left to do: it stops at once).
     let resumed = train("run", &["--resume", d.join("run").to_str().unwrap()]);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));

@@ -691,3 +691,31 @@ fn smollm2_same_shape_selection_is_the_identity() {
     }
     let _ = Rest::Scratch;
 }
+
+/// Issue 27: a Hugging Face hub id resolves through the HF cache, offline (`refs/main` → the
+/// snapshot), as transformers resolves it; a revision that is not cached is a clear error
+/// naming the cache and how to fill it.
+#[test]
+fn hub_ids_resolve_through_the_hf_cache() {
+    let f = Fixture::new();
+    let cache = f.path("hf-hub");
+    let repo = cache.join("models--acme--tiny-llama");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(f.source()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let inspect = |id: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["inspect", id]).env("HF_HUB_CACHE", &cache).env("MASA_HOME", f.path("home")).output().unwrap()
+    };
+    let ok = inspect("acme/tiny-llama");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("llama"), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(inspect("acme/tiny-llama@0123abcd").status.success());
+    let missing = inspect("acme/tiny-llama@v2");
+    let e = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && e.contains("Hugging Face cache") && e.contains(&cache.display().to_string()) && e.contains("huggingface-cli download acme/tiny-llama"), "{e}");
+}

@@ -527,11 +527,11 @@ impl Spec {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.') {
             return bad("name", format!("{:?}: use letters, digits, `-`, `_`, `.` (it names the directory runs/<name>)", self.name));
         }
-        if crate::fetch::find_model(&self.source).is_none() && !Path::new(&self.source).exists() {
+        if crate::fetch::find_model(&self.source).is_none() && !Path::new(&self.source).exists() && crate::fetch::hub_id(&self.source).is_none() {
             return bad(
                 "source",
                 format!(
-                    "`{}` is neither a known model ({}) nor an existing GGUF file or HF directory",
+                    "`{}` is neither a known model ({}), an existing GGUF file or HF directory, nor a Hugging Face hub id (`org/name`)",
                     self.source,
                     crate::fetch::MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
                 ),
