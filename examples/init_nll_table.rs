@@ -21,8 +21,8 @@ use masa::corpus::Batch;
 use masa::init::genes::{gene_key, Genes};
 use masa::init::prune::Energies;
 use masa::init::{build, map_layers, GeneScale, InitOptions, LayerMap, Rest, Strategy};
-use masa::source::model::Transformer;
 use masa::score::score_texts;
+use masa::source::model::Transformer;
 use masa::source::SourceModel;
 use masa::stats::StatsMeta;
 use masa::student::{save_checkpoint, StudentConfig};
@@ -71,11 +71,8 @@ fn main() -> anyhow::Result<()> {
     let seq = 256;
     let mut batches = Vec::new();
     for (di, d) in domains.iter().enumerate() {
-        let ids: Vec<u32> = lines(&corpus.join(format!("{d}.train.jsonl")), 200)
-            .iter()
-            .flat_map(|t| tok.encode(t, false).unwrap())
-            .take(seq * 3)
-            .collect();
+        let ids: Vec<u32> =
+            lines(&corpus.join(format!("{d}.train.jsonl")), 200).iter().flat_map(|t| tok.encode(t, false).unwrap()).take(seq * 3).collect();
         for c in ids.chunks_exact(seq).take(if di < 2 { 3 } else { 2 }) {
             batches.push(Batch { ids: c.to_vec(), batch: 1, seq_len: seq, dataset: vec![di] });
         }
@@ -117,7 +114,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let genes_path = out.join("genes.safetensors");
-    Genes::write(&genes_path, &gs, &serde_json::json!({ "source_hash": hash, "rank": r, "method": "closed-form output alignment, lambda 0, ratio 0.12", "layers": used }))?;
+    Genes::write(
+        &genes_path,
+        &gs,
+        &serde_json::json!({ "source_hash": hash, "rank": r, "method": "closed-form output alignment, lambda 0, ratio 0.12", "layers": used }),
+    )?;
     eprintln!("genes: rank {r}, {} matrices, {:.1}s", gs.len(), t0.elapsed().as_secs_f64());
     let genes = Genes::load(&genes_path)?;
 

@@ -3,7 +3,19 @@ use std::time::Instant;
 
 use faer::{Accum, MatMut, MatRef, Par};
 
-fn faer_mm(m: usize, n: usize, k: usize, c: &mut [f32], a: &[f32], a_rs: isize, a_cs: isize, b: &[f32], b_rs: isize, b_cs: isize, par: Par) {
+fn faer_mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: isize,
+    a_cs: isize,
+    b: &[f32],
+    b_rs: isize,
+    b_cs: isize,
+    par: Par,
+) {
     unsafe {
         let dst = MatMut::<f32>::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1);
         let lhs = MatRef::<f32>::from_raw_parts(a.as_ptr(), m, k, a_rs, a_cs);
@@ -24,8 +36,18 @@ fn main() {
             (d.len() == 3).then(|| (format!("nt {a}"), d[0], d[1], d[2], 0))
         })
         .collect();
-    let builtin = [("nt 1024x256x256", 1024, 256, 256, 0), ("nt 1024x1536x256", 1024, 1536, 256, 0), ("tn 256x256x1024", 256, 256, 1024, 2), ("tn 1536x256x1024", 1536, 256, 1024, 2), ("nt 1024x768x256", 1024, 768, 256, 0), ("nt 1024x256x768", 1024, 256, 768, 0), ("nt 256x8192x256", 256, 8192, 256, 0),
-                  ("nn 1024x256x768", 1024, 256, 768, 1), ("tn 768x256x1024", 768, 256, 1024, 2), ("tn 8192x256x256", 8192, 256, 256, 2)];
+    let builtin = [
+        ("nt 1024x256x256", 1024, 256, 256, 0),
+        ("nt 1024x1536x256", 1024, 1536, 256, 0),
+        ("tn 256x256x1024", 256, 256, 1024, 2),
+        ("tn 1536x256x1024", 1536, 256, 1024, 2),
+        ("nt 1024x768x256", 1024, 768, 256, 0),
+        ("nt 1024x256x768", 1024, 256, 768, 0),
+        ("nt 256x8192x256", 256, 8192, 256, 0),
+        ("nn 1024x256x768", 1024, 256, 768, 1),
+        ("tn 768x256x1024", 768, 256, 1024, 2),
+        ("tn 8192x256x256", 8192, 256, 256, 2),
+    ];
     let shapes: Vec<(String, usize, usize, usize, u8)> =
         if custom.is_empty() { builtin.iter().map(|&(n, m, nn, k, kind)| (n.to_string(), m, nn, k, kind)).collect() } else { custom };
     for (name, m, n, k, kind) in shapes {
@@ -46,7 +68,29 @@ fn main() {
         for _ in 0..3 {
             let t = Instant::now();
             for _ in 0..reps {
-                unsafe { gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), acs, ars, b.as_ptr(), bcs, brs, 1.0f32, 1.0f32, false, false, false, par) };
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        acs,
+                        ars,
+                        b.as_ptr(),
+                        bcs,
+                        brs,
+                        1.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
+                };
             }
             best_g = best_g.min(t.elapsed().as_secs_f64());
             let fp = if threads > 1 { Par::rayon(threads) } else { Par::Seq };
@@ -67,6 +111,11 @@ fn main() {
                 best_m = best_m.min(t.elapsed().as_secs_f64());
             }
         }
-        println!("{name:20} gemm {:6.1} GFLOP/s   faer {:6.1} GFLOP/s   masa mm_nt {:6.1} GFLOP/s", flops / best_g / 1e9, flops / best_f / 1e9, flops / best_m / 1e9);
+        println!(
+            "{name:20} gemm {:6.1} GFLOP/s   faer {:6.1} GFLOP/s   masa mm_nt {:6.1} GFLOP/s",
+            flops / best_g / 1e9,
+            flops / best_f / 1e9,
+            flops / best_m / 1e9
+        );
     }
 }

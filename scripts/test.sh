@@ -14,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_rust.sh
 source scripts/masa_bin.sh
+echo "== checking the formatting (rustfmt.toml; fix with cargo fmt)"
+cargo fmt --check
 echo "== building masa (release)"
 cargo build --release
 echo "== checking that every pinned remote asset is still obtainable (index queries, no downloads)"

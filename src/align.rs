@@ -120,10 +120,8 @@ pub fn decompress(z: &[Vec<f64>], l: &Layout) -> Vec<f64> {
 
 /// `x̃ = f_d(M f_c(x))` for one input vector, Eq. (1)-(3); `m` row-major `r×r`.
 pub fn gene_apply(m: &[f64], x: &[f64], l: &Layout) -> Vec<f64> {
-    let z: Vec<Vec<f64>> = compress(x, l)
-        .iter()
-        .map(|chunk| (0..l.r).map(|a| (0..l.r).map(|c| m[a * l.r + c] * chunk[c]).sum()).collect())
-        .collect();
+    let z: Vec<Vec<f64>> =
+        compress(x, l).iter().map(|chunk| (0..l.r).map(|a| (0..l.r).map(|c| m[a * l.r + c] * chunk[c]).sum()).collect()).collect();
     decompress(&z, l)
 }
 
@@ -151,9 +149,8 @@ impl OutputAlignment {
         let l = layout;
         let (d_in, r, n) = (l.d_in, l.r, l.n);
         let s_at = |i: usize, j: usize| s[i * d_in + j];
-        let blocks: Vec<Mat<f64>> = (0..n)
-            .map(|i| Mat::from_fn(r, r, |u, v| s_at(l.padded_index(i * r + u), l.padded_index(i * r + v))))
-            .collect();
+        let blocks: Vec<Mat<f64>> =
+            (0..n).map(|i| Mat::from_fn(r, r, |u, v| s_at(l.padded_index(i * r + u), l.padded_index(i * r + v)))).collect();
         // b_a: for each chunk i, S̄_i = S[idx_i, :] (r×d_in) times the rows of W read through it.
         let mut b = Mat::<f64>::zeros(r, r);
         let wmat = Mat::from_fn(l.d_out, d_in, |p, j| w[p * d_in + j] as f64);
@@ -316,12 +313,16 @@ impl SpectralAlignment {
     }
 
     pub fn loss(&self, m: &Mat<f64>) -> Result<f64> {
-        let lam = (m.transpose() * m).self_adjoint_eigenvalues(Side::Lower).map_err(|e| MasaError::Invalid(format!("eigenvalues of a gene's MᵀM failed: {e:?}")))?;
+        let lam = (m.transpose() * m)
+            .self_adjoint_eigenvalues(Side::Lower)
+            .map_err(|e| MasaError::Invalid(format!("eigenvalues of a gene's MᵀM failed: {e:?}")))?;
         Ok(self.log_ratios(lam.into_iter()).iter().map(|d| d * d).sum())
     }
 
     pub fn loss_grad(&self, m: &Mat<f64>) -> Result<(f64, Mat<f64>)> {
-        let eig = (m.transpose() * m).self_adjoint_eigen(Side::Lower).map_err(|e| MasaError::Invalid(format!("eigendecomposition of a gene's MᵀM failed: {e:?}")))?;
+        let eig = (m.transpose() * m)
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| MasaError::Invalid(format!("eigendecomposition of a gene's MᵀM failed: {e:?}")))?;
         let (v, lam) = (eig.U(), eig.S().column_vector());
         let r = m.nrows();
         // Ascending eigenvalues: column j of V' pairs with singular value r − 1 − j.
@@ -339,19 +340,16 @@ impl SpectralAlignment {
 /// a test checks agreement with the SVD.
 pub fn singular_values(m: &Mat<f64>) -> Result<Vec<f64>> {
     let gram = if m.nrows() <= m.ncols() { m * m.transpose() } else { m.transpose() * m };
-    let lam = gram.self_adjoint_eigenvalues(Side::Lower).map_err(|e| MasaError::Invalid(format!("eigenvalues of a {}x{} Gram matrix failed: {e:?}", gram.nrows(), gram.ncols())))?;
+    let lam = gram
+        .self_adjoint_eigenvalues(Side::Lower)
+        .map_err(|e| MasaError::Invalid(format!("eigenvalues of a {}x{} Gram matrix failed: {e:?}", gram.nrows(), gram.ncols())))?;
     Ok(lam.into_iter().rev().map(|l| l.max(0.0).sqrt()).collect())
 }
 
 /// Minimise a smooth function with L-BFGS (memory `hist`) and a backtracking Armijo line
 /// search, until the relative decrease over `patience` iterations is below `tol` or
 /// `max_iter` is reached. Returns the minimiser and the iteration count.
-pub fn lbfgs(
-    x0: Vec<f64>,
-    mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
-    max_iter: usize,
-    tol: f64,
-) -> Result<(Vec<f64>, usize)> {
+pub fn lbfgs(x0: Vec<f64>, mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>, max_iter: usize, tol: f64) -> Result<(Vec<f64>, usize)> {
     const HIST: usize = 8;
     const PATIENCE: usize = 5;
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();

@@ -66,7 +66,12 @@ impl<'a> Accumulator<'a> {
     /// Check and count a batch entering the pass (once per batch).
     pub fn count(&mut self, b: &Batch) -> Result<()> {
         if b.ids.len() != b.batch * b.seq_len || b.dataset.len() != b.batch || b.dataset.iter().any(|&d| d >= self.datasets.len()) {
-            return Err(MasaError::Shape(format!("calibration batch of {} ids is not {}x{} of known datasets", b.ids.len(), b.batch, b.seq_len)));
+            return Err(MasaError::Shape(format!(
+                "calibration batch of {} ids is not {}x{} of known datasets",
+                b.ids.len(),
+                b.batch,
+                b.seq_len
+            )));
         }
         for &d in &b.dataset {
             *self.dataset_tokens.entry(self.datasets[d].clone()).or_insert(0) += b.seq_len as u64;
@@ -160,7 +165,12 @@ impl RankTarget {
         Ok(RankTarget { key: format!("{base}.r{}", layout.r), layout, w: w.clone(), chunk_idx })
     }
 
-    fn accumulate(&self, x: &Tensor, moments: &mut BTreeMap<String, Moment>, cross: &mut BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Result<()> {
+    fn accumulate(
+        &self,
+        x: &Tensor,
+        moments: &mut BTreeMap<String, Moment>,
+        cross: &mut BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    ) -> Result<()> {
         let l = self.layout;
         let n = x.dim(0)?;
         let y = x.matmul(&self.w.t()?)?; // (n, d_out), no transposed copy of W
@@ -258,9 +268,9 @@ fn check_memory(config: &ModelConfig, pass: &PassOptions) -> Result<()> {
     };
     let shrink = "use --rank or --ratio (only the sums extraction at that rank reads) or --layers (a range of layers per run; `masa stats merge` adds runs)";
     match (field("MemTotal:"), field("MemAvailable:")) {
-        (Some(total), _) if need > total => {
-            Err(MasaError::Invalid(format!("the statistics of this pass need {need:.1} GB (f64) and this machine has {total:.1} GB of memory: {shrink}")))
-        }
+        (Some(total), _) if need > total => Err(MasaError::Invalid(format!(
+            "the statistics of this pass need {need:.1} GB (f64) and this machine has {total:.1} GB of memory: {shrink}"
+        ))),
         (_, Some(avail)) if need > avail => {
             eprintln!("warning: the statistics of this pass need {need:.1} GB (f64), {avail:.1} GB of memory is available now; if it runs out, {shrink}");
             Ok(())
@@ -541,7 +551,10 @@ impl CalibrateOptions {
     pub fn check_experts(&self, config: &ModelConfig) -> Result<()> {
         let Some(k) = self.experts else { return Ok(()) };
         let Some(moe) = &config.moe else {
-            return Err(MasaError::Invalid(format!("--experts {k}: the source is dense ({}); --experts applies to MoE sources only", config.arch.name())));
+            return Err(MasaError::Invalid(format!(
+                "--experts {k}: the source is dense ({}); --experts applies to MoE sources only",
+                config.arch.name()
+            )));
         };
         crate::limits::in_range("--experts", k as u64, 0..=moe.n_routed_experts as u64, "the source's routed experts per layer")?;
         if self.shard.is_some() {
@@ -553,11 +566,17 @@ impl CalibrateOptions {
 
 /// The rank-specific targets of layer `l`: each of its FFN matrices at its rank, grouped by
 /// input site.
-pub fn rank_targets(config: &ModelConfig, l: usize, layer: &Layer, rank: crate::align::RankSpec) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
+pub fn rank_targets(
+    config: &ModelConfig,
+    l: usize,
+    layer: &Layer,
+    rank: crate::align::RankSpec,
+) -> Result<BTreeMap<(usize, String), Vec<RankTarget>>> {
     let mut plan: BTreeMap<(usize, String), Vec<RankTarget>> = BTreeMap::new();
     for m in config.ffn_matrices().into_iter().filter(|m| m.layer == l) {
         let w = layer.ffn_weight(m.mlp(), m.proj).ok_or_else(|| MasaError::Invalid(format!("no weight for {}", m.name)))?;
-        let layout = crate::align::Layout::new(m.d_out, m.d_in, rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
+        let layout = crate::align::Layout::new(m.d_out, m.d_in, rank.rank(m.d_out, m.d_in))
+            .map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
         let base = m.gene_name();
         plan.entry((m.layer, m.stats_site())).or_default().push(RankTarget::new(base.trim_end_matches(".gene"), w, layout)?);
     }
@@ -602,14 +621,23 @@ pub fn next_batch(streams: &mut [crate::corpus::TokenStream<'_>], k: usize, opts
 
 /// Every batch of the calibration stream of [`corpus_batches_with`], in order: what minibatch
 /// extraction replays.
-pub fn corpus_batches(source: &crate::source::SourceModel, corpus: &crate::corpus::Corpus, opts: &CalibrateOptions) -> Result<Vec<crate::corpus::Batch>> {
+pub fn corpus_batches(
+    source: &crate::source::SourceModel,
+    corpus: &crate::corpus::Corpus,
+    opts: &CalibrateOptions,
+) -> Result<Vec<crate::corpus::Batch>> {
     let encode = |t: &str| source.tokenizer.encode(t, false);
     let (_, mut streams, n_batches) = corpus_batches_with(source, corpus, opts, &encode)?;
     (0..n_batches).map(|k| next_batch(&mut streams, k, opts)).collect()
 }
 
 /// Calibrate `source` on the training split of `corpus` over [`corpus_batches_with`].
-pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::corpus::Corpus, corpus_desc: &str, opts: &CalibrateOptions) -> Result<Stats> {
+pub fn calibrate_on_corpus(
+    source: &crate::source::SourceModel,
+    corpus: &crate::corpus::Corpus,
+    corpus_desc: &str,
+    opts: &CalibrateOptions,
+) -> Result<Stats> {
     let encode = |t: &str| source.tokenizer.encode(t, false);
     let (datasets, mut streams, n_batches) = corpus_batches_with(source, corpus, opts, &encode)?;
     let per_batch = (opts.batch * opts.seq_len) as u64;
@@ -634,7 +662,13 @@ pub fn calibrate_on_corpus(source: &crate::source::SourceModel, corpus: &crate::
     let kept = (0..n_batches).filter(|&k| mine(k)).count() as u64;
     let batches = (0..n_batches).map(|k| (k, next_batch(&mut streams, k, opts))).filter(move |(k, _)| mine(*k)).map(|(_, b)| b);
     let w = &source.weights;
-    let pass = PassOptions { rank: opts.rank, block_tokens: block_tokens(&w.config), layers: opts.layers.clone(), experts: opts.experts, device: opts.device };
+    let pass = PassOptions {
+        rank: opts.rank,
+        block_tokens: block_tokens(&w.config),
+        layers: opts.layers.clone(),
+        experts: opts.experts,
+        device: opts.device,
+    };
     let layers = pass.last_layer(&w.config)? as u64 + 1;
     check_memory(&w.config, &pass)?;
     let passes = if opts.experts.is_some_and(|k| k > 0) { 2 } else { 1 };
@@ -650,7 +684,18 @@ mod tests {
 
     #[test]
     fn calibration_options_have_ranges() {
-        let ok = CalibrateOptions { tokens: 4096, seq_len: 256, batch: 8, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: None, device: Default::default() };
+        let ok = CalibrateOptions {
+            tokens: 4096,
+            seq_len: 256,
+            batch: 8,
+            seed: 0,
+            domains: None,
+            rank: None,
+            layers: None,
+            shard: None,
+            experts: None,
+            device: Default::default(),
+        };
         ok.check(2048).unwrap();
         for (o, want) in [
             (CalibrateOptions { tokens: 0, ..ok.clone() }, "--tokens 0"),

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::engine::{Device, Precision};
 use crate::error::{IoContext, MasaError, Result};
 use crate::source::model::{NoHooks, Transformer};
-use crate::source::SourceModel;
 use crate::source::tokenizer::Tokenizer;
+use crate::source::SourceModel;
 
 /// `--distill TEACHER`: loss = α·CE + (1−α)·τ²·KL(teacher ‖ student).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -61,7 +61,17 @@ pub struct TeacherCache {
 impl TeacherCache {
     /// `device`/`precision`: the student's; a plain Llama teacher runs there too.
     #[allow(clippy::too_many_arguments)]
-    pub fn open(d: &DistillOptions, student_tok: &Tokenizer, corpus: &[PathBuf], seed: u64, b: usize, t: usize, device: Device, precision: Precision, progress: bool) -> Result<Self> {
+    pub fn open(
+        d: &DistillOptions,
+        student_tok: &Tokenizer,
+        corpus: &[PathBuf],
+        seed: u64,
+        b: usize,
+        t: usize,
+        device: Device,
+        precision: Precision,
+        progress: bool,
+    ) -> Result<Self> {
         let teacher = SourceModel::open(&d.teacher)?;
         // Same tokenizer: same vocabulary size and the same ids on a probe text.
         let probe = "Distillation needs the teacher's tokenizer: fn main() { println!(\"héllo\"); } 12345";
@@ -81,7 +91,10 @@ impl TeacherCache {
         let gpu = match device {
             Device::Cuda(ordinal) if crate::student::plain_llama(&teacher.weights.config).is_some() => Some((ordinal, precision)),
             Device::Cuda(_) => {
-                eprintln!("note: the teacher ({}) is not a plain Llama model, so its top-k runs on the CPU", teacher.weights.config.arch.name());
+                eprintln!(
+                    "note: the teacher ({}) is not a plain Llama model, so its top-k runs on the CPU",
+                    teacher.weights.config.arch.name()
+                );
                 None
             }
             Device::Cpu => None,
@@ -89,7 +102,10 @@ impl TeacherCache {
         #[cfg(feature = "cuda")]
         if gpu.is_some() && d.top_k > crate::cuda::llama::TOPK_MAX {
             let max = crate::cuda::llama::TOPK_MAX;
-            return Err(MasaError::Invalid(format!("distillation top_k {}: the CUDA teacher keeps at most {max} log-probs per position", d.top_k)));
+            return Err(MasaError::Invalid(format!(
+                "distillation top_k {}: the CUDA teacher keeps at most {max} log-probs per position",
+                d.top_k
+            )));
         }
         let mut key_json = serde_json::json!({"format": 3, "sampling": "chunks", "seed": seed, "batch": b, "seq": t, "top_k": d.top_k});
         if let Some((_, p)) = gpu {
@@ -101,7 +117,10 @@ impl TeacherCache {
         let dir = root.join(key);
         // One writer at a time: two runs appending to one topk.bin would interleave records.
         let lock = crate::home::lock_dir(&dir, ".masa-teacher.lock", |pid| {
-            format!("{}: another masa process ({pid}) is filling this teacher cache; wait for it to finish, or give another --teacher-cache", dir.display())
+            format!(
+                "{}: another masa process ({pid}) is filling this teacher cache; wait for it to finish, or give another --teacher-cache",
+                dir.display()
+            )
         })?;
         let meta = serde_json::json!({"teacher": canon, "corpus": corpus, "key": key_json});
         crate::home::write_atomic(&dir.join("meta.json"), meta.to_string().as_bytes())?;

@@ -177,7 +177,15 @@ pub fn decay_ranges(model: &Llama) -> Vec<(usize, usize, bool)> {
 
 /// Build the engine for `device` with `params` (flat, layout order) and fresh AdamW state;
 /// the workspace fits batches of up to `batch` sequences of `seq` tokens (grown on demand).
-pub fn open(device: Device, precision: Precision, cfg: &StudentConfig, params: Vec<f32>, adam: AdamConfig, batch: usize, seq: usize) -> Result<Box<dyn Engine>> {
+pub fn open(
+    device: Device,
+    precision: Precision,
+    cfg: &StudentConfig,
+    params: Vec<f32>,
+    adam: AdamConfig,
+    batch: usize,
+    seq: usize,
+) -> Result<Box<dyn Engine>> {
     let model = Llama::new(cfg);
     let decay = decay_ranges(&model);
     match device {

@@ -101,6 +101,9 @@ pub fn parser_guard<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "no message".into());
-        Err(MasaError::bad_file(path, format!("malformed {what}: the reader failed on it ({msg}); the file is corrupt or not what its header says")))
+        Err(MasaError::bad_file(
+            path,
+            format!("malformed {what}: the reader failed on it ({msg}); the file is corrupt or not what its header says"),
+        ))
     })
 }

@@ -48,7 +48,16 @@ pub struct ExtractOptions {
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { rank: RankSpec::Ratio(0.12), lambda: DEFAULT_LAMBDA, experts: 1, routed_with_shared: 0, ridge: 1e-6, max_iter: 300, layers: None, tol: 1e-5 }
+        ExtractOptions {
+            rank: RankSpec::Ratio(0.12),
+            lambda: DEFAULT_LAMBDA,
+            experts: 1,
+            routed_with_shared: 0,
+            ridge: 1e-6,
+            max_iter: 300,
+            layers: None,
+            tol: 1e-5,
+        }
     }
 }
 
@@ -107,7 +116,15 @@ impl GenesMeta {
         (rel.get(rel.len() / 2).copied().unwrap_or(f64::NAN), per_r(|m| m.l_spec_start), per_r(|m| m.l_spec))
     }
 
-    fn new(source: &SourceWeights, source_hash: &str, stats: &Stats, opts: &ExtractOptions, mode: &str, sel: Selection, matrices: Vec<MatrixReport>) -> Self {
+    fn new(
+        source: &SourceWeights,
+        source_hash: &str,
+        stats: &Stats,
+        opts: &ExtractOptions,
+        mode: &str,
+        sel: Selection,
+        matrices: Vec<MatrixReport>,
+    ) -> Self {
         GenesMeta {
             format: FORMAT.into(),
             source: source.path.display().to_string(),
@@ -149,12 +166,12 @@ pub fn select_matrices(source: &SourceWeights, stats: &Stats, opts: &ExtractOpti
     if let Some(bad) = layers.and_then(|ls| ls.iter().find(|&&l| l >= source.config.num_hidden_layers)) {
         return Err(MasaError::Invalid(format!("layer {bad} does not exist: the source has {} layers", source.config.num_hidden_layers)));
     }
-    let all: Vec<FfnMatrix> =
-        source.config.ffn_matrices().into_iter().filter(|m| layers.is_none_or(|ls| ls.contains(&m.layer))).collect();
+    let all: Vec<FfnMatrix> = source.config.ffn_matrices().into_iter().filter(|m| layers.is_none_or(|ls| ls.contains(&m.layer))).collect();
     let mut keep_experts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     if let Some(moe) = &source.config.moe {
         let k = if moe.n_shared_experts > 0 { opts.routed_with_shared } else { opts.experts.max(1) };
-        for l in (0..source.config.num_hidden_layers).filter(|&l| source.config.is_moe_layer(l) && layers.is_none_or(|ls| ls.contains(&l))) {
+        for l in (0..source.config.num_hidden_layers).filter(|&l| source.config.is_moe_layer(l) && layers.is_none_or(|ls| ls.contains(&l)))
+        {
             if k == 0 {
                 continue;
             }
@@ -205,7 +222,10 @@ pub fn output_alignment(stats: &Stats, m: &FfnMatrix, w: &[f32], layout: Layout)
     if let Some((_, cross)) = stats.cross.get(&format!("{key}.cross")) {
         let blocks = (0..layout.n)
             .map(|i| {
-                let mo = stats.moments.get(&format!("{key}.block{i}")).ok_or_else(|| MasaError::Invalid(format!("statistics lack `{key}.block{i}`")))?;
+                let mo = stats
+                    .moments
+                    .get(&format!("{key}.block{i}"))
+                    .ok_or_else(|| MasaError::Invalid(format!("statistics lack `{key}.block{i}`")))?;
                 let mean = mo.mean();
                 Ok(Mat::from_fn(layout.r, layout.r, |u, v| mean[u * layout.r + v]))
             })
@@ -332,10 +352,7 @@ pub fn extract(
         genes.insert(name, (rank, g));
         reports.push(rep);
     }
-    Ok(Genes {
-        meta: GenesMeta::new(source, source_hash, stats, opts, "exact", sel, reports),
-        genes,
-    })
+    Ok(Genes { meta: GenesMeta::new(source, source_hash, stats, opts, "exact", sel, reports), genes })
 }
 
 /// The singular values of one source matrix W and of its gene M, to see how well spectral
@@ -644,7 +661,8 @@ fn extract_minibatch(
     let mut targets = Vec::new();
     let mut cache = ActivationCache { sites: BTreeMap::new(), last_layer: 0 };
     for m in &matrices {
-        let layout = Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
+        let layout =
+            Layout::new(m.d_out, m.d_in, opts.rank.rank(m.d_out, m.d_in)).map_err(|e| MasaError::Invalid(format!("{}: {e}", m.name)))?;
         let w = source.tensor_shaped(&m.name, &[m.d_out, m.d_in])?;
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         let moment = stats.moment(m.layer, &m.stats_site())?;

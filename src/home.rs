@@ -101,13 +101,17 @@ mod tests {
         child.wait().unwrap();
         let live = std::process::id();
         let parent = std::os::unix::process::parent_id();
-        for f in [format!(".a.json.{dead}.tmp"), format!(".a.json.{parent}.tmp"), format!(".b.json.{dead}.tmp"), format!(".a.json.x{dead}.tmp")] {
+        for f in
+            [format!(".a.json.{dead}.tmp"), format!(".a.json.{parent}.tmp"), format!(".b.json.{dead}.tmp"), format!(".a.json.x{dead}.tmp")]
+        {
             std::fs::write(dir.path().join(f), "half").unwrap();
         }
         write_atomic(&dir.path().join("a.json"), b"{}").unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        let mut want = vec!["a.json".to_string(), format!(".a.json.{parent}.tmp"), format!(".b.json.{dead}.tmp"), format!(".a.json.x{dead}.tmp")];
+        let mut want =
+            vec!["a.json".to_string(), format!(".a.json.{parent}.tmp"), format!(".b.json.{dead}.tmp"), format!(".a.json.x{dead}.tmp")];
         want.sort();
         assert_eq!(left, want, "live pid {live}");
     }

@@ -109,7 +109,13 @@ pub fn artifact_kind(path: &std::path::Path) -> Option<&'static str> {
 /// and the spectrum of the second moment (largest/median/smallest eigenvalue, effective rank).
 pub fn render_stats(s: &crate::stats::Stats) -> crate::Result<String> {
     let m = &s.meta;
-    let mut o = format!("statistics ({})\nsource  {} ({}, hash {}…)\n", m.format, m.source, m.arch, m.source_hash.chars().take(12).collect::<String>());
+    let mut o = format!(
+        "statistics ({})\nsource  {} ({}, hash {}…)\n",
+        m.format,
+        m.source,
+        m.arch,
+        m.source_hash.chars().take(12).collect::<String>()
+    );
     o += &format!("tokens  {} (sequence length {}, seeds {:?})\n", m.tokens, m.seq_len, m.seeds);
     for c in &m.corpus {
         o += &format!("corpus  {c}\n");
@@ -154,9 +160,22 @@ pub fn render_stats(s: &crate::stats::Stats) -> crate::Result<String> {
 /// Summary of a gene file: provenance, options, and per matrix r, relative L_out and L_spec.
 pub fn render_genes(g: &crate::extract::Genes) -> String {
     let m = &g.meta;
-    let mut o = format!("genes ({}, {} mode)\nsource  {} ({}, hash {}…)\n", m.format, m.mode, m.source, m.arch, m.source_hash.chars().take(12).collect::<String>());
-    o += &format!("options rank {:?}, λ {}, experts {}\nstats   {} tokens\n", m.options.rank, m.options.lambda, m.options.experts, m.stats_tokens);
-    o += &format!("{:44} {:>5} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7}\n", "matrix", "r", "relLout0", "relLout", "Lspec0/r", "Lspec/r", "iters", "secs");
+    let mut o = format!(
+        "genes ({}, {} mode)\nsource  {} ({}, hash {}…)\n",
+        m.format,
+        m.mode,
+        m.source,
+        m.arch,
+        m.source_hash.chars().take(12).collect::<String>()
+    );
+    o += &format!(
+        "options rank {:?}, λ {}, experts {}\nstats   {} tokens\n",
+        m.options.rank, m.options.lambda, m.options.experts, m.stats_tokens
+    );
+    o += &format!(
+        "{:44} {:>5} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7}\n",
+        "matrix", "r", "relLout0", "relLout", "Lspec0/r", "Lspec/r", "iters", "secs"
+    );
     for r in &m.matrices {
         o += &format!(
             "{:44} {:>5} {:>9.4} {:>9.4} {:>9.3} {:>9.3} {:>5} {:>7.2}\n",

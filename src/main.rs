@@ -657,7 +657,12 @@ fn run(cli: Cli) -> Result<()> {
             let model = a.data.model.clone();
             let opts = masa::train::TrainOptions { warmup: 0, progress: !a.quiet, ..a.data.options() };
             let m = masa::train::export_tokens(&model, &opts)?;
-            eprintln!("{} training sequences, {} validation domains -> {}", m["train"]["sequences"], m["valid"]["domains"].as_array().map_or(0, |d| d.len()), opts.out.display());
+            eprintln!(
+                "{} training sequences, {} validation domains -> {}",
+                m["train"]["sequences"],
+                m["valid"]["domains"].as_array().map_or(0, |d| d.len()),
+                opts.out.display()
+            );
             Ok(())
         }
         Command::Finetune { model, data, task, limit, out, epochs, batch, lr, max_len, seed, quiet, engine } => {
@@ -670,7 +675,18 @@ fn run(cli: Cli) -> Result<()> {
                     .collect::<masa::Result<Vec<_>>>()?,
                 (None, None) => anyhow::bail!("give --data pairs.jsonl or --task NAME"),
             };
-            let opts = masa::finetune::FinetuneOptions { out, epochs, batch, lr, max_len, seed, progress: !quiet, device: engine.device, precision: engine.precision, ..Default::default() };
+            let opts = masa::finetune::FinetuneOptions {
+                out,
+                epochs,
+                batch,
+                lr,
+                max_len,
+                seed,
+                progress: !quiet,
+                device: engine.device,
+                precision: engine.precision,
+                ..Default::default()
+            };
             let s = masa::finetune::finetune(&model, &pairs, &opts)?;
             eprintln!("fine-tuned {} steps, final loss {:.4} -> {}", s.steps, s.final_loss, s.checkpoint.display());
             Ok(())
@@ -704,7 +720,12 @@ fn run(cli: Cli) -> Result<()> {
             let opts = masa::synth::SynthOptions { config, out, seed, max_shard_bytes: shard_bytes };
             let t0 = std::time::Instant::now();
             let bytes = masa::synth::run(&opts, &tok)?;
-            eprintln!("wrote {:.2} GB of bf16 weights in {:.0} s -> {}", bytes as f64 / 1e9, t0.elapsed().as_secs_f64(), opts.out.display());
+            eprintln!(
+                "wrote {:.2} GB of bf16 weights in {:.0} s -> {}",
+                bytes as f64 / 1e9,
+                t0.elapsed().as_secs_f64(),
+                opts.out.display()
+            );
             Ok(())
         }
         Command::Calibrate { model, stream, domains, rank, ratio, layers, shard, experts, device, out } => {
@@ -738,7 +759,22 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged {} shards, {} tokens -> {}", inputs.len(), acc.meta.tokens, out.display());
             Ok(())
         }
-        Command::Extract { model, stats, rank, ratio, lambda, experts, routed_with_shared, max_iter, layers, mode, stream, epochs, lr, out } => {
+        Command::Extract {
+            model,
+            stats,
+            rank,
+            ratio,
+            lambda,
+            experts,
+            routed_with_shared,
+            max_iter,
+            layers,
+            mode,
+            stream,
+            epochs,
+            lr,
+            out,
+        } => {
             let replay = match mode.as_str() {
                 "exact" => None,
                 "minibatch" => Some((stream.corpus.clone(), stream.options(65_536), epochs, lr)),
@@ -794,7 +830,13 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn cmd_run(spec: &str, plan_only: bool, runs: Option<PathBuf>, device: Option<masa::engine::Device>, precision: Option<masa::engine::Precision>) -> Result<()> {
+fn cmd_run(
+    spec: &str,
+    plan_only: bool,
+    runs: Option<PathBuf>,
+    device: Option<masa::engine::Device>,
+    precision: Option<masa::engine::Precision>,
+) -> Result<()> {
     let mut spec = masa::run::spec::Spec::load(spec)?;
     if device.is_some() || precision.is_some() {
         spec.device = device.unwrap_or(spec.device);
@@ -891,7 +933,9 @@ fn cmd_extract(
     use masa::extract::ExtractOptions;
     let Some(rank) = RankSpec::from_options(rank, ratio)? else { anyhow::bail!("give --rank r or --ratio ρ") };
     masa::limits::non_negative("--lambda", lambda)?;
-    let minibatch = replay.map(|(corpus, copts, epochs, lr)| (corpus, masa::extract::MinibatchOptions { epochs, lr, init_std: masa::extract::MINIBATCH_INIT_STD, seed: copts.seed }, copts));
+    let minibatch = replay.map(|(corpus, copts, epochs, lr)| {
+        (corpus, masa::extract::MinibatchOptions { epochs, lr, init_std: masa::extract::MINIBATCH_INIT_STD, seed: copts.seed }, copts)
+    });
     if let Some((_, mb, _)) = &minibatch {
         mb.check()?;
     }

@@ -41,7 +41,13 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Score each text on its own (no padding), optionally with BOS prepended.
-pub fn score_texts(model: &Transformer, tok: &Tokenizer, texts: &[String], bos: bool, on_text: &mut dyn FnMut()) -> Result<Vec<ScoredText>> {
+pub fn score_texts(
+    model: &Transformer,
+    tok: &Tokenizer,
+    texts: &[String],
+    bos: bool,
+    on_text: &mut dyn FnMut(),
+) -> Result<Vec<ScoredText>> {
     texts
         .iter()
         .map(|text| {

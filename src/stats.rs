@@ -100,8 +100,10 @@ impl Stats {
                 return Err(MasaError::Shape(format!("statistics `{name}`: {} values for shape {shape:?}", v.len())));
             }
         }
-        let entries: Vec<crate::tensorfile::Entry> =
-            data.iter().map(|(name, shape, _)| crate::tensorfile::Entry { name: name.clone(), dtype: safetensors::Dtype::F64, shape: shape.clone() }).collect();
+        let entries: Vec<crate::tensorfile::Entry> = data
+            .iter()
+            .map(|(name, shape, _)| crate::tensorfile::Entry { name: name.clone(), dtype: safetensors::Dtype::F64, shape: shape.clone() })
+            .collect();
         let meta_json = serde_json::to_string(&self.meta).map_err(|e| MasaError::Invalid(e.to_string()))?;
         let md: BTreeMap<String, String> = [("masa".to_string(), meta_json)].into();
         crate::tensorfile::write(path, &entries, &md, |i, out| out.write_all(&crate::tensorfile::f64_le_bytes(data[i].2)))
@@ -145,12 +147,20 @@ impl Stats {
             }
             let data = f64_from_bytes(view.data());
             if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
-                return Err(MasaError::bad_file(path, format!("tensor `{name}` holds a non-finite value at index {bad}; recompute the statistics")));
+                return Err(MasaError::bad_file(
+                    path,
+                    format!("tensor `{name}` holds a non-finite value at index {bad}; recompute the statistics"),
+                ));
             }
             if let Some(k) = name.strip_suffix(".xxt") {
                 let d = match view.shape() {
                     [a, b] if a == b && a * b == data.len() => *a,
-                    sh => return Err(MasaError::bad_file(path, format!("tensor `{name}` has shape {sh:?}; a second moment is square (d, d)"))),
+                    sh => {
+                        return Err(MasaError::bad_file(
+                            path,
+                            format!("tensor `{name}` has shape {sh:?}; a second moment is square (d, d)"),
+                        ))
+                    }
                 };
                 let m = moments.entry(k.to_string()).or_insert_with(|| Moment::new(d));
                 m.dim = d;
@@ -185,7 +195,10 @@ impl Stats {
             if let Some((_, first)) = seen.iter().find(|(x, _)| *x == h) {
                 return Err(MasaError::bad_file(
                     p,
-                    format!("is the same statistics as {} (identical content): a shard given twice would count its tokens twice", first.display()),
+                    format!(
+                        "is the same statistics as {} (identical content): a shard given twice would count its tokens twice",
+                        first.display()
+                    ),
                 ));
             }
             seen.push((h, p));

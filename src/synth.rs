@@ -175,11 +175,17 @@ pub fn config_json(spec: &str) -> Result<(serde_json::Value, PathBuf)> {
 
 /// Write `config.json` and the bf16 safetensors weights of `config` into `out`; returns the
 /// parsed configuration and the bytes of weights written. `on_bytes` reports progress.
-pub fn write_checkpoint(config: &serde_json::Value, origin: &Path, out: &Path, seed: u64, max_shard_bytes: u64, on_bytes: &dyn Fn(u64)) -> Result<(ModelConfig, u64)> {
+pub fn write_checkpoint(
+    config: &serde_json::Value,
+    origin: &Path,
+    out: &Path,
+    seed: u64,
+    max_shard_bytes: u64,
+    on_bytes: &dyn Fn(u64),
+) -> Result<(ModelConfig, u64)> {
     let cfg = ModelConfig::from_hf_config(origin, config)?;
     std::fs::create_dir_all(out).at(out)?;
-    let entries: Vec<Entry> =
-        cfg.hf_tensors().into_iter().map(|(name, shape)| Entry { name, dtype: Dtype::BF16, shape }).collect();
+    let entries: Vec<Entry> = cfg.hf_tensors().into_iter().map(|(name, shape)| Entry { name, dtype: Dtype::BF16, shape }).collect();
     // Greedy shards in tensor order, as `save_pretrained` fills them.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut size = 0u64;
@@ -198,7 +204,11 @@ pub fn write_checkpoint(config: &serde_json::Value, origin: &Path, out: &Path, s
     let mut weight_map = serde_json::Map::new();
     let total: u64 = entries.iter().map(|e| e.bytes() as u64).sum();
     for (s, idx) in shards.iter().enumerate() {
-        let file = if shards.len() == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, shards.len()) };
+        let file = if shards.len() == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", s + 1, shards.len())
+        };
         let part: Vec<Entry> = idx.iter().map(|&i| entries[i].clone()).collect();
         crate::tensorfile::write(&out.join(&file), &part, &meta, |i, w| {
             let e = &part[i];

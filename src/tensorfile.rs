@@ -55,7 +55,10 @@ pub fn write(
             let mut counted = Counted { inner: &mut *out, n: 0 };
             fill(i, &mut counted).at(path)?;
             if counted.n != e.bytes() {
-                return Err(MasaError::bad_file(path, format!("tensor `{}`: {} bytes written, its shape needs {}", e.name, counted.n, e.bytes())));
+                return Err(MasaError::bad_file(
+                    path,
+                    format!("tensor `{}`: {} bytes written, its shape needs {}", e.name, counted.n, e.bytes()),
+                ));
             }
         }
         Ok(())
@@ -103,11 +106,11 @@ mod tests {
             Entry { name: "a".into(), dtype: Dtype::BF16, shape: vec![3] },
         ];
         let md: BTreeMap<String, String> = [("masa".to_string(), "{}".to_string())].into();
-        write(&p, &entries, &md, |i, out| {
-            match i {
-                0 => out.write_all(&f64_le_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
-                _ => out.write_all(&[half::bf16::from_f32(0.5).to_le_bytes(), half::bf16::ONE.to_le_bytes(), half::bf16::ZERO.to_le_bytes()].concat()),
-            }
+        write(&p, &entries, &md, |i, out| match i {
+            0 => out.write_all(&f64_le_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
+            _ => out.write_all(
+                &[half::bf16::from_f32(0.5).to_le_bytes(), half::bf16::ONE.to_le_bytes(), half::bf16::ZERO.to_le_bytes()].concat(),
+            ),
         })
         .unwrap();
         let bytes = std::fs::read(&p).unwrap();

@@ -21,15 +21,15 @@ use candle_core::{Device as CpuDevice, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{self, ChunkSampler, SamplerState, Split, TokenSplit};
-use crate::error::{IoContext, MasaError, Result};
-use crate::home::write_atomic;
 use crate::distill::DistillOptions;
 use crate::engine::{self, AdamConfig, Device, Diverged, Engine, MicroBatch, Precision};
+use crate::error::{IoContext, MasaError, Result};
+use crate::home::write_atomic;
+use crate::source::tokenizer::Tokenizer;
+use crate::source::SourceModel;
 use crate::student::kernels::Teacher;
 use crate::student::optim;
-use crate::source::SourceModel;
 use crate::student::{load_params, save_student, student_config_of, StudentConfig};
-use crate::source::tokenizer::Tokenizer;
 
 /// Options of `masa train` (defaults: the paper's pre-training recipe, CPU-sized batch).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,7 +72,6 @@ pub struct TrainOptions {
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
 }
-
 
 impl Default for TrainOptions {
     fn default() -> Self {
@@ -212,7 +211,10 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     check_options(opts)?;
     // One writer per output directory, and never over an earlier run unless resuming it.
     let _lock = crate::home::lock_dir(&opts.out, ".masa-train.lock", |pid| {
-        format!("{}: another `masa train` (process {pid}) is writing this directory; wait for it to finish, or train into another --out", opts.out.display())
+        format!(
+            "{}: another `masa train` (process {pid}) is writing this directory; wait for it to finish, or train into another --out",
+            opts.out.display()
+        )
     })?;
     if opts.resume.is_none() {
         check_fresh_out(&opts.out)?;
@@ -257,7 +259,9 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         sampler.restore(s)?;
     }
     let mut teacher = match &opts.distill {
-        Some(d) => Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.device, opts.precision, opts.progress)?),
+        Some(d) => {
+            Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.device, opts.precision, opts.progress)?)
+        }
         None => None,
     };
 
@@ -269,9 +273,26 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     let weights = vec![1.0 / (b * t * opts.grad_accum) as f32; b * t];
     if step == 0 {
         let v = evaluate(eng.as_mut(), b, t, &val)?;
-        write_metrics(&mut metrics, &metrics_path, &MetricsLine { step: 0, tokens: 0, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_mean: mean(&v), val: Some(v) })?;
+        write_metrics(
+            &mut metrics,
+            &metrics_path,
+            &MetricsLine {
+                step: 0,
+                tokens: 0,
+                loss: None,
+                lr: None,
+                grad_norm: None,
+                tokens_per_s: None,
+                val_mean: mean(&v),
+                val: Some(v),
+            },
+        )?;
     }
-    let bar = if opts.progress { crate::progress::count_bar(total_steps as u64 * tokens_per_step, "train", "tok") } else { indicatif::ProgressBar::hidden() };
+    let bar = if opts.progress {
+        crate::progress::count_bar(total_steps as u64 * tokens_per_step, "train", "tok")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_position(tokens_done);
     let mut last_ckpt = opts.resume.as_ref().map(|r| resolve_checkpoint(r)).transpose()?;
     // The loss of the last checkpoint's parameters: the training loss of the first step after it
@@ -688,11 +709,26 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
 
 /// Load weights (into `params`), trainer state and AdamW moments from `ck`, checking that the
 /// checkpoint fits the model and the options (the data order and the LR schedule included).
-fn load_resume(ck: &Path, cfg: &StudentConfig, model_dir: &Path, opts: &TrainOptions, total_steps: usize, params: &mut Vec<f32>) -> Result<(TrainerState, Vec<f32>, Vec<f32>)> {
+fn load_resume(
+    ck: &Path,
+    cfg: &StudentConfig,
+    model_dir: &Path,
+    opts: &TrainOptions,
+    total_steps: usize,
+    params: &mut Vec<f32>,
+) -> Result<(TrainerState, Vec<f32>, Vec<f32>)> {
     let src = SourceModel::open(ck)?;
     let ck_cfg = student_config_of(ck, &src.weights.config)?;
     let shape = |c: &StudentConfig| {
-        (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings)
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.vocab_size,
+            c.tie_word_embeddings,
+        )
     };
     if shape(&ck_cfg) != shape(cfg) {
         return Err(MasaError::bad_file(

@@ -4,8 +4,8 @@
 
 use candle_core::{Device, Tensor};
 use faer::Mat;
-use masa::align::{compress, decompress, from_mat, gene_apply, to_mat, Layout, OutputAlignment, SpectralAlignment};
 use masa::align::RankSpec;
+use masa::align::{compress, decompress, from_mat, gene_apply, to_mat, Layout, OutputAlignment, SpectralAlignment};
 use masa::extract::{align_matrix, ExtractOptions, MinibatchAligner};
 
 struct Rng(u64);
@@ -323,7 +323,8 @@ fn minibatch_and_exact_modes_minimise_the_same_objective() {
     let dev = Device::Cpu;
     let wt = Tensor::from_vec(w.clone(), (d_out, d_in), &dev).unwrap();
     let m0: Vec<f64> = (0..r * r).map(|_| rng.normal() * 0.01).collect();
-    let mut mb = MinibatchAligner::new(&wt, l, m0, 3e-3, 1.0 / energy, Some((SpectralAlignment::new(&sigma, r), lambda / r as f64))).unwrap();
+    let mut mb =
+        MinibatchAligner::new(&wt, l, m0, 3e-3, 1.0 / energy, Some((SpectralAlignment::new(&sigma, r), lambda / r as f64))).unwrap();
     let batches: Vec<Tensor> = xs
         .chunks(64)
         .map(|c| Tensor::from_vec(c.concat().iter().map(|&v| v as f32).collect::<Vec<_>>(), (c.len(), d_in), &dev).unwrap())

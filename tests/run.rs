@@ -82,7 +82,11 @@ fn invalid_specs_name_the_field() {
     let e = load_err(dir.path(), &ok.replace("\"prune\"", "\"lottery\""));
     assert!(e.contains("`strategies`") && e.contains("lottery"), "{e}");
 
-    let shape = write(dir.path(), "odd.toml", "hidden_size = 250\nintermediate_size = 512\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 4\n");
+    let shape = write(
+        dir.path(),
+        "odd.toml",
+        "hidden_size = 250\nintermediate_size = 512\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 4\n",
+    );
     let e = load_err(dir.path(), &spec_text("smollm2-135m", "default", &format!(", \"{}\"", shape.display())));
     assert!(e.contains("`students`") && e.contains("not divisible"), "{e}");
 
@@ -130,7 +134,10 @@ fn invalid_specs_name_the_field() {
     let f = &s.finetune;
     assert_eq!(f.epochs_lr(&f.tasks[0]).unwrap(), (3, 3e-5));
     assert_eq!(f.epochs_lr(&f.tasks[1]).unwrap(), (7, 3e-5));
-    let s = Spec::load(write(dir.path(), "ft2.toml", &format!("{ok}\n[finetune]\nepochs = 2\nlr = 1e-4\n{}", tasks.trim_start())).to_str().unwrap()).unwrap();
+    let s = Spec::load(
+        write(dir.path(), "ft2.toml", &format!("{ok}\n[finetune]\nepochs = 2\nlr = 1e-4\n{}", tasks.trim_start())).to_str().unwrap(),
+    )
+    .unwrap();
     let f = &s.finetune;
     assert_eq!((f.epochs_lr(&f.tasks[0]).unwrap(), f.epochs_lr(&f.tasks[1]).unwrap()), ((2, 1e-4), (7, 1e-4)));
     let gen = TaskSpec { name: "instruct_qa".into(), examples: 1, eval_limit: 1, epochs: None, lr: None };
@@ -156,7 +163,12 @@ fn invalid_specs_name_the_field() {
 fn a_file_named_like_a_builtin_spec_is_not_ignored() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "quick", &spec_text("smollm2-135m", "default", ""));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["run", "quick", "--plan"]).current_dir(dir.path()).env("MASA_HOME", dir.path().join("home")).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa"))
+        .args(["run", "quick", "--plan"])
+        .current_dir(dir.path())
+        .env("MASA_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("both a built-in spec and a file") && e.contains("./quick"), "{e}");
 }
@@ -201,10 +213,21 @@ fn entry(name: &str, dtype: &str) -> masa::source::TensorEntry {
 fn notes_depend_on_the_spec_source_corpus_and_tasks() {
     use masa::source::Arch;
     let default = Spec::load("default").unwrap();
-    let quantized = [entry("model.embed_tokens.weight", "Q8_0"), entry("model.layers.0.mlp.up_proj.weight", "Q4_1"), entry("model.layers.0.mlp.down_proj.weight", "Q4_1"), entry("model.norm.weight", "F32")];
+    let quantized = [
+        entry("model.embed_tokens.weight", "Q8_0"),
+        entry("model.layers.0.mlp.up_proj.weight", "Q4_1"),
+        entry("model.layers.0.mlp.down_proj.weight", "Q4_1"),
+        entry("model.norm.weight", "F32"),
+    ];
     let notes = masa::run::notes(&default, Arch::Llama, &quantized).join("\n");
-    assert!(notes.contains("The source (smollm2-135m, llama) is dense") && notes.contains("obtainable through the package registries"), "{notes}");
-    assert!(notes.contains("quantized (smollm2-135m: Q4_1 for 2 tensors, Q8_0 for model.embed_tokens.weight), dequantized to f32"), "{notes}");
+    assert!(
+        notes.contains("The source (smollm2-135m, llama) is dense") && notes.contains("obtainable through the package registries"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("quantized (smollm2-135m: Q4_1 for 2 tensors, Q8_0 for model.embed_tokens.weight), dequantized to f32"),
+        "{notes}"
+    );
     assert!(notes.contains("Debian-package corpus"), "{notes}");
     // The default spec fine-tunes on PIQA and instruct_qa, not on MMLU professional_law.
     assert!(notes.contains("instruct_qa (answer generation") && !notes.contains("CaseHOLD"), "{notes}");
@@ -220,15 +243,23 @@ fn notes_depend_on_the_spec_source_corpus_and_tasks() {
     assert!(notes[0].contains("The source (/models/my-llama, qwen2) is dense") && !notes[0].contains("registries"), "{notes:?}");
     // An MoE source: no MoE note either; a task set with MMLU professional_law: the CaseHOLD note.
     let mut law = mine.clone();
-    law.finetune.tasks = vec![masa::run::spec::TaskSpec { name: "mmlu_professional_law".into(), examples: 8, eval_limit: 8, epochs: None, lr: None }];
-    assert_eq!(masa::run::notes(&law, Arch::Olmoe, &plain), vec!["CaseHOLD is not obtainable: MMLU professional_law stands in for it.".to_string()]);
+    law.finetune.tasks =
+        vec![masa::run::spec::TaskSpec { name: "mmlu_professional_law".into(), examples: 8, eval_limit: 8, epochs: None, lr: None }];
+    assert_eq!(
+        masa::run::notes(&law, Arch::Olmoe, &plain),
+        vec!["CaseHOLD is not obtainable: MMLU professional_law stands in for it.".to_string()]
+    );
 }
 
 fn repo_corpus(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut lines = Vec::new();
     for (domain, sub, ext) in [("code", "src", "rs"), ("docs", "docs", "md")] {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(sub)).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .collect();
         files.sort();
         for f in files {
             let text = std::fs::read_to_string(&f).unwrap();
@@ -269,7 +300,12 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
         assert_eq!(t.curve.iter().map(|p| p.tokens).collect::<Vec<_>>(), vec![0, 2048, 4096], "{}", t.strategy);
         assert_eq!(t.curve[0].val.len(), 2, "two validation domains");
         assert!(t.curve.iter().all(|p| p.val_mean.is_finite()));
-        assert!(t.curve[2].val_mean < t.curve[0].val_mean, "{} did not learn: {:?}", t.strategy, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>());
+        assert!(
+            t.curve[2].val_mean < t.curve[0].val_mean,
+            "{} did not learn: {:?}",
+            t.strategy,
+            t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>()
+        );
     }
     let at = |s: &str, seed: u64| first.trainings.iter().find(|t| t.strategy == s && t.seed == seed).unwrap();
     // Seeds change the init (and the data order); strategies change the init.
@@ -309,17 +345,27 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     drop(f);
     let (fourth, _) = masa::run::run(&spec, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
     assert_eq!(fourth.invocations.last().unwrap().stages_computed, 1);
-    let curves = |r: &masa::run::results::RunResults| r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>();
+    let curves = |r: &masa::run::results::RunResults| {
+        r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>()
+    };
     assert_eq!(curves(&first), curves(&fourth));
 
     // Another spec with the same name (here: one seed) in the same runs directory: the earlier
     // results, report and plots are kept aside, not overwritten, and the history starts again
     // (its stages all come from the shared store).
-    let one_seed = write(dir.path(), "e2e-one-seed.toml", &spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), "").replace("seeds = [0, 1]", "seeds = [0]"));
+    let one_seed = write(
+        dir.path(),
+        "e2e-one-seed.toml",
+        &spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), "").replace("seeds = [0, 1]", "seeds = [0]"),
+    );
     let spec1 = Spec::load(one_seed.to_str().unwrap()).unwrap();
     let (fifth, out5) = masa::run::run(&spec1, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
     assert_eq!(fifth.invocations.iter().map(|i| i.stages_computed).collect::<Vec<_>>(), vec![0]);
-    let aside: Vec<PathBuf> = std::fs::read_dir(&out5).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("superseded-")).collect();
+    let aside: Vec<PathBuf> = std::fs::read_dir(&out5)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("superseded-"))
+        .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     let kept = masa::run::results::RunResults::load(&aside[0].join("results.json")).unwrap();
     assert_eq!((kept.trainings.len(), kept.invocations.len()), (6, 3));
@@ -337,7 +383,9 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
     };
     let stage_dirs = |prefix: &str| common::stage_dirs(&runs2, prefix);
     common::kill_when(cli(), "the calibration", &|| !stage_dirs("calibrate-").is_empty());
-    common::kill_when(cli(), "a pre-training's first checkpoint", &|| stage_dirs("train-").iter().any(|d| d.join("latest").is_file() && !d.join("record.json").exists()));
+    common::kill_when(cli(), "a pre-training's first checkpoint", &|| {
+        stage_dirs("train-").iter().any(|d| d.join("latest").is_file() && !d.join("record.json").exists())
+    });
     let calibration = stage_dirs("calibrate-")[0].join("record.json");
     let finished = std::fs::metadata(&calibration).expect("calibration finished before training").modified().unwrap();
     assert!(cli().status().unwrap().success());
@@ -364,8 +412,14 @@ fn plan_lists_infeasible_combinations_and_run_refuses_them() {
     // EEP needs a mixture-of-experts source: on the dense SmolLM2 it cannot run for any student.
     assert!(plan_text.contains("student `tiny` × strategy `eep`: EEP prunes the experts of a mixture-of-experts source"), "{plan_text}");
     assert!(plan_text.contains("`prune` is the pruning baseline for dense sources"), "{plan_text}");
-    assert!(plan_text.contains("student `paper-12l-1024` × strategy `prune`: the student is larger than the source (hidden size 1024 > 576"), "{plan_text}");
-    assert!(plan_text.contains("note: student `paper-12l-1024`") && plan_text.contains("larger than its distillation teacher"), "{plan_text}");
+    assert!(
+        plan_text.contains("student `paper-12l-1024` × strategy `prune`: the student is larger than the source (hidden size 1024 > 576"),
+        "{plan_text}"
+    );
+    assert!(
+        plan_text.contains("note: student `paper-12l-1024`") && plan_text.contains("larger than its distillation teacher"),
+        "{plan_text}"
+    );
     assert!(!plan_text.contains("student `tiny` × strategy `prune`"), "{plan_text}");
     let err = masa::run::run(&spec, &dir.path().join("runs"), &|_, _| Ok(())).unwrap_err().to_string();
     assert!(err.contains("`students` × `strategies`") && err.contains("paper-12l-1024") && err.contains("--plan"), "{err}");
@@ -388,7 +442,10 @@ fn plan_skips_infeasible_pairs_and_follows_the_layer_map() {
     assert_eq!(plan.infeasible.len(), 1, "{:?}", plan.infeasible);
     assert!(plan.infeasible[0].contains("`paper-12l-1024` × strategy `prune`"), "{:?}", plan.infeasible);
     let pairs: Vec<(&str, &str)> = plan.jobs.iter().map(|j| (j.student.as_str(), j.strategy.as_str())).collect();
-    assert!(!pairs.contains(&("paper-12l-1024", "prune")) && pairs.contains(&("tiny", "prune")) && pairs.contains(&("paper-12l-1024", "masa")), "{pairs:?}");
+    assert!(
+        !pairs.contains(&("paper-12l-1024", "prune")) && pairs.contains(&("tiny", "prune")) && pairs.contains(&("paper-12l-1024", "masa")),
+        "{pairs:?}"
+    );
     // `first`: student layer t inherits source layer t, for every strategy.
     assert_eq!(plan.layers, (0..12).collect::<Vec<_>>());
     assert!(plan.jobs.iter().all(|j| j.init.layer_map() == masa::init::LayerMap::First));
@@ -403,7 +460,9 @@ fn spec_runs_minibatch_extraction() {
     let source = masa::fetch::resolve_model("smollm2-135m").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let corpus = repo_corpus(dir.path());
-    let exact = spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), "").replace(r#"strategies = ["masa", "scratch", "prune"]"#, r#"strategies = ["masa"]"#).replace("seeds = [0, 1]", "seeds = [0]");
+    let exact = spec_text(source.to_str().unwrap(), corpus.to_str().unwrap(), "")
+        .replace(r#"strategies = ["masa", "scratch", "prune"]"#, r#"strategies = ["masa"]"#)
+        .replace("seeds = [0, 1]", "seeds = [0]");
     let minibatch = exact.replace("max_iter = 10", "max_iter = 10\nmode = \"minibatch\"\nepochs = 2\nlr = 1e-3");
     let runs = dir.path().join("runs");
     let mut genes = Vec::new();

@@ -41,7 +41,8 @@ fn parallel_shards_merge_to_one_pass() {
 
     let (one, a, b) = (dir.path().join("one.safetensors"), dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
     // The two shards run at the same time, as two array jobs would.
-    let mut jobs = [calibrate(&model, &corpus, Some("0/2"), &a), calibrate(&model, &corpus, Some("1/2"), &b), calibrate(&model, &corpus, None, &one)];
+    let mut jobs =
+        [calibrate(&model, &corpus, Some("0/2"), &a), calibrate(&model, &corpus, Some("1/2"), &b), calibrate(&model, &corpus, None, &one)];
     for j in &mut jobs {
         assert!(j.wait().unwrap().success());
     }

@@ -40,7 +40,10 @@ fn configs() -> Vec<(&'static str, serde_json::Value)> {
         ("olmo", with(base("OlmoForCausalLM", "olmo"), json!({"clip_qkv": 2.0, "num_key_value_heads": 4}))),
         (
             "olmoe",
-            with(base("OlmoeForCausalLM", "olmoe"), json!({"num_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": true, "intermediate_size": 16})),
+            with(
+                base("OlmoeForCausalLM", "olmoe"),
+                json!({"num_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": true, "intermediate_size": 16}),
+            ),
         ),
         (
             "deepseek",
@@ -76,14 +79,17 @@ fn synth_writes_what_the_loader_reads() {
         assert!(w.entries().iter().all(|e| e.dtype == "BF16"), "{arch}");
         // Same seed, same weights; another seed, other weights.
         let t = w.tensor("model.layers.1.self_attn.q_proj.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let again = synth(&config, 5).1.tensor("model.layers.1.self_attn.q_proj.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let other = synth(&config, 6).1.tensor("model.layers.1.self_attn.q_proj.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let again =
+            synth(&config, 5).1.tensor("model.layers.1.self_attn.q_proj.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let other =
+            synth(&config, 6).1.tensor("model.layers.1.self_attn.q_proj.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(t, again, "{arch}");
         assert_ne!(t, other, "{arch}");
         // Unit-variance outputs: U(-a, a) with a = 1.7/sqrt(fan_in) has std 0.98/sqrt(fan_in).
         let std = (t.iter().map(|v| v * v).sum::<f32>() / t.len() as f32).sqrt();
         assert!((std * 32f32.sqrt() - 0.98).abs() < 0.1, "{arch}: std {std}");
-        let logits = Transformer::load(&w).unwrap().forward(&Tensor::new(&[[1u32, 7, 3, 60, 2, 9]], &Device::Cpu).unwrap(), &mut NoHooks).unwrap();
+        let logits =
+            Transformer::load(&w).unwrap().forward(&Tensor::new(&[[1u32, 7, 3, 60, 2, 9]], &Device::Cpu).unwrap(), &mut NoHooks).unwrap();
         let v = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|x| x.abs() > 1e-3), "{arch}: logits");
     }
@@ -131,7 +137,9 @@ fn meta() -> StatsMeta {
 /// Five batches of 2 sequences of 6 random ids, alternating between two datasets.
 fn batches(vocab: usize, seed: u64) -> Vec<Batch> {
     let mut rng = masa::rng::SplitMix64::new(seed);
-    (0..5).map(|k| Batch { ids: (0..12).map(|_| rng.below(vocab) as u32).collect(), batch: 2, seq_len: 6, dataset: vec![k % 2, (k + 1) % 2] }).collect()
+    (0..5)
+        .map(|k| Batch { ids: (0..12).map(|_| rng.below(vocab) as u32).collect(), batch: 2, seq_len: 6, dataset: vec![k % 2, (k + 1) % 2] })
+        .collect()
 }
 
 /// The whole-model pass: every batch through all layers (`Transformer::hidden_states`), the
@@ -157,7 +165,8 @@ fn whole_model(w: &SourceWeights, batches: &[Batch], datasets: &[String]) -> Sta
 fn calibration_on_cuda_is_refused_where_it_cannot_run() {
     let datasets = vec!["a".to_string(), "b".to_string()];
     let cuda = PassOptions { block_tokens: 24, device: masa::engine::Device::Cuda(0), ..Default::default() };
-    let run = |w: &SourceWeights, pass: &PassOptions| calibrate_with(w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), pass, &mut |_| {});
+    let run =
+        |w: &SourceWeights, pass: &PassOptions| calibrate_with(w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), pass, &mut |_| {});
     for (arch, config) in configs() {
         let (_dir, w) = synth(&config, 11);
         let name = w.config.arch.name();
@@ -203,7 +212,15 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         // One batch per block, two batches per block (the last block short), one block.
         for block in [1, 24, 1000] {
             let mut progress = 0;
-            let got = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &PassOptions { block_tokens: block, ..Default::default() }, &mut |n| progress += n).unwrap();
+            let got = calibrate_with(
+                &w,
+                batches(61, 3).into_iter().map(Ok),
+                &datasets,
+                meta(),
+                &PassOptions { block_tokens: block, ..Default::default() },
+                &mut |n| progress += n,
+            )
+            .unwrap();
             assert_eq!(progress, 60 * w.config.num_hidden_layers, "{arch}: progress counts tokens × layers");
             assert_eq!(got.meta, want.meta, "{arch}");
             assert_eq!(got.routing, want.routing, "{arch}: routing counts");
@@ -223,7 +240,13 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         let estimate = masa::calibrate::stats_bytes(&w.config, &PassOptions::default());
         if w.config.moe.is_none() {
             assert_eq!(estimate, bytes(&want), "{arch}");
-            let pass = PassOptions { rank: Some(masa::align::RankSpec::Rank(5)), block_tokens: 24, layers: None, experts: None, device: Default::default() };
+            let pass = PassOptions {
+                rank: Some(masa::align::RankSpec::Rank(5)),
+                block_tokens: 24,
+                layers: None,
+                experts: None,
+                device: Default::default(),
+            };
             let ranked = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &pass, &mut |_| {}).unwrap();
             let cross: u64 = ranked.cross.values().map(|(_, v)| 8 * v.len() as u64).sum();
             assert_eq!(masa::calibrate::stats_bytes(&w.config, &pass), bytes(&ranked) + cross, "{arch}: rank-specific");
@@ -248,9 +271,16 @@ fn layer_sequential_statistics_equal_the_whole_model_pass() {
         assert_eq!(loaded.moments.keys().collect::<Vec<_>>(), one.moments.keys().collect::<Vec<_>>(), "{arch}");
         assert_eq!(loaded.routing, one.routing, "{arch}");
         assert_eq!(Stats::load(&f).unwrap().moments.len(), want.moments.len(), "{arch}");
-        let e = calibrate_with(&w, batches(61, 3).into_iter().map(Ok), &datasets, meta(), &PassOptions { layers: Some(vec![3]), ..pass }, &mut |_| {})
-            .unwrap_err()
-            .to_string();
+        let e = calibrate_with(
+            &w,
+            batches(61, 3).into_iter().map(Ok),
+            &datasets,
+            meta(),
+            &PassOptions { layers: Some(vec![3]), ..pass },
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--layers 3") && e.contains("0..2"), "{e}");
     }
 }

@@ -121,10 +121,7 @@ fn save_hf_round_trip() {
         tok.save_hf(dir.path()).unwrap();
         let loaded = Tokenizer::from_hf_dir(dir.path()).unwrap();
         assert_eq!(loaded.vocab_size(), tok.vocab_size());
-        assert_eq!(
-            (loaded.bos_id(), loaded.eos_id(), loaded.default_add_bos()),
-            (tok.bos_id(), tok.eos_id(), tok.default_add_bos())
-        );
+        assert_eq!((loaded.bos_id(), loaded.eos_id(), loaded.default_add_bos()), (tok.bos_id(), tok.eos_id(), tok.default_add_bos()));
         let texts = reference_cases(model.0).into_iter().map(|(t, _)| t);
         for text in texts.chain(ROUND_TRIP_TEXTS.iter().map(|t| t.to_string())) {
             let add_bos = tok.default_add_bos();

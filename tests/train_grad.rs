@@ -165,8 +165,7 @@ fn training_forward_matches_inference_forward() {
         let w = masa::source::SourceWeights::open(&ck).unwrap();
         let reference = masa::source::model::Transformer::load(&w).unwrap();
         let x = candle_core::Tensor::from_vec(ids.clone(), (b, t), &candle_core::Device::Cpu).unwrap();
-        let theirs: Vec<f32> =
-            reference.forward(&x, &mut masa::source::model::NoHooks).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let theirs: Vec<f32> = reference.forward(&x, &mut masa::source::model::NoHooks).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(ours.len(), theirs.len());
         let scale = theirs.iter().fold(0f32, |a, &b| a.max(b.abs()));
         let err = ours.iter().zip(&theirs).fold(0f32, |a, (x, y)| a.max((x - y).abs()));

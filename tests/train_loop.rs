@@ -135,7 +135,8 @@ fn corpus_shorter_than_one_batch_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = setup(dir.path(), 1);
     let small = dir.path().join("small.jsonl");
-    std::fs::write(&small, "{\"text\": \"just a few words\", \"domain\": \"a\"}\n{\"text\": \"and a few more\", \"domain\": \"a\"}\n").unwrap();
+    std::fs::write(&small, "{\"text\": \"just a few words\", \"domain\": \"a\"}\n{\"text\": \"and a few more\", \"domain\": \"a\"}\n")
+        .unwrap();
     let e = err_of(&model, &opts(&small, &dir.path().join("o")));
     assert!(e.contains("shorter than one batch"), "{e}");
 }
@@ -316,7 +317,8 @@ fn checkpoint_writes_never_delete_what_masa_did_not_write() {
     assert_eq!(std::fs::read_to_string(keep.join("b.txt")).unwrap(), "keep");
     assert!(out.join("masa.json").is_file());
     let params = masa::rng::scratch_init(&cfg, 1);
-    let save = |p: &Path| masa::student::save_student(p, &cfg, &params, &byte_tokenizer(), &serde_json::json!({})).map_err(|e| e.to_string());
+    let save =
+        |p: &Path| masa::student::save_student(p, &cfg, &params, &byte_tokenizer(), &serde_json::json!({})).map_err(|e| e.to_string());
     let file = dir.path().join("mine");
     std::fs::write(&file, "mine").unwrap();
     let e = save(&file).unwrap_err();
@@ -332,14 +334,16 @@ fn checkpoint_writes_never_delete_what_masa_did_not_write() {
     std::fs::create_dir(&empty).unwrap();
     save(&empty).unwrap();
     assert!(empty.join("masa.json").is_file());
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".replaced") && !n.ends_with(".staging")), "{names:?}");
 }
 
 /// Numeric options outside their range are refused before any work, naming the option.
 #[test]
 fn out_of_range_training_options_are_errors() {
-    let distill = |temperature: f64| masa::distill::DistillOptions { teacher: "teacher".into(), alpha: 0.5, temperature, top_k: 8, cache_dir: None };
+    let distill =
+        |temperature: f64| masa::distill::DistillOptions { teacher: "teacher".into(), alpha: 0.5, temperature, top_k: 8, cache_dir: None };
     let dir = tempfile::tempdir().unwrap();
     let (model, corpus) = setup(dir.path(), 40);
     let o = |out: &str| opts(&corpus, &dir.path().join(out));
@@ -359,7 +363,10 @@ fn out_of_range_training_options_are_errors() {
         assert!(e.contains(want), "{want}: {e}");
     }
     // `masa tokens` checks the same ranges, the sequence length against the student's positions.
-    let e = masa::train::export_tokens(&model, &TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("i") }).err().expect("refused").to_string();
+    let e = masa::train::export_tokens(&model, &TrainOptions { seq_len: 100_000, tokens: 1 << 20, ..o("i") })
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("--seq 100000: must be in 1..=") && e.contains("the student's positions"), "{e}");
 }
 
@@ -483,7 +490,8 @@ fn token_export_matches_the_trainer_data() {
     assert_eq!(m["dtype"], "uint16");
     let steps = 2000u64.div_ceil(3 * 16 * 2);
     assert_eq!(m["steps"], steps);
-    let train: Vec<u32> = std::fs::read(out.join("train.bin")).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
+    let train: Vec<u32> =
+        std::fs::read(out.join("train.bin")).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
     assert_eq!(train.len() as u64, steps * 6 * 17);
     let opts = TrainOptions { corpus: vec![corpus.clone()], seq_len: 16, batch: 3, eval_seqs: 2, progress: false, ..Default::default() };
     let tok = byte_tokenizer();
@@ -491,7 +499,8 @@ fn token_export_matches_the_trainer_data() {
     let mut s = masa::corpus::ChunkSampler::new(&data.train_tokens, 17, 5).unwrap();
     let want: Vec<u32> = (0..steps * 6).flat_map(|_| s.next_sequence()).collect();
     assert_eq!(train, want);
-    let valid: Vec<u32> = std::fs::read(out.join("valid.bin")).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
+    let valid: Vec<u32> =
+        std::fs::read(out.join("valid.bin")).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
     let want: Vec<u32> = data.val.values().flatten().flatten().copied().collect();
     assert_eq!(valid, want);
     assert_eq!(m["valid"]["domains"][1]["domain"], "prose");

@@ -122,21 +122,34 @@ fn markov_tokens(rng: &mut crate::rng::SplitMix64, vocab: usize, len: usize) -> 
 /// `calibrate_with` on the device and on the CPU over two random batches (the second half as
 /// large), with `params` written as an HF checkpoint in a temporary directory: `(worst
 /// per-site relative error, its site, sites or counts that differ)`.
-fn calibration_errors(cfg: &StudentConfig, params: &[f32], rng: &mut crate::rng::SplitMix64, b: usize, t: usize, ordinal: usize) -> Result<(f64, String, usize)> {
+fn calibration_errors(
+    cfg: &StudentConfig,
+    params: &[f32],
+    rng: &mut crate::rng::SplitMix64,
+    b: usize,
+    t: usize,
+    ordinal: usize,
+) -> Result<(f64, String, usize)> {
     use crate::calibrate::{block_tokens, calibrate_with, PassOptions};
     let dir = std::env::temp_dir().join(format!("masa-cuda-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).at(&dir)?;
     let result = (|| {
         let cfg_path = dir.join("config.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg.hf_config_json()).unwrap_or_default()).at(&cfg_path)?;
-        let tensors: std::collections::HashMap<String, candle_core::Tensor> = crate::student::student_tensors(cfg, params)?.into_iter().collect();
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            crate::student::student_tensors(cfg, params)?.into_iter().collect();
         let st = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &st).map_err(|e| MasaError::bad_file(&st, e.to_string()))?;
         let w = crate::source::SourceWeights::open(&dir)?;
         let v = cfg.vocab_size;
         let batches: Vec<crate::corpus::Batch> = [b, b.div_ceil(2)]
             .into_iter()
-            .map(|bb| crate::corpus::Batch { ids: (0..bb * t).map(|_| rng.below(v) as u32).collect(), batch: bb, seq_len: t, dataset: vec![0; bb] })
+            .map(|bb| crate::corpus::Batch {
+                ids: (0..bb * t).map(|_| rng.below(v) as u32).collect(),
+                batch: bb,
+                seq_len: t,
+                dataset: vec![0; bb],
+            })
             .collect();
         let datasets = vec!["random".to_string()];
         let meta = crate::stats::StatsMeta {
@@ -154,7 +167,14 @@ fn calibration_errors(cfg: &StudentConfig, params: &[f32], rng: &mut crate::rng:
         };
         let pass = PassOptions { block_tokens: block_tokens(&w.config), ..Default::default() };
         let cpu = calibrate_with(&w, batches.iter().cloned().map(Ok), &datasets, meta.clone(), &pass, &mut |_| {})?;
-        let gpu = calibrate_with(&w, batches.into_iter().map(Ok), &datasets, meta, &PassOptions { device: Device::Cuda(ordinal), ..pass }, &mut |_| {})?;
+        let gpu = calibrate_with(
+            &w,
+            batches.into_iter().map(Ok),
+            &datasets,
+            meta,
+            &PassOptions { device: Device::Cuda(ordinal), ..pass },
+            &mut |_| {},
+        )?;
         let mut differ = usize::from(cpu.meta.tokens != gpu.meta.tokens || cpu.moments.len() != gpu.moments.len());
         let mut worst = (0.0, String::new());
         for (key, want) in &cpu.moments {
@@ -178,7 +198,13 @@ fn calibration_errors(cfg: &StudentConfig, params: &[f32], rng: &mut crate::rng:
 /// 8-token continuation and three taken from elsewhere) under `params`: GPU
 /// ([`crate::eval::multiple_choice::score_pairs`]) against the CPU engine in f64.
 /// `(relative error of the 800 log-likelihoods, share of items with the same prediction)`.
-fn scoring_errors(cfg: &StudentConfig, params: &[f32], stream: &[u32], rng: &mut crate::rng::SplitMix64, ordinal: usize) -> Result<(f64, f64)> {
+fn scoring_errors(
+    cfg: &StudentConfig,
+    params: &[f32],
+    stream: &[u32],
+    rng: &mut crate::rng::SplitMix64,
+    ordinal: usize,
+) -> Result<(f64, f64)> {
     let (items, choices, nc, nk) = (200, 4, 32, 8);
     let span = stream.len() - nc - nk;
     let mut pairs = Vec::with_capacity(items * choices);
@@ -238,8 +264,21 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     let text = std::fs::read_to_string(o.config).at(o.config)?;
     let cfg: StudentConfig = serde_json::from_str(&text).map_err(|e| MasaError::bad_file(o.config, format!("invalid config: {e}")))?;
     cfg.validate()?;
-    let seed = o.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
-    eprintln!("cuda-check: {} (L={} h={} ffn={} heads={}/{} vocab={}), batch {}x{}, seed {seed}", o.config.display(), cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size, o.batch, o.seq);
+    let seed = o
+        .seed
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    eprintln!(
+        "cuda-check: {} (L={} h={} ffn={} heads={}/{} vocab={}), batch {}x{}, seed {seed}",
+        o.config.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+        o.batch,
+        o.seq
+    );
     let (b, t, v) = (o.batch, o.seq, cfg.vocab_size);
     let n = b * t;
     let mut rng = crate::rng::SplitMix64(seed);
@@ -303,7 +342,12 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
         let tag = format!("{}{}", format!("{precision:?}").to_lowercase(), if g.uses_flash() { " flash" } else { "" });
         g.forward(&ids, b, t)?;
         let lg = g.logits()?;
-        rows.push(Row { check: format!("{tag}: logits rel. error vs CPU f64"), value: rel(&lg, &logits_ref), limit: logit_limit, at_least: false });
+        rows.push(Row {
+            check: format!("{tag}: logits rel. error vs CPU f64"),
+            value: rel(&lg, &logits_ref),
+            limit: logit_limit,
+            at_least: false,
+        });
         // Loss and gradients, plain CE and distillation.
         let mut step = |teacher: Option<&Teacher>| -> Result<(f64, Vec<f32>)> {
             g.poison(b, t)?;
@@ -315,16 +359,36 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
             Ok((loss, g.download_grads()?))
         };
         let (loss, grads) = step(None)?;
-        rows.push(Row { check: format!("{tag}: loss rel. error"), value: ((loss - loss_ref) / loss_ref).abs(), limit: logit_limit, at_least: false });
+        rows.push(Row {
+            check: format!("{tag}: loss rel. error"),
+            value: ((loss - loss_ref) / loss_ref).abs(),
+            limit: logit_limit,
+            at_least: false,
+        });
         let (e, name) = worst_tensor(&layout, &grads, &grads_ref);
         rows.push(Row { check: format!("{tag}: worst gradient rel. error ({name})"), value: e, limit: grad_limit, at_least: false });
         let (_, again) = step(None)?;
         let same = grads.iter().zip(&again).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        rows.push(Row { check: format!("{tag}: gradient elements differing between two runs"), value: same as f64, limit: 0.0, at_least: false });
+        rows.push(Row {
+            check: format!("{tag}: gradient elements differing between two runs"),
+            value: same as f64,
+            limit: 0.0,
+            at_least: false,
+        });
         let (loss_kd, grads_kd) = step(Some(&te))?;
-        rows.push(Row { check: format!("{tag}: distillation loss rel. error"), value: ((loss_kd - loss_ref_kd) / loss_ref_kd).abs(), limit: logit_limit, at_least: false });
+        rows.push(Row {
+            check: format!("{tag}: distillation loss rel. error"),
+            value: ((loss_kd - loss_ref_kd) / loss_ref_kd).abs(),
+            limit: logit_limit,
+            at_least: false,
+        });
         let (e, name) = worst_tensor(&layout, &grads_kd, &grads_ref_kd);
-        rows.push(Row { check: format!("{tag}: distillation worst gradient rel. error ({name})"), value: e, limit: grad_limit, at_least: false });
+        rows.push(Row {
+            check: format!("{tag}: distillation worst gradient rel. error ({name})"),
+            value: e,
+            limit: grad_limit,
+            at_least: false,
+        });
     }
 
     // ---- the distillation teacher's top-k on the device (inference-only model) ----
@@ -336,15 +400,35 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
         let (tid, tlp) = g.top_k_logprobs(k_teacher)?;
         let tag = format!("{precision:?}").to_lowercase();
         let (worst, mass, bad) = teacher_errors(&tid, &tlp, k_teacher, &logits_ref, v);
-        rows.push(Row { check: format!("{tag} teacher top-{k_teacher}: worst log-prob error vs CPU f64 (nats)"), value: worst, limit: lp_limit, at_least: false });
-        rows.push(Row { check: format!("{tag} teacher top-{k_teacher}: lowest share of the true top-k mass"), value: mass, limit: mass_limit, at_least: true });
-        rows.push(Row { check: format!("{tag} teacher top-{k_teacher}: rows out of order or with a repeated id"), value: bad as f64, limit: 0.0, at_least: false });
+        rows.push(Row {
+            check: format!("{tag} teacher top-{k_teacher}: worst log-prob error vs CPU f64 (nats)"),
+            value: worst,
+            limit: lp_limit,
+            at_least: false,
+        });
+        rows.push(Row {
+            check: format!("{tag} teacher top-{k_teacher}: lowest share of the true top-k mass"),
+            value: mass,
+            limit: mass_limit,
+            at_least: true,
+        });
+        rows.push(Row {
+            check: format!("{tag} teacher top-{k_teacher}: rows out of order or with a repeated id"),
+            value: bad as f64,
+            limit: 0.0,
+            at_least: false,
+        });
     }
 
     // ---- calibration: the CUDA pass against the CPU pass on the same checkpoint and batches ----
     let (worst, site, counts_equal) = calibration_errors(&cfg, &params, &mut rng, b, t, o.ordinal)?;
     rows.push(Row { check: format!("calibration: worst Σxxᵀ rel. error vs CPU ({site})"), value: worst, limit: 1e-4, at_least: false });
-    rows.push(Row { check: "calibration: sites or token counts differing from CPU".into(), value: counts_equal as f64, limit: 0.0, at_least: false });
+    rows.push(Row {
+        check: "calibration: sites or token counts differing from CPU".into(),
+        value: counts_equal as f64,
+        limit: 0.0,
+        at_least: false,
+    });
 
     // ---- loss curves: CPU f32 vs GPU f32 / bf16, same init, same stream ----
     let stream = markov_tokens(&mut rng, v, o.steps * b * (t + 1));
@@ -380,15 +464,40 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
         eprintln!("{s:4}  {:.4}  {:.4}  {:.4}", cpu[s], gf[s], gb[s]);
     }
     let learned = cpu[0] - cpu[o.steps - 1];
-    rows.push(Row { check: format!("{}-step loss curve: CPU f32 fell by (nats, at least)", o.steps), value: learned, limit: 0.5, at_least: true });
-    rows.push(Row { check: format!("{}-step curve max |GPU f32 - CPU f32| (nats)", o.steps), value: maxdiff(&cpu, &gf), limit: 0.01, at_least: false });
-    rows.push(Row { check: format!("{}-step curve max |GPU bf16 - CPU f32| (nats)", o.steps), value: maxdiff(&cpu, &gb), limit: 0.05, at_least: false });
+    rows.push(Row {
+        check: format!("{}-step loss curve: CPU f32 fell by (nats, at least)", o.steps),
+        value: learned,
+        limit: 0.5,
+        at_least: true,
+    });
+    rows.push(Row {
+        check: format!("{}-step curve max |GPU f32 - CPU f32| (nats)", o.steps),
+        value: maxdiff(&cpu, &gf),
+        limit: 0.01,
+        at_least: false,
+    });
+    rows.push(Row {
+        check: format!("{}-step curve max |GPU bf16 - CPU f32| (nats)", o.steps),
+        value: maxdiff(&cpu, &gb),
+        limit: 0.05,
+        at_least: false,
+    });
 
     // ---- multiple-choice scoring on the device against the CPU engine in f64 ----
     let (ll_err, agree) = scoring_errors(&cfg, &trained, &stream, &mut rng, o.ordinal)?;
     let gen_err = next_logits_error(&cfg, &trained, &stream, o.ordinal)?;
-    rows.push(Row { check: "generation: next-token logits (1–130-token prefixes, then 20 KV-cache steps), rel. error vs CPU f64".into(), value: gen_err, limit: 1e-5, at_least: false });
-    rows.push(Row { check: "scoring: 800 choice log-likelihoods, rel. error vs CPU f64".into(), value: ll_err, limit: 1e-4, at_least: false });
+    rows.push(Row {
+        check: "generation: next-token logits (1–130-token prefixes, then 20 KV-cache steps), rel. error vs CPU f64".into(),
+        value: gen_err,
+        limit: 1e-5,
+        at_least: false,
+    });
+    rows.push(Row {
+        check: "scoring: 800 choice log-likelihoods, rel. error vs CPU f64".into(),
+        value: ll_err,
+        limit: 1e-4,
+        at_least: false,
+    });
     rows.push(Row { check: "scoring: share of 200 items with the CPU's prediction".into(), value: agree, limit: 0.99, at_least: true });
 
     let mut ok = true;

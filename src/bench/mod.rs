@@ -79,7 +79,9 @@ pub fn forward(model: &Transformer, batch: usize, seq: usize, warmup: usize, ite
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
@@ -110,7 +112,16 @@ pub struct TrainBench {
 /// `scripts/bench_train_torch.py` times. On CUDA each timed step ends with the device idle
 /// (the step reads its loss and gradient norm back).
 #[allow(clippy::too_many_arguments)]
-pub fn train(cfg_path: &std::path::Path, batch: usize, seq: usize, warmup: usize, steps: usize, seed: u64, device: EngineDevice, precision: Precision) -> Result<TrainBench> {
+pub fn train(
+    cfg_path: &std::path::Path,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+    seed: u64,
+    device: EngineDevice,
+    precision: Precision,
+) -> Result<TrainBench> {
     use crate::engine::{AdamConfig, MicroBatch};
     use crate::error::{IoContext, MasaError};
     let text = std::fs::read_to_string(cfg_path).at(cfg_path)?;

@@ -120,9 +120,9 @@ pub(super) fn manifest_matches(dir: &Path, opts: &CorpusOptions) -> bool {
     m.format_version == FORMAT_VERSION
         && m.max_doc_bytes == opts.max_doc_bytes
         && m.domains.len() == DEFAULT_DOMAINS.len()
-        && m.domains.iter().all(|d| {
-            d.cap_bytes == opts.cap(&d.name) && dir.join(&d.train_file).is_file() && dir.join(&d.valid_file).is_file()
-        })
+        && m.domains
+            .iter()
+            .all(|d| d.cap_bytes == opts.cap(&d.name) && dir.join(&d.train_file).is_file() && dir.join(&d.valid_file).is_file())
 }
 
 /// Build the default corpus with `opts` (see [`fetch_default_corpus`]).
@@ -149,9 +149,7 @@ pub fn fetch_corpus(opts: &CorpusOptions, progress: bool) -> Result<PathBuf> {
     let bar = if progress {
         let b = indicatif::ProgressBar::new(all_pkgs.len() as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("corpus: {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap()
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("corpus: {prefix} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> "),
         );
         b.set_prefix("packages");
         b
@@ -280,10 +278,7 @@ impl Apt {
         if !o.status.success() {
             return Err(MasaError::Fetch {
                 asset: format!("Debian package {pkg}"),
-                msg: format!(
-                    "`apt-get update` failed (run it as root, e.g. `sudo apt-get update`, then retry): {}",
-                    tail(&o.stderr)
-                ),
+                msg: format!("`apt-get update` failed (run it as root, e.g. `sudo apt-get update`, then retry): {}", tail(&o.stderr)),
             });
         }
         Ok(())
@@ -296,11 +291,7 @@ impl Apt {
         let qdir = self.dir.join(".query");
         std::fs::create_dir_all(&qdir).at(&qdir)?;
         for attempt in 0..2 {
-            let o = run_cmd(
-                Command::new("apt-get").args(["download", "--print-uris", pkg]).current_dir(&qdir),
-                "apt-get",
-                "apt",
-            )?;
+            let o = run_cmd(Command::new("apt-get").args(["download", "--print-uris", pkg]).current_dir(&qdir), "apt-get", "apt")?;
             let out = String::from_utf8_lossy(&o.stdout);
             let line = out.lines().find(|l| l.starts_with('\''));
             if o.status.success() {
@@ -319,10 +310,7 @@ impl Apt {
             }
             return Err(MasaError::Fetch {
                 asset: format!("Debian package {pkg}"),
-                msg: format!(
-                    "apt-get cannot locate it (check /etc/apt/sources.list has Debian 12 `bookworm` main): {}",
-                    tail(&o.stderr)
-                ),
+                msg: format!("apt-get cannot locate it (check /etc/apt/sources.list has Debian 12 `bookworm` main): {}", tail(&o.stderr)),
             });
         }
         unreachable!()
@@ -335,11 +323,7 @@ impl Apt {
             if path.is_file() && (sha.is_empty() || sha256_file(&path)? == sha) {
                 return self.info(pkg, &file, size);
             }
-            let o = run_cmd(
-                Command::new("apt-get").args(["download", pkg]).current_dir(&self.dir),
-                "apt-get",
-                "apt",
-            )?;
+            let o = run_cmd(Command::new("apt-get").args(["download", pkg]).current_dir(&self.dir), "apt-get", "apt")?;
             if o.status.success() && path.is_file() {
                 let got = sha256_file(&path)?;
                 if sha.is_empty() || got == sha {
@@ -375,7 +359,6 @@ impl Apt {
     }
 }
 
-
 pub(super) fn extract_deb(deb: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
         std::fs::remove_dir_all(dest).at(dest)?;
@@ -383,10 +366,7 @@ pub(super) fn extract_deb(deb: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest).at(dest)?;
     let o = run_cmd(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest), "dpkg-deb", "dpkg")?;
     if !o.status.success() {
-        return Err(MasaError::bad_file(
-            deb,
-            format!("`dpkg-deb -x` failed ({}); delete the file and retry", tail(&o.stderr)),
-        ));
+        return Err(MasaError::bad_file(deb, format!("`dpkg-deb -x` failed ({}); delete the file and retry", tail(&o.stderr))));
     }
     Ok(())
 }

@@ -34,11 +34,11 @@ mod parsers;
 mod stream;
 mod tokens;
 
+use crate::home::{masa_home, write_atomic};
 pub use debian::*;
 pub use parsers::*;
 pub use stream::*;
 pub use tokens::*;
-use crate::home::{masa_home, write_atomic};
 
 /// Version of the default corpus layout and extraction rules; bump when the output changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -156,10 +156,8 @@ impl Corpus {
     /// Build a corpus from `(text, domain, source)` triples, assigning splits with
     /// [`assign_splits`].
     pub fn from_texts(items: impl IntoIterator<Item = (String, String, String)>) -> Corpus {
-        let mut docs: Vec<Document> = items
-            .into_iter()
-            .map(|(text, domain, source)| Document { text, domain, source, split: Split::Train })
-            .collect();
+        let mut docs: Vec<Document> =
+            items.into_iter().map(|(text, domain, source)| Document { text, domain, source, split: Split::Train }).collect();
         assign_splits(&mut docs);
         Corpus { docs, origins: Vec::new() }
     }
@@ -313,11 +311,7 @@ fn walk_dir_once(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections
     if !seen.insert(dir.canonicalize().at(dir)?) {
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .at(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .at(dir)?;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).at(dir)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>().at(dir)?;
     entries.sort();
     for e in entries {
         let name = e.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -361,19 +355,12 @@ fn load_jsonl(path: &Path, name: &str) -> Result<Vec<Document>> {
             continue;
         }
         let at = format!("{}:{lineno}", path.display());
-        let v: JsonlLine = serde_json::from_str(&line).map_err(|e| {
-            MasaError::bad_file(&at, format!("not a JSON object ({e}); each line must be {{\"text\": \"...\"}}"))
-        })?;
+        let v: JsonlLine = serde_json::from_str(&line)
+            .map_err(|e| MasaError::bad_file(&at, format!("not a JSON object ({e}); each line must be {{\"text\": \"...\"}}")))?;
         let text = match v.text {
             Some(serde_json::Value::String(s)) => s,
             Some(_) => return Err(MasaError::field(&at, "text", "must be a string")),
-            None => {
-                return Err(MasaError::field(
-                    &at,
-                    "text",
-                    "missing; every line needs {\"text\": \"...\"} (optional \"domain\")",
-                ))
-            }
+            None => return Err(MasaError::field(&at, "text", "missing; every line needs {\"text\": \"...\"} (optional \"domain\")")),
         };
         let domain = match v.domain {
             None | Some(serde_json::Value::Null) => default_domain.clone(),
@@ -401,10 +388,7 @@ fn load_default_dir(dir: &Path) -> Result<Vec<Document>> {
         for (split, file) in [(Split::Train, &d.train_file), (Split::Valid, &d.valid_file)] {
             let p = dir.join(file);
             let f = std::fs::File::open(&p).map_err(|e| {
-                MasaError::bad_file(
-                    &p,
-                    format!("listed in {} but unreadable ({e}); rebuild it with `masa fetch corpus`", mpath.display()),
-                )
+                MasaError::bad_file(&p, format!("listed in {} but unreadable ({e}); rebuild it with `masa fetch corpus`", mpath.display()))
             })?;
             let mut r = std::io::BufReader::new(f);
             let mut buf = Vec::new();
@@ -482,7 +466,9 @@ mod tests {
     /// The content key follows the documents, not where they were read from.
     #[test]
     fn content_hash_follows_the_documents() {
-        let c = |items: &[(&str, &str)]| Corpus::from_texts(items.iter().map(|(t, d)| (t.to_string(), d.to_string(), "x".to_string()))).content_hash();
+        let c = |items: &[(&str, &str)]| {
+            Corpus::from_texts(items.iter().map(|(t, d)| (t.to_string(), d.to_string(), "x".to_string()))).content_hash()
+        };
         let a = c(&[("one document", "web"), ("another one", "code")]);
         assert_eq!(a, c(&[("one document", "web"), ("another one", "code")]));
         assert_ne!(a, c(&[("one document", "web"), ("another onE", "code")]));
@@ -572,7 +558,8 @@ mod tests {
 
     #[test]
     fn pod_cleanup() {
-        let p = "=head1 NAME\n\nperlfoo - B<bold> and C<< $a->b >> with L<perlfunc/open> and L<the docs|perldoc> E<lt>x E<gt> X<idx>\n\n=cut\n";
+        let p =
+            "=head1 NAME\n\nperlfoo - B<bold> and C<< $a->b >> with L<perlfunc/open> and L<the docs|perldoc> E<lt>x E<gt> X<idx>\n\n=cut\n";
         assert_eq!(clean_pod(p), "NAME\n\nperlfoo - bold and $a->b with perlfunc/open and the docs <x > \n\n");
     }
 

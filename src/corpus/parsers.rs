@@ -64,12 +64,7 @@ pub(super) fn domain_sources(dom: &str, roots: &BTreeMap<String, PathBuf>) -> Re
             info_source("maxima-doc", &r("maxima-doc").join("usr/share/info"))?,
         ],
         "code" => vec![
-            files_source(
-                "rust-src",
-                &find_rust_library(&r("rust-src"))?,
-                &|p| p.ends_with(".rs"),
-                Format::Code,
-            )?,
+            files_source("rust-src", &find_rust_library(&r("rust-src"))?, &|p| p.ends_with(".rs"), Format::Code)?,
             files_source(
                 "golang-1.19-src",
                 &r("golang-1.19-src").join("usr/share/go-1.19/src"),
@@ -270,20 +265,72 @@ pub(super) fn wordnet_source(root: &Path) -> Result<Source> {
 }
 
 pub(super) const BIBLE_BOOKS: &[(&str, &str)] = &[
-    ("Ge", "Genesis"), ("Exo", "Exodus"), ("Lev", "Leviticus"), ("Num", "Numbers"), ("Deu", "Deuteronomy"),
-    ("Josh", "Joshua"), ("Jdgs", "Judges"), ("Ruth", "Ruth"), ("1Sm", "1 Samuel"), ("2Sm", "2 Samuel"),
-    ("1Ki", "1 Kings"), ("2Ki", "2 Kings"), ("1Chr", "1 Chronicles"), ("2Chr", "2 Chronicles"), ("Ezra", "Ezra"),
-    ("Neh", "Nehemiah"), ("Est", "Esther"), ("Job", "Job"), ("Psa", "Psalms"), ("Prv", "Proverbs"),
-    ("Eccl", "Ecclesiastes"), ("SSol", "Song of Solomon"), ("Isa", "Isaiah"), ("Jer", "Jeremiah"),
-    ("Lam", "Lamentations"), ("Eze", "Ezekiel"), ("Dan", "Daniel"), ("Hos", "Hosea"), ("Joel", "Joel"),
-    ("Amos", "Amos"), ("Obad", "Obadiah"), ("Jonah", "Jonah"), ("Mic", "Micah"), ("Nahum", "Nahum"),
-    ("Hab", "Habakkuk"), ("Zep", "Zephaniah"), ("Hag", "Haggai"), ("Zec", "Zechariah"), ("Mal", "Malachi"),
-    ("Mat", "Matthew"), ("Mark", "Mark"), ("Luke", "Luke"), ("John", "John"), ("Acts", "Acts"), ("Rom", "Romans"),
-    ("1Cor", "1 Corinthians"), ("2Cor", "2 Corinthians"), ("Gal", "Galatians"), ("Eph", "Ephesians"),
-    ("Phi", "Philippians"), ("Col", "Colossians"), ("1Th", "1 Thessalonians"), ("2Th", "2 Thessalonians"),
-    ("1Tim", "1 Timothy"), ("2Tim", "2 Timothy"), ("Titus", "Titus"), ("Phmn", "Philemon"), ("Heb", "Hebrews"),
-    ("Jas", "James"), ("1Pet", "1 Peter"), ("2Pet", "2 Peter"), ("1Jn", "1 John"), ("2Jn", "2 John"),
-    ("3Jn", "3 John"), ("Jude", "Jude"), ("Rev", "Revelation"),
+    ("Ge", "Genesis"),
+    ("Exo", "Exodus"),
+    ("Lev", "Leviticus"),
+    ("Num", "Numbers"),
+    ("Deu", "Deuteronomy"),
+    ("Josh", "Joshua"),
+    ("Jdgs", "Judges"),
+    ("Ruth", "Ruth"),
+    ("1Sm", "1 Samuel"),
+    ("2Sm", "2 Samuel"),
+    ("1Ki", "1 Kings"),
+    ("2Ki", "2 Kings"),
+    ("1Chr", "1 Chronicles"),
+    ("2Chr", "2 Chronicles"),
+    ("Ezra", "Ezra"),
+    ("Neh", "Nehemiah"),
+    ("Est", "Esther"),
+    ("Job", "Job"),
+    ("Psa", "Psalms"),
+    ("Prv", "Proverbs"),
+    ("Eccl", "Ecclesiastes"),
+    ("SSol", "Song of Solomon"),
+    ("Isa", "Isaiah"),
+    ("Jer", "Jeremiah"),
+    ("Lam", "Lamentations"),
+    ("Eze", "Ezekiel"),
+    ("Dan", "Daniel"),
+    ("Hos", "Hosea"),
+    ("Joel", "Joel"),
+    ("Amos", "Amos"),
+    ("Obad", "Obadiah"),
+    ("Jonah", "Jonah"),
+    ("Mic", "Micah"),
+    ("Nahum", "Nahum"),
+    ("Hab", "Habakkuk"),
+    ("Zep", "Zephaniah"),
+    ("Hag", "Haggai"),
+    ("Zec", "Zechariah"),
+    ("Mal", "Malachi"),
+    ("Mat", "Matthew"),
+    ("Mark", "Mark"),
+    ("Luke", "Luke"),
+    ("John", "John"),
+    ("Acts", "Acts"),
+    ("Rom", "Romans"),
+    ("1Cor", "1 Corinthians"),
+    ("2Cor", "2 Corinthians"),
+    ("Gal", "Galatians"),
+    ("Eph", "Ephesians"),
+    ("Phi", "Philippians"),
+    ("Col", "Colossians"),
+    ("1Th", "1 Thessalonians"),
+    ("2Th", "2 Thessalonians"),
+    ("1Tim", "1 Timothy"),
+    ("2Tim", "2 Timothy"),
+    ("Titus", "Titus"),
+    ("Phmn", "Philemon"),
+    ("Heb", "Hebrews"),
+    ("Jas", "James"),
+    ("1Pet", "1 Peter"),
+    ("2Pet", "2 Peter"),
+    ("1Jn", "1 John"),
+    ("2Jn", "2 John"),
+    ("3Jn", "3 John"),
+    ("Jude", "Jude"),
+    ("Rev", "Revelation"),
 ];
 
 /// Chapters of the output of `bible -f`: lines `Ge1:1 In the beginning ...` grouped into
@@ -331,10 +378,8 @@ pub(super) fn bible_source(prog_root: &Path, text_root: &Path) -> Result<Source>
         });
     }
     let text = String::from_utf8_lossy(&o.stdout);
-    let units: Vec<Unit> = parse_bible(&text)
-        .into_iter()
-        .map(|(k, b)| Unit { id: format!("bible-kjv:{k}"), payload: Payload::Text(b) })
-        .collect();
+    let units: Vec<Unit> =
+        parse_bible(&text).into_iter().map(|(k, b)| Unit { id: format!("bible-kjv:{k}"), payload: Payload::Text(b) }).collect();
     if units.len() < 1000 {
         return Err(MasaError::Fetch {
             asset: "Debian package bible-kjv".into(),
@@ -405,8 +450,7 @@ pub(super) fn files_source(pkg: &str, dir: &Path, keep: &dyn Fn(&str) -> bool, f
 pub(super) const MAX_SOURCE_FILE: u64 = 256 * 1024;
 
 pub(super) fn collect_files(root: &Path, dir: &Path, keep: &dyn Fn(&str) -> bool, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
-    let mut entries: Vec<PathBuf> =
-        std::fs::read_dir(dir).at(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).at(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for e in entries {
         let Ok(m) = std::fs::symlink_metadata(&e) else { continue };
@@ -453,11 +497,7 @@ pub fn parse_info(text: &str) -> Vec<(String, String)> {
         if !first.starts_with("File:") {
             continue;
         }
-        let node = first
-            .split(',')
-            .find_map(|f| f.trim().strip_prefix("Node:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let node = first.split(',').find_map(|f| f.trim().strip_prefix("Node:")).map(|s| s.trim().to_string()).unwrap_or_default();
         if node.is_empty() || node.contains("Index") {
             continue;
         }
@@ -476,11 +516,8 @@ pub(super) fn info_source(pkg: &str, dir: &Path) -> Result<Source> {
     if !dir.is_dir() {
         return Err(layout_error(pkg, dir, "info directory not found"));
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .at(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(".gz"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).at(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().ends_with(".gz")).collect();
     files.sort();
     let mut units = Vec::new();
     for f in files {
@@ -512,9 +549,23 @@ pub fn clean_rst(s: &str) -> String {
             in_drop_directive = false;
         }
         if let Some(d) = t.strip_prefix(".. ") {
-            let drop_block = ["toctree::", "index::", "highlight::", "include::", "kernel-doc::", "only::", "raw::", "tabularcolumns::", "SPDX", "sectionauthor::", "moduleauthor::", "versionchanged::", "versionadded::"]
-                .iter()
-                .any(|x| d.starts_with(x));
+            let drop_block = [
+                "toctree::",
+                "index::",
+                "highlight::",
+                "include::",
+                "kernel-doc::",
+                "only::",
+                "raw::",
+                "tabularcolumns::",
+                "SPDX",
+                "sectionauthor::",
+                "moduleauthor::",
+                "versionchanged::",
+                "versionadded::",
+            ]
+            .iter()
+            .any(|x| d.starts_with(x));
             if drop_block {
                 in_drop_directive = true;
                 continue;

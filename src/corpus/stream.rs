@@ -90,12 +90,8 @@ pub fn token_stream<'a>(
             if domains.is_some() { " in the selected domains" } else { "" }
         )));
     }
-    let domain_names: Vec<String> =
-        docs.iter().map(|&i| corpus.docs[i].domain.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-    let doc_domain = docs
-        .iter()
-        .map(|&i| domain_names.binary_search(&corpus.docs[i].domain).unwrap())
-        .collect();
+    let domain_names: Vec<String> = docs.iter().map(|&i| corpus.docs[i].domain.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let doc_domain = docs.iter().map(|&i| domain_names.binary_search(&corpus.docs[i].domain).unwrap()).collect();
     let order = epoch_order(docs.len(), seed, 0);
     Ok(TokenStream {
         corpus,
@@ -161,9 +157,7 @@ impl<'a> TokenStream<'a> {
         if self.buf.is_empty() {
             self.empty_run += 1;
             if self.empty_run > self.docs.len() {
-                return Err(MasaError::Invalid(
-                    "every document of the token stream encodes to no tokens; check the tokenizer".into(),
-                ));
+                return Err(MasaError::Invalid("every document of the token stream encodes to no tokens; check the tokenizer".into()));
             }
         } else {
             self.empty_run = 0;
@@ -230,9 +224,7 @@ impl<'a> TokenStream<'a> {
         if st.next > 0 {
             self.load_doc(st.next - 1)?;
             if st.offset > self.buf.len() {
-                return Err(MasaError::Invalid(
-                    "stream state offset is past its document: different corpus or tokenizer".into(),
-                ));
+                return Err(MasaError::Invalid("stream state offset is past its document: different corpus or tokenizer".into()));
             }
             self.pos = st.offset;
         }
@@ -271,10 +263,7 @@ pub fn domain_sequences<'a>(
     }
     let docs: Vec<&Document> = corpus.docs.iter().filter(|d| d.split == split && d.domain == domain).collect();
     if docs.is_empty() {
-        return Err(MasaError::Invalid(format!(
-            "domain `{domain}` has no {split} documents; domains: {}",
-            corpus.domains().join(", ")
-        )));
+        return Err(MasaError::Invalid(format!("domain `{domain}` has no {split} documents; domains: {}", corpus.domains().join(", "))));
     }
     Ok(DomainSequences { docs, encode, eos, seq_len, next_doc: 0, pending: Vec::new(), failed: false })
 }

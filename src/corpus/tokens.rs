@@ -361,7 +361,11 @@ impl<'a> ChunkSampler<'a> {
         }
         self.start_epoch(st.epoch);
         if st.next > self.order.len() as u64 {
-            return Err(MasaError::Invalid(format!("the checkpoint's data position {} is past the epoch's {} chunks", st.next, self.order.len())));
+            return Err(MasaError::Invalid(format!(
+                "the checkpoint's data position {} is past the epoch's {} chunks",
+                st.next,
+                self.order.len()
+            )));
         }
         self.next = st.next as usize;
         self.tokens_drawn = st.tokens_drawn;

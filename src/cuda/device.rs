@@ -58,7 +58,10 @@ impl Gpu {
         dr::init().map_err(|e| cuda_err("cuInit", e))?;
         let count = dr::device::get_count().map_err(|e| cuda_err("device count", e))? as usize;
         if ordinal >= count {
-            return Err(MasaError::Invalid(format!("--device cuda:{ordinal}: this machine has {count} CUDA device(s) (cuda:0 … cuda:{})", count.saturating_sub(1))));
+            return Err(MasaError::Invalid(format!(
+                "--device cuda:{ordinal}: this machine has {count} CUDA device(s) (cuda:0 … cuda:{})",
+                count.saturating_sub(1)
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context", e))?;
         ctx.bind_to_thread().map_err(|e| cuda_err("bind context", e))?;
@@ -92,7 +95,15 @@ impl Gpu {
         let bytes = (len.max(1)) * std::mem::size_of::<T>();
         let ptr = unsafe { dr::malloc_sync(bytes) }.map_err(|e| {
             let (free, total) = dr::mem_get_info().unwrap_or((0, 0));
-            cuda_err(&format!("allocating {:.2} GiB ({:.1} of {:.1} GiB free)", bytes as f64 / 1073741824.0, free as f64 / 1073741824.0, total as f64 / 1073741824.0), e)
+            cuda_err(
+                &format!(
+                    "allocating {:.2} GiB ({:.1} of {:.1} GiB free)",
+                    bytes as f64 / 1073741824.0,
+                    free as f64 / 1073741824.0,
+                    total as f64 / 1073741824.0
+                ),
+                e,
+            )
         })?;
         Ok(DevBuf { ptr, len, _t: PhantomData })
     }
@@ -147,7 +158,10 @@ impl Gpu {
     /// argument's value, in the kernel's parameter order).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) -> Result<()> {
         let f = *self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} is not in KERNELS"));
-        self.timed(|| name.to_string(), || unsafe { dr::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }.map_err(|e| cuda_err(name, e)))
+        self.timed(
+            || name.to_string(),
+            || unsafe { dr::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }.map_err(|e| cuda_err(name, e)),
+        )
     }
 
     /// Run `f`; when profiling, synchronised before and after and its time added to `key()`.
@@ -168,7 +182,22 @@ impl Gpu {
     /// `(sa, sb, sc)` between the matrices. `ta`: A is stored `(k×m)` (use Aᵀ); `tb`: B is
     /// stored `(n×k)` (use Bᵀ). Leading dimensions are the stored row lengths.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: ds::CUdeviceptr, lda: usize, b: ds::CUdeviceptr, ldb: usize, c: ds::CUdeviceptr, ldc: usize, beta: f32, batch: Option<(usize, usize, usize, usize)>) -> Result<()> {
+    pub fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: ds::CUdeviceptr,
+        lda: usize,
+        b: ds::CUdeviceptr,
+        ldb: usize,
+        c: ds::CUdeviceptr,
+        ldc: usize,
+        beta: f32,
+        batch: Option<(usize, usize, usize, usize)>,
+    ) -> Result<()> {
         use cbs::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ' op(A)ᵀ': swap the operands.
         let opb = if tb { CUBLAS_OP_T } else { CUBLAS_OP_N };
@@ -188,8 +217,25 @@ impl Gpu {
             return self.timed(key, || {
                 unsafe {
                     cudarc::cublas::result::gemm_ex(
-                        self.blas, opb, opa, n as i32, m as i32, k as i32, ap, b16 as *const c_void, bf, ldb as i32, a16 as *const c_void, bf, lda as i32, bp,
-                        c as *mut c_void, f32t, ldc as i32, ct, algo,
+                        self.blas,
+                        opb,
+                        opa,
+                        n as i32,
+                        m as i32,
+                        k as i32,
+                        ap,
+                        b16 as *const c_void,
+                        bf,
+                        ldb as i32,
+                        a16 as *const c_void,
+                        bf,
+                        lda as i32,
+                        bp,
+                        c as *mut c_void,
+                        f32t,
+                        ldc as i32,
+                        ct,
+                        algo,
                     )
                 }
                 .map_err(|e| cuda_err(&format!("cuBLAS bf16 gemm {m}x{n}x{k}"), e))
@@ -232,18 +278,60 @@ impl Gpu {
         bp: *const c_void,
         batch: Option<(usize, usize, usize, usize)>,
     ) -> Result<()> {
-        let ct = if self.bf16 { cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF } else { cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC };
+        let ct = if self.bf16 {
+            cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else {
+            cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
+        };
         let f32t = cbs::cudaDataType_t::CUDA_R_32F;
         let algo = cbs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT;
         let r = unsafe {
             match batch {
                 None => cudarc::cublas::result::gemm_ex(
-                    self.blas, opb, opa, n as i32, m as i32, k as i32, ap, b as *const c_void, f32t, ldb as i32, a as *const c_void, f32t, lda as i32, bp,
-                    c as *mut c_void, f32t, ldc as i32, ct, algo,
+                    self.blas,
+                    opb,
+                    opa,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    ap,
+                    b as *const c_void,
+                    f32t,
+                    ldb as i32,
+                    a as *const c_void,
+                    f32t,
+                    lda as i32,
+                    bp,
+                    c as *mut c_void,
+                    f32t,
+                    ldc as i32,
+                    ct,
+                    algo,
                 ),
                 Some((count, sa, sb, sc)) => cudarc::cublas::result::gemm_strided_batched_ex(
-                    self.blas, opb, opa, n as i32, m as i32, k as i32, ap, b as *const c_void, f32t, ldb as i32, sb as i64, a as *const c_void, f32t,
-                    lda as i32, sa as i64, bp, c as *mut c_void, f32t, ldc as i32, sc as i64, count as i32, ct, algo,
+                    self.blas,
+                    opb,
+                    opa,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    ap,
+                    b as *const c_void,
+                    f32t,
+                    ldb as i32,
+                    sb as i64,
+                    a as *const c_void,
+                    f32t,
+                    lda as i32,
+                    sa as i64,
+                    bp,
+                    c as *mut c_void,
+                    f32t,
+                    ldc as i32,
+                    sc as i64,
+                    count as i32,
+                    ct,
+                    algo,
                 ),
             }
         };
@@ -298,7 +386,8 @@ fn ptx_for(major: i32, minor: i32) -> Result<CString> {
     }
     let arch = format!("--gpu-architecture=sm_{major}{minor}");
     let opts = cudarc::nvrtc::CompileOptions { options: vec![arch, "--std=c++17".into()], ..Default::default() };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| MasaError::Invalid(format!("compiling src/cuda/kernels.cu with NVRTC: {e}")))?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        .map_err(|e| MasaError::Invalid(format!("compiling src/cuda/kernels.cu with NVRTC: {e}")))?;
     let image = CString::new(ptx.to_src()).map_err(|e| cuda_err("PTX", e))?;
     cache.push(((major, minor), image.clone()));
     Ok(image)

@@ -125,7 +125,22 @@ impl Gpu {
     /// operands (bf16-rounded ones with `bf16`). `ta`: A is stored `(k×m)`; `tb`: B is stored
     /// `(n×k)`. Leading dimensions are the stored row lengths.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: ds::CUdeviceptr, lda: usize, b: ds::CUdeviceptr, ldb: usize, c: ds::CUdeviceptr, ldc: usize, beta: f32, batch: Option<(usize, usize, usize, usize)>) -> Result<()> {
+    pub fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: ds::CUdeviceptr,
+        lda: usize,
+        b: ds::CUdeviceptr,
+        ldb: usize,
+        c: ds::CUdeviceptr,
+        ldc: usize,
+        beta: f32,
+        batch: Option<(usize, usize, usize, usize)>,
+    ) -> Result<()> {
         let (count, sa, sb, sc) = batch.unwrap_or((1, 0, 0, 0));
         let round = |x: f32| if self.bf16 { bf16(x) } else { x };
         for z in 0..count {

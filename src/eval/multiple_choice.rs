@@ -55,9 +55,11 @@ pub struct McItem {
 }
 
 fn s<'a>(row: &'a Row, f: &str, task: &str, index: usize) -> Result<&'a str> {
-    row.get(f)
-        .and_then(Value::as_str)
-        .ok_or_else(|| MasaError::Invalid(format!("{task} item {index}: field `{f}` missing or not a string (malformed task file; run `masa fetch tasks` again)")))
+    row.get(f).and_then(Value::as_str).ok_or_else(|| {
+        MasaError::Invalid(format!(
+            "{task} item {index}: field `{f}` missing or not a string (malformed task file; run `masa fetch tasks` again)"
+        ))
+    })
 }
 
 fn int(row: &Row, f: &str, task: &str, index: usize) -> Result<usize> {
@@ -68,8 +70,9 @@ fn int(row: &Row, f: &str, task: &str, index: usize) -> Result<usize> {
         Some(Value::Bool(b)) => Some(*b as u64),
         _ => None,
     };
-    n.map(|n| n as usize)
-        .ok_or_else(|| MasaError::Invalid(format!("{task} item {index}: field `{f}` missing or not an integer label (malformed task file)")))
+    n.map(|n| n as usize).ok_or_else(|| {
+        MasaError::Invalid(format!("{task} item {index}: field `{f}` missing or not an integer label (malformed task file)"))
+    })
 }
 
 fn strings(row: &Row, f: &str, task: &str, index: usize, n: usize) -> Result<Vec<String>> {
@@ -117,15 +120,12 @@ pub fn py_capitalize(s: &str) -> String {
 pub fn build_item(task: &str, row: &Row, index: usize) -> Result<McItem> {
     let shared = |ctx: String, choices: Vec<String>, gold: usize| -> Result<McItem> {
         if gold >= choices.len() {
-            return Err(MasaError::Invalid(format!("{task} item {index}: gold label {gold} out of range for {} choices (malformed task file)", choices.len())));
+            return Err(MasaError::Invalid(format!(
+                "{task} item {index}: gold label {gold} out of range for {} choices (malformed task file)",
+                choices.len()
+            )));
         }
-        Ok(McItem {
-            index,
-            contexts: vec![ctx],
-            continuations: choices.iter().map(|c| format!(" {c}")).collect(),
-            choices,
-            gold,
-        })
+        Ok(McItem { index, contexts: vec![ctx], continuations: choices.iter().map(|c| format!(" {c}")).collect(), choices, gold })
     };
     let letters = || ["A", "B", "C", "D"].iter().map(|x| x.to_string()).collect::<Vec<_>>();
     match task {
@@ -153,8 +153,10 @@ pub fn build_item(task: &str, row: &Row, index: usize) -> Result<McItem> {
                 .find('_')
                 .ok_or_else(|| MasaError::Invalid(format!("{task} item {index}: `sentence` has no `_` blank (malformed task file)")))?;
             let target = sentence[idx + 1..].trim();
-            let contexts: Vec<String> =
-                [s(row, "option1", task, index)?, s(row, "option2", task, index)?].iter().map(|o| format!("{}{o}", &sentence[..idx])).collect();
+            let contexts: Vec<String> = [s(row, "option1", task, index)?, s(row, "option2", task, index)?]
+                .iter()
+                .map(|o| format!("{}{o}", &sentence[..idx]))
+                .collect();
             let gold = match s(row, "answer", task, index)? {
                 "1" => 0,
                 "2" => 1,
@@ -172,14 +174,7 @@ pub fn build_item(task: &str, row: &Row, index: usize) -> Result<McItem> {
         }
         "mmlu_professional_law" => {
             let c = strings(row, "choices", task, index, 4)?;
-            let ctx = format!(
-                "{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:",
-                s(row, "question", task, index)?.trim(),
-                c[0],
-                c[1],
-                c[2],
-                c[3]
-            );
+            let ctx = format!("{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:", s(row, "question", task, index)?.trim(), c[0], c[1], c[2], c[3]);
             shared(ctx, letters(), int(row, "answer", task, index)?)
         }
         other => Err(MasaError::Invalid(format!("`{other}` is not a multiple-choice task"))),
@@ -277,12 +272,8 @@ pub fn score_item(model: &Transformer, tok: &Tokenizer, item: &McItem) -> Result
         }
     } else {
         // One context per choice (WinoGrande): full sequences, right-padded, one batch.
-        let pairs = item
-            .contexts
-            .iter()
-            .zip(&item.continuations)
-            .map(|(ctx, c)| encode_pair(tok, ctx, c, add_bos))
-            .collect::<Result<Vec<_>>>()?;
+        let pairs =
+            item.contexts.iter().zip(&item.continuations).map(|(ctx, c)| encode_pair(tok, ctx, c, add_bos)).collect::<Result<Vec<_>>>()?;
         let lmax = pairs.iter().map(|(a, b)| a.len() + b.len()).max().unwrap_or(1);
         let mut batch = Vec::with_capacity(n * lmax);
         for (a, b) in &pairs {
@@ -359,7 +350,12 @@ impl ScoringEngine for std::convert::Infallible {
 /// Score `items` by [`score_pairs`] over every choice's harness-encoded `(context,
 /// continuation)`: the multiple-choice path of a batched engine (`masa eval --device cuda`).
 /// `on_item` is called once per item scored.
-pub fn score_items_batched(model: &mut dyn ScoringEngine, tok: &Tokenizer, items: &[McItem], on_item: &mut dyn FnMut()) -> Result<Vec<McScore>> {
+pub fn score_items_batched(
+    model: &mut dyn ScoringEngine,
+    tok: &Tokenizer,
+    items: &[McItem],
+    on_item: &mut dyn FnMut(),
+) -> Result<Vec<McScore>> {
     let add_bos = tok.default_add_bos();
     let mut pairs = Vec::new();
     let mut owner = Vec::new();
@@ -394,7 +390,12 @@ pub fn score_items_batched(model: &mut dyn ScoringEngine, tok: &Tokenizer, items
 /// forward pass, and a pair's
 /// score is minus the summed NLL of its continuation positions (causal attention: padding
 /// changes nothing before it). `on_done(i)` follows pair `i`'s score.
-pub fn score_pairs(model: &mut dyn ScoringEngine, pairs: &[(Vec<u32>, Vec<u32>)], pad: u32, on_done: &mut dyn FnMut(usize)) -> Result<Vec<f64>> {
+pub fn score_pairs(
+    model: &mut dyn ScoringEngine,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    pad: u32,
+    on_done: &mut dyn FnMut(usize),
+) -> Result<Vec<f64>> {
     let max_pos = model.max_positions();
     let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     for (p, (ctx, cont)) in pairs.iter().enumerate() {
@@ -480,7 +481,14 @@ mod tests {
             self.model.forward(&self.params, &mut ws, x, b, t);
             let mut nll = vec![0f32; b * t];
             let zeros = vec![0f32; b * t];
-            self.model.loss(&self.params, &mut ws, &crate::student::kernels::Targets { ids: y, weights: &zeros }, None, None, Some(&mut nll));
+            self.model.loss(
+                &self.params,
+                &mut ws,
+                &crate::student::kernels::Targets { ids: y, weights: &zeros },
+                None,
+                None,
+                Some(&mut nll),
+            );
             Ok(nll)
         }
         fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -564,7 +572,10 @@ mod tests {
     fn winogrande_partial_format() {
         let row: Row = serde_json::from_str(r#"{"sentence":"Sarah was a much better surgeon than Maria so _ always got the harder cases.","option1":"Sarah","option2":"Maria","answer":"1"}"#).unwrap();
         let it = build_item("winogrande", &row, 0).unwrap();
-        assert_eq!(it.contexts, vec!["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]);
+        assert_eq!(
+            it.contexts,
+            vec!["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]
+        );
         assert_eq!(it.continuations, vec![" always got the harder cases."; 2]);
         assert_eq!(it.gold, 0);
     }

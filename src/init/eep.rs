@@ -72,7 +72,18 @@ impl EepOptions {
 
     /// The fitness batches' stream: `tokens` over all domains, 4 sequences of `seq_len` a batch.
     pub fn stream(&self, seed: u64) -> crate::calibrate::CalibrateOptions {
-        crate::calibrate::CalibrateOptions { tokens: self.tokens, seq_len: self.seq_len, batch: 4, seed, domains: None, rank: None, layers: None, shard: None, experts: None, device: Default::default() }
+        crate::calibrate::CalibrateOptions {
+            tokens: self.tokens,
+            seq_len: self.seq_len,
+            batch: 4,
+            seed,
+            domains: None,
+            rank: None,
+            layers: None,
+            shard: None,
+            experts: None,
+            device: Default::default(),
+        }
     }
 }
 
@@ -149,14 +160,24 @@ pub struct Merged {
 /// `src`, each merged to the width `prune` would give a student FFN of `width`; `energies`
 /// gives the routing shares of the starting point. Dense layers among `layers` are left out
 /// (the caller takes them as they are).
-pub fn search(src: &SourceWeights, layers: &[usize], width: usize, energies: &Energies, batches: &[Batch], opts: &EepOptions, seed: u64) -> Result<Merged> {
+pub fn search(
+    src: &SourceWeights,
+    layers: &[usize],
+    width: usize,
+    energies: &Energies,
+    batches: &[Batch],
+    opts: &EepOptions,
+    seed: u64,
+) -> Result<Merged> {
     let moe = check_source(src, opts)?;
     let cfg = &src.config;
     let mut wanted: Vec<usize> = layers.iter().copied().filter(|&l| cfg.is_moe_layer(l)).collect();
     wanted.sort_unstable();
     wanted.dedup();
     if wanted.is_empty() {
-        return Err(MasaError::Invalid("--strategy eep: none of the layers the student inherits is a mixture of experts; use --strategy prune".into()));
+        return Err(MasaError::Invalid(
+            "--strategy eep: none of the layers the student inherits is a mixture of experts; use --strategy prune".into(),
+        ));
     }
     if batches.is_empty() {
         return Err(MasaError::Invalid("--strategy eep needs calibration tokens for its fitness (--eep-tokens)".into()));
@@ -168,12 +189,17 @@ pub fn search(src: &SourceWeights, layers: &[usize], width: usize, energies: &En
     let mut theta0 = Vec::new();
     for &l in &wanted {
         let start = source_ffn(src, l, width, Some(energies))?;
-        let routed: Vec<(usize, f64)> =
-            start.parts.iter().filter_map(|(label, w)| label.strip_prefix("experts.").and_then(|x| x.parse().ok()).map(|x: usize| (x, *w))).collect();
+        let routed: Vec<(usize, f64)> = start
+            .parts
+            .iter()
+            .filter_map(|(label, w)| label.strip_prefix("experts.").and_then(|x| x.parse().ok()).map(|x: usize| (x, *w)))
+            .collect();
         let k = routed.len();
         let p = format!("model.layers.{l}.mlp");
         let stack = |proj: &str| -> Result<Tensor> {
-            let ts = (0..e).map(|x| src.tensor(&format!("{p}.experts.{x}.{proj}.weight"))?.flatten_all().map_err(Into::into)).collect::<Result<Vec<_>>>()?;
+            let ts = (0..e)
+                .map(|x| src.tensor(&format!("{p}.experts.{x}.{proj}.weight"))?.flatten_all().map_err(Into::into))
+                .collect::<Result<Vec<_>>>()?;
             Ok(Tensor::stack(&ts, 0)?)
         };
         let shared = if moe.n_shared_experts > 0 {
@@ -224,7 +250,10 @@ pub fn search(src: &SourceWeights, layers: &[usize], width: usize, energies: &En
         for (x, b) in &prefix {
             let logits = model.logits_from(first, x, b.batch, &pos, hooks)?;
             for i in 0..b.batch {
-                let nll = crate::source::model::next_token_nll(&logits.narrow(0, i * b.seq_len, b.seq_len)?, &b.ids[i * b.seq_len..(i + 1) * b.seq_len])?;
+                let nll = crate::source::model::next_token_nll(
+                    &logits.narrow(0, i * b.seq_len, b.seq_len)?,
+                    &b.ids[i * b.seq_len..(i + 1) * b.seq_len],
+                )?;
                 sum += nll.iter().map(|&v| v as f64).sum::<f64>();
                 n += nll.len();
             }
@@ -299,7 +328,13 @@ pub fn search(src: &SourceWeights, layers: &[usize], width: usize, energies: &En
         rec_layers.push(serde_json::json!({ "layer": s.layer, "merged": slots }));
         ffns.insert(
             s.layer,
-            SourceFfn { gate: Matrix::from_tensor(&g)?, up: Matrix::from_tensor(&u)?, down: Matrix::from_tensor(&d)?, energy: Some(e), parts },
+            SourceFfn {
+                gate: Matrix::from_tensor(&g)?,
+                up: Matrix::from_tensor(&u)?,
+                down: Matrix::from_tensor(&d)?,
+                energy: Some(e),
+                parts,
+            },
         );
     }
     let tokens: usize = batches.iter().map(|b| b.ids.len()).sum();

@@ -56,7 +56,9 @@ impl Genes {
     /// The gene of matrix `proj` (`gate_proj`, `up_proj`, `down_proj`) of the FFN at `mlp`.
     fn get(&self, mlp: &str, proj: &str) -> Result<&Mat<f64>> {
         let k = gene_key(mlp, proj);
-        self.genes.get(&k).ok_or_else(|| MasaError::bad_file(&self.path, format!("no gene `{k}`: the file holds gate, up and down genes of every FFN it covers")))
+        self.genes.get(&k).ok_or_else(|| {
+            MasaError::bad_file(&self.path, format!("no gene `{k}`: the file holds gate, up and down genes of every FFN it covers"))
+        })
     }
 
     /// The source FFNs whose genes feed a student FFN mapped to source layer `layer`, in the
@@ -75,15 +77,13 @@ impl Genes {
                 mlps.push(shared);
             }
             let ranked: Vec<usize> = match self.meta.get("experts_kept").and_then(|m| m.get(layer.to_string())) {
-                Some(v) => serde_json::from_value(v.clone())
-                    .map_err(|e| MasaError::field(&self.path, &format!("masa.experts_kept.{layer}"), format!("not a list of expert indices: {e}")))?,
+                Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                    MasaError::field(&self.path, &format!("masa.experts_kept.{layer}"), format!("not a list of expert indices: {e}"))
+                })?,
                 None => {
                     let prefix = format!("layers.{layer}.mlp.experts.");
-                    let mut found: Vec<usize> = self
-                        .genes
-                        .keys()
-                        .filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()?.parse().ok())
-                        .collect();
+                    let mut found: Vec<usize> =
+                        self.genes.keys().filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()?.parse().ok()).collect();
                     found.sort_unstable();
                     found.dedup();
                     found
@@ -98,7 +98,9 @@ impl Genes {
             ));
         }
         mlps.into_iter()
-            .map(|mlp| Ok(FfnGenes { gate: self.get(&mlp, "gate_proj")?, up: self.get(&mlp, "up_proj")?, down: self.get(&mlp, "down_proj")?, mlp }))
+            .map(|mlp| {
+                Ok(FfnGenes { gate: self.get(&mlp, "gate_proj")?, up: self.get(&mlp, "up_proj")?, down: self.get(&mlp, "down_proj")?, mlp })
+            })
             .collect()
     }
 

@@ -275,7 +275,8 @@ pub fn build(
             record["ffn"] = inherit(&cfg, source, &map, Selector::Energy(e), Ffn::Source, Some(e), &mut parts)?;
         }
         Strategy::Eep => {
-            let e = energies.ok_or_else(|| MasaError::Invalid("--strategy eep needs --stats FILE (routing counts, activation energies)".into()))?;
+            let e = energies
+                .ok_or_else(|| MasaError::Invalid("--strategy eep needs --stats FILE (routing counts, activation energies)".into()))?;
             let eo = opts.eep.clone().unwrap_or_default();
             let merged = eep::search(&source.weights, &map, cfg.intermediate_size, e, calibration, &eo, opts.seed)?;
             record["eep"] = merged.record;
@@ -311,7 +312,14 @@ const PROJS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 /// intermediate dimension is split into that many contiguous blocks, one per gene set in its
 /// order, each scaled to its block: the dense FFN is the concatenation of the experts, as an MoE
 /// layer's output is their (weighted) sum.
-fn gene_ffn(cfg: &StudentConfig, genes: &Genes, map: &[usize], opts: &InitOptions, hidden: Option<&[usize]>, parts: &mut Parts) -> Result<serde_json::Value> {
+fn gene_ffn(
+    cfg: &StudentConfig,
+    genes: &Genes,
+    map: &[usize],
+    opts: &InitOptions,
+    hidden: Option<&[usize]>,
+    parts: &mut Parts,
+) -> Result<serde_json::Value> {
     let (h, f, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
     let mut rec = Vec::new();
     for (t, &ls) in map.iter().enumerate() {
@@ -527,9 +535,14 @@ fn inherit(
     for (t, &ls) in map.iter().enumerate() {
         let sp = format!("model.layers.{ls}");
         let tp = format!("model.layers.{t}");
-        let ffn_norm = if w.contains(&format!("{sp}.pre_feedforward_layernorm.weight")) { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+        let ffn_norm = if w.contains(&format!("{sp}.pre_feedforward_layernorm.weight")) {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
         parts.insert(format!("{tp}.input_layernorm.weight"), pick(&source_norm(source, &format!("{sp}.input_layernorm.weight"))?, &hid));
-        parts.insert(format!("{tp}.post_attention_layernorm.weight"), pick(&source_norm(source, &format!("{sp}.{ffn_norm}.weight"))?, &hid));
+        parts
+            .insert(format!("{tp}.post_attention_layernorm.weight"), pick(&source_norm(source, &format!("{sp}.{ffn_norm}.weight"))?, &hid));
         let [q, k, v, o] = ["q_proj", "k_proj", "v_proj", "o_proj"]
             .map(|n| w.tensor(&format!("{sp}.self_attn.{n}.weight")).and_then(|t| Matrix::from_tensor(&t)));
         let (q, k, v, o) = (q?, k?, v?, o?);

@@ -48,19 +48,17 @@ impl Energies {
             let count: f64 = sites.iter().map(|m| m.count).sum();
             for m in sites {
                 if m.dim != cfg.hidden_size {
-                    return Err(MasaError::Shape(format!("statistics `{pre}ffn_in` are {0}x{0}, the source's hidden size is {1}", m.dim, cfg.hidden_size)));
+                    return Err(MasaError::Shape(format!(
+                        "statistics `{pre}ffn_in` are {0}x{0}, the source's hidden size is {1}",
+                        m.dim, cfg.hidden_size
+                    )));
                 }
                 for (h, d) in hidden.iter_mut().zip(diag(m)) {
                     *h += d / count.max(1.0);
                 }
             }
         }
-        let neurons = stats
-            .moments
-            .iter()
-            .filter(|(k, _)| k.ends_with("ffn_mid"))
-            .map(|(k, m)| (k.clone(), (diag(m), m.count)))
-            .collect();
+        let neurons = stats.moments.iter().filter(|(k, _)| k.ends_with("ffn_mid")).map(|(k, m)| (k.clone(), (diag(m), m.count))).collect();
         let mut routing: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let mut n_ds: BTreeMap<usize, f64> = BTreeMap::new();
         for (k, counts) in &stats.routing {
@@ -83,9 +81,10 @@ impl Energies {
     }
 
     fn neuron_energy(&self, key: &str) -> Result<(&[f64], f64)> {
-        self.neurons.get(key).map(|(v, c)| (v.as_slice(), *c)).ok_or_else(|| {
-            MasaError::Invalid(format!("statistics have no `{key}` (FFN neuron energies); recompute them for this source"))
-        })
+        self.neurons
+            .get(key)
+            .map(|(v, c)| (v.as_slice(), *c))
+            .ok_or_else(|| MasaError::Invalid(format!("statistics have no `{key}` (FFN neuron energies); recompute them for this source")))
     }
 }
 
@@ -125,9 +124,7 @@ pub fn source_ffn(src: &SourceWeights, l: usize, width: usize, energies: Option<
         return Ok(SourceFfn { gate, up, down, energy, parts: vec![("dense".into(), 1.0)] });
     };
     let e = energies.ok_or_else(|| {
-        MasaError::Invalid(format!(
-            "layer {l} of the source is a mixture of experts: choosing experts needs routing counts; pass --stats"
-        ))
+        MasaError::Invalid(format!("layer {l} of the source is a mixture of experts: choosing experts needs routing counts; pass --stats"))
     })?;
     let share = e.routing.get(&l).ok_or_else(|| MasaError::Invalid(format!("statistics have no routing counts for layer {l}")))?;
     let mut blocks: Vec<(String, String, f64, f64)> = Vec::new(); // (label, prefix, weight, P(chosen))
@@ -153,7 +150,11 @@ pub fn source_ffn(src: &SourceWeights, l: usize, width: usize, energies: Option<
         up.push(u);
         down.push(Matrix { data: d.data.iter().map(|v| v * *w as f32).collect(), ..d });
     }
-    let vcat = |ms: &[Matrix]| Matrix { rows: ms.iter().map(|m| m.rows).sum(), cols: ms[0].cols, data: ms.iter().flat_map(|m| m.data.iter().copied()).collect() };
+    let vcat = |ms: &[Matrix]| Matrix {
+        rows: ms.iter().map(|m| m.rows).sum(),
+        cols: ms[0].cols,
+        data: ms.iter().flat_map(|m| m.data.iter().copied()).collect(),
+    };
     let hcat = |ms: &[Matrix]| {
         let rows = ms[0].rows;
         let cols: usize = ms.iter().map(|m| m.cols).sum();
@@ -181,9 +182,8 @@ pub fn source_ffn(src: &SourceWeights, l: usize, width: usize, energies: Option<
 /// query heads overall (KV heads follow [`attention_rows`]); with more student heads than
 /// source heads, uniform selection along the flattened dimension.
 pub fn prune_heads(q: &Matrix, k: &Matrix, v: &Matrix, o: &Matrix, src: Heads, dst: Heads) -> Result<AttnRows> {
-    let head_score: Vec<f64> = (0..src.n)
-        .map(|h| (h * src.dim..(h + 1) * src.dim).map(|r| q.row_sq_norm(r) + o.col_sq_norm(r)).sum())
-        .collect();
+    let head_score: Vec<f64> =
+        (0..src.n).map(|h| (h * src.dim..(h + 1) * src.dim).map(|r| q.row_sq_norm(r) + o.col_sq_norm(r)).sum()).collect();
     if dst.dim > src.dim || dst.n > src.n {
         return uniform_attention_rows(src, dst);
     }

@@ -387,7 +387,11 @@ mod tests {
 
     #[test]
     fn coupled_scores_add_the_squared_scores_of_the_three_genes() {
-        let (g, u, d) = (gene_svd(&gene(4, 6), Components::Rank(2)).unwrap(), gene_svd(&gene(4, 7), Components::Rank(2)).unwrap(), gene_svd(&gene(4, 8), Components::Rank(2)).unwrap());
+        let (g, u, d) = (
+            gene_svd(&gene(4, 6), Components::Rank(2)).unwrap(),
+            gene_svd(&gene(4, 7), Components::Rank(2)).unwrap(),
+            gene_svd(&gene(4, 8), Components::Rank(2)).unwrap(),
+        );
         let joint = coupled_scores(&g, &u, &d).unwrap();
         let (sg, su, td) = (row_scores(&g.u), row_scores(&u.u), row_scores(&d.v));
         for i in 0..4 {
@@ -395,7 +399,6 @@ mod tests {
         }
         assert!(coupled_scores(&g, &u, &gene_svd(&gene(3, 9), Components::All).unwrap()).is_none());
     }
-
 
     /// `r'` parses from `all`, a count and `energy:F`; the energy rule keeps the fewest leading
     /// components whose σ² reach the fraction; records write a count as a number.

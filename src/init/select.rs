@@ -19,9 +19,7 @@ pub fn uniform_indices(d_s: usize, d_t: usize, what: &str) -> Result<Vec<usize>>
         return Ok((0..d_t).map(|i| i * step).collect());
     }
     // d_t ≥ 2 here (d_t = 1 always divides).
-    Ok((0..d_t)
-        .map(|i| ((i as f64) * (d_s - 1) as f64 / (d_t - 1) as f64).round_ties_even() as usize)
-        .collect())
+    Ok((0..d_t).map(|i| ((i as f64) * (d_s - 1) as f64 / (d_t - 1) as f64).round_ties_even() as usize).collect())
 }
 
 /// The `k` indices with the highest `scores` (ties to the lower index), in original order.
@@ -71,9 +69,8 @@ pub fn attention_rows(src: Heads, dst: Heads, q_heads: &[usize]) -> Result<AttnR
     let dims = head_dims(src.dim, dst.dim)?;
     let src_group = src.n / src.kv;
     let dst_group = dst.n / dst.kv;
-    let rows = |heads: &mut dyn Iterator<Item = usize>| -> Vec<usize> {
-        heads.flat_map(|h| dims.iter().map(move |d| h * src.dim + d)).collect()
-    };
+    let rows =
+        |heads: &mut dyn Iterator<Item = usize>| -> Vec<usize> { heads.flat_map(|h| dims.iter().map(move |d| h * src.dim + d)).collect() };
     let q = rows(&mut q_heads.iter().copied());
     let kv = rows(&mut (0..dst.kv).map(|g| q_heads[g * dst_group] / src_group));
     Ok(AttnRows { q, kv })

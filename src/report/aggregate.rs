@@ -68,7 +68,9 @@ fn strategy_rank(strategy: &str) -> usize {
 pub fn cohorts(runs: &[TrainingRun]) -> Vec<Cohort<'_>> {
     let mut out: Vec<Cohort> = Vec::new();
     for run in runs {
-        let same = |c: &Cohort| c.group == run.group && c.student == run.student && c.strategy == run.strategy && c.budget_tokens == run.budget_tokens;
+        let same = |c: &Cohort| {
+            c.group == run.group && c.student == run.student && c.strategy == run.strategy && c.budget_tokens == run.budget_tokens
+        };
         match out.iter_mut().find(|c| same(c)) {
             Some(c) => c.runs.push(run),
             None => out.push(Cohort {
@@ -107,7 +109,10 @@ impl Cohort<'_> {
 
     /// True when `other` is the same condition (group, student, strategy, budget).
     pub fn same_condition(&self, other: &Cohort) -> bool {
-        self.group == other.group && self.student == other.student && self.strategy == other.strategy && self.budget_tokens == other.budget_tokens
+        self.group == other.group
+            && self.student == other.student
+            && self.strategy == other.strategy
+            && self.budget_tokens == other.budget_tokens
     }
 
     /// True when some run has not finished pre-training (its numbers are from its last evaluation).
@@ -185,7 +190,10 @@ pub fn display_value(s: &TaskScore) -> f64 {
 /// sqrt(p(1 − p)/n) for accuracies; `None` when neither is known.
 pub fn display_stderr(s: &TaskScore) -> Option<f64> {
     let scale = if is_fraction_metric(&s.metric) { 100.0 } else { 1.0 };
-    let binomial = || (is_fraction_metric(&s.metric) && s.n > 0 && (0.0..=1.0).contains(&s.value)).then(|| (s.value * (1.0 - s.value) / s.n as f64).sqrt());
+    let binomial = || {
+        (is_fraction_metric(&s.metric) && s.n > 0 && (0.0..=1.0).contains(&s.value))
+            .then(|| (s.value * (1.0 - s.value) / s.n as f64).sqrt())
+    };
     s.stderr.filter(|e| e.is_finite()).or_else(binomial).map(|e| e * scale)
 }
 
@@ -197,7 +205,8 @@ pub fn tasks_of(cohorts: &[&Cohort]) -> Vec<String> {
 
 /// Validation domains in any run's final evaluation, sorted by name.
 pub fn domains_of(cohorts: &[&Cohort]) -> Vec<String> {
-    let set: BTreeSet<&String> = cohorts.iter().flat_map(|c| c.runs.iter()).filter_map(|r| final_point(r)).flat_map(|p| p.val.keys()).collect();
+    let set: BTreeSet<&String> =
+        cohorts.iter().flat_map(|c| c.runs.iter()).filter_map(|r| final_point(r)).flat_map(|p| p.val.keys()).collect();
     set.into_iter().cloned().collect()
 }
 

@@ -52,7 +52,13 @@ impl Table {
         if keyed.len() < 2 {
             return;
         }
-        let best = keyed.iter().map(|&(_, v)| v).fold(if lower { f64::INFINITY } else { f64::NEG_INFINITY }, |a, b| if lower { a.min(b) } else { a.max(b) });
+        let best = keyed.iter().map(|&(_, v)| v).fold(if lower { f64::INFINITY } else { f64::NEG_INFINITY }, |a, b| {
+            if lower {
+                a.min(b)
+            } else {
+                a.max(b)
+            }
+        });
         for (i, v) in keyed {
             if v == best {
                 if let Some(c) = self.rows[i].get_mut(col) {
@@ -75,7 +81,10 @@ pub enum Block {
     Code(String),
     Table(Table),
     /// A plot by name (`plots/<name>.png`/`.svg`) with its caption.
-    Figure { name: String, caption: String },
+    Figure {
+        name: String,
+        caption: String,
+    },
 }
 
 /// Markdown text of the blocks; figures link to `plots/<name>.png`.
@@ -94,7 +103,9 @@ pub fn markdown(blocks: &[Block]) -> String {
             }
             Block::Code(code) => out.push_str(&format!("```\n{code}\n```\n\n")),
             Block::Table(t) => out.push_str(&md_table(t)),
-            Block::Figure { name, caption } => out.push_str(&format!("![{}](plots/{name}.png)\n\n*{}*\n\n", md_inline(caption), md_inline(caption))),
+            Block::Figure { name, caption } => {
+                out.push_str(&format!("![{}](plots/{name}.png)\n\n*{}*\n\n", md_inline(caption), md_inline(caption)))
+            }
         }
     }
     out
@@ -196,7 +207,11 @@ pub fn html(title: &str, blocks: &[Block], svgs: &BTreeMap<String, String>) -> S
             Block::Table(t) => body.push_str(&html_table(t)),
             Block::Figure { name, caption } => {
                 let svg = svgs.get(name).map_or_else(|| "<p>(figure missing)</p>".to_string(), |s| strip_xml_declaration(s).to_string());
-                body.push_str(&format!("<figure data-figure=\"{}\">\n{svg}\n<figcaption>{}</figcaption>\n</figure>\n", html_escape(name), html_escape(caption)));
+                body.push_str(&format!(
+                    "<figure data-figure=\"{}\">\n{svg}\n<figcaption>{}</figcaption>\n</figure>\n",
+                    html_escape(name),
+                    html_escape(caption)
+                ));
             }
         }
     }

@@ -69,7 +69,9 @@ pub fn main_statements(cohorts: &[&Cohort]) -> Vec<String> {
     let masa = ranked.iter().find(|(c, _)| c.strategy == "masa");
     match masa {
         None => out.push(format!("Lowest final validation loss: {}. There are no MASA runs to compare.", best.label)),
-        Some((m, _)) if m.same_condition(best) => out.push(format!("MASA has the lowest final validation loss of the {} strategies.", ranked.len())),
+        Some((m, _)) if m.same_condition(best) => {
+            out.push(format!("MASA has the lowest final validation loss of the {} strategies.", ranked.len()))
+        }
         Some((_, ms)) => out.push(format!(
             "MASA does not have the lowest final validation loss: {} is lower by {}.",
             best.label,
@@ -90,7 +92,8 @@ pub fn main_statements(cohorts: &[&Cohort]) -> Vec<String> {
 fn efficiency_statement(cohorts: &[&Cohort]) -> Option<String> {
     let e = data_efficiency(cohorts)?;
     let masa = e.rows.iter().find(|r| r.strategy == "masa")?;
-    let target = format!("Scratch's final validation loss ({} at {} tokens)", num(e.target, LOSS_DECIMALS), format::tokens(e.scratch_tokens));
+    let target =
+        format!("Scratch's final validation loss ({} at {} tokens)", num(e.target, LOSS_DECIMALS), format::tokens(e.scratch_tokens));
     let others: Vec<String> = e
         .rows
         .iter()
@@ -125,7 +128,13 @@ fn downstream_statements(cohorts: &[&Cohort]) -> Vec<String> {
         let wins = pairs.iter().filter(|(m, b)| m > b).count();
         let avg = |f: fn(&(f64, f64)) -> f64| pairs.iter().map(f).sum::<f64>() / pairs.len() as f64;
         let (ma, ba) = (avg(|p| p.0), avg(|p| p.1));
-        let verdict = if ma > ba { "higher" } else if ma < ba { "lower" } else { "the same" };
+        let verdict = if ma > ba {
+            "higher"
+        } else if ma < ba {
+            "lower"
+        } else {
+            "the same"
+        };
         out.push(format!(
             "Downstream: MASA scores higher than {} on {wins} of {} tasks; its average over them is {} vs {} ({verdict}).",
             c.label,
@@ -185,5 +194,10 @@ pub fn variant_statements(what: &str, variants: &[&Cohort], masa: Option<&Cohort
 /// The ratio with the lowest final validation loss in the sweep.
 pub fn ratio_statement(cohorts: &[&Cohort]) -> Option<String> {
     let best = cohorts.iter().filter_map(|c| Some((c.ratio?, c.final_val_mean()?))).min_by(|a, b| a.1.mean.total_cmp(&b.1.mean))?;
-    Some(format!("Gene ratio sweep: the lowest final validation loss, {}, is at ρ = {} (of {} ratios).", loss_text(&best.1), best.0, cohorts.len()))
+    Some(format!(
+        "Gene ratio sweep: the lowest final validation loss, {}, is at ρ = {} (of {} ratios).",
+        loss_text(&best.1),
+        best.0,
+        cohorts.len()
+    ))
 }

@@ -270,7 +270,12 @@ fn efficiency_section(doc: &mut Doc, main: &[&Cohort]) -> Result<()> {
             })
             .collect();
         doc.table(tables::efficiency_table(&e));
-        let plot = BarsPlot { title: format!("Data efficiency vs Scratch, {}", setting_title(&s)), y_desc: "Scratch tokens / strategy tokens (×)".into(), bars, reference: Some((1.0, "Scratch (1×)".into())) };
+        let plot = BarsPlot {
+            title: format!("Data efficiency vs Scratch, {}", setting_title(&s)),
+            y_desc: "Scratch tokens / strategy tokens (×)".into(),
+            bars,
+            reference: Some((1.0, "Scratch (1×)".into())),
+        };
         let caption = format!("Data efficiency relative to Scratch, {}: Scratch's tokens to its final loss divided by the strategy's tokens to the same loss (higher is better).", setting_title(&s));
         doc.figure(&format!("data-efficiency-{}", setting_slug(&s)), caption, &plot, plots::SIZE)?;
     }
@@ -369,7 +374,14 @@ pub fn decision_sentences(outcomes: &[(String, String, String, String, paired::P
     let mut out = Vec::new();
     for (a, b, la, lb, p) in outcomes {
         let stats = match (p.interval, p.p_value) {
-            (Some((lo, hi)), Some(pv)) => format!("mean difference {} ({pct}% interval [{}, {}], sign-flip p = {}, {} paired seeds)", d(p.mean), d(lo), d(hi), format::num(pv, 4), p.diffs.len()),
+            (Some((lo, hi)), Some(pv)) => format!(
+                "mean difference {} ({pct}% interval [{}, {}], sign-flip p = {}, {} paired seeds)",
+                d(p.mean),
+                d(lo),
+                d(hi),
+                format::num(pv, 4),
+                p.diffs.len()
+            ),
             _ => format!("mean difference {} from {} paired seed(s), too few for an interval", d(p.mean), p.diffs.len()),
         };
         let outcome = match p.interval {
@@ -436,7 +448,10 @@ fn variant_tables(doc: &mut Doc, all: &[Cohort], variants: &[&Cohort], kind: &st
             doc.p("Final validation loss per domain:");
             doc.table(tables::domain_table(&domain_rows));
         }
-        let caption = format!("{kind}: mean validation loss vs pre-training tokens, {}, with MASA and Scratch of the main comparison. {BAND_CAPTION}", setting_title(&s));
+        let caption = format!(
+            "{kind}: mean validation loss vs pre-training tokens, {}, with MASA and Scratch of the main comparison. {BAND_CAPTION}",
+            setting_title(&s)
+        );
         let name = format!("curves-{}-{}", format::slug(kind), setting_slug(&s));
         curves_figure(doc, &name, &format!("{kind}, {}", setting_title(&s)), &caption, &rows)?;
     }
@@ -465,7 +480,13 @@ fn ratio_section(doc: &mut Doc, all: &[Cohort], r: &RunResults) -> Result<()> {
         let cs = in_setting(&ratio, &s);
         doc.table(tables::ratio_table(&cs, &r.extractions, &tasks_of(&cs)));
         let caption = format!("Gene ratio sweep: mean validation loss vs pre-training tokens, {}. {BAND_CAPTION}", setting_title(&s));
-        curves_figure(doc, &format!("curves-ratio-{}", setting_slug(&s)), &format!("Gene ratio sweep, {}", setting_title(&s)), &caption, &cs)?;
+        curves_figure(
+            doc,
+            &format!("curves-ratio-{}", setting_slug(&s)),
+            &format!("Gene ratio sweep, {}", setting_title(&s)),
+            &caption,
+            &cs,
+        )?;
     }
     Ok(())
 }
@@ -476,12 +497,10 @@ fn scaling_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
         return Ok(());
     }
     doc.h(2, "Adaptive scaling settings (Sec. 3.2)");
-    doc.p(
-        "MASA with other numbers r′ of singular components kept by adaptive scaling (r′ = r makes every row score 1, so each \
+    doc.p("MASA with other numbers r′ of singular components kept by adaptive scaling (r′ = r makes every row score 1, so each \
          student matrix is a submatrix of its gene; energy:F keeps, per gene, the fewest components holding the fraction F of \
          Σσ²), and with one selection of FFN neurons shared by gate, up and down (coupled), against MASA and Scratch of the main \
-         comparison.",
-    );
+         comparison.");
     variant_tables(doc, all, &sc, "Adaptive scaling", false)
 }
 
@@ -493,22 +512,28 @@ fn engine_section(doc: &mut Doc, all: &[Cohort]) -> Result<()> {
         return Ok(());
     }
     doc.h(2, "Training engines");
-    doc.p(
-        "The same initialisations, data order and schedule pre-trained by another engine (`strategy@engine`; docs/torch.md), \
+    doc.p("The same initialisations, data order and schedule pre-trained by another engine (`strategy@engine`; docs/torch.md), \
          next to the main comparison's runs of the same strategies. Differences beyond the seed spread mean the engines do not \
-         train alike.",
-    );
+         train alike.");
     let main = group(all, Group::Main);
     for s in settings(&other) {
         doc.h(3, setting_title(&s));
         let copies = in_setting(&other, &s);
-        let mut rows: Vec<&Cohort> =
-            in_setting(&main, &s).into_iter().filter(|c| copies.iter().any(|o| strategies::base_strategy(&o.strategy) == c.strategy)).collect();
+        let mut rows: Vec<&Cohort> = in_setting(&main, &s)
+            .into_iter()
+            .filter(|c| copies.iter().any(|o| strategies::base_strategy(&o.strategy) == c.strategy))
+            .collect();
         rows.extend(copies);
         let masa = rows.iter().copied().find(|c| c.strategy == "masa");
         doc.table(tables::ablation_table(&rows, masa, &tasks_of(&rows)));
         let caption = format!("Training engines: mean validation loss vs pre-training tokens, {}. {BAND_CAPTION}", setting_title(&s));
-        curves_figure(doc, &format!("curves-engines-{}", setting_slug(&s)), &format!("Training engines, {}", setting_title(&s)), &caption, &rows)?;
+        curves_figure(
+            doc,
+            &format!("curves-engines-{}", setting_slug(&s)),
+            &format!("Training engines, {}", setting_title(&s)),
+            &caption,
+            &rows,
+        )?;
     }
     Ok(())
 }
@@ -538,13 +563,18 @@ fn spectra_section(doc: &mut Doc, r: &RunResults) -> Result<()> {
         .iter()
         .take(MAX_PANELS)
         .map(|s| SpectrumPanel {
-            title: if several { format!("{} · layer {} {}", s.extraction, s.layer, s.proj) } else { format!("layer {} {}", s.layer, s.proj) },
+            title: if several {
+                format!("{} · layer {} {}", s.extraction, s.layer, s.proj)
+            } else {
+                format!("layer {} {}", s.layer, s.proj)
+            },
             source: s.source.clone(),
             gene: s.gene.clone(),
         })
         .collect();
     let shown = r.spectra.len().min(MAX_PANELS);
-    let mut caption = "Singular values (log-log, descending) of the source FFN matrix W (its top r) and of the extracted gene M.".to_string();
+    let mut caption =
+        "Singular values (log-log, descending) of the source FFN matrix W (its top r) and of the extracted gene M.".to_string();
     if !several {
         caption.push_str(&format!(" Extraction {}.", r.spectra[0].extraction));
     }
@@ -601,7 +631,10 @@ fn reproduce_section(doc: &mut Doc, r: &RunResults) {
     };
     doc.blocks.push(Block::Code(format!("{command}\nmasa report runs/{}", r.name)));
     if r.command.is_empty() && !builtin {
-        doc.p(format!("SPEC.toml: the spec file this run was started from (name = \"{}\"); its content is the \"spec\" field of results.json.", r.name));
+        doc.p(format!(
+            "SPEC.toml: the spec file this run was started from (name = \"{}\"); its content is the \"spec\" field of results.json.",
+            r.name
+        ));
     }
     doc.p(format!(
         "All numbers: runs/{}/results.json (raw, per seed; this report aggregates them; the spec as run is in its \"spec\" field).",

@@ -20,7 +20,11 @@ pub const GRID_SIZE: (u32, u32) = (900, 560);
 /// pixels taller for the third.
 pub fn grid_size(n: usize) -> (u32, u32) {
     let (rows, _) = grid(n);
-    if rows <= 2 { GRID_SIZE } else { (GRID_SIZE.0, GRID_SIZE.1 + 280) }
+    if rows <= 2 {
+        GRID_SIZE
+    } else {
+        (GRID_SIZE.0, GRID_SIZE.1 + 280)
+    }
 }
 
 /// The family every text style names; [`register_font`] maps it to the embedded font.
@@ -42,7 +46,10 @@ pub trait Plot {
 
 /// Any plotters error as text.
 /// The legend box every plot uses, at `pos`.
-fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>, pos: SeriesLabelPosition) -> Result<(), String> {
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
         .position(pos)
@@ -59,7 +66,9 @@ fn fail<E: std::fmt::Display>(e: E) -> String {
 
 /// Registers the embedded font for [`FONT`] once per process.
 fn register_font() -> Result<(), String> {
-    let ok = *OnceLock::get_or_init(&REGISTERED, || plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).is_ok());
+    let ok = *OnceLock::get_or_init(&REGISTERED, || {
+        plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).is_ok()
+    });
     ok.then_some(()).ok_or_else(|| "the embedded font could not be parsed".to_string())
 }
 
@@ -262,7 +271,15 @@ fn clip_segment_y(p: (f64, f64), q: (f64, f64), lo: f64, hi: f64) -> Option<((f6
     if !(t0 <= t1) {
         return None;
     }
-    let at = |t: f64| if t == 0.0 { p } else if t == 1.0 { q } else { (p.0 + t * (q.0 - p.0), p.1 + t * (q.1 - p.1)) };
+    let at = |t: f64| {
+        if t == 0.0 {
+            p
+        } else if t == 1.0 {
+            q
+        } else {
+            (p.0 + t * (q.0 - p.0), p.1 + t * (q.1 - p.1))
+        }
+    };
     Some((at(t0), at(t1)))
 }
 
@@ -313,7 +330,13 @@ pub struct BarsPlot {
 impl Plot for BarsPlot {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let n = self.bars.len().max(1) as f64;
-        let top = self.bars.iter().filter_map(|b| b.value).chain(self.reference.iter().map(|r| r.0)).filter(|v| v.is_finite()).fold(0.0, f64::max);
+        let top = self
+            .bars
+            .iter()
+            .filter_map(|b| b.value)
+            .chain(self.reference.iter().map(|r| r.0))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max);
         let y_max = if top > 0.0 { top * 1.2 } else { 1.0 };
         let mut chart = ChartBuilder::on(root)
             .caption(&self.title, (FONT, 22))
@@ -338,7 +361,9 @@ impl Plot for BarsPlot {
             let x = i as f64;
             let value = b.value.filter(|v| v.is_finite() && *v >= 0.0);
             if let Some(v) = value {
-                chart.draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.85, v)], b.color.mix(0.85).filled()))).map_err(fail)?;
+                chart
+                    .draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.85, v)], b.color.mix(0.85).filled())))
+                    .map_err(fail)?;
             }
             let over = EmptyElement::at((x + 0.5, value.unwrap_or(0.0))) + Text::new(b.annotation.clone(), (0, -6), text(VPos::Bottom));
             let under = EmptyElement::at((x + 0.5, 0.0)) + Text::new(b.label.clone(), (0, 8), text(VPos::Top));
@@ -440,7 +465,9 @@ impl Plot for SpectraPlot {
                 .map_err(fail)?;
             let source_line = chart.draw_series(LineSeries::new(src, source_color.stroke_width(2))).map_err(fail)?;
             if k == 0 {
-                source_line.label("source W").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], source_color.stroke_width(3)));
+                source_line
+                    .label("source W")
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], source_color.stroke_width(3)));
             }
             let gene_line = chart.draw_series(LineSeries::new(gene, gene_color.stroke_width(2))).map_err(fail)?;
             if k == 0 {

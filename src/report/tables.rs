@@ -20,7 +20,14 @@ pub fn run_overview(r: &RunResults) -> Table {
     let students: BTreeSet<&str> = r.trainings.iter().map(|x| x.student.as_str()).collect();
     let finished = r.trainings.iter().filter(|x| x.done.iter().any(|d| d == "train")).count();
     let rows = [
-        ("Status", if r.complete { "complete: every stage of the spec finished".to_string() } else { "partial: the run has not finished every stage".to_string() }),
+        (
+            "Status",
+            if r.complete {
+                "complete: every stage of the spec finished".to_string()
+            } else {
+                "partial: the run has not finished every stage".to_string()
+            },
+        ),
         ("masa version", r.masa_version.clone()),
         ("Started", format::utc_date(r.started_unix)),
         ("Wall time of this invocation", format::duration(r.wall_seconds)),
@@ -82,7 +89,19 @@ pub fn calibrations_table(cals: &[CalibrationInfo]) -> Table {
 
 /// Gene extractions.
 pub fn extractions_table(exts: &[ExtractionInfo]) -> Table {
-    let mut t = Table::new(["Extraction", "Calibration", "Mode", "ρ", "Rank r", "λ", "Layers", "Matrices", "Median rel. L_out", "L_spec/r start → end", "Seconds"]);
+    let mut t = Table::new([
+        "Extraction",
+        "Calibration",
+        "Mode",
+        "ρ",
+        "Rank r",
+        "λ",
+        "Layers",
+        "Matrices",
+        "Median rel. L_out",
+        "L_spec/r start → end",
+        "Seconds",
+    ]);
     t.left = 3;
     for e in exts {
         t.row([
@@ -232,7 +251,11 @@ pub fn downstream_table(cohorts: &[&Cohort], tasks: &[String]) -> Table {
     let mut t = Table::new(std::iter::once("Strategy".to_string()).chain(tasks.iter().cloned()).chain(["Avg.".to_string()]));
     for c in cohorts {
         let avg = c.task_average(tasks);
-        let avg = if avg.is_some_and(|a| a.n == 1) { avg.map_or(NONE.into(), |a| num(a.mean, SCORE_DECIMALS)) } else { mean_std(avg, SCORE_DECIMALS) };
+        let avg = if avg.is_some_and(|a| a.n == 1) {
+            avg.map_or(NONE.into(), |a| num(a.mean, SCORE_DECIMALS))
+        } else {
+            mean_std(avg, SCORE_DECIMALS)
+        };
         t.row(std::iter::once(row_label(c)).chain(tasks.iter().map(|task| score_cell(c, task))).chain([avg]));
     }
     for (k, task) in tasks.iter().enumerate() {
@@ -274,7 +297,9 @@ pub fn ablation_table(cohorts: &[&Cohort], reference: Option<&Cohort>, tasks: &[
         t.bold_best(k + 3, false, |i| cohorts[i].task_score(task).map(|s| s.mean));
     }
     t.bold_best(tasks.len() + 3, false, |i| cohorts[i].task_average(tasks).map(|s| s.mean));
-    t.notes.push("Δ vs MASA: difference of seed-mean final validation loss (nats/token) to the MASA row; negative is better than MASA.".into());
+    t.notes.push(
+        "Δ vs MASA: difference of seed-mean final validation loss (nats/token) to the MASA row; negative is better than MASA.".into(),
+    );
     if !tasks.is_empty() {
         task_notes(&mut t, cohorts, tasks);
     }
@@ -322,7 +347,18 @@ pub fn ratio_table(cohorts: &[&Cohort], exts: &[ExtractionInfo], tasks: &[String
 
 /// Every training run, one row each (raw, per seed).
 pub fn runs_table(runs: &[TrainingRun]) -> Table {
-    let mut t = Table::new(["Student", "Strategy", "Group", "Stages done", "Seed", "Budget", "Trained", "Final val. loss", "Train time", "Tokens/s"]);
+    let mut t = Table::new([
+        "Student",
+        "Strategy",
+        "Group",
+        "Stages done",
+        "Seed",
+        "Budget",
+        "Trained",
+        "Final val. loss",
+        "Train time",
+        "Tokens/s",
+    ]);
     t.left = 4;
     for r in runs {
         let last = final_point(r);

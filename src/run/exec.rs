@@ -9,8 +9,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::error::IoContext;
 use crate::align::RankSpec;
+use crate::error::IoContext;
 use crate::extract::{ExtractOptions, Genes, MinibatchOptions};
 use crate::init::{InitRequest, Strategy};
 use crate::run::plan::{CalibrationJob, ExtractionJob, Plan, TrainingJob, ALL, SECONDS_PER_GENE, SOURCE_TOKENS_PER_S};
@@ -59,7 +59,18 @@ struct TrainRecord {
 fn calibrate_options(spec: &Spec, job: &CalibrationJob, device: crate::engine::Device) -> crate::calibrate::CalibrateOptions {
     let c = &spec.calibration;
     let domains = job.domains.clone();
-    crate::calibrate::CalibrateOptions { tokens: c.tokens, seq_len: c.seq_len, batch: c.batch, seed: c.seed, domains, rank: None, layers: None, shard: None, experts: None, device }
+    crate::calibrate::CalibrateOptions {
+        tokens: c.tokens,
+        seq_len: c.seq_len,
+        batch: c.batch,
+        seed: c.seed,
+        domains,
+        rank: None,
+        layers: None,
+        shard: None,
+        experts: None,
+        device,
+    }
 }
 
 /// Everything the fine-tune + evaluation stage of one task is given, as its key sees it.
@@ -78,7 +89,9 @@ impl<'a> Ctx<'a> {
         // The ranges that depend on the source (`[calibration]` seq_len against its positions),
         // checked before anything is fetched or computed.
         let all_domains = CalibrationJob { label: String::new(), domains: None };
-        calibrate_options(spec, &all_domains, Default::default()).check(source.weights.config.max_position_embeddings).map_err(|e| MasaError::Invalid(format!("spec `{}`: [calibration]: {e}", spec.name)))?;
+        calibrate_options(spec, &all_domains, Default::default())
+            .check(source.weights.config.max_position_embeddings)
+            .map_err(|e| MasaError::Invalid(format!("spec `{}`: [calibration]: {e}", spec.name)))?;
         if spec.corpus.iter().any(|c| c == "default") {
             crate::corpus::fetch_default_corpus(true)?;
         }
@@ -145,7 +158,12 @@ impl<'a> Ctx<'a> {
     /// Write results.json, with this invocation appended to the history.
     pub(crate) fn save(&mut self) -> Result<()> {
         self.results.wall_seconds = self.t0.elapsed().as_secs_f64();
-        let now = Invocation { started_unix: self.results.started_unix, wall_seconds: self.results.wall_seconds, stages_computed: self.computed, complete: self.results.complete };
+        let now = Invocation {
+            started_unix: self.results.started_unix,
+            wall_seconds: self.results.wall_seconds,
+            stages_computed: self.computed,
+            complete: self.results.complete,
+        };
         self.results.invocations = self.history.iter().cloned().chain([now]).collect();
         self.results.save(&self.results_path)
     }
@@ -172,7 +190,12 @@ impl<'a> Ctx<'a> {
                 self.computed += 1;
                 let corpus = crate::corpus::load_corpus(&self.corpus)?;
                 let t0 = Instant::now();
-                let stats = crate::calibrate::calibrate_on_corpus(&self.source, &corpus, &self.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), &opts)?;
+                let stats = crate::calibrate::calibrate_on_corpus(
+                    &self.source,
+                    &corpus,
+                    &self.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    &opts,
+                )?;
                 stats.save(&path)?;
                 let info = CalibrationInfo {
                     label: job.label.clone(),
@@ -196,8 +219,13 @@ impl<'a> Ctx<'a> {
     pub(crate) fn extraction(&mut self, job: &ExtractionJob, plan: &Plan) -> Result<()> {
         let layers = &plan.layers;
         let e = &self.spec.extraction;
-        let cal = plan.calibrations.iter().find(|c| c.label == job.calibration).ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
-        let (stats_path, stats_key) = self.stats.get(&job.calibration).cloned().ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
+        let cal = plan
+            .calibrations
+            .iter()
+            .find(|c| c.label == job.calibration)
+            .ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
+        let (stats_path, stats_key) =
+            self.stats.get(&job.calibration).cloned().ok_or_else(|| MasaError::Invalid(format!("no calibration `{}`", job.calibration)))?;
         let opts = ExtractOptions {
             rank: RankSpec::Ratio(job.ratio),
             lambda: job.lambda,
@@ -238,7 +266,16 @@ impl<'a> Ctx<'a> {
                     Some((copts, mb)) => {
                         let corpus = crate::corpus::load_corpus(&self.corpus)?;
                         let bar = crate::progress::count_bar(mb.epochs as u64, "aligning (minibatch)", "epochs");
-                        let (genes, _) = crate::extract::extract_minibatch_on_corpus(&self.source, &self.source_hash, &stats, &opts, mb, &corpus, copts, &mut |_| bar.inc(1))?;
+                        let (genes, _) = crate::extract::extract_minibatch_on_corpus(
+                            &self.source,
+                            &self.source_hash,
+                            &stats,
+                            &opts,
+                            mb,
+                            &corpus,
+                            copts,
+                            &mut |_| bar.inc(1),
+                        )?;
                         bar.finish_and_clear();
                         genes
                     }
@@ -280,10 +317,15 @@ impl<'a> Ctx<'a> {
         let cache = genes_path.with_file_name("spectra.json");
         let layers = self.spec.extraction.spectra_layers_for(&plan.layers);
         if let Some(l) = layers.iter().find(|l| !plan.layers.contains(l)) {
-            return Err(MasaError::Invalid(format!("field `extraction.spectra_layers`: layer {l} has no gene (extracted layers: {:?})", plan.layers)));
+            return Err(MasaError::Invalid(format!(
+                "field `extraction.spectra_layers`: layer {l} has no gene (extracted layers: {:?})",
+                plan.layers
+            )));
         }
         let cached: Option<Vec<Spectrum>> = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str(&t).ok());
-        let spectra = match cached.filter(|s| s.iter().map(|x| x.layer).collect::<std::collections::BTreeSet<_>>() == layers.iter().copied().collect()) {
+        let spectra = match cached
+            .filter(|s| s.iter().map(|x| x.layer).collect::<std::collections::BTreeSet<_>>() == layers.iter().copied().collect())
+        {
             Some(s) => s,
             None => {
                 let genes = Genes::load(&genes_path)?;
@@ -458,7 +500,10 @@ impl<'a> Ctx<'a> {
         ft.out = dir.join("sft");
         let s = crate::finetune::finetune(checkpoint, &examples, &ft)?;
         let v = crate::eval::evaluate_path(&s.checkpoint, &s.checkpoint.display().to_string(), &[task.name.as_str()], &eval)?;
-        crate::home::write_atomic(&dir.join("eval.json"), serde_json::to_string_pretty(&v).map_err(|e| MasaError::Invalid(e.to_string()))?.as_bytes())?;
+        crate::home::write_atomic(
+            &dir.join("eval.json"),
+            serde_json::to_string_pretty(&v).map_err(|e| MasaError::Invalid(e.to_string()))?.as_bytes(),
+        )?;
         let score = task_score(&v["tasks"][task.name.as_str()], examples.len());
         write_record(&dir, &score)?;
         Ok(score)
@@ -491,4 +536,3 @@ fn earlier_invocations(out: &Path, spec: &serde_json::Value) -> Result<Vec<crate
     );
     Ok(Vec::new())
 }
-

@@ -19,11 +19,11 @@
 
 mod exec;
 pub mod plan;
-pub mod torchrun;
 pub mod results;
 pub mod spec;
 mod store;
 pub mod strategies;
+pub mod torchrun;
 
 use std::path::{Path, PathBuf};
 
@@ -31,10 +31,10 @@ use crate::error::IoContext;
 use crate::{MasaError, Result};
 use exec::Ctx;
 pub use plan::{estimate, render_plan, Estimate, Plan};
-pub use results::{notes, read_curve};
-pub use store::lock_runs;
 use results::RunResults;
+pub use results::{notes, read_curve};
 use spec::Spec;
+pub use store::lock_runs;
 
 /// Where runs and the shared artifact store live.
 pub fn default_runs_root() -> PathBuf {

@@ -26,21 +26,39 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
     let mut s = String::new();
     let _ = writeln!(s, "spec `{}`: {}", spec.name, spec.description);
     let _ = writeln!(s, "source {} ({}), corpus {:?}", spec.source, path.display(), spec.corpus);
-    let _ = writeln!(s, "calibrations: {} × {} tokens ({})", plan.calibrations.len(), spec.calibration.tokens, plan.calibrations.iter().map(|c| c.label.as_str()).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        s,
+        "calibrations: {} × {} tokens ({})",
+        plan.calibrations.len(),
+        spec.calibration.tokens,
+        plan.calibrations.iter().map(|c| c.label.as_str()).collect::<Vec<_>>().join(", ")
+    );
     let _ = writeln!(s, "extractions: {} ({} gene matrices; source layers {:?})", plan.extractions.len(), e.gene_matrices, plan.layers);
     let vocab = source.weights.config.vocab_size;
     for st in &spec.students {
         let _ = writeln!(s, "student {st}: {:.1}M parameters", student_parameters(st, vocab) / 1e6);
     }
     let variants = plan.jobs.iter().map(|j| j.strategy.as_str()).collect::<BTreeSet<_>>().len();
-    let _ = writeln!(s, "pre-training runs: {} ({} strategies/variants, {} seeds{}, {} budgets, {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
-        e.training_runs, variants, spec.seeds.len(), if spec.seed_limit.is_empty() { "" } else { " (fewer where [seed_limit] says)" }, spec.pretrain.budgets.len(), spec.students.len(), e.training_tokens as f64, e.training_flops);
-    let _ = writeln!(s, "teacher passes (distillation): {:.3e} tokens; fine-tune + eval runs: {}", e.teacher_tokens as f64, e.finetune_runs);
+    let _ = writeln!(
+        s,
+        "pre-training runs: {} ({} strategies/variants, {} seeds{}, {} budgets, {} students), {:.3e} tokens, {:.3e} FLOPs (6·N·T)",
+        e.training_runs,
+        variants,
+        spec.seeds.len(),
+        if spec.seed_limit.is_empty() { "" } else { " (fewer where [seed_limit] says)" },
+        spec.pretrain.budgets.len(),
+        spec.students.len(),
+        e.training_tokens as f64,
+        e.training_flops
+    );
+    let _ =
+        writeln!(s, "teacher passes (distillation): {:.3e} tokens; fine-tune + eval runs: {}", e.teacher_tokens as f64, e.finetune_runs);
     if !plan.infeasible.is_empty() {
         if spec.skip_infeasible {
             let _ = writeln!(s, "left out (skip_infeasible = true; {}):", plan.infeasible.len());
         } else {
-            let _ = writeln!(s, "cannot run ({}; remove these strategies or students, or set skip_infeasible = true):", plan.infeasible.len());
+            let _ =
+                writeln!(s, "cannot run ({}; remove these strategies or students, or set skip_infeasible = true):", plan.infeasible.len());
         }
         for x in &plan.infeasible {
             let _ = writeln!(s, "  - {x}");
@@ -57,7 +75,11 @@ pub fn render_plan(spec: &Spec) -> Result<String> {
         "pre-training on one H100 at an assumed {:.0} TFLOP/s effective (40% of bf16 dense peak): {} of GPU time ({})",
         H100_EFFECTIVE_FLOPS / 1e12,
         duration_words(gpu_h),
-        if spec.device.is_cpu() { "this spec trains on the CPU" } else { "small students run below that rate: docs/gpu.md has the measured tokens/s" }
+        if spec.device.is_cpu() {
+            "this spec trains on the CPU"
+        } else {
+            "small students run below that rate: docs/gpu.md has the measured tokens/s"
+        }
     );
     Ok(s)
 }
@@ -173,7 +195,8 @@ impl Plan {
             let cfg = StudentConfig::from_spec(st)?;
             let map = spec.layer_map.unwrap_or(crate::init::LayerMap::Uniform);
             layers.extend(
-                crate::init::map_layers(cfg.num_hidden_layers, l_s, map).map_err(|e| MasaError::Invalid(format!("field `layer_map`, student `{st}`: {e}")))?,
+                crate::init::map_layers(cfg.num_hidden_layers, l_s, map)
+                    .map_err(|e| MasaError::Invalid(format!("field `layer_map`, student `{st}`: {e}")))?,
             );
         }
         let mut jobs = Vec::new();
@@ -220,7 +243,8 @@ impl Plan {
                         }
                         // The first engine's runs are the comparisons; the others' are copies
                         // of them, named `strategy@engine`, in their own report section.
-                        let (strategy, group) = if i == 0 { (v.name.clone(), v.group) } else { (strategies::on_engine(&v.name, engine), Group::Engine) };
+                        let (strategy, group) =
+                            if i == 0 { (v.name.clone(), v.group) } else { (strategies::on_engine(&v.name, engine), Group::Engine) };
                         let label = if engine == Engine::Masa { v.label.clone() } else { format!("{} ({})", v.label, engine.name()) };
                         for &seed in spec.seeds_of(&v.name) {
                             jobs.push(TrainingJob {
@@ -286,7 +310,12 @@ pub(crate) fn job_seconds(spec: &Spec, j: &TrainingJob, vocab: usize, with_teach
     let n = student_parameters(&j.student, vocab);
     let pre = 6.0 * n * j.budget as f64 / TRAIN_FLOPS_PER_S;
     let teacher = if with_teacher { j.budget as f64 / SOURCE_TOKENS_PER_S } else { 0.0 };
-    let ft_tokens: f64 = spec.finetune.tasks.iter().map(|t| finetune_examples(t) as f64 * TOKENS_PER_EXAMPLE * (spec.finetune.epochs_lr(t).map_or(1, |(e, _)| e) as f64 + 1.0)).sum();
+    let ft_tokens: f64 = spec
+        .finetune
+        .tasks
+        .iter()
+        .map(|t| finetune_examples(t) as f64 * TOKENS_PER_EXAMPLE * (spec.finetune.epochs_lr(t).map_or(1, |(e, _)| e) as f64 + 1.0))
+        .sum();
     pre + teacher + 6.0 * n * ft_tokens / TRAIN_FLOPS_PER_S
 }
 

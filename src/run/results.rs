@@ -178,7 +178,8 @@ impl RunResults {
     pub fn load(path: &std::path::Path) -> crate::Result<Self> {
         use crate::error::IoContext;
         let text = std::fs::read_to_string(path).at(path)?;
-        let r: RunResults = serde_json::from_str(&text).map_err(|e| crate::MasaError::bad_file(path, format!("not a masa results file: {e}")))?;
+        let r: RunResults =
+            serde_json::from_str(&text).map_err(|e| crate::MasaError::bad_file(path, format!("not a masa results file: {e}")))?;
         if r.format != FORMAT {
             return Err(crate::MasaError::bad_file(path, format!("format `{}`, expected `{FORMAT}`", r.format)));
         }
@@ -198,11 +199,7 @@ pub fn notes(spec: &Spec, arch: Arch, tensors: &[TensorEntry]) -> Vec<String> {
     let mut notes = Vec::new();
     let known_model = crate::fetch::find_model(&spec.source).is_some();
     if !matches!(arch, Arch::Olmoe | Arch::Deepseek) {
-        let why = if known_model {
-            " (only dense models are obtainable through the package registries `masa fetch` uses)"
-        } else {
-            ""
-        };
+        let why = if known_model { " (only dense models are obtainable through the package registries `masa fetch` uses)" } else { "" };
         notes.push(format!(
             "The source ({}, {}) is dense: MoE extraction (OLMoE routed experts, DeepSeekMoE shared experts) is implemented and \
              tested on small checkpoints the tests write, but this run does not exercise it{why}.",
@@ -250,7 +247,8 @@ pub fn notes(spec: &Spec, arch: Arch, tensors: &[TensorEntry]) -> Vec<String> {
 /// the task (HellaSwag, PIQA, ...), else acc; Rouge-L for generation.
 pub(crate) fn task_score(r: &serde_json::Value, finetune_examples: usize) -> TaskScore {
     let m = &r["metrics"];
-    let all: BTreeMap<String, f64> = m.as_object().map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect()).unwrap_or_default();
+    let all: BTreeMap<String, f64> =
+        m.as_object().map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect()).unwrap_or_default();
     let n = r["n_items"].as_u64().unwrap_or(0) as usize;
     let (metric, stderr) = if all.contains_key("rouge_l") {
         ("rougeL", all.get("rouge_l_stderr").copied())
@@ -268,7 +266,8 @@ pub fn read_curve(path: &Path) -> crate::Result<Vec<CurvePoint>> {
     let text = std::fs::read_to_string(path).at(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let m: crate::train::MetricsLine = serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("line {}: {e}", i + 1)))?;
+        let m: crate::train::MetricsLine =
+            serde_json::from_str(line).map_err(|e| MasaError::bad_file(path, format!("line {}: {e}", i + 1)))?;
         if let (Some(val), Some(mean)) = (m.val, m.val_mean) {
             out.push(CurvePoint { tokens: m.tokens, val_mean: mean, val });
         }

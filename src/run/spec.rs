@@ -280,7 +280,15 @@ pub struct TorchrunSpec {
 
 impl Default for TorchrunSpec {
     fn default() -> Self {
-        TorchrunSpec { command: default_torchrun(), nproc_per_node: 1, nnodes: 1, launcher: vec![], fsdp: false, threads: 0, torchrun_args: vec![] }
+        TorchrunSpec {
+            command: default_torchrun(),
+            nproc_per_node: 1,
+            nnodes: 1,
+            launcher: vec![],
+            fsdp: false,
+            threads: 0,
+            torchrun_args: vec![],
+        }
     }
 }
 
@@ -357,7 +365,8 @@ impl FinetuneSpec {
     /// paper's for the task's kind.
     pub fn epochs_lr(&self, task: &TaskSpec) -> Result<(usize, f64)> {
         let kind = crate::eval::data::find_task(&task.name)?.kind;
-        let paper_epochs = if kind == crate::eval::data::TaskKind::Generation { PAPER_FT_EPOCHS_GENERATION } else { PAPER_FT_EPOCHS_MULTIPLE_CHOICE };
+        let paper_epochs =
+            if kind == crate::eval::data::TaskKind::Generation { PAPER_FT_EPOCHS_GENERATION } else { PAPER_FT_EPOCHS_MULTIPLE_CHOICE };
         Ok((task.epochs.or(self.epochs).unwrap_or(paper_epochs), task.lr.or(self.lr).unwrap_or(PAPER_FT_LR)))
     }
 }
@@ -519,15 +528,22 @@ impl Spec {
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |field: &str, msg: String| Err(invalid(origin, field, msg));
         if self.device != crate::engine::Device::Cpu && !cfg!(feature = "cuda") {
-            return bad("device", format!("{}: this masa was built without CUDA support; build with `cargo build --release --features cuda`", self.device));
+            return bad(
+                "device",
+                format!("{}: this masa was built without CUDA support; build with `cargo build --release --features cuda`", self.device),
+            );
         }
         if self.precision == crate::engine::Precision::Bf16 && self.device == crate::engine::Device::Cpu {
             return bad("precision", "bf16 products need device = \"cuda\"; the CPU engine computes in f32".into());
         }
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.') {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.')
+        {
             return bad("name", format!("{:?}: use letters, digits, `-`, `_`, `.` (it names the directory runs/<name>)", self.name));
         }
-        if crate::fetch::find_model(&self.source).is_none() && !Path::new(&self.source).exists() && crate::fetch::hub_id(&self.source).is_none() {
+        if crate::fetch::find_model(&self.source).is_none()
+            && !Path::new(&self.source).exists()
+            && crate::fetch::hub_id(&self.source).is_none()
+        {
             return bad(
                 "source",
                 format!(
@@ -577,9 +593,14 @@ impl Spec {
             return bad("extraction.max_iter", "0: give at least 1 L-BFGS iteration".into());
         }
         if e.mode == ExtractionMode::Minibatch && (e.epochs == 0 || !(e.lr > 0.0 && e.lr.is_finite())) {
-            return bad("extraction", format!("mode = \"minibatch\" needs epochs ≥ 1 (got {}) and a positive, finite lr (got {})", e.epochs, e.lr));
+            return bad(
+                "extraction",
+                format!("mode = \"minibatch\" needs epochs ≥ 1 (got {}) and a positive, finite lr (got {})", e.epochs, e.lr),
+            );
         }
-        for (field, sc) in std::iter::once(("scaling.replica_noise", &self.scaling)).chain(self.ablations.scaling.iter().map(|s| ("ablations.scaling.replica_noise", s))) {
+        for (field, sc) in std::iter::once(("scaling.replica_noise", &self.scaling))
+            .chain(self.ablations.scaling.iter().map(|s| ("ablations.scaling.replica_noise", s)))
+        {
             if let Some(a) = sc.replica_noise {
                 crate::limits::ratio("replica_noise", a).map_err(|m| invalid(origin, field, m))?;
             }
@@ -603,10 +624,18 @@ impl Spec {
                 return bad("decision.confidence", format!("{} must be in (0, 1)", d.confidence));
             }
             if d.comparisons.is_empty() || d.pairs().len() != d.comparisons.len() {
-                return bad("decision.comparisons", "give one or more comparisons written `\"A - B\"` (strategy names of this spec)".into());
+                return bad(
+                    "decision.comparisons",
+                    "give one or more comparisons written `\"A - B\"` (strategy names of this spec)".into(),
+                );
             }
-            if let Some((a, b)) = d.pairs().into_iter().find(|(a, b)| a == b || !self.strategies.contains(a) || !self.strategies.contains(b)) {
-                return bad("decision.comparisons", format!("`{a} - {b}`: both must be different strategies of this spec ({})", self.strategies.join(", ")));
+            if let Some((a, b)) =
+                d.pairs().into_iter().find(|(a, b)| a == b || !self.strategies.contains(a) || !self.strategies.contains(b))
+            {
+                return bad(
+                    "decision.comparisons",
+                    format!("`{a} - {b}`: both must be different strategies of this spec ({})", self.strategies.join(", ")),
+                );
             }
         }
         let p = &self.pretrain;
@@ -635,7 +664,8 @@ impl Spec {
             if t.command.is_empty() || t.nproc_per_node == 0 || t.nnodes == 0 {
                 return bad("pretrain.torchrun", "command must be set and nproc_per_node, nnodes ≥ 1".into());
             }
-            let distilling: Vec<&String> = self.strategies.iter().filter(|s| crate::run::strategies::find(s).is_some_and(|d| d.distill)).collect();
+            let distilling: Vec<&String> =
+                self.strategies.iter().filter(|s| crate::run::strategies::find(s).is_some_and(|d| d.distill)).collect();
             if engines == [Engine::Torchrun] && !distilling.is_empty() {
                 return bad(
                     "pretrain.engine",
@@ -653,7 +683,10 @@ impl Spec {
         for t in &f.tasks {
             let spec = crate::eval::data::find_task(&t.name).map_err(|e| invalid(origin, "finetune.tasks.name", e))?;
             if spec.kind == crate::eval::data::TaskKind::Perplexity {
-                return bad("finetune.tasks.name", format!("`{}` measures perplexity; the report has per-domain validation loss already", t.name));
+                return bad(
+                    "finetune.tasks.name",
+                    format!("`{}` measures perplexity; the report has per-domain validation loss already", t.name),
+                );
             }
             if t.examples == 0 || t.eval_limit == 0 {
                 return bad("finetune.tasks", format!("`{}`: examples and eval_limit must be positive", t.name));
@@ -662,7 +695,9 @@ impl Spec {
                 return bad("finetune.tasks", format!("`{}`: epochs and lr, when given, must be positive", t.name));
             }
         }
-        if !f.tasks.is_empty() && (f.epochs == Some(0) || f.batch == 0 || f.max_len < 2 || f.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite()))) {
+        if !f.tasks.is_empty()
+            && (f.epochs == Some(0) || f.batch == 0 || f.max_len < 2 || f.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())))
+        {
             return bad("finetune", "epochs, batch, max_len (≥ 2) and lr must be positive when tasks are given".into());
         }
         Ok(())
@@ -712,6 +747,9 @@ mod tests {
         bad(&|t| t.decision.as_mut().unwrap().comparisons.push("masa versus scratch".into()), "decision.comparisons");
         bad(&|t| t.decision.as_mut().unwrap().confidence = 1.0, "decision.confidence");
         bad(&|t| t.scaling.replica_noise = Some(0.0), "scaling.replica_noise");
-        bad(&|t| t.ablations.scaling.push(ScalingSpec { replica_noise: Some(1.5), ..Default::default() }), "ablations.scaling.replica_noise");
+        bad(
+            &|t| t.ablations.scaling.push(ScalingSpec { replica_noise: Some(1.5), ..Default::default() }),
+            "ablations.scaling.replica_noise",
+        );
     }
 }

@@ -68,7 +68,8 @@ impl Stage {
     /// The key of this stage: a hash of its kind, record version, `inputs` (upstream keys and
     /// what else it reads) and `options` without [`Stage::invocation_fields`].
     pub fn key(self, inputs: Value, options: &impl Serialize) -> Result<String> {
-        let mut options = serde_json::to_value(options).map_err(|e| MasaError::Invalid(format!("serialising {} options: {e}", self.name())))?;
+        let mut options =
+            serde_json::to_value(options).map_err(|e| MasaError::Invalid(format!("serialising {} options: {e}", self.name())))?;
         for path in self.invocation_fields() {
             remove(&mut options, path);
         }
@@ -176,7 +177,10 @@ pub fn write_record<T: Serialize>(dir: &Path, rec: &T) -> Result<()> {
 /// the second refuses, naming the first's process id.
 pub fn lock_runs(root: &Path) -> Result<std::fs::File> {
     crate::home::lock_dir(root, ".masa-run.lock", |pid| {
-        format!("{}: another `masa run` (process {pid}) is using this runs directory; wait for it to finish, or give another with --runs", root.display())
+        format!(
+            "{}: another `masa run` (process {pid}) is using this runs directory; wait for it to finish, or give another with --runs",
+            root.display()
+        )
     })
 }
 

@@ -70,12 +70,29 @@ pub struct StrategyDef {
 
 impl StrategyDef {
     const fn new(name: &'static str, label: &'static str, group: Group, init: Strategy) -> Self {
-        StrategyDef { name, label, group, init, rest: Rest::Scratch, gene_scale: GeneScale::Frobenius, spectral: true, distill: false, components: None, rotate_genes: false }
+        StrategyDef {
+            name,
+            label,
+            group,
+            init,
+            rest: Rest::Scratch,
+            gene_scale: GeneScale::Frobenius,
+            spectral: true,
+            distill: false,
+            components: None,
+            rotate_genes: false,
+        }
     }
 
     /// The `masa init` options of this strategy (seed 0; each run sets its own).
     pub fn init_options(&self) -> InitOptions {
-        InitOptions { rest: self.rest, gene_scale: self.gene_scale, components: self.components, rotate_genes: self.rotate_genes, ..InitOptions::new(self.init) }
+        InitOptions {
+            rest: self.rest,
+            gene_scale: self.gene_scale,
+            components: self.components,
+            rotate_genes: self.rotate_genes,
+            ..InitOptions::new(self.init)
+        }
     }
 
     /// Whether the student is made from gene matrices (so the run needs an extraction).
@@ -94,8 +111,14 @@ pub const STRATEGIES: &[StrategyDef] = &[
     StrategyDef { distill: true, ..StrategyDef::new("distill", "Distillation", Group::Main, Strategy::Scratch) },
     StrategyDef { rest: Rest::WeightSelection, ..StrategyDef::new("hybrid", "MASA + selected rest", Group::Main, Strategy::Masa) },
     StrategyDef::new("naive", "MASA w/o adaptive scaling", Group::Ablation, Strategy::Naive),
-    StrategyDef { spectral: false, ..StrategyDef::new("masa-no-spectral", "MASA w/o spectral alignment (λ = 0)", Group::Ablation, Strategy::Masa) },
-    StrategyDef { gene_scale: GeneScale::None, ..StrategyDef::new("masa-paper-scale", "MASA, paper-literal gene scale", Group::Ablation, Strategy::Masa) },
+    StrategyDef {
+        spectral: false,
+        ..StrategyDef::new("masa-no-spectral", "MASA w/o spectral alignment (λ = 0)", Group::Ablation, Strategy::Masa)
+    },
+    StrategyDef {
+        gene_scale: GeneScale::None,
+        ..StrategyDef::new("masa-paper-scale", "MASA, paper-literal gene scale", Group::Ablation, Strategy::Masa)
+    },
     StrategyDef {
         components: Some(Components::All),
         ..StrategyDef::new("masa-submatrix", "MASA, r′ = r (a submatrix of each gene)", Group::Ablation, Strategy::Masa)
@@ -168,7 +191,12 @@ pub fn ratio_variant(ratio: f64) -> Variant {
 
 /// Fig. 4's sweep: MASA with genes from statistics of one corpus domain.
 pub fn domain_variant(domain: &str) -> Variant {
-    Variant { name: format!("masa-domain-{domain}"), label: format!("MASA, calibrated on {domain} only"), group: Group::Calibration, ..masa() }
+    Variant {
+        name: format!("masa-domain-{domain}"),
+        label: format!("MASA, calibrated on {domain} only"),
+        group: Group::Calibration,
+        ..masa()
+    }
 }
 
 /// `[ablations] scaling`: MASA with another adaptive-scaling setting.
@@ -250,8 +278,11 @@ mod tests {
         let e = scaling_variant(&ScalingSpec { components: Some(Components::Energy(0.9)), coupled: false, replica_noise: None });
         assert_eq!((e.name.as_str(), e.group, e.init.components), ("masa-energy0.9", Group::Scaling, Some(Components::Energy(0.9))));
         // Without a count: the default r' (named after it), untouched by the main `[scaling]`.
-        let c = scaling_variant(&ScalingSpec { components: None, coupled: true, replica_noise: None })
-            .with_scaling(&ScalingSpec { components: Some(Components::Rank(16)), coupled: false, replica_noise: None });
+        let c = scaling_variant(&ScalingSpec { components: None, coupled: true, replica_noise: None }).with_scaling(&ScalingSpec {
+            components: Some(Components::Rank(16)),
+            coupled: false,
+            replica_noise: None,
+        });
         assert_eq!((c.name.as_str(), c.init.components, c.init.coupled), ("masa-r64-coupled", Some(crate::init::DEFAULT_COMPONENTS), true));
         let a = scaling_variant(&ScalingSpec { components: Some(Components::All), coupled: true, replica_noise: None });
         assert_eq!((a.name.as_str(), a.init.components), ("masa-rall-coupled", Some(Components::All)));

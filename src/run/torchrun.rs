@@ -82,19 +82,17 @@ pub fn pretrain(t: &TorchrunSpec, student: &Path, opts: &TrainOptions, dir: &Pat
     let shown = argv.iter().map(|w| crate::run::spec::shell_word(w)).collect::<Vec<_>>().join(" ");
     eprintln!("torchrun engine: {shown}");
     // The trainer's output goes to stderr, so masa's stdout stays machine-readable.
-    let status = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdout(Stdio::from(std::io::stderr()))
-        .status()
-        .map_err(|e| {
-            MasaError::Invalid(format!(
-                "could not start `{}` ({e}): install PyTorch with scripts/setup_torch.sh and set `pretrain.torchrun.command` \
+    let status = Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::from(std::io::stderr())).status().map_err(|e| {
+        MasaError::Invalid(format!(
+            "could not start `{}` ({e}): install PyTorch with scripts/setup_torch.sh and set `pretrain.torchrun.command` \
                  to its torchrun (e.g. \".venv-bench/bin/torchrun\")",
-                argv[0]
-            ))
-        })?;
+            argv[0]
+        ))
+    })?;
     if !status.success() {
-        return Err(MasaError::Invalid(format!("the torchrun trainer failed ({status}); its messages are above. The command was: {shown}")));
+        return Err(MasaError::Invalid(format!(
+            "the torchrun trainer failed ({status}); its messages are above. The command was: {shown}"
+        )));
     }
     let latest = dir.join("latest");
     let name = std::fs::read_to_string(&latest).at(&latest)?;
@@ -111,7 +109,13 @@ mod tests {
 
     #[test]
     fn command_carries_masa_recipe_and_launcher() {
-        let t = TorchrunSpec { launcher: vec!["srun".into(), "--nodes=2".into()], nnodes: 2, nproc_per_node: 4, fsdp: true, ..Default::default() };
+        let t = TorchrunSpec {
+            launcher: vec!["srun".into(), "--nodes=2".into()],
+            nnodes: 2,
+            nproc_per_node: 4,
+            fsdp: true,
+            ..Default::default()
+        };
         let opts = TrainOptions { lr: 2e-3, warmup: 7, eval_every: 5, ckpt_every: 25, ..Default::default() };
         let c = command(&t, Path::new("s.py"), Path::new("st"), Path::new("d"), Path::new("o"), &opts, true).join(" ");
         assert_eq!(

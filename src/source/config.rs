@@ -169,7 +169,8 @@ impl ModelConfig {
         if self.head_dim % 2 != 0 {
             return bad("head_dim", format!("head_dim {} must be even for RoPE", self.head_dim));
         }
-        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 || self.head_dim == 0 {
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 || self.head_dim == 0
+        {
             return bad(
                 "hidden_size",
                 format!(
@@ -231,9 +232,10 @@ impl ModelConfig {
         let head_dim = g.opt_usize(&k("attention.key_length"))?.unwrap_or(hidden / heads.max(1));
         let vocab = match g.opt_usize(&k("vocab_size"))? {
             Some(v) => v,
-            None => g.tensor_info("token_embd.weight").map(|(s, _)| s[0]).ok_or_else(|| {
-                MasaError::bad_file(&g.path, "no `token_embd.weight` tensor and no vocab_size metadata")
-            })?,
+            None => g
+                .tensor_info("token_embd.weight")
+                .map(|(s, _)| s[0])
+                .ok_or_else(|| MasaError::bad_file(&g.path, "no `token_embd.weight` tensor and no vocab_size metadata"))?,
         };
         let gemma = arch == Arch::Gemma3;
         let cfg = ModelConfig {
@@ -250,7 +252,11 @@ impl ModelConfig {
                 // masa implements the unscaled one only.
                 if let Some(t) = g.opt_str(&k("rope.scaling.type"))? {
                     if t != "none" {
-                        return Err(MasaError::unsupported(&g.path, "RoPE scaling", format!("`{t}` ({}); masa implements the unscaled RoPE only", k("rope.scaling.type"))));
+                        return Err(MasaError::unsupported(
+                            &g.path,
+                            "RoPE scaling",
+                            format!("`{t}` ({}); masa implements the unscaled RoPE only", k("rope.scaling.type")),
+                        ));
                     }
                 }
                 g.opt_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0)
@@ -268,11 +274,7 @@ impl ModelConfig {
             post_norms: gemma,
             clip_qkv: None,
             sliding_window: if gemma { g.opt_usize(&k("attention.sliding_window"))? } else { None },
-            sliding_window_pattern: if gemma {
-                Some(g.opt_usize(&k("attention.sliding_window_pattern"))?.unwrap_or(6))
-            } else {
-                None
-            },
+            sliding_window_pattern: if gemma { Some(g.opt_usize(&k("attention.sliding_window_pattern"))?.unwrap_or(6)) } else { None },
             moe: None,
             bos_token_id: g.opt_usize("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
             eos_token_id: g.opt_usize("tokenizer.ggml.eos_token_id")?.map(|x| x as u32),
@@ -342,7 +344,11 @@ impl ModelConfig {
             num_key_value_heads: kv_heads,
             head_dim,
             rope_theta: f.rope_theta("full_attention", "rope_theta")?.unwrap_or(10_000.0),
-            rope_local_theta: if gemma { Some(f.rope_theta("sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
+            rope_local_theta: if gemma {
+                Some(f.rope_theta("sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0))
+            } else {
+                None
+            },
             norm_eps: match arch {
                 // `OlmoLayerNorm` hard-codes eps = 1e-5 and reads no config field.
                 Arch::Olmo => 1e-5,
@@ -357,7 +363,9 @@ impl ModelConfig {
             activation: match json.get("hidden_activation").or(json.get("hidden_act")).and_then(|a| a.as_str()) {
                 None | Some("silu") | Some("swish") => Activation::Silu,
                 Some("gelu_pytorch_tanh") | Some("gelu_tanh") => Activation::GeluTanh,
-                Some(other) => return Err(MasaError::field(path, "hidden_act", format!("`{other}` is not supported (silu, gelu_pytorch_tanh)"))),
+                Some(other) => {
+                    return Err(MasaError::field(path, "hidden_act", format!("`{other}` is not supported (silu, gelu_pytorch_tanh)")))
+                }
             },
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(arch == Arch::Gemma3),
             attention_bias: f.opt_bool("attention_bias")?.unwrap_or(arch == Arch::Qwen2),
@@ -440,7 +448,10 @@ impl HfFields<'_> {
         check_type(&field, params)?;
         let nested = match params.get("rope_theta").filter(|v| !v.is_null()) {
             None => None,
-            Some(v) => Some(v.as_f64().ok_or_else(|| MasaError::field(self.path, format!("{field}.rope_theta"), format!("expected a number, found {v}")))?),
+            Some(v) => Some(
+                v.as_f64()
+                    .ok_or_else(|| MasaError::field(self.path, format!("{field}.rope_theta"), format!("expected a number, found {v}")))?,
+            ),
         };
         match (top, nested) {
             (Some(a), Some(b)) if a != b => Err(MasaError::field(

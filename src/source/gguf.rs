@@ -38,7 +38,8 @@ impl GgufFile {
         }
         use std::io::Seek;
         file.rewind().at(path)?;
-        let content = crate::error::parser_guard(path, "GGUF header", || Content::read(&mut file).map_err(|e| classify_read_error(path, e)))?;
+        let content =
+            crate::error::parser_guard(path, "GGUF header", || Content::read(&mut file).map_err(|e| classify_read_error(path, e)))?;
         validate_extents(path, &content, len)?;
         Ok(GgufFile { path: path.to_path_buf(), content, file: Mutex::new(file) })
     }
@@ -52,10 +53,7 @@ impl GgufFile {
     }
 
     pub fn get(&self, key: &str) -> Result<&Value> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| MasaError::field(&self.path, key, "missing from GGUF metadata"))
+        self.content.metadata.get(key).ok_or_else(|| MasaError::field(&self.path, key, "missing from GGUF metadata"))
     }
 
     pub fn get_str(&self, key: &str) -> Result<String> {
@@ -84,15 +82,27 @@ impl GgufFile {
 
     /// Optional metadata: `Ok(None)` when absent, an error when present with the wrong type.
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        if self.content.metadata.contains_key(key) { self.get_usize(key).map(Some) } else { Ok(None) }
+        if self.content.metadata.contains_key(key) {
+            self.get_usize(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        if self.content.metadata.contains_key(key) { self.get_f64(key).map(Some) } else { Ok(None) }
+        if self.content.metadata.contains_key(key) {
+            self.get_f64(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<String>> {
-        if self.content.metadata.contains_key(key) { self.get_str(key).map(Some) } else { Ok(None) }
+        if self.content.metadata.contains_key(key) {
+            self.get_str(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Tensor shape in PyTorch order (`(out, in)` for matrices) and GGML type.
@@ -102,9 +112,11 @@ impl GgufFile {
 
     /// Read and dequantize one tensor to f32 on the CPU, in PyTorch dimension order.
     pub fn tensor_f32(&self, gguf_name: &str) -> Result<Tensor> {
-        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| {
-            MasaError::bad_file(&self.path, format!("tensor `{gguf_name}` not found in the GGUF file"))
-        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(gguf_name)
+            .ok_or_else(|| MasaError::bad_file(&self.path, format!("tensor `{gguf_name}` not found in the GGUF file")))?;
         let mut file = self.file.lock().map_err(|_| MasaError::bad_file(&self.path, "file handle poisoned"))?;
         crate::error::parser_guard(&self.path, &format!("GGUF tensor `{gguf_name}`"), || {
             let q = info
@@ -165,7 +177,10 @@ fn validate_extents(path: &Path, content: &Content, file_len: u64) -> Result<()>
     for (name, ti) in &content.tensor_infos {
         let dims = ti.shape.dims();
         let Some(elems) = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= file_len.saturating_mul(8)) else {
-            return Err(MasaError::bad_file(path, format!("tensor `{name}`: dimensions {dims:?} describe more elements than the file could hold; the file is corrupt")));
+            return Err(MasaError::bad_file(
+                path,
+                format!("tensor `{name}`: dimensions {dims:?} describe more elements than the file could hold; the file is corrupt"),
+            ));
         };
         let block = ti.ggml_dtype.block_size();
         if elems % block != 0 {

@@ -37,8 +37,7 @@ impl HfTensors {
             let file = std::fs::File::open(&p).at(&p)?;
             // SAFETY: the file is opened read-only; masa never writes into a source checkpoint.
             let mmap = unsafe { Mmap::map(&file) }.at(&p)?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| MasaError::bad_file(&p, format!("not a valid safetensors file: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| MasaError::bad_file(&p, format!("not a valid safetensors file: {e}")))?;
             for (name, view) in st.tensors() {
                 check_dtype(&p, &name, view.dtype())?;
                 index.insert(name, (i, view.dtype(), view.shape().to_vec()));
@@ -94,8 +93,7 @@ fn check_dtype(path: &Path, name: &str, dt: safetensors::Dtype) -> Result<()> {
 /// The shard files an index names, in a stable order; each must exist.
 fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index_path).at(index_path)?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| MasaError::bad_file(index_path, format!("invalid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| MasaError::bad_file(index_path, format!("invalid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

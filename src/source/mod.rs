@@ -2,9 +2,9 @@
 //! HF layout and naming, read lazily from a GGUF file or an HF safetensors directory.
 
 pub mod config;
-pub mod model;
 pub mod gguf;
 pub mod hf;
+pub mod model;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -73,12 +73,7 @@ impl SourceWeights {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let arch = file.architecture()?;
-        let hf_to_gguf = file
-            .content
-            .tensor_infos
-            .keys()
-            .filter_map(|g| gguf::hf_name(&arch, g).map(|h| (h, g.clone())))
-            .collect();
+        let hf_to_gguf = file.content.tensor_infos.keys().filter_map(|g| gguf::hf_name(&arch, g).map(|h| (h, g.clone()))).collect();
         Ok(SourceWeights { path: path.to_path_buf(), config, backing: Backing::Gguf { file, hf_to_gguf } })
     }
 
@@ -115,10 +110,9 @@ impl SourceWeights {
                     file.tensor_info(g).map(|(shape, dt)| TensorEntry { name: h.clone(), shape, dtype: gguf::ggml_type_name(dt).into() })
                 })
                 .collect(),
-            Backing::Hf(t) => t
-                .names()
-                .filter_map(|n| t.info(n).map(|(shape, dtype)| TensorEntry { name: n.clone(), shape, dtype }))
-                .collect(),
+            Backing::Hf(t) => {
+                t.names().filter_map(|n| t.info(n).map(|(shape, dtype)| TensorEntry { name: n.clone(), shape, dtype })).collect()
+            }
         }
     }
 
@@ -132,7 +126,10 @@ impl SourceWeights {
         let sum = t.sum_all()?.to_scalar::<f32>()?;
         if !sum.is_finite() {
             if let Some(i) = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite()) {
-                return Err(MasaError::bad_file(&self.path, format!("tensor `{name}` holds NaN or Inf (element {i}): the weights are corrupt")));
+                return Err(MasaError::bad_file(
+                    &self.path,
+                    format!("tensor `{name}` holds NaN or Inf (element {i}): the weights are corrupt"),
+                ));
             }
         }
         Ok(t)
@@ -142,9 +139,7 @@ impl SourceWeights {
         match &self.backing {
             Backing::Hf(t) => t.tensor_f32(name),
             Backing::Gguf { file, hf_to_gguf } => {
-                let g = hf_to_gguf
-                    .get(name)
-                    .ok_or_else(|| MasaError::bad_file(&self.path, format!("tensor `{name}` not found")))?;
+                let g = hf_to_gguf.get(name).ok_or_else(|| MasaError::bad_file(&self.path, format!("tensor `{name}` not found")))?;
                 let t = file.tensor_f32(g)?;
                 let cfg = &self.config;
                 match cfg.arch {

@@ -302,11 +302,7 @@ impl Transformer {
         let norm = load_norm(w, &c, "model.norm", h)?;
         // Untied models must carry their own head: falling back to the embedding would
         // silently compute different logits.
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(w.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?)
-        };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(w.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?) };
         Ok(Transformer { config: c, embed, layers: Vec::new(), norm, lm_head, fused: None })
     }
 
@@ -618,10 +614,9 @@ fn load_layer(w: &SourceWeights, c: &ModelConfig, l: usize) -> Result<Layer> {
     let bias = c.attention_bias;
     let (q_norm, k_norm) = match c.qk_norm {
         QkNorm::None => (None, None),
-        QkNorm::PerHead => (
-            Some(load_norm(w, c, &format!("{p}.self_attn.q_norm"), hd)?),
-            Some(load_norm(w, c, &format!("{p}.self_attn.k_norm"), hd)?),
-        ),
+        QkNorm::PerHead => {
+            (Some(load_norm(w, c, &format!("{p}.self_attn.q_norm"), hd)?), Some(load_norm(w, c, &format!("{p}.self_attn.k_norm"), hd)?))
+        }
         QkNorm::Full => (
             Some(load_norm(w, c, &format!("{p}.self_attn.q_norm"), nh * hd)?),
             Some(load_norm(w, c, &format!("{p}.self_attn.k_norm"), nkv * hd)?),

@@ -34,9 +34,7 @@ use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{IoContext, MasaError, Result};
 use crate::home::write_atomic;
@@ -118,14 +116,7 @@ impl Tokenizer {
             add_typed_tokens(&mut inner, &tokens, types);
         }
         let add_bos = md_bool(md, "tokenizer.ggml.add_bos_token", path)?.unwrap_or(add_bos_by_default);
-        let mut tokenizer = Tokenizer {
-            inner,
-            bos_id: ids.bos,
-            eos_id: ids.eos,
-            unk_id: ids.unk,
-            pad_id: ids.pad,
-            add_bos,
-        };
+        let mut tokenizer = Tokenizer { inner, bos_id: ids.bos, eos_id: ids.eos, unk_id: ids.unk, pad_id: ids.pad, add_bos };
         tokenizer.set_bos_post_processor();
         Ok(tokenizer)
     }
@@ -138,9 +129,7 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| MasaError::bad_file(&file, format!("not a valid HF tokenizer.json: {e}")))?;
         // masa encodes whole texts itself; a saved truncation or padding policy must not cut them.
-        inner
-            .with_truncation(None)
-            .map_err(|e| MasaError::bad_file(&file, format!("cannot clear truncation: {e}")))?;
+        inner.with_truncation(None).map_err(|e| MasaError::bad_file(&file, format!("cannot clear truncation: {e}")))?;
         inner.with_padding(None);
 
         let tok_config_path = dir.join("tokenizer_config.json");
@@ -163,9 +152,9 @@ impl Tokenizer {
         let unk_id = special_id("unk_token", "unk_token_id")?;
         let pad_id = special_id("pad_token", "pad_token_id")?;
         let add_bos = match tok_config.as_ref().and_then(|c| c.get("add_bos_token")) {
-            Some(v) => v.as_bool().ok_or_else(|| {
-                MasaError::field(&tok_config_path, "add_bos_token", format!("expected true or false, found {v}"))
-            })?,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| MasaError::field(&tok_config_path, "add_bos_token", format!("expected true or false, found {v}")))?,
             None => post_processor_adds_bos(&inner, bos_id),
         };
         Ok(Tokenizer { inner, bos_id, eos_id, unk_id, pad_id, add_bos })
@@ -173,15 +162,10 @@ impl Tokenizer {
 
     /// Token ids of `text`; with `add_bos`, the BOS id first. No other special tokens are added.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| MasaError::Invalid(format!("tokenizing text: {e}")))?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| MasaError::Invalid(format!("tokenizing text: {e}")))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if add_bos {
-            ids.push(self.bos_id.ok_or_else(|| {
-                MasaError::Invalid("BOS requested, but this tokenizer has no BOS token".into())
-            })?);
+            ids.push(self.bos_id.ok_or_else(|| MasaError::Invalid("BOS requested, but this tokenizer has no BOS token".into()))?);
         }
         ids.extend_from_slice(encoding.get_ids());
         Ok(ids)
@@ -191,13 +175,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let size = self.vocab_size();
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
-            return Err(MasaError::Invalid(format!(
-                "token id {bad} is out of range for a vocabulary of {size} tokens"
-            )));
+            return Err(MasaError::Invalid(format!("token id {bad} is out of range for a vocabulary of {size} tokens")));
         }
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| MasaError::Invalid(format!("decoding token ids: {e}")))
+        self.inner.decode(ids, false).map_err(|e| MasaError::Invalid(format!("decoding token ids: {e}")))
     }
 
     /// Number of token ids, added tokens included.
@@ -233,10 +213,8 @@ impl Tokenizer {
     /// `AutoTokenizer` / `PreTrainedTokenizerFast`) into `dir`, each atomically.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         let tokenizer_json = dir.join("tokenizer.json");
-        let json = self
-            .inner
-            .to_string(false)
-            .map_err(|e| MasaError::bad_file(&tokenizer_json, format!("cannot serialize tokenizer: {e}")))?;
+        let json =
+            self.inner.to_string(false).map_err(|e| MasaError::bad_file(&tokenizer_json, format!("cannot serialize tokenizer: {e}")))?;
         write_atomic(&tokenizer_json, json.as_bytes())?;
         let config_path = dir.join("tokenizer_config.json");
         let config = serde_json::to_vec_pretty(&self.hf_config())
@@ -249,12 +227,7 @@ impl Tokenizer {
     fn hf_config(&self) -> serde_json::Value {
         let mut config = serde_json::Map::new();
         config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-        for (key, id) in [
-            ("bos_token", self.bos_id),
-            ("eos_token", self.eos_id),
-            ("unk_token", self.unk_id),
-            ("pad_token", self.pad_id),
-        ] {
+        for (key, id) in [("bos_token", self.bos_id), ("eos_token", self.eos_id), ("unk_token", self.unk_id), ("pad_token", self.pad_id)] {
             if let Some(token) = id.and_then(|id| self.inner.id_to_token(id)) {
                 config.insert(key.into(), token.into());
             }
@@ -372,12 +345,7 @@ enum SpmRecipe {
 
 /// SentencePiece BPE: byte fallback (`<0xAB>` tokens for characters outside the vocabulary),
 /// merges derived from the vocabulary, and a decoder that undoes `▁` and the byte fallback.
-fn sentencepiece_tokenizer(
-    md: &Metadata,
-    file_tokens: &[&str],
-    unk: Option<u32>,
-    path: &Path,
-) -> Result<tokenizers::Tokenizer> {
+fn sentencepiece_tokenizer(md: &Metadata, file_tokens: &[&str], unk: Option<u32>, path: &Path) -> Result<tokenizers::Tokenizer> {
     let arch = md_str(md, "general.architecture", path)?.unwrap_or("llama");
     let recipe = if GEMMA_ARCHITECTURES.contains(&arch) { SpmRecipe::Gemma } else { SpmRecipe::Llama };
     let add_prefix = md_bool(md, "tokenizer.ggml.add_space_prefix", path)?.unwrap_or(true);
@@ -403,16 +371,12 @@ fn sentencepiece_tokenizer(
         }
     };
 
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab_of(tokens.iter().map(String::as_str)), merges)
-        .byte_fallback(true)
-        .fuse_unk(true);
+    let mut builder =
+        BPE::builder().vocab_and_merges(vocab_of(tokens.iter().map(String::as_str)), merges).byte_fallback(true).fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(tokens[unk as usize].clone());
     }
-    let model = builder
-        .build()
-        .map_err(|e| MasaError::bad_file(path, format!("inconsistent SentencePiece vocabulary: {e}")))?;
+    let model = builder.build().map_err(|e| MasaError::bad_file(path, format!("inconsistent SentencePiece vocabulary: {e}")))?;
 
     let mut tokenizer = tokenizers::Tokenizer::new(model);
     match recipe {
@@ -442,8 +406,7 @@ fn respell_space_run(token: &str) -> String {
 
 /// Spaces become `▁` before BPE; with `add_prefix`, one `▁` goes in front of the text.
 fn space_normalizer(add_prefix: bool, path: &Path) -> Result<NormalizerWrapper> {
-    let replace = Replace::new(" ", SPM_SPACE.to_string())
-        .map_err(|e| MasaError::bad_file(path, format!("space normalizer: {e}")))?;
+    let replace = Replace::new(" ", SPM_SPACE.to_string()).map_err(|e| MasaError::bad_file(path, format!("space normalizer: {e}")))?;
     Ok(if add_prefix {
         NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.to_string()).into(), replace.into()]).into()
     } else {
@@ -454,8 +417,7 @@ fn space_normalizer(add_prefix: bool, path: &Path) -> Result<NormalizerWrapper> 
 /// `▁` back to spaces, `<0xAB>` pieces back to bytes, pieces joined; with `add_prefix`, the
 /// leading space the encoder added is dropped.
 fn spm_decoder(add_prefix: bool, path: &Path) -> Result<DecoderWrapper> {
-    let replace = Replace::new(SPM_SPACE.to_string(), " ")
-        .map_err(|e| MasaError::bad_file(path, format!("space decoder: {e}")))?;
+    let replace = Replace::new(SPM_SPACE.to_string(), " ").map_err(|e| MasaError::bad_file(path, format!("space decoder: {e}")))?;
     let mut steps: Vec<DecoderWrapper> = vec![replace.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_prefix {
         steps.push(Strip::new(' ', 1, 0).into());
@@ -487,22 +449,13 @@ fn derive_merges(tokens: &[String], rank: impl Fn(u32) -> f64 + Sync) -> Merges 
     let index: HashMap<&str, u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
     let mut seen: HashSet<&str> = HashSet::with_capacity(index.len());
     let first_listings: Vec<&str> = tokens.iter().map(String::as_str).filter(|t| seen.insert(t)).collect();
-    let mut candidates: Vec<MergeCandidate> = first_listings
-        .par_iter()
-        .flat_map_iter(|token| token_splits(token, &index, &rank))
-        .collect();
+    let mut candidates: Vec<MergeCandidate> = first_listings.par_iter().flat_map_iter(|token| token_splits(token, &index, &rank)).collect();
     // -0.0 and 0.0 compare equal in Python; NaN ranks last. After that `total_cmp` is exact.
     let key = |r: f64| if r.is_nan() { f64::NEG_INFINITY } else { r + 0.0 };
     candidates.par_sort_by(|a, b| {
-        key(b.rank)
-            .total_cmp(&key(a.rank))
-            .then(b.left_chars.cmp(&a.left_chars))
-            .then(b.right_chars.cmp(&a.right_chars))
+        key(b.rank).total_cmp(&key(a.rank)).then(b.left_chars.cmp(&a.left_chars)).then(b.right_chars.cmp(&a.right_chars))
     });
-    candidates
-        .into_iter()
-        .map(|c| (tokens[c.left as usize].clone(), tokens[c.right as usize].clone()))
-        .collect()
+    candidates.into_iter().map(|c| (tokens[c.left as usize].clone(), tokens[c.right as usize].clone())).collect()
 }
 
 /// The ways to cut `token` into two vocabulary tokens, ordered by (left id, right id).
@@ -536,8 +489,7 @@ fn vocab_of<'a>(tokens: impl Iterator<Item = &'a str>) -> Vocab {
 /// is still in the vocabulary (Gemma's respelled space runs are not; BPE builds those instead).
 fn add_typed_tokens(tokenizer: &mut tokenizers::Tokenizer, tokens: &[&str], types: &[i64]) {
     let of_type = |wanted: i64| tokens.iter().zip(types).filter(move |(_, &ty)| ty == wanted).map(|(t, _)| *t);
-    let control: Vec<AddedToken> =
-        of_type(TOKEN_TYPE_CONTROL).map(|t| AddedToken::from(t, true).normalized(false)).collect();
+    let control: Vec<AddedToken> = of_type(TOKEN_TYPE_CONTROL).map(|t| AddedToken::from(t, true).normalized(false)).collect();
     if !control.is_empty() {
         tokenizer.add_special_tokens(&control);
     }
@@ -554,11 +506,9 @@ fn add_typed_tokens(tokenizer: &mut tokenizers::Tokenizer, tokens: &[&str], type
 fn special_ids(md: &Metadata, n_tokens: usize, path: &Path) -> Result<SpecialIds> {
     let id = |key: &str| -> Result<Option<u32>> {
         match md_uint(md, key, path)? {
-            Some(id) if id as usize >= n_tokens => Err(MasaError::field(
-                path,
-                key,
-                format!("token id {id} is outside the vocabulary of {n_tokens} tokens"),
-            )),
+            Some(id) if id as usize >= n_tokens => {
+                Err(MasaError::field(path, key, format!("token id {id} is outside the vocabulary of {n_tokens} tokens")))
+            }
             other => Ok(other),
         }
     };
@@ -612,10 +562,9 @@ fn int_of(v: &Value) -> Option<i64> {
 fn md_uint(md: &Metadata, key: &str, path: &Path) -> Result<Option<u32>> {
     match md.get(key) {
         None => Ok(None),
-        Some(v) => int_of(v)
-            .and_then(|x| u32::try_from(x).ok())
-            .map(Some)
-            .ok_or_else(|| wrong_type(path, key, "a non-negative 32-bit integer", v)),
+        Some(v) => {
+            int_of(v).and_then(|x| u32::try_from(x).ok()).map(Some).ok_or_else(|| wrong_type(path, key, "a non-negative 32-bit integer", v))
+        }
     }
 }
 
@@ -641,11 +590,7 @@ fn md_str_array<'a>(md: &'a Metadata, key: &str, path: &Path) -> Result<Option<V
 
 fn md_int_array(md: &Metadata, key: &str, path: &Path) -> Result<Option<Vec<i64>>> {
     let Some(items) = md_array(md, key, path)? else { return Ok(None) };
-    items
-        .iter()
-        .map(|v| int_of(v).ok_or_else(|| wrong_type(path, key, "an array of integers", v)))
-        .collect::<Result<_>>()
-        .map(Some)
+    items.iter().map(|v| int_of(v).ok_or_else(|| wrong_type(path, key, "an array of integers", v))).collect::<Result<_>>().map(Some)
 }
 
 fn md_f32_array(md: &Metadata, key: &str, path: &Path) -> Result<Option<Vec<f32>>> {
@@ -672,19 +617,12 @@ fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(MasaError::io(path, e)),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| MasaError::bad_file(path, format!("not valid JSON: {e}")))
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| MasaError::bad_file(path, format!("not valid JSON: {e}")))
 }
 
 /// The id of the special token a `tokenizer_config.json` names under `key`, written either as
 /// the token itself or as an added-token object with a `content` field. `null`/absent → `None`.
-fn config_token_id(
-    tokenizer: &tokenizers::Tokenizer,
-    config: &serde_json::Value,
-    key: &str,
-    path: &Path,
-) -> Result<Option<u32>> {
+fn config_token_id(tokenizer: &tokenizers::Tokenizer, config: &serde_json::Value, key: &str, path: &Path) -> Result<Option<u32>> {
     let token = match config.get(key) {
         None | Some(serde_json::Value::Null) => return Ok(None),
         Some(serde_json::Value::String(s)) => s.as_str(),
@@ -721,9 +659,7 @@ fn config_id(config: &serde_json::Value, key: &str, path: &Path) -> Result<Optio
 fn post_processor_adds_bos(tokenizer: &tokenizers::Tokenizer, bos: Option<u32>) -> bool {
     let Some(bos) = bos else { return false };
     match (tokenizer.encode_fast("a", false), tokenizer.encode_fast("a", true)) {
-        (Ok(plain), Ok(special)) => {
-            special.get_ids().first() == Some(&bos) && special.len() > plain.len()
-        }
+        (Ok(plain), Ok(special)) => special.get_ids().first() == Some(&bos) && special.len() > plain.len(),
         _ => false,
     }
 }

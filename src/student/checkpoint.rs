@@ -156,7 +156,10 @@ fn sibling(dir: &Path, what: &str) -> PathBuf {
 fn check_replaceable(dir: &Path) -> Result<()> {
     let Ok(md) = std::fs::symlink_metadata(dir) else { return Ok(()) };
     if !md.is_dir() {
-        return Err(MasaError::bad_file(dir, "exists and is not a directory: masa writes a checkpoint directory here and will not replace it; choose another output path"));
+        return Err(MasaError::bad_file(
+            dir,
+            "exists and is not a directory: masa writes a checkpoint directory here and will not replace it; choose another output path",
+        ));
     }
     let empty = std::fs::read_dir(dir).at(dir)?.next().is_none();
     if empty || dir.join("masa.json").is_file() {

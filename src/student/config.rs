@@ -105,7 +105,11 @@ impl StudentConfig {
             let known = serde_json::to_value(Self::preset("cpu-6l-256")?).map_err(|e| MasaError::Invalid(e.to_string()))?;
             if let Some(k) = table.keys().find(|k| known.get(k.as_str()).is_none()) {
                 let names: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
-                return Err(MasaError::field(p, k, format!("unknown key; a student config has {}", names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "))));
+                return Err(MasaError::field(
+                    p,
+                    k,
+                    format!("unknown key; a student config has {}", names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")),
+                ));
             }
             toml::from_str(&text).map_err(|e| MasaError::bad_file(p, format!("invalid student config: {e}")))?
         };
@@ -136,7 +140,8 @@ impl StudentConfig {
         }
         // The weights alone (f32) must fit in this machine's memory; checked in u128 so that no
         // shape overflows the count.
-        let (h, f, l, v) = (self.hidden_size as u128, self.intermediate_size as u128, self.num_hidden_layers as u128, self.vocab_size.max(1) as u128);
+        let (h, f, l, v) =
+            (self.hidden_size as u128, self.intermediate_size as u128, self.num_hidden_layers as u128, self.vocab_size.max(1) as u128);
         let params = v * h * 2 + l * (4 * h * h + 3 * h * f + 2 * h) + h;
         let bytes = params * 4;
         if let Some(total) = crate::limits::memory_bytes() {

@@ -46,9 +46,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let k = (x * LOG2E + ROUND) - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     f32::from_bits(((k as i32 + 127) as u32) << 23) * p
 }
 
@@ -279,9 +277,11 @@ wide_fn! {
 /// `dx = r g − x r³ (g·x)/d`, `dw = Σ_rows dy ⊙ x r`.
 pub fn rmsnorm_bwd<T: Real>(dy: &[T], x: &[T], w: &[T], rstd: &[T], dx: &mut [T], dw: &mut [T], d: usize) {
     let dn = T::of(d as f64);
-    dx.par_chunks_mut(d).zip(dy.par_chunks(d)).zip(x.par_chunks(d)).zip(rstd.par_iter()).for_each(|(((dx, dy), x), &r)| {
-        rmsnorm_bwd_row(dy, x, w, dx, r, dn)
-    });
+    dx.par_chunks_mut(d)
+        .zip(dy.par_chunks(d))
+        .zip(x.par_chunks(d))
+        .zip(rstd.par_iter())
+        .for_each(|(((dx, dy), x), &r)| rmsnorm_bwd_row(dy, x, w, dx, r, dn));
     let rows = rstd.len();
     reduce_rows(rows, d, dw, |n, acc| axpy_product(acc, &dy[n * d..(n + 1) * d], &x[n * d..(n + 1) * d], rstd[n]));
 }
@@ -392,12 +392,26 @@ pub fn attention_fwd<T: Real>(s: &AttnShape, qkv: &[T], p: &mut [T], o: &mut [T]
         for r0 in (0..t).step_by(ATTN_ROWS) {
             let r1 = (r0 + ATTN_ROWS).min(t);
             let q = View { ptr: qb[r0 * ld..].as_ptr(), rs: ld as isize, cs: 1 };
-            unsafe { gemm_raw(r1 - r0, r1, hd, pm[r0 * t..].as_mut_ptr(), t, false, q, View { ptr: kb.as_ptr(), rs: 1, cs: ld as isize }, false) }
+            unsafe {
+                gemm_raw(r1 - r0, r1, hd, pm[r0 * t..].as_mut_ptr(), t, false, q, View { ptr: kb.as_ptr(), rs: 1, cs: ld as isize }, false)
+            }
             for i in r0..r1 {
                 let row = &mut pm[i * t..(i + 1) * t];
                 softmax_causal_row(row, i + 1, scale)
             }
-            unsafe { gemm_raw(r1 - r0, hd, r1, ob.add(r0 * qd), qd, false, View::rows(&pm[r0 * t..], t), View { ptr: vb.as_ptr(), rs: ld as isize, cs: 1 }, false) }
+            unsafe {
+                gemm_raw(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    ob.add(r0 * qd),
+                    qd,
+                    false,
+                    View::rows(&pm[r0 * t..], t),
+                    View { ptr: vb.as_ptr(), rs: ld as isize, cs: 1 },
+                    false,
+                )
+            }
         }
     });
 }

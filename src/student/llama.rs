@@ -235,7 +235,15 @@ impl Llama {
     /// (`ffn_in`: the post-norm hidden states, `b·t × hidden`; `ffn_mid`: `silu(gate) ⊙ up`,
     /// `b·t × intermediate`) as soon as they exist; the pass stops after the layer where
     /// `observe` returns false (calibration of the first layers only).
-    pub fn forward_observed<T: Real>(&self, params: &[T], ws: &mut Workspace<T>, ids: &[u32], b: usize, t: usize, observe: &mut dyn FnMut(usize, &[T], &[T]) -> bool) {
+    pub fn forward_observed<T: Real>(
+        &self,
+        params: &[T],
+        ws: &mut Workspace<T>,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        observe: &mut dyn FnMut(usize, &[T], &[T]) -> bool,
+    ) {
         assert!(b <= ws.batch && t == ws.seq && ids.len() == b * t, "batch shape does not fit the workspace");
         let c = &self.cfg;
         let (h, f, n) = (c.hidden_size, c.intermediate_size, b * t);
@@ -286,7 +294,14 @@ impl Llama {
             out.copy_from_slice(&lc.x2[..n * h]);
             kernels::mm_nt(out, &lc.a[..n * f], p(lo.wd, h * f), n, h, f, true);
         }
-        kernels::rmsnorm_fwd(&ws.xl[..n * h], &params[self.layout.norm..self.layout.norm + h], &mut ws.xf[..n * h], &mut ws.rstdf[..n], h, eps);
+        kernels::rmsnorm_fwd(
+            &ws.xl[..n * h],
+            &params[self.layout.norm..self.layout.norm + h],
+            &mut ws.xf[..n * h],
+            &mut ws.rstdf[..n],
+            h,
+            eps,
+        );
     }
 
     /// Loss of the last [`forward`](Self::forward) against `targets` (one per position); with
@@ -336,7 +351,15 @@ impl Llama {
         {
             let no = self.layout.norm;
             ws.dxn[..n * h].fill(T::zero());
-            kernels::rmsnorm_bwd(&ws.dx[..n * h], &ws.xl[..n * h], p(no, h), &ws.rstdf[..n], &mut ws.dxn[..n * h], &mut grads[no..no + h], h);
+            kernels::rmsnorm_bwd(
+                &ws.dx[..n * h],
+                &ws.xl[..n * h],
+                p(no, h),
+                &ws.rstdf[..n],
+                &mut ws.dxn[..n * h],
+                &mut grads[no..no + h],
+                h,
+            );
             std::mem::swap(&mut ws.dx, &mut ws.dxn);
         }
         for (l, lo) in self.layout.layers.iter().enumerate().rev() {
@@ -348,16 +371,39 @@ impl Llama {
             kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dgu[..n * 2 * f], p(lo.wg, 2 * f * h), n, h, 2 * f, false);
             kernels::mm_tn(&mut grads[lo.wg..lo.wg + 2 * f * h], &ws.dgu[..n * 2 * f], &lc.xn2[..n * h], 2 * f, h, n, true);
             let pn = lo.post_norm;
-            kernels::rmsnorm_bwd(&ws.dxn[..n * h], &lc.x2[..n * h], p(pn, h), &lc.rstd2[..n], &mut ws.dx[..n * h], &mut grads[pn..pn + h], h);
+            kernels::rmsnorm_bwd(
+                &ws.dxn[..n * h],
+                &lc.x2[..n * h],
+                p(pn, h),
+                &lc.rstd2[..n],
+                &mut ws.dx[..n * h],
+                &mut grads[pn..pn + h],
+                h,
+            );
             // Attention: x2 = x + o_proj(o)
             kernels::mm_nn(&mut ws.dattn[..n * qd], &ws.dx[..n * h], p(lo.wo, h * qd), n, qd, h, false);
             kernels::mm_tn(&mut grads[lo.wo..lo.wo + h * qd], &ws.dx[..n * h], &lc.o[..n * qd], h, qd, n, true);
-            kernels::attention_bwd(&shape, &lc.qkv[..n * w], &lc.p[..b * nh * t * t], &ws.dattn[..n * qd], &mut ws.dqkv[..n * w], &mut ws.dp[..b * nkv * t * t]);
+            kernels::attention_bwd(
+                &shape,
+                &lc.qkv[..n * w],
+                &lc.p[..b * nh * t * t],
+                &ws.dattn[..n * qd],
+                &mut ws.dqkv[..n * w],
+                &mut ws.dp[..b * nkv * t * t],
+            );
             kernels::rope(&mut ws.dqkv[..n * w], w, &ws.cos, &ws.sin, t, nh + nkv, hd, true);
             kernels::mm_nn(&mut ws.dxn[..n * h], &ws.dqkv[..n * w], p(lo.wq, w * h), n, h, w, false);
             kernels::mm_tn(&mut grads[lo.wq..lo.wq + w * h], &ws.dqkv[..n * w], &lc.xn1[..n * h], w, h, n, true);
             let inn = lo.input_norm;
-            kernels::rmsnorm_bwd(&ws.dxn[..n * h], &lc.x[..n * h], p(inn, h), &lc.rstd1[..n], &mut ws.dx[..n * h], &mut grads[inn..inn + h], h);
+            kernels::rmsnorm_bwd(
+                &ws.dxn[..n * h],
+                &lc.x[..n * h],
+                p(inn, h),
+                &lc.rstd1[..n],
+                &mut ws.dx[..n * h],
+                &mut grads[inn..inn + h],
+                h,
+            );
         }
         // Embedding rows: sequential scatter-add in token order (deterministic).
         let eo = self.layout.embed;

@@ -70,7 +70,8 @@ pub fn small_config() -> StudentConfig {
 /// Write a Scratch-initialised student (normal std 0.02, norms 1) with the byte tokenizer.
 pub fn write_scratch_student(dir: &Path, cfg: &StudentConfig, seed: u64) {
     let params = masa::rng::scratch_init(cfg, seed);
-    masa::student::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed})).expect("write student");
+    masa::student::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed}))
+        .expect("write student");
 }
 
 /// A two-domain JSONL corpus of deterministic pseudo-English, `docs` documents per domain.
@@ -107,7 +108,12 @@ pub fn write_repeat_task(home: &Path) {
     let ni = home.join("tasks/instruct_qa/subtask001_repeat");
     std::fs::create_dir_all(&ni).unwrap();
     let words = ["apple", "pear", "fig", "plum", "kiwi", "lime", "date", "yam"];
-    let examples: Vec<serde_json::Value> =
-        (0..48).map(|i| serde_json::json!({"input": format!("{} {}", words[i % 8], words[(i / 8) % 8]), "target": [words[i % 8]]})).collect();
-    std::fs::write(ni.join("task.json"), serde_json::json!({"task_prefix": "Definition: Repeat the first word.", "examples": examples}).to_string()).unwrap();
+    let examples: Vec<serde_json::Value> = (0..48)
+        .map(|i| serde_json::json!({"input": format!("{} {}", words[i % 8], words[(i / 8) % 8]), "target": [words[i % 8]]}))
+        .collect();
+    std::fs::write(
+        ni.join("task.json"),
+        serde_json::json!({"task_prefix": "Definition: Repeat the first word.", "examples": examples}).to_string(),
+    )
+    .unwrap();
 }
