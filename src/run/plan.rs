@@ -244,7 +244,7 @@ impl Plan {
                         // The first engine's runs are the comparisons; the others' are copies
                         // of them, named `strategy@engine`, in their own report section.
                         let (strategy, group) =
-                            if i == 0 { (v.name.clone(), v.group) } else { (strategies::on_engine(&v.name, engine), Group::Engine) };
+                            if i == 0 { (v.name.clone(), v.group) } else { (strategies::on_engine(&v.name, engine.name()), Group::Engine) };
                         let label = if engine == Engine::Masa { v.label.clone() } else { format!("{} ({})", v.label, engine.name()) };
                         for &seed in spec.seeds_of(&v.name) {
                             jobs.push(TrainingJob {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
+use crate::run::strategies::ScalingSpec;
 use crate::{MasaError, Result};
 
 /// The embedded specs: `(name, TOML)`.
@@ -369,23 +370,6 @@ impl FinetuneSpec {
             if kind == crate::eval::data::TaskKind::Generation { PAPER_FT_EPOCHS_GENERATION } else { PAPER_FT_EPOCHS_MULTIPLE_CHOICE };
         Ok((task.epochs.or(self.epochs).unwrap_or(paper_epochs), task.lr.or(self.lr).unwrap_or(PAPER_FT_LR)))
     }
-}
-
-/// Adaptive scaling of the MASA strategies' genes (Sec. 3.2; `masa init --components`,
-/// `--coupled`); a strategy that fixes its own r' (`masa-submatrix`) keeps it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScalingSpec {
-    /// r': `"all"`, a count, or `"energy:F"`; default [`crate::init::DEFAULT_COMPONENTS`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub components: Option<crate::init::scale::Components>,
-    /// One selection of the intermediate dimension shared by gate, up and down.
-    #[serde(default)]
-    pub coupled: bool,
-    /// `a` of the separation of repeated neurons, in (0, 1]; default
-    /// [`crate::init::scale::DEFAULT_REPLICA_NOISE`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica_noise: Option<f64>,
 }
 
 /// A decision rule fixed before the run (issue 31): paired comparisons of the final mean

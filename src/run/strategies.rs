@@ -10,8 +10,7 @@
 
 use crate::init::scale::Components;
 use crate::init::{GeneScale, InitOptions, Rest, Strategy};
-use crate::run::spec::Engine;
-use crate::run::spec::ScalingSpec;
+use serde::{Deserialize, Serialize};
 
 /// Where a run's results appear in the report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,9 +140,9 @@ pub fn report_rank(name: &str) -> usize {
     STRATEGIES.iter().position(|s| s.name == base_strategy(name)).unwrap_or(STRATEGIES.len())
 }
 
-/// A job's strategy name on a second engine: `masa@torchrun`.
-pub fn on_engine(name: &str, engine: Engine) -> String {
-    format!("{name}@{}", engine.name())
+/// A job's strategy name on a second training engine (`engine`: its name): `masa@torchrun`.
+pub fn on_engine(name: &str, engine: &str) -> String {
+    format!("{name}@{engine}")
 }
 
 /// The strategy a job name runs: `masa@torchrun` → `masa`; `masa` → `masa`.
@@ -182,6 +181,23 @@ impl From<&StrategyDef> for Variant {
             distill: s.distill,
         }
     }
+}
+
+/// Adaptive scaling of the MASA strategies' genes (Sec. 3.2; `masa init --components`,
+/// `--coupled`); a strategy that fixes its own r' (`masa-submatrix`) keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingSpec {
+    /// r': `"all"`, a count, or `"energy:F"`; default [`crate::init::DEFAULT_COMPONENTS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<crate::init::scale::Components>,
+    /// One selection of the intermediate dimension shared by gate, up and down.
+    #[serde(default)]
+    pub coupled: bool,
+    /// `a` of the separation of repeated neurons, in (0, 1]; default
+    /// [`crate::init::scale::DEFAULT_REPLICA_NOISE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_noise: Option<f64>,
 }
 
 /// Table 5's sweep: MASA with genes at M/W ratio `ratio`.
