@@ -1,13 +1,12 @@
 //! The crate's one random generator ([`SplitMix64`]), its one Gaussian sampler ([`normals`],
-//! Box-Muller) and the one Scratch init ([`scratch`], [`scratch_init`]: HF Llama init, normal
-//! std `initializer_range`, norms 1; design.md "Baselines") that `masa init`, the trainer's
-//! tests, `masa bench` and the CUDA checks all use.
+//! Box-Muller) and the one Scratch init of a tensor ([`scratch`]: HF Llama init, normal std
+//! `initializer_range`, norms 1; design.md "Baselines"; a whole student's is
+//! [`crate::student::StudentConfig::scratch_init`]) that `masa init`, the trainer's tests,
+//! `masa bench` and the CUDA checks all use. A leaf: it imports nothing of the crate.
 //!
 //! Each student tensor gets its own stream seeded from `(seed, tensor name)`, so the Scratch part
 //! of a student does not depend on the strategy or on the order tensors are built in: `masa` and
 //! `scratch` with the same seed differ exactly in the tensors `masa` inherits.
-
-use crate::student::StudentConfig;
 
 /// SplitMix64: a small, fast, fully specified PRNG (Steele et al. 2014), so shuffles are
 /// reproducible across platforms and crate versions.
@@ -82,17 +81,6 @@ pub fn scratch(seed: u64, name: &str, shape: &[usize], std: f64) -> Vec<f32> {
     } else {
         normal(seed, name, n, std)
     }
-}
-
-/// A whole student's Scratch init, flat in [`crate::student::llama::Layout`] order: every
-/// tensor exactly as [`scratch`] makes it (so as `masa init --strategy scratch --seed SEED`
-/// writes it).
-pub fn scratch_init(cfg: &StudentConfig, seed: u64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(cfg.num_parameters());
-    for (name, shape) in cfg.tensor_shapes() {
-        out.extend(scratch(seed, &name, &shape, cfg.initializer_range));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ fn training_forward_matches_inference_forward() {
         cfg.num_key_value_heads = 2;
         cfg.rope_theta = 10_000.0;
         let model = Llama::new(&cfg);
-        let mut params = masa::rng::scratch_init(&cfg, 3);
+        let mut params = cfg.scratch_init(3);
         // Non-trivial norms and larger weights so attention and norms matter.
         for (_, shape, off) in &model.layout.tensors {
             let n: usize = shape.iter().product();

@@ -20,7 +20,7 @@ const MASA: &str = env!("CARGO_BIN_EXE_masa");
 fn tiny_student_overfits_fixed_sequences() {
     let cfg = small_config();
     let model = Llama::new(&cfg);
-    let mut params = masa::rng::scratch_init(&cfg, 1);
+    let mut params = cfg.scratch_init(1);
     let (b, t) = (4, 24);
     let mut rng = masa::rng::SplitMix64(3);
     let seqs: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size) as u32).collect();
@@ -316,7 +316,7 @@ fn checkpoint_writes_never_delete_what_masa_did_not_write() {
     write_scratch_student(&out, &cfg, 2);
     assert_eq!(std::fs::read_to_string(keep.join("b.txt")).unwrap(), "keep");
     assert!(out.join("masa.json").is_file());
-    let params = masa::rng::scratch_init(&cfg, 1);
+    let params = cfg.scratch_init(1);
     let save =
         |p: &Path| masa::student::save_student(p, &cfg, &params, &byte_tokenizer(), &serde_json::json!({})).map_err(|e| e.to_string());
     let file = dir.path().join("mine");

@@ -283,7 +283,7 @@ pub fn run(o: &CheckOptions) -> Result<bool> {
     let n = b * t;
     let mut rng = crate::rng::SplitMix64(seed);
     // Weights: Scratch init with norm weights spread around 1 (exercises their gradients).
-    let mut params = crate::rng::scratch_init(&cfg, seed);
+    let mut params = cfg.scratch_init(seed);
     let layout = crate::student::llama::Layout::new(&cfg);
     for (_, shape, off) in &layout.tensors {
         if shape.len() == 1 {

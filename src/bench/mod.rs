@@ -132,7 +132,7 @@ pub fn train(
         return Err(MasaError::field(cfg_path, "vocab_size", "missing or 0"));
     }
     check_loop(batch, seq, cfg.max_position_embeddings, warmup, ("--steps", steps))?;
-    let params = crate::rng::scratch_init(&cfg, seed);
+    let params = cfg.scratch_init(seed);
     let n_params = params.len();
     let adam = AdamConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut eng = crate::engine::open(device, precision, &cfg, params, adam, batch, seq)?;

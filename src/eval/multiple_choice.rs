@@ -504,7 +504,7 @@ mod tests {
         let mut cfg = crate::student::StudentConfig::preset("tiny").unwrap();
         cfg.vocab_size = 300;
         cfg.max_position_embeddings = 160;
-        let params = crate::rng::scratch_init(&cfg, 3);
+        let params = cfg.scratch_init(3);
         let mut rng = crate::rng::SplitMix64(11);
         // 200 pairs in three padded lengths (64, 128, 160: the positions), 100 of them in the
         // first (two passes of at most 64), plus the longest the positions allow.

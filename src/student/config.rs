@@ -157,6 +157,17 @@ impl StudentConfig {
         Ok(())
     }
 
+    /// The whole student's Scratch init, flat in [`crate::student::llama::Layout`] order: every
+    /// tensor exactly as [`crate::rng::scratch`] makes it (so as `masa init --strategy scratch
+    /// --seed SEED` writes it).
+    pub fn scratch_init(&self, seed: u64) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.num_parameters());
+        for (name, shape) in self.tensor_shapes() {
+            out.extend(crate::rng::scratch(seed, &name, &shape, self.initializer_range));
+        }
+        out
+    }
+
     /// Parameter count with tied or untied embeddings.
     pub fn num_parameters(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);

@@ -69,7 +69,7 @@ pub fn small_config() -> StudentConfig {
 
 /// Write a Scratch-initialised student (normal std 0.02, norms 1) with the byte tokenizer.
 pub fn write_scratch_student(dir: &Path, cfg: &StudentConfig, seed: u64) {
-    let params = masa::rng::scratch_init(cfg, seed);
+    let params = cfg.scratch_init(seed);
     masa::student::save_student(dir, cfg, &params, &byte_tokenizer(), &serde_json::json!({"init": "scratch", "seed": seed}))
         .expect("write student");
 }
