@@ -6,7 +6,7 @@
 //!
 //! Output directory: `metrics.jsonl` (one line per step, plus validation lines),
 //! `step-XXXXXXXX/` checkpoints (HF-format directories as `masa init` writes, with
-//! `optimizer.safetensors` and `trainer_state.json` beside the weights), and `latest`, a file
+//! `optimizer.safetensors` and `masa_trainer_state.json` beside the weights), and `latest`, a file
 //! naming the newest complete checkpoint. A checkpoint is written under a temporary name and
 //! renamed when complete, and `latest` is replaced atomically after that, so a run killed at
 //! any moment (SIGKILL included) resumes from a complete checkpoint with `--resume`, and
@@ -665,13 +665,23 @@ fn write_checkpoint(
     Ok(dst)
 }
 
-/// The file that marks a directory as a training checkpoint masa wrote.
-const TRAINER_STATE: &str = "trainer_state.json";
+/// The file that marks a directory as a training checkpoint masa wrote: masa's own trainer
+/// state (step, tokens, sampler, schedule). Not `trainer_state.json`, HF Trainer's file name
+/// with another layout, which `TrainerState.load_from_json` would fail on.
+const TRAINER_STATE: &str = "masa_trainer_state.json";
+
+/// [`TRAINER_STATE`]'s name in checkpoints written before 2026-12-08, read when resuming them.
+const TRAINER_STATE_BEFORE: &str = "trainer_state.json";
+
+/// The trainer-state file of checkpoint `dir`, under either name.
+fn trainer_state_file(dir: &Path) -> Option<PathBuf> {
+    [TRAINER_STATE, TRAINER_STATE_BEFORE].iter().map(|n| dir.join(n)).find(|p| p.is_file())
+}
 
 /// Whether `dir` is a training checkpoint (holds [`TRAINER_STATE`]): only those are replaced
 /// or deleted when a newer one is written; a user's `step-…` directory is left alone.
 fn is_checkpoint(dir: &Path) -> bool {
-    dir.join(TRAINER_STATE).is_file()
+    trainer_state_file(dir).is_some()
 }
 
 fn sync_dir(dir: &Path) {
@@ -702,7 +712,7 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
     }
     Err(MasaError::bad_file(
         p,
-        "not a training checkpoint (no trainer_state.json) and not a run directory (no `latest` file); \
+        "not a training checkpoint (no masa_trainer_state.json) and not a run directory (no `latest` file); \
          pass the --out directory of an earlier `masa train` or one of its step-* checkpoints",
     ))
 }
@@ -743,7 +753,7 @@ fn load_resume(
         ));
     }
     *params = load_params(&src.weights, cfg)?;
-    let sp = ck.join(TRAINER_STATE);
+    let sp = trainer_state_file(ck).unwrap_or_else(|| ck.join(TRAINER_STATE));
     let text = std::fs::read_to_string(&sp).at(&sp)?;
     let st: TrainerState = serde_json::from_str(&text).map_err(|e| {
         let why = if text.contains("\"stream\"") {

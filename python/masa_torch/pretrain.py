@@ -227,7 +227,7 @@ def save_checkpoint(model, opt, a, step, out, student, rank, extra):
         if os.path.isfile(os.path.join(student, f)):
             shutil.copy2(os.path.join(student, f), os.path.join(tmp, f))
     torch.save({"step": step, "optimizer": osd}, os.path.join(tmp, "trainer.pt"))
-    json.dump({"step": step, **extra}, open(os.path.join(tmp, "trainer_state.json"), "w"), indent=2)
+    json.dump({"step": step, **extra}, open(os.path.join(tmp, "masa_trainer_state.json"), "w"), indent=2)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(out, ".latest.tmp"), "w") as f:
