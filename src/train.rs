@@ -118,6 +118,42 @@ pub struct TrainerState {
     pub grad_accum: usize,
     pub seed: u64,
     pub corpus: Vec<PathBuf>,
+    /// The optimizer and schedule settings ([`Hyper`]); `None` in checkpoints written before
+    /// 2026-12-08.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyper: Option<Hyper>,
+    /// The model directory the run started from (canonical); `None` in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+}
+
+/// The settings a resumed run must keep besides the data order: learning-rate schedule and
+/// AdamW, as the run was started with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hyper {
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    pub clip: f64,
+}
+
+impl Hyper {
+    fn of(o: &TrainOptions) -> Hyper {
+        Hyper {
+            lr: o.lr,
+            min_lr_ratio: o.min_lr_ratio,
+            warmup: o.warmup,
+            weight_decay: o.weight_decay,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            adam_eps: o.adam_eps,
+            clip: o.clip,
+        }
+    }
 }
 
 /// One `metrics.jsonl` line.
@@ -390,6 +426,8 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
                 grad_accum: opts.grad_accum,
                 seed: opts.seed,
                 corpus: opts.corpus.clone(),
+                hyper: Some(Hyper::of(opts)),
+                model: Some(model_dir.canonicalize().unwrap_or_else(|_| model_dir.to_path_buf())),
             };
             last_ckpt = Some(write_checkpoint(&opts.out, &cfg, &eng.params()?, &m, &v, &state, &tok, model_dir, opts)?);
             last_ckpt_loss = None;
@@ -785,6 +823,22 @@ fn load_resume(
     if st.corpus != opts.corpus {
         let show = |c: &[PathBuf]| c.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         diffs.push(format!("--corpus {} (checkpoint {})", show(&opts.corpus), show(&st.corpus)));
+    }
+    if let Some(h) = &st.hyper {
+        let now = Hyper::of(opts);
+        let (a, b) = (serde_json::to_value(h).unwrap_or_default(), serde_json::to_value(&now).unwrap_or_default());
+        for (k, v) in a.as_object().into_iter().flatten() {
+            if b.get(k) != Some(v) {
+                diffs.push(format!("--{} {} (checkpoint {v})", k.replace('_', "-"), b.get(k).cloned().unwrap_or_default()));
+            }
+        }
+    }
+    // The run continues the weights of the checkpoint; starting it from another model is another run.
+    if let Some(m) = &st.model {
+        let given = model_dir.canonicalize().unwrap_or_else(|_| model_dir.to_path_buf());
+        if *m != given && !given.starts_with(ck.parent().unwrap_or(ck)) {
+            diffs.push(format!("model {} (checkpoint: started from {})", given.display(), m.display()));
+        }
     }
     if !diffs.is_empty() {
         return Err(MasaError::bad_file(&sp, format!("options differ from the checkpointed run: {}", diffs.join(", "))));

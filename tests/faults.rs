@@ -585,6 +585,9 @@ fn train_never_overwrites_an_earlier_run_and_one_writer_holds_its_directory() {
     c.arg("inspect").arg(d.join("run")).env("MASA_HOME", d.join("home"));
     let inspected = run_within(c, Duration::from_secs(60));
     assert!(inspected.status.success(), "{}", String::from_utf8_lossy(&inspected.stderr));
+    // Resuming with another learning rate is another run, not a continuation.
+    let e = failure(&train("run", &["--resume", d.join("run").to_str().unwrap(), "--lr", "0.5"]));
+    assert!(e.contains("options differ") && e.contains("--lr 0.5"), "{e}");
     // Continuing it is what --resume is for (nothing left to do: it stops at once).
     let resumed = train("run", &["--resume", d.join("run").to_str().unwrap()]);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
