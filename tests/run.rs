@@ -349,6 +349,17 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
         r.trainings.iter().map(|t| (t.strategy.clone(), t.seed, t.curve.iter().map(|p| p.val_mean).collect::<Vec<_>>())).collect::<Vec<_>>()
     };
     assert_eq!(curves(&first), curves(&fourth));
+    // A same-size edit (one digit of a cached metrics.jsonl) is detected by content too.
+    let metrics = train_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let at = text.find("\"val_mean\":").unwrap() + 12;
+    let digit = text[at..].find(|c: char| c.is_ascii_digit()).unwrap() + at;
+    let mut bytes = text.into_bytes();
+    bytes[digit] = if bytes[digit] == b'9' { b'8' } else { bytes[digit] + 1 };
+    std::fs::write(&metrics, &bytes).unwrap();
+    let (edited, _) = masa::run::run(&spec, &runs, &|r, d| masa::report::write_report(r, d).map(|_| ())).unwrap();
+    assert_eq!(edited.invocations.last().unwrap().stages_computed, 1);
+    assert_eq!(curves(&first), curves(&edited));
 
     // Another spec with the same name (here: one seed) in the same runs directory: the earlier
     // results, report and plots are kept aside, not overwritten, and the history starts again
@@ -368,7 +379,7 @@ fn small_spec_runs_end_to_end_and_reruns_from_cache() {
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     let kept = masa::run::results::RunResults::load(&aside[0].join("results.json")).unwrap();
-    assert_eq!((kept.trainings.len(), kept.invocations.len()), (6, 3));
+    assert_eq!((kept.trainings.len(), kept.invocations.len()), (6, 4));
     assert!(aside[0].join("report.md").is_file());
 
     // Same inputs from scratch (fresh store), through the CLI, killed with SIGKILL during the

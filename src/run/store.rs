@@ -133,42 +133,83 @@ fn file_sizes(dir: &Path) -> BTreeMap<String, u64> {
     out
 }
 
-/// A finished stage's record, `None` while the stage has not finished. A stage whose files
-/// differ from the list written with its record (missing, truncated, grown) is not finished: a
-/// warning names the file, the directory is cleared, and the caller recomputes it. Records
-/// from before the file lists get one now (trust on first use).
+/// A finished stage's file as its list records it: size and content hash.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+struct Entry {
+    bytes: u64,
+    sha256: String,
+}
+
+/// A listed file: `{bytes, sha256}`, or only its size in lists written before 2026-12-08.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Listed {
+    Entry(Entry),
+    Size(u64),
+}
+
+/// Every file of the stage with its size and sha256 (hashed once per size and modification
+/// time, [`crate::fetch::sha256_file_cached`]).
+fn file_entries(dir: &Path) -> Result<BTreeMap<String, Entry>> {
+    file_sizes(dir)
+        .into_iter()
+        .map(|(f, bytes)| Ok((f.clone(), Entry { bytes, sha256: crate::fetch::sha256_file_cached(&dir.join(&f))? })))
+        .collect()
+}
+
+/// The record of a finished stage, or `None` when it has none or its files are not what its
+/// list recorded (then the stage directory is removed and recomputed): a missing file, another
+/// size, or the same size with other content.
 pub fn read_record<T: DeserializeOwned>(dir: &Path) -> Option<T> {
     let p = dir.join("record.json");
     let rec = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
     let now = file_sizes(dir);
+    let damaged = |f: &str, why: String| {
+        eprintln!("warning: cached stage {} is damaged ({f}: {why}); recomputing it", dir.display());
+        let _ = std::fs::remove_dir_all(dir);
+        None
+    };
     // Files added later (the extraction's spectra cache) are allowed; recorded ones must match.
-    match std::fs::read_to_string(dir.join(FILES)).ok().and_then(|t| serde_json::from_str::<BTreeMap<String, u64>>(&t).ok()) {
-        Some(want) => match want.iter().find(|(f, n)| now.get(*f) != Some(n)) {
-            None => Some(rec),
-            Some((f, n)) => {
-                let is = now.get(f).map_or("missing".to_string(), |x| format!("{x} bytes"));
-                eprintln!("warning: cached stage {} is damaged ({f}: {is}, recorded {n} bytes); recomputing it", dir.display());
-                let _ = std::fs::remove_dir_all(dir);
-                None
+    match std::fs::read_to_string(dir.join(FILES)).ok().and_then(|t| serde_json::from_str::<BTreeMap<String, Listed>>(&t).ok()) {
+        Some(want) => {
+            let mut legacy = false;
+            for (f, listed) in &want {
+                let Some(&size) = now.get(f) else { return damaged(f, "missing".into()) };
+                match listed {
+                    Listed::Size(n) if *n != size => return damaged(f, format!("{size} bytes, recorded {n}")),
+                    Listed::Size(_) => legacy = true,
+                    Listed::Entry(e) if e.bytes != size => return damaged(f, format!("{size} bytes, recorded {}", e.bytes)),
+                    Listed::Entry(e) => match crate::fetch::sha256_file_cached(&dir.join(f)) {
+                        Ok(h) if h == e.sha256 => {}
+                        Ok(h) => {
+                            return damaged(f, format!("content sha256 {}…, recorded {}…", &h[..12], &e.sha256[..e.sha256.len().min(12)]))
+                        }
+                        Err(err) => return damaged(f, err.to_string()),
+                    },
+                }
             }
-        },
+            if legacy {
+                let _ = file_entries(dir).and_then(|e| write_file_list(dir, &e));
+            }
+            Some(rec)
+        }
         None => {
-            let _ = write_file_list(dir, &now);
+            let _ = file_entries(dir).and_then(|e| write_file_list(dir, &e));
             Some(rec)
         }
     }
 }
 
-fn write_file_list(dir: &Path, files: &BTreeMap<String, u64>) -> Result<()> {
+fn write_file_list(dir: &Path, files: &BTreeMap<String, Entry>) -> Result<()> {
     let json = serde_json::to_string_pretty(files).map_err(|e| MasaError::Invalid(format!("serialising a file list: {e}")))?;
     crate::home::write_atomic(&dir.join(FILES), json.as_bytes())
 }
 
-/// Mark a stage finished: the list of its files with their sizes, then its record, each
-/// written atomically, the record last.
+/// Mark a stage finished: the list of its files with their sizes and content hashes, then its
+/// record, each written atomically, the record last.
 pub fn write_record<T: Serialize>(dir: &Path, rec: &T) -> Result<()> {
     let json = serde_json::to_string_pretty(rec).map_err(|e| MasaError::Invalid(format!("serialising a record: {e}")))?;
-    write_file_list(dir, &file_sizes(dir))?;
+    write_file_list(dir, &file_entries(dir)?)?;
     crate::home::write_atomic(&dir.join("record.json"), json.as_bytes())
 }
 
