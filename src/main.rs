@@ -285,15 +285,19 @@ enum Command {
 
 #[derive(clap::Args)]
 struct InitArgs {
-    /// Preset name (tiny, cpu-6l-256, ..., paper-16l-2048) or a student.toml/json file.
-    #[arg(long)]
-    student: String,
+    /// Print the student presets (name, shape, what each is) and exit.
+    #[arg(long, exclusive = true)]
+    list_students: bool,
+    /// Preset name (tiny, cpu-6l-256, ..., paper-16l-2048; `--list-students` shows them) or a
+    /// student.toml/json file.
+    #[arg(long, required_unless_present = "list_students")]
+    student: Option<String>,
     /// masa, naive, scratch, weight-selection, prune or eep (MoE sources).
-    #[arg(long)]
-    strategy: masa::init::Strategy,
+    #[arg(long, required_unless_present = "list_students")]
+    strategy: Option<masa::init::Strategy>,
     /// Output directory (replaced atomically).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "list_students")]
+    out: Option<PathBuf>,
     /// Gene file from `masa extract` (masa, naive).
     #[arg(long)]
     genes: Option<PathBuf>,
@@ -782,9 +786,17 @@ fn run(cli: Cli) -> Result<()> {
             };
             cmd_extract(&model, &stats, rank, ratio, lambda, (experts, routed_with_shared), max_iter, layers, replay, &out)
         }
+        Command::Init(a) if a.list_students => {
+            print!("{}", masa::student::config::presets_table());
+            Ok(())
+        }
         Command::Init(a) => {
+            // Present unless --list-students (clap's required_unless_present).
+            let (Some(student), Some(strategy), Some(out)) = (a.student.clone(), a.strategy, a.out.clone()) else {
+                anyhow::bail!("give --student, --strategy and --out (or --list-students)")
+            };
             let options = masa::init::InitOptions {
-                strategy: a.strategy,
+                strategy,
                 seed: a.seed,
                 layers: a.layers,
                 components: a.components,
@@ -794,7 +806,7 @@ fn run(cli: Cli) -> Result<()> {
                 expand: a.expand,
                 replica_noise: masa::limits::ratio("--replica-noise", a.replica_noise).map(|_| a.replica_noise)?,
                 rotate_genes: a.rotate_genes,
-                eep: (a.strategy == masa::init::Strategy::Eep).then(|| masa::init::eep::EepOptions {
+                eep: (strategy == masa::init::Strategy::Eep).then(|| masa::init::eep::EepOptions {
                     population: a.eep_population,
                     generations: a.eep_generations,
                     tokens: a.eep_tokens,
@@ -803,8 +815,8 @@ fn run(cli: Cli) -> Result<()> {
                 }),
             };
             let req = masa::init::InitRequest {
-                student: a.student,
-                out: a.out.clone(),
+                student,
+                out: out.clone(),
                 source: fetch::resolve_model(&a.source)?,
                 genes: a.genes,
                 stats: a.stats,
@@ -812,7 +824,7 @@ fn run(cli: Cli) -> Result<()> {
                 options,
             };
             let cfg = masa::init::run(&req)?;
-            eprintln!("{}: {} student, {} parameters -> {}", a.strategy, req.student, cfg.num_parameters(), a.out.display());
+            eprintln!("{strategy}: {} student, {} parameters -> {}", req.student, cfg.num_parameters(), out.display());
             Ok(())
         }
         Command::Bench { what: BenchCommand::Forward { model, batch, seq, warmup, iters, path, json } } => {

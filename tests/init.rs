@@ -764,3 +764,19 @@ fn hub_ids_resolve_through_the_hf_cache() {
         "{e}"
     );
 }
+
+/// `masa init --list-students` prints every preset with its shape.
+#[test]
+fn student_presets_can_be_listed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masa")).args(["init", "--list-students"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (name, layers, hidden, ..) in masa::student::config::PRESETS {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)
+                && l.split_whitespace().nth(1) == Some(&layers.to_string())
+                && l.split_whitespace().nth(2) == Some(&hidden.to_string())),
+            "{name}: {text}"
+        );
+    }
+}

@@ -65,6 +65,16 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, &str)] = &[
     ("paper-16l-2048", 16, 2048, 4096, 32, 32, "paper shape (877M)"),
 ];
 
+/// The presets as a table for `masa init --student list`.
+pub fn presets_table() -> String {
+    let mut out =
+        format!("{:<16} {:>6} {:>6} {:>6} {:>5} {:>8}  {}\n", "preset", "layers", "hidden", "ffn", "heads", "kv_heads", "what it is");
+    for (name, layers, hidden, ffn, heads, kv, what) in PRESETS {
+        out += &format!("{name:<16} {layers:>6} {hidden:>6} {ffn:>6} {heads:>5} {kv:>8}  {what}\n");
+    }
+    out
+}
+
 impl StudentConfig {
     pub fn preset(name: &str) -> Result<Self> {
         let (_, layers, hidden, ffn, heads, kv, _) = PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
