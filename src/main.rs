@@ -582,6 +582,18 @@ enum BenchCommand {
 }
 
 fn main() {
+    // masa records every path it is given in JSON (provenance, cache keys, results), which
+    // needs UTF-8: a path that is not is refused here, not a panic deep inside a run.
+    let named = std::env::args_os()
+        .skip(1)
+        .map(|a| ("an argument", a))
+        .chain(["MASA_HOME", "MASA_RUNS"].into_iter().filter_map(|k| std::env::var_os(k).map(|v| (k, v))));
+    for (what, value) in named {
+        if value.to_str().is_none() {
+            eprintln!("error: {what} is not valid UTF-8 ({}): masa records paths in JSON files and needs UTF-8 names; rename the file or directory", value.to_string_lossy());
+            std::process::exit(2);
+        }
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

@@ -464,7 +464,7 @@ impl TrainData {
         if val.is_empty() {
             let domains = corpus.domains();
             return Err(MasaError::Invalid(format!(
-                "the corpus has no validation text: none of its documents in {} went to the validation split                  (a domain needs at least two documents, one of which becomes validation; a document is never cut),                  so there would be no validation loss; give each domain more documents",
+                "no validation sequence of --seq + 1 tokens can be made from the corpus (domains {}): a domain needs at least two documents, one of which goes to the validation split, and validation documents long enough for a sequence; without them there is no validation loss: give each domain more or longer documents, or a smaller --seq",
                 domains.join(", ")
             )));
         }

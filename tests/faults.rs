@@ -682,7 +682,7 @@ fn outputs_over_inputs_doubled_shards_and_impossible_corpora_are_refused() {
         masa(&a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>())
     };
     let e = failure(&train("st", "one.jsonl", "r1"));
-    assert!(e.contains("no validation text") && e.contains("a, b"), "{e}");
+    assert!(e.contains("no validation sequence") && e.contains("a, b"), "{e}");
     // An eos id past the vocabulary (257) is named in the student's config.json, not a panic.
     let cfg_path = d.join("st/config.json");
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
@@ -691,4 +691,18 @@ fn outputs_over_inputs_doubled_shards_and_impossible_corpora_are_refused() {
     let out = train("st", "c.jsonl", "r2");
     let e = failure(&out);
     assert!(out.status.code() != Some(101) && e.contains("eos_token_id 99999") && e.contains("config.json"), "{e}");
+}
+
+/// Issue 28: a path that is not UTF-8 (masa records paths in JSON) is a clear error, not a
+/// panic, wherever it comes from: an argument or MASA_HOME.
+#[test]
+fn non_utf8_paths_are_refused_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"/tmp/masa-bad-\xff-out");
+    let out = Command::new(MASA).args(["train", "x", "--out"]).arg(bad).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && e.contains("not valid UTF-8") && !e.contains("panicked"), "{e}");
+    let out = Command::new(MASA).args(["inspect", "x"]).env("MASA_HOME", bad).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && e.contains("MASA_HOME is not valid UTF-8"), "{e}");
 }
