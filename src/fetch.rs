@@ -239,6 +239,8 @@ fn stamp_key(meta: &std::fs::Metadata, sha: &str) -> String {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
+    // A FIFO or device would block or read for ever.
+    crate::error::regular_file(path)?;
     let mut f = std::fs::File::open(path).at(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

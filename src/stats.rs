@@ -203,8 +203,9 @@ impl Stats {
             }
             seen.push((h, p));
         }
-        let mut acc = Stats::load(&paths[0])?;
-        for p in &paths[1..] {
+        let (first, rest) = paths.split_first().ok_or_else(|| MasaError::Invalid("name the statistics files to merge".into()))?;
+        let mut acc = Stats::load(first)?;
+        for p in rest {
             acc.merge(&Stats::load(p)?, &p.display().to_string())?;
         }
         Ok(acc)
