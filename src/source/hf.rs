@@ -47,6 +47,11 @@ impl HfTensors {
         Ok(HfTensors { files, index })
     }
 
+    /// The weight files read, in order (`model.safetensors`, or the shards of the index).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.index.keys()
     }

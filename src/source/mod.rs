@@ -87,6 +87,14 @@ impl SourceWeights {
         Ok(SourceWeights { path: dir.to_path_buf(), config, backing: Backing::Hf(tensors) })
     }
 
+    /// The safetensors files an HF directory's weights are read from (none for GGUF).
+    fn hf_weight_files(&self) -> Vec<PathBuf> {
+        match &self.backing {
+            Backing::Hf(t) => t.paths().map(Path::to_path_buf).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn gguf(&self) -> Option<&GgufFile> {
         match &self.backing {
             Backing::Gguf { file, .. } => Some(file),
@@ -355,16 +363,10 @@ impl SourceWeights {
         for e in self.entries() {
             h.update(format!("{} {:?} {}\n", e.name, e.shape, e.dtype).as_bytes());
         }
-        // The weights' content, not only their size: every safetensors file of the directory
-        // (hashed once per size and modification time, [`crate::fetch::sha256_file_cached`]).
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
-            .at(&self.path)?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file())
-            .collect();
-        files.sort();
-        for p in files {
+        // The weights' content, not only their size: the files the weights are read from, not
+        // other safetensors beside them (statistics, genes) (hashed once per size and
+        // modification time, [`crate::fetch::sha256_file_cached`]).
+        for p in self.hf_weight_files() {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             h.update(format!("{name} {}\n", crate::fetch::sha256_file_cached(&p)?).as_bytes());
         }
