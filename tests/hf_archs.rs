@@ -1048,18 +1048,29 @@ fn moe_genes_reach_a_dense_student_that_trains() {
         let matrices = text.matches("\"source_layer\"").count();
         assert_eq!(matrices, 6, "{text}");
         // student layer t <- source layer round(t (L_s - 1) / (L_t - 1)): 0 and L_s - 1.
-        let found = |needle: &str| text.contains(needle);
+        // The record of the gene named `gene` in the student's masa.json.
+        let used = |gene: &str| -> serde_json::Value {
+            record["init"]["matrices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|m| m["genes"].as_array().cloned().unwrap_or_default())
+                .find(|g| g["gene"] == gene)
+                .unwrap_or_else(|| panic!("{gene} not used: {text}"))
+        };
         match spec.family {
             Family::Olmoe => {
                 let best = &genes.meta.experts_kept[&1][0];
-                assert!(found(&format!("\"gene\":\"layers.1.mlp.experts.{best}.gate_proj.gene\",\"rank\":4,\"rows\":[0,12]")), "{text}");
+                let g = used(&format!("layers.1.mlp.experts.{best}.gate_proj.gene"));
+                assert_eq!((g["rank"].clone(), g["rows"].clone()), (serde_json::json!(4), serde_json::json!([0, 12])), "{text}");
             }
             _ => {
-                assert!(found("\"gene\":\"layers.0.mlp.gate_proj.gene\",\"rank\":4,\"rows\":[0,24]"), "{text}");
+                let g = used("layers.0.mlp.gate_proj.gene");
+                assert_eq!((g["rank"].clone(), g["rows"].clone()), (serde_json::json!(4), serde_json::json!([0, 24])), "{text}");
                 let last = spec.layers - 1;
                 let block = if sets[1] == 1 { 24 } else { 12 };
-                assert!(found(&format!("\"gene\":\"layers.{last}.mlp.shared_experts.down_proj.gene\",\"rank\":4,\"scale\"")), "{text}");
-                assert!(found(&format!("\"columns\":[0,{block}]")), "{text}");
+                assert_eq!(used(&format!("layers.{last}.mlp.shared_experts.down_proj.gene"))["rank"], 4, "{text}");
+                assert!(text.contains(&format!("\"columns\":[0,{block}]")), "{text}");
             }
         }
         let corpus = dir.path().join("corpus.jsonl");
