@@ -5,7 +5,8 @@
 # usage: scripts/bench_forward.sh [MODEL]
 #   MODEL: a GGUF path or a masa model name (default smollm2-135m; masa fetches it).
 # env:   BATCH=8 SEQ=256 THREADS=2 ITERS=5 WARMUP=1 MASA=$CARGO_TARGET_DIR/release/masa
-#        OUTDIR=runs/bench   TORCH_ATTN=sdpa (or eager)   SKIP_MASA=1 / SKIP_TORCH=1
+#        OUTDIR=runs/bench   TORCH_ATTN=sdpa (or eager)   TORCH_AUTOCAST=none (or bf16)
+#        SKIP_MASA=1 / SKIP_TORCH=1
 #        PATHS="fused candle" (masa's forward implementations to time: `bench forward --path`)
 #        ROUNDS=1: alternate masa and PyTorch this many times (a noisy machine drifts over
 #          minutes; interleaved rounds see the same drift), then print each round's ratio of
@@ -62,7 +63,7 @@ round() {  # round OUT_DIR
         echo "[bench_forward] torch: bench_forward_torch.py --gguf $GGUF" >&2
         "$PY" scripts/bench_forward_torch.py --gguf "$GGUF" --batch "$BATCH" --seq "$SEQ" \
             --threads "$THREADS" --iters "$ITERS" --warmup "$WARMUP" --attn "${TORCH_ATTN:-sdpa}" \
-            --json "$D/forward-torch.json" >/dev/null
+            --autocast "${TORCH_AUTOCAST:-none}" --json "$D/forward-torch.json" >/dev/null
     fi
 }
 

@@ -178,6 +178,8 @@ def main():
                     help="auto: transformers' GGUF loader, falling back to the manual one")
     ap.add_argument("--reference", default=DEFAULT_REFERENCE,
                     help="transformers_logits.json for the NLL sanity check ('' to skip)")
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                    help="bf16: the timed forward under torch.autocast('cpu', bfloat16), PyTorch's fast CPU mode")
     ap.add_argument("--json", help="also write the JSON result to this file")
     args = ap.parse_args()
 
@@ -221,7 +223,8 @@ def main():
         times = []
         for i in range(args.warmup + args.iters):
             t = time.perf_counter()
-            logits = model(input_ids=ids, use_cache=False).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+                logits = model(input_ids=ids, use_cache=False).logits
             dt = time.perf_counter() - t
             assert logits.shape == (args.batch, args.seq, model.config.vocab_size)
             del logits
@@ -234,7 +237,8 @@ def main():
     med = statistics.median(times)
     result = {
         "bench": "forward", "impl": "torch", "torch": torch.__version__,
-        "model": os.path.basename(args.gguf), "params": n_params, "dtype": "f32",
+        "model": os.path.basename(args.gguf), "params": n_params,
+        "dtype": "f32" if args.autocast == "none" else "bf16 autocast (f32 weights)",
         "attn": model.config._attn_implementation, "loader": loader,
         "batch": args.batch, "seq": args.seq, "threads": args.threads,
         "iters": args.iters, "warmup": args.warmup,

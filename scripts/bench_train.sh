@@ -4,7 +4,8 @@
 #
 # usage: scripts/bench_train.sh CONFIG.json     (e.g. scripts/bench_configs/llama-7m.json)
 # env:   BATCH=8 SEQ=128 THREADS=2 STEPS=10 WARMUP=2 MASA=$CARGO_TARGET_DIR/release/masa
-#        OUTDIR=runs/bench   TORCH_ATTN=eager (or sdpa)   SKIP_MASA=1 / SKIP_TORCH=1
+#        OUTDIR=runs/bench   TORCH_ATTN=eager (or sdpa)   TORCH_AUTOCAST=none (or bf16)
+#        SKIP_MASA=1 / SKIP_TORCH=1
 # Results: $OUTDIR/train-<config>-{masa,torch}.json, then both tokens/s and the ratio.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +33,7 @@ if [[ "${SKIP_TORCH:-0}" != 1 ]]; then
     echo "[bench_train] torch: bench_train_torch.py --config $CONFIG" >&2
     "$PY" scripts/bench_train_torch.py --config "$CONFIG" --batch "$BATCH" --seq "$SEQ" \
         --threads "$THREADS" --steps "$STEPS" --warmup "$WARMUP" --attn "${TORCH_ATTN:-eager}" \
-        --json "$T_JSON" >/dev/null
+        --autocast "${TORCH_AUTOCAST:-none}" --json "$T_JSON" >/dev/null
 fi
 
 python3 scripts/bench_compare.py "$M_JSON" "$T_JSON" "train $NAME B=$BATCH T=$SEQ threads=$THREADS"

@@ -49,6 +49,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
                     help="HF attention implementation (default eager)")
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                    help="bf16: the forward and loss under torch.autocast('cpu', bfloat16), "
+                         "PyTorch's fast CPU mode (f32 master weights and optimizer)")
     ap.add_argument("--json", help="also write the JSON result to this file")
     args = ap.parse_args()
 
@@ -79,7 +82,8 @@ def main():
     for i in range(args.warmup + args.steps):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
         t = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)  # shifted next-token CE, mean over B*(T-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            out = model(input_ids=ids, labels=ids)  # shifted next-token CE, mean over B*(T-1)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -97,7 +101,8 @@ def main():
     med = statistics.median(times)
     result = {
         "bench": "train", "impl": "torch", "torch": torch.__version__,
-        "config": os.path.basename(args.config), "params": n_params, "dtype": "f32",
+        "config": os.path.basename(args.config), "params": n_params,
+        "dtype": "f32" if args.autocast == "none" else "bf16 autocast (f32 weights)",
         "attn": model.config._attn_implementation,
         "batch": args.batch, "seq": args.seq, "threads": args.threads,
         "steps": args.steps, "warmup": args.warmup,
