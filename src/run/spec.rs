@@ -570,6 +570,9 @@ impl Spec {
         if c.tokens == 0 || c.seq_len < 2 || c.batch == 0 {
             return bad("calibration", "tokens, seq_len (≥ 2) and batch must be positive".into());
         }
+        crate::limits::in_range("tokens", c.tokens, 1..=crate::limits::MAX_TOKENS, "")
+            .map_err(|m| invalid(origin, "calibration.tokens", m))?;
+        crate::limits::count("batch", c.batch, crate::limits::MAX_BATCH, "").map_err(|m| invalid(origin, "calibration.batch", m))?;
         let e = &self.extraction;
         crate::limits::ratio("ratio", e.ratio).map_err(|m| invalid(origin, "extraction.ratio", m))?;
         crate::limits::non_negative("lambda", e.lambda).map_err(|m| invalid(origin, "extraction.lambda", m))?;
@@ -625,6 +628,9 @@ impl Spec {
         let p = &self.pretrain;
         if p.budgets.is_empty() || p.budgets.contains(&0) {
             return bad("pretrain.budgets", "give one or more positive token budgets".into());
+        }
+        for &b in &p.budgets {
+            crate::limits::in_range("budget", b, 1..=crate::limits::MAX_TOKENS, "").map_err(|m| invalid(origin, "pretrain.budgets", m))?;
         }
         if p.batch == 0 || p.seq_len < 2 || p.grad_accum == 0 {
             return bad("pretrain", "batch, seq_len (≥ 2) and grad_accum must be positive".into());
@@ -731,6 +737,8 @@ mod tests {
         bad(&|t| t.decision.as_mut().unwrap().comparisons.push("masa versus scratch".into()), "decision.comparisons");
         bad(&|t| t.decision.as_mut().unwrap().confidence = 1.0, "decision.confidence");
         bad(&|t| t.scaling.replica_noise = Some(0.0), "scaling.replica_noise");
+        bad(&|t| t.calibration.tokens = u64::MAX, "calibration.tokens");
+        bad(&|t| t.pretrain.budgets = vec![u64::MAX], "pretrain.budgets");
         bad(
             &|t| t.ablations.scaling.push(ScalingSpec { replica_noise: Some(1.5), ..Default::default() }),
             "ablations.scaling.replica_noise",

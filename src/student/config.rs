@@ -148,6 +148,18 @@ impl StudentConfig {
         if self.head_dim() % 2 != 0 {
             return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
         }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad(format!("rope_theta {}: the RoPE base must be positive and finite", self.rope_theta));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad(format!("rms_norm_eps {}: the norm epsilon must be positive and finite", self.rms_norm_eps));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings 0: a student needs at least one position".into());
+        }
+        if !(self.initializer_range >= 0.0 && self.initializer_range.is_finite()) {
+            return bad(format!("initializer_range {}: must be a finite, non-negative std", self.initializer_range));
+        }
         // The weights alone (f32) must fit in this machine's memory; checked in u128 so that no
         // shape overflows the count.
         let (h, f, l, v) =
@@ -257,5 +269,12 @@ mod tests {
         std::fs::write(&p, "hidden_size = 64\nintermediate_size = 9223372036854775807\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 2\n").unwrap();
         let e = StudentConfig::from_spec(p.to_str().unwrap()).unwrap_err().to_string();
         assert!(e.contains("cannot fit in this machine's") && e.contains("GB"), "{e}");
+        for (line, needle) in
+            [("rms_norm_eps = -1.0", "rms_norm_eps"), ("rope_theta = 0.0", "RoPE base"), ("max_position_embeddings = 0", "position")]
+        {
+            std::fs::write(&p, format!("hidden_size = 64\nintermediate_size = 128\nnum_hidden_layers = 2\nnum_attention_heads = 2\nnum_key_value_heads = 2\n{line}\n")).unwrap();
+            let e = StudentConfig::from_spec(p.to_str().unwrap()).unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains("s.toml"), "{line}: {e}");
+        }
     }
 }
