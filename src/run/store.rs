@@ -120,7 +120,9 @@ fn file_sizes(dir: &Path) -> BTreeMap<String, u64> {
                 Ok(m) if m.is_dir() => walk(root, &p, out),
                 Ok(m) => {
                     let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
-                    if rel != "record.json" && rel != FILES && !rel.ends_with(".tmp") {
+                    // Lock files (`.masa-train.lock`, …) hold a process id, not a result.
+                    let lock = e.file_name().to_string_lossy().starts_with(".masa-") && rel.ends_with(".lock");
+                    if rel != "record.json" && rel != FILES && !rel.ends_with(".tmp") && !lock {
                         out.insert(rel, m.len());
                     }
                 }
