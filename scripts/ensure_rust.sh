@@ -5,7 +5,7 @@ if ! command -v cargo >/dev/null; then
         export PATH="$HOME/.cargo/bin:$PATH"
     elif command -v curl >/dev/null; then
         echo "== cargo not found: installing a minimal Rust toolchain with rustup into ~/.cargo"
-        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt
         export PATH="$HOME/.cargo/bin:$PATH"
     else
         echo "error: cargo not found and curl missing; install Rust with rustup (https://rustup.rs)" >&2

@@ -15,6 +15,10 @@ cd "$(dirname "$0")/.."
 source scripts/ensure_rust.sh
 source scripts/masa_bin.sh
 echo "== checking the formatting (rustfmt.toml; fix with cargo fmt)"
+if ! cargo fmt --version >/dev/null 2>&1; then
+    # A toolchain without rustfmt (rustup's minimal profile): add it.
+    rustup component add rustfmt
+fi
 cargo fmt --check
 echo "== building masa (release)"
 cargo build --release
