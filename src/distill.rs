@@ -59,12 +59,15 @@ pub struct TeacherCache {
 }
 
 impl TeacherCache {
-    /// `device`/`precision`: the student's; a plain Llama teacher runs there too.
+    /// `device`/`precision`: the student's; a plain Llama teacher runs there too. `corpus_hash`:
+    /// the content hash of the corpus the trainer read (the cache's key; `corpus`, its paths,
+    /// is only recorded).
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         d: &DistillOptions,
         student_tok: &Tokenizer,
         corpus: &[PathBuf],
+        corpus_hash: &str,
         seed: u64,
         b: usize,
         t: usize,
@@ -87,7 +90,7 @@ impl TeacherCache {
         let mut id = Sha256::new();
         let canon = d.teacher.canonicalize().unwrap_or_else(|_| d.teacher.clone());
         id.update(teacher.fingerprint()?.as_bytes());
-        id.update(crate::corpus::load_corpus(corpus)?.content_hash().as_bytes());
+        id.update(corpus_hash.as_bytes());
         let gpu = match device {
             Device::Cuda(ordinal) if crate::student::plain_llama(&teacher.weights.config).is_some() => Some((ordinal, precision)),
             Device::Cuda(_) => {

@@ -289,15 +289,24 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
 
     // ---- data: shuffled chunks of the tokenized train split, fixed validation sequences ----
-    let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
+    let TrainData { train_tokens, val, corpus_hash } = TrainData::open(opts, &tok)?;
     let mut sampler = ChunkSampler::new(&train_tokens, t + 1, opts.seed)?;
     if let Some(s) = &resumed_sampler {
         sampler.restore(s)?;
     }
     let mut teacher = match &opts.distill {
-        Some(d) => {
-            Some(crate::distill::TeacherCache::open(d, &tok, &opts.corpus, opts.seed, b, t, opts.device, opts.precision, opts.progress)?)
-        }
+        Some(d) => Some(crate::distill::TeacherCache::open(
+            d,
+            &tok,
+            &opts.corpus,
+            &corpus_hash,
+            opts.seed,
+            b,
+            t,
+            opts.device,
+            opts.precision,
+            opts.progress,
+        )?),
         None => None,
     };
 
@@ -445,6 +454,8 @@ pub fn train(model_dir: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
 pub struct TrainData {
     pub train_tokens: TokenSplit,
     pub val: BTreeMap<String, Vec<Vec<u32>>>,
+    /// [`corpus::Corpus::content_hash`] of the corpus read (the teacher cache's key).
+    pub corpus_hash: String,
 }
 
 impl TrainData {
@@ -468,7 +479,7 @@ impl TrainData {
                 domains.join(", ")
             )));
         }
-        Ok(TrainData { train_tokens, val })
+        Ok(TrainData { train_tokens, val, corpus_hash: corpus.content_hash() })
     }
 }
 
@@ -482,7 +493,7 @@ pub fn export_tokens(model_dir: &Path, opts: &TrainOptions) -> Result<serde_json
     let source = crate::source::SourceModel::open(model_dir)?;
     crate::limits::count("--seq", opts.seq_len, source.weights.config.max_position_embeddings, "the student's positions")?;
     let tok = source.tokenizer;
-    let TrainData { train_tokens, val } = TrainData::open(opts, &tok)?;
+    let TrainData { train_tokens, val, .. } = TrainData::open(opts, &tok)?;
     let (b, t) = (opts.batch, opts.seq_len);
     let wide = tok.vocab_size() > u16::MAX as usize + 1;
     let put = |buf: &mut Vec<u8>, seq: &[u32]| corpus::push_tokens(buf, seq, wide);
